@@ -1,0 +1,263 @@
+"""Layouts -> JAX meshes (fake CPU devices or real ones) and the exact device assignment.
+
+Mesh axes are ('pp', 'dp', 'ep', 'tp'), row-major with tp fastest: a tp group sits on neighbouring devices (one host),
+then ep, then dp; pp is outermost and crosses hosts (Megatron-Core's tp-cp-ep-dp-pp order as a JAX mesh).
+
+The assignment is computed here from mesh coordinates alone (`assignment`), and checked two independent ways: against
+the shards JAX places for every parameter (`check_placement`) and, in the HLO audit, against the replica groups of the
+compiled collectives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from moe_jax.config import Config, ConfigError, LayoutConfig, check_devices
+from moe_jax.sharding import MESH_AXES, RULES
+
+# ------------------------------------------------------------------------------------------------------- devices
+
+
+def use_fake_devices(n: int) -> None:
+    """Asks JAX for n fake CPU devices. Must run before JAX starts its backends (any JAX operation does that)."""
+    import jax
+
+    try:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        have = len(jax.devices())
+        if have != n:
+            raise ConfigError(
+                f"--devices={n}: JAX has already started with {have} devices in this process; "
+                f"ask for the count before the first JAX operation"
+            ) from None
+
+
+def make_mesh(layout: LayoutConfig, devices: Sequence[Any] | None = None, explicit: bool = True):
+    """The (pp, dp, ep, tp) mesh of a layout.
+
+    Fake CPU devices, or one process: devices in id order, row-major (mesh_utils's order for CPU; for GPU/TPU in one
+    process, `create_device_mesh` may reorder to follow the physical topology). Several processes: a hybrid mesh whose
+    in-host (ICI) part takes tp, then ep, then dp, then pp, and whose cross-host (DCN) part takes what is left.
+    """
+    import jax
+    from jax.experimental import mesh_utils
+    from jax.sharding import AxisType, Mesh
+
+    devices = list(jax.devices() if devices is None else devices)
+    check_devices(layout, len(devices))
+    shape = layout.shape
+    processes = sorted({d.process_index for d in devices})
+    if len(processes) > 1:
+        per_host = len(devices) // len(processes)
+        ici = _in_host_shape(shape, per_host)
+        if ici is not None:
+            dcn = tuple(a // i for a, i in zip(shape, ici, strict=True))
+            try:
+                grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=True)
+            except (ValueError, AssertionError, NotImplementedError):
+                grid = _row_major(devices, shape)
+        else:
+            grid = _row_major(devices, shape)
+    elif devices[0].platform == "cpu":
+        grid = _row_major(devices, shape)
+    else:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    kind = AxisType.Explicit if explicit else AxisType.Auto
+    return Mesh(grid, MESH_AXES, axis_types=(kind,) * len(MESH_AXES))
+
+
+def _row_major(devices, shape):
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return np.array(ordered, dtype=object).reshape(shape)
+
+
+def _in_host_shape(shape: tuple[int, ...], per_host: int) -> tuple[int, ...] | None:
+    """Fills a host from the fastest axis outward (tp, then ep, dp, pp); None if the axes do not tile a host."""
+    ici = [1] * len(shape)
+    left = per_host
+    for i in reversed(range(len(shape))):
+        take = math.gcd(shape[i], left)
+        ici[i] = take
+        left //= take
+    return tuple(ici) if left == 1 else None
+
+
+# ---------------------------------------------------------------------------------------------------- assignment
+
+
+def stage_layers(layers: int, pp: int, repeats: int, stage: int) -> list[int]:
+    """The global layer ids a stage holds: pp x v chunks of L / (pp v) layers, chunk c on stage c mod pp."""
+    per_chunk = layers // (pp * repeats)
+    return [c * per_chunk + j for c in range(stage, pp * repeats, pp) for j in range(per_chunk)]
+
+
+def layer_storage_order(layers: int, pp: int, repeats: int) -> list[int]:
+    """Global layer id at each position of the stacked layer axis: stage s's contiguous block is its chunks in order.
+
+    With one repeat this is the identity; with v > 1 the stack is stored permuted so that a plain split of the
+    'layers' axis over pp gives every stage its circular chunks.
+    """
+    return [layer for s in range(pp) for layer in stage_layers(layers, pp, repeats, s)]
+
+
+def _ranges(ids: list[int]) -> list[list[int]]:
+    """[0, 1, 2, 5, 6] -> [[0, 3], [5, 7]]: half-open runs."""
+    out: list[list[int]] = []
+    for i in ids:
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+def ranges_text(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    return ",".join(f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in _ranges(ids))
+
+
+def _groups(ids: np.ndarray, axes: Sequence[str]) -> list[list[int]]:
+    """Device groups that vary along `axes` (others fixed), from the [pp, dp, ep, tp] array of device ids."""
+    along = [MESH_AXES.index(a) for a in axes]
+    rest = [i for i in range(len(MESH_AXES)) if i not in along]
+    moved = np.transpose(ids, rest + along).reshape(-1, math.prod(ids.shape[i] for i in along))
+    return [sorted(int(x) for x in row) for row in moved]
+
+
+# Which axes each parameter kind's gradient is summed over (the axes it is replicated over that split its inputs).
+GRAD_REDUCE_AXES: dict[str, tuple[str, ...]] = {
+    "experts": ("dp",),  # expert weights: split over ep (experts) and tp; replicas differ only along dp
+    "attention": ("dp", "ep"),  # q, k, v, o: split over tp (heads); the batch is split over (dp, ep)
+    "replicated": ("dp", "ep", "tp"),  # norms and router inside the layers: tokens split over (dp, ep, tp)
+    "embedding": ("pp", "dp", "ep", "tp"),  # embedding and head: replicated on every device, used on one stage
+}
+
+
+def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
+    """The exact device assignment of design.md section 2, as the JSON document `moe-jax mesh` writes.
+
+    Without a mesh the devices are the planned ones (ids in row-major order, process 0, hosts of
+    `layout.devices_per_host`); with one, ids, processes and hosts are read from the mesh's devices.
+    """
+    m, lay, run = cfg.model, cfg.layout, cfg.run
+    shape = lay.shape
+    n = lay.devices
+    if mesh is not None:
+        flat = list(mesh.devices.flat)
+        ids = np.array([d.id for d in flat]).reshape(shape)
+        procs = np.array([d.process_index for d in flat]).reshape(shape)
+        multi = len(set(procs.flat)) > 1
+    else:
+        ids = np.arange(n).reshape(shape)
+        procs = np.zeros(shape, dtype=int)
+        multi = False
+
+    e_local, h_local, f_local = m.experts // lay.ep, m.heads // lay.tp, m.expert_hidden // lay.tp
+    shards = lay.dp * lay.ep
+    rows_mb = run.batch // lay.microbatches
+    rows_shard = rows_mb // shards
+    s_local = run.seq_len // lay.tp
+
+    devices = []
+    for pos in range(n):
+        pp, dp, ep, tp = (int(c) for c in np.unravel_index(pos, shape))
+        shard = dp * lay.ep + ep
+        rows = [r for j in range(lay.microbatches) for r in range(j * rows_mb + shard * rows_shard, j * rows_mb + (shard + 1) * rows_shard)]
+        host = int(procs[pp, dp, ep, tp]) if multi else pos // lay.devices_per_host
+        devices.append(
+            {
+                "id": int(ids[pp, dp, ep, tp]),
+                "position": pos,
+                "process": int(procs[pp, dp, ep, tp]),
+                "host": host,
+                "coords": {"pp": pp, "dp": dp, "ep": ep, "tp": tp},
+                "layers": stage_layers(m.layers, lay.pp, lay.repeats, pp),
+                "experts": list(range(ep * e_local, (ep + 1) * e_local)),
+                "heads": list(range(tp * h_local, (tp + 1) * h_local)),
+                "expert_hidden": [tp * f_local, (tp + 1) * f_local],
+                "batch_rows": _ranges(rows),
+                "seq": [tp * s_local, (tp + 1) * s_local],
+            }
+        )
+
+    groups = {axis: _groups(ids, (axis,)) for axis in MESH_AXES}
+    groups["grad_reduce"] = _groups(ids, GRAD_REDUCE_AXES["attention"])
+    return {
+        "layout": {
+            "name": lay.name,
+            "pp": lay.pp,
+            "dp": lay.dp,
+            "ep": lay.ep,
+            "tp": lay.tp,
+            "repeats": lay.repeats,
+            "microbatches": lay.microbatches,
+            "devices_per_host": lay.devices_per_host,
+            "devices": n,
+            "hosts": len({d["host"] for d in devices}),
+        },
+        "model": {
+            "layers": m.layers,
+            "experts": m.experts,
+            "heads": m.heads,
+            "expert_hidden": m.expert_hidden,
+            "batch": run.batch,
+            "seq_len": run.seq_len,
+        },
+        "rules": {k: v for k, v in RULES.items()},
+        "devices": devices,
+        "groups": groups,
+        "grad_reduce_by_kind": {
+            kind: {"axes": list(axes), "groups": _groups(ids, axes)} for kind, axes in GRAD_REDUCE_AXES.items()
+        },
+    }
+
+
+# ------------------------------------------------------------------------------ the check against JAX's placement
+
+# What each logical axis of a parameter must hold on a device, read from its assignment row (half-open ranges).
+def _expected_range(name: str | None, row: dict[str, Any], size: int, storage: list[int]) -> list[int] | None:
+    if name == "layers":
+        held = sorted(storage.index(layer) for layer in row["layers"])
+        return [held[0], held[-1] + 1] if held == list(range(held[0], held[-1] + 1)) else None
+    if name == "experts":
+        return [row["experts"][0], row["experts"][-1] + 1]
+    if name == "heads":
+        return [row["heads"][0], row["heads"][-1] + 1]
+    if name == "mlp":
+        return list(row["expert_hidden"])
+    return [0, size]
+
+
+def check_placement(cfg: Config, mesh, param_names: dict[str, tuple[str, ...]], param_shapes: dict[str, tuple]):
+    """For every parameter, the slice JAX places on each device (`devices_indices_map`) equals what the assignment
+    says that device holds. Returns the number of (parameter, device) pairs checked; raises AssertionError naming the
+    first parameter and device that disagree."""
+    from jax.sharding import NamedSharding
+
+    from moe_jax.sharding import logical_to_mesh
+
+    table = assignment(cfg, mesh)
+    rows = {d["id"]: d for d in table["devices"]}
+    storage = layer_storage_order(cfg.model.layers, cfg.layout.pp, cfg.layout.repeats)
+    checked = 0
+    for path, names in param_names.items():
+        shape = param_shapes[path]
+        sharding = NamedSharding(mesh, logical_to_mesh(names))
+        for device, index in sharding.devices_indices_map(shape).items():
+            row = rows[device.id]
+            for dim, (name, sl) in enumerate(zip(names, index, strict=True)):
+                got = [sl.start or 0, shape[dim] if sl.stop is None else sl.stop]
+                want = _expected_range(name, row, shape[dim], storage)
+                if got != want:
+                    raise AssertionError(
+                        f"{path} dim {dim} ({name}) on device {device.id} {row['coords']}: JAX places {got}, "
+                        f"the assignment says {want}"
+                    )
+            checked += 1
+    return checked

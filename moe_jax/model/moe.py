@@ -1,0 +1,158 @@
+"""The MoE feed-forward as a row of small steps: route, plan the dispatch, gather into expert buffers, exchange over
+ep, run the experts, exchange back, combine.
+
+Dispatch is by sort and gather (never a one-hot einsum, which costs T x E x C x D multiply-adds). Tokens are grouped
+(G groups, each its own capacity): inside shard_map a device is one group, its own tokens; on one device a test can
+cut the batch into the same groups to reproduce the sharded capacity rule exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.config import ModelConfig
+from moe_jax.model.layers import param
+from moe_jax.sharding import Axes
+
+
+class ExpertBias(nnx.Variable):
+    """DeepSeek-style aux-loss-free routing bias: shifts which experts are chosen, never the gate values. Updated
+    outside the gradient by `update_expert_bias`."""
+
+
+class Routing(NamedTuple):
+    experts_GTR: jax.Array  # int32 expert ids, top-1 first
+    gates_GTR: jax.Array  # fp32 gates, renormalised over the k chosen
+    probs_GTE: jax.Array  # fp32 softmax over all experts
+    logits_GTE: jax.Array  # fp32 router logits
+
+
+def route(x_GTD, w_DE, bias_E, top_k: int) -> Routing:
+    """fp32 softmax over E experts, top-k (on probs + bias when the bias is on), gates renormalised."""
+    logits = jnp.einsum("GTD,DE->GTE", x_GTD.astype(jnp.float32), w_DE.astype(jnp.float32))
+    probs = jax.nn.softmax(logits, axis=-1)
+    scores = probs if bias_E is None else probs + jax.lax.stop_gradient(bias_E)
+    _, experts = jax.lax.top_k(scores, top_k)
+    gates = jnp.take_along_axis(probs, experts, axis=-1)
+    gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    return Routing(experts.astype(jnp.int32), gates, probs, logits)
+
+
+def capacity(cfg: ModelConfig, tokens: int) -> int:
+    """Expert buffer rows per group. Capacity mode: ceil(k T / E x factor), at most T. Dropless: T, which is exact
+    because a token's k choices are distinct experts, so no expert can receive more than T (k x fewer rows than the
+    k T of design.md, same result)."""
+    if cfg.dispatch == "dropless":
+        return tokens
+    return max(1, min(tokens, math.ceil(cfg.top_k * tokens / cfg.experts * cfg.capacity_factor)))
+
+
+class DispatchPlan(NamedTuple):
+    slot_TR: jax.Array  # buffer row e * C + position for each (token, choice); E * C where dropped
+    keep_TR: jax.Array  # bool: the choice fits in its expert's capacity
+    token_of_slot: jax.Array  # [E * C] the token filling each buffer row, T (a zero row) where empty
+
+
+def plan_dispatch(experts_TR, num_experts: int, cap: int) -> DispatchPlan:
+    """Positions in each expert's buffer: top-1 choices before top-2, then token order (one stable sort)."""
+    t, r = experts_TR.shape
+    e_flat = experts_TR.T.reshape(-1)  # choice-major: every top-1 choice, then every top-2 choice
+    order = jnp.argsort(e_flat, stable=True)
+    counts_E = jnp.bincount(e_flat, length=num_experts)
+    starts_E = jnp.cumsum(counts_E) - counts_E
+    rank_sorted = jnp.arange(r * t) - starts_E[e_flat[order]]
+    pos_flat = jnp.zeros(r * t, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
+    pos_TR = pos_flat.reshape(r, t).T
+    keep_TR = pos_TR < cap
+    slot_TR = jnp.where(keep_TR, experts_TR * cap + pos_TR, num_experts * cap)
+    token_TR = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, r))
+    token_of_slot = jnp.full(num_experts * cap, t, jnp.int32).at[slot_TR.reshape(-1)].set(
+        token_TR.reshape(-1), mode="drop"
+    )
+    return DispatchPlan(slot_TR, keep_TR, token_of_slot)
+
+
+def gather_to_buffers(x_TD, plan: DispatchPlan, num_experts: int):
+    """[T, D] -> [E, C, D]: each buffer row a copy of its token (zeros where empty)."""
+    x_pad = jnp.concatenate([x_TD, jnp.zeros((1, x_TD.shape[1]), x_TD.dtype)])
+    return x_pad[plan.token_of_slot].reshape(num_experts, -1, x_TD.shape[1])
+
+
+def combine_from_buffers(y_ECD, plan: DispatchPlan, gates_TR):
+    """[E, C, D] -> [T, D]: the gate-weighted sum of each token's kept expert outputs (dropped choices add zero)."""
+    e, c, d = y_ECD.shape
+    y_pad = jnp.concatenate([y_ECD.reshape(e * c, d), jnp.zeros((1, d), y_ECD.dtype)])
+    y_TRD = y_pad[plan.slot_TR]
+    w_TR = jnp.where(plan.keep_TR, gates_TR, 0.0).astype(y_TRD.dtype)
+    return jnp.einsum("TR,TRD->TD", w_TR, y_TRD)
+
+
+def expert_ffn(x_ECD, w_in_EDF, w_gate_EDF, w_out_EFD, dtype):
+    """Each expert's FFN on its buffer: GELU(x W_in) W_out, or SwiGLU with W_gate. Batched over local experts."""
+    h = jnp.einsum("ECD,EDF->ECF", x_ECD, w_in_EDF.astype(dtype))
+    if w_gate_EDF is None:
+        h = jax.nn.gelu(h)
+    else:
+        h = jax.nn.silu(jnp.einsum("ECD,EDF->ECF", x_ECD, w_gate_EDF.astype(dtype))) * h
+    return jnp.einsum("ECF,EFD->ECD", h, w_out_EFD.astype(dtype))
+
+
+def router_stats(r: Routing, keep_GTR, num_experts: int, axes: Axes) -> dict[str, jax.Array]:
+    """Whole-batch router statistics: every sum is taken over all shards before any ratio."""
+    counts_E = axes.sum_tokens(jnp.sum(jax.nn.one_hot(r.experts_GTR, num_experts, dtype=jnp.float32), axis=(0, 1, 2)))
+    probs_E = axes.sum_tokens(jnp.sum(r.probs_GTE, axis=(0, 1)))
+    z = axes.sum_tokens(jnp.sum(jnp.square(jax.nn.logsumexp(r.logits_GTE, axis=-1))))
+    tokens = axes.sum_tokens(jnp.float32(r.probs_GTE.shape[0] * r.probs_GTE.shape[1]))
+    dropped = axes.sum_tokens(jnp.sum(~keep_GTR).astype(jnp.float32))
+    k = r.experts_GTR.shape[-1]
+    frac_E = counts_E / (k * tokens)  # share of routed choices per expert (sums to 1)
+    return {
+        "lb_loss": num_experts * jnp.sum(frac_E * probs_E / tokens),  # Switch: E sum_e f_e P_e, 1 when uniform
+        "z_loss": z / tokens,
+        "tokens_per_expert": counts_E,
+        "dropped": dropped,
+        "routed": k * tokens,
+    }
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, out_std: float, *, rngs: nnx.Rngs):
+        d, e, f = cfg.d_model, cfg.experts, cfg.expert_hidden
+        self.cfg = cfg
+        self.router = param(rngs, (d, e), ("embed", "router_experts"), cfg.init_std)
+        self.w_in = param(rngs, (e, d, f), ("experts", "embed", "mlp"), cfg.init_std)
+        self.w_gate = param(rngs, (e, d, f), ("experts", "embed", "mlp"), cfg.init_std) if cfg.ffn == "swiglu" else None
+        self.w_out = param(rngs, (e, f, d), ("experts", "mlp", "embed"), out_std)
+        self.bias = ExpertBias(jnp.zeros((e,), jnp.float32), out_sharding=("router_experts",)) if cfg.expert_bias else None
+
+    def __call__(self, x_GTD, axes: Axes, dtype):
+        """x_GTD: normed fp32 tokens in G dispatch groups. Returns (y_GTD in the compute dtype, router statistics)."""
+        cfg = self.cfg
+        g, t, d = x_GTD.shape
+        e = cfg.experts
+        cap = capacity(cfg, t)
+        r = route(x_GTD, self.router[...], None if self.bias is None else self.bias[...], cfg.top_k)
+        plan = jax.vmap(plan_dispatch, in_axes=(0, None, None))(r.experts_GTR, e, cap)
+        x_GECD = jax.vmap(gather_to_buffers, in_axes=(0, 0, None))(x_GTD.astype(dtype), plan, e)
+
+        # Source groups -> experts: [G, E, C, D] -> [E_local, ep x G x C, D], then the sequence over tp.
+        x_ECD = axes.to_experts(x_GECD.swapaxes(0, 1).reshape(e, g * cap, d))
+        x_ECD = axes.gather_seq(x_ECD, axis=1)
+        y_ECD = expert_ffn(
+            x_ECD, self.w_in[...], None if self.w_gate is None else self.w_gate[...], self.w_out[...], dtype
+        )
+        y_ECD = axes.from_experts(axes.scatter_seq(y_ECD, axis=1))
+        y_GECD = y_ECD.reshape(e, g, cap, d).swapaxes(0, 1)
+
+        y_GTD = jax.vmap(combine_from_buffers)(y_GECD, plan, r.gates_GTR)
+        return y_GTD, router_stats(r, plan.keep_TR, e, axes)
+
+
+def update_expert_bias(bias_E, tokens_per_expert_E, rate: float):
+    """Aux-loss-free balancing: raise the bias of under-loaded experts, lower it for over-loaded ones."""
+    return bias_E + rate * jnp.sign(jnp.mean(tokens_per_expert_E) - tokens_per_expert_E)

@@ -1,0 +1,167 @@
+"""The decoder-only MoE transformer: embedding; L scanned blocks of (RMSNorm, attention, residual; RMSNorm, MoE,
+residual); final norm; head. The same module runs on one device (`Axes()`) and as a shard inside shard_map.
+
+The residual stream is fp32 (the branches compute in the compute dtype and add back in fp32): with fp16 compute a
+16-layer residual in fp16 loses precision and can overflow, while everything that crosses the network (the branches'
+inputs and outputs) stays in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moe_jax.config import Config, ConfigError, ModelConfig
+from moe_jax.model.layers import Attention, RMSNorm, compute_dtype, param
+from moe_jax.model.moe import MoE
+from moe_jax.sharding import Axes
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        out_std = cfg.init_std / math.sqrt(2 * cfg.layers)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(
+            cfg.d_model, cfg.heads, cfg.head_dim, cfg.rope_theta, cfg.init_std, out_std, rngs=rngs
+        )
+        self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.moe = MoE(cfg, out_std, rngs=rngs)
+
+    def __call__(self, x_BSD, axes: Axes, dtype, groups: tuple[int, int] = (1, 1)):
+        """x_BSD: the fp32 residual (local sequence slice). groups = (batch groups, sequence groups) for dispatch."""
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), axes, dtype).astype(jnp.float32)
+        h_GTD = to_groups(self.moe_norm(x_BSD), groups)
+        y_GTD, stats = self.moe(h_GTD, axes, dtype)
+        return x_BSD + from_groups(y_GTD, x_BSD.shape, groups).astype(jnp.float32), stats
+
+
+def to_groups(x_BSD, groups: tuple[int, int]):
+    """[B, S, D] -> [Gb x Gs, B/Gb x S/Gs, D]: contiguous blocks of rows and of the sequence, one dispatch group each."""
+    gb, gs = groups
+    b, s, d = x_BSD.shape
+    x = x_BSD.reshape(gb, b // gb, gs, s // gs, d).transpose(0, 2, 1, 3, 4)
+    return x.reshape(gb * gs, (b // gb) * (s // gs), d)
+
+
+def from_groups(x_GTD, shape, groups: tuple[int, int]):
+    gb, gs = groups
+    b, s, d = shape
+    x = x_GTD.reshape(gb, gs, b // gb, s // gs, d).transpose(0, 2, 1, 3, 4)
+    return x.reshape(b, s, d)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = param(rngs, (cfg.vocab, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+
+        @nnx.split_rngs(splits=cfg.layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs):
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = param(rngs, (cfg.d_model, cfg.vocab), ("embed", "vocab"), cfg.init_std)
+
+    def embed_tokens(self, tokens_BS):
+        return jnp.take(self.embed[...], tokens_BS, axis=0)
+
+    def logits(self, x_BSD, dtype):
+        return jnp.einsum("BSD,DV->BSV", self.final_norm(x_BSD).astype(dtype), self.head[...].astype(dtype)).astype(
+            jnp.float32
+        )
+
+    def __call__(self, tokens_BS, axes: Axes = Axes(), dtype=jnp.float32, groups=(1, 1), remat: str = "layer"):
+        """Returns (fp32 logits [B, S, V], per-layer router statistics stacked on a leading L axis)."""
+        x = self.embed_tokens(tokens_BS)
+        x, stats = run_blocks(self.blocks, x, axes, dtype, groups, remat)
+        return self.logits(x, dtype), stats
+
+
+def run_blocks(blocks: Block, x, axes: Axes, dtype, groups=(1, 1), remat: str = "layer"):
+    """A scan over a stack of blocks (any number of layers); remat 'layer' rematerialises each block's activations."""
+    graphdef, state = nnx.split(blocks)
+
+    def body(x, layer_state):
+        return nnx.merge(graphdef, layer_state)(x, axes, dtype, groups)
+
+    if remat == "layer":
+        body = jax.checkpoint(body)
+    return jax.lax.scan(body, x, state)
+
+
+def cross_entropy(logits_BSV, targets_BS):
+    """Summed next-token cross-entropy in fp32 (the caller divides by the global token count)."""
+    logp = jax.nn.log_softmax(logits_BSV.astype(jnp.float32), axis=-1)
+    return -jnp.sum(jnp.take_along_axis(logp, targets_BS[..., None], axis=-1))
+
+
+def aux_losses(cfg: ModelConfig, stats) -> dict[str, jax.Array]:
+    """Router terms averaged over layers, weighted as the config says."""
+    lb = jnp.mean(stats["lb_loss"])
+    z = jnp.mean(stats["z_loss"])
+    return {"lb_loss": lb, "z_loss": z, "router_loss": cfg.lb_loss_weight * lb + cfg.z_loss_weight * z}
+
+
+def loss_fn(model: Transformer, tokens_BS, targets_BS, dtype=jnp.float32, groups=(1, 1), remat="layer"):
+    """One device: mean cross-entropy + weighted router terms. Returns (loss, metrics)."""
+    logits, stats = model(tokens_BS, Axes(), dtype, groups, remat)
+    ce = cross_entropy(logits, targets_BS) / targets_BS.size
+    aux = aux_losses(model.cfg, stats)
+    metrics = {"ce": ce, **aux, "dropped": jnp.sum(stats["dropped"]), "routed": jnp.sum(stats["routed"]),
+               "tokens_per_expert": stats["tokens_per_expert"]}
+    return ce + aux["router_loss"], metrics
+
+
+def check_tokens(tokens, vocab: int, field: str = "tokens") -> np.ndarray:
+    """Where data enters: token ids must be integers in [0, vocab). A bad id would index past the embedding and give
+    silent garbage (JAX clamps gathers), so it is refused here with one line."""
+    arr = np.asarray(tokens)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ConfigError(f"{field}: dtype {arr.dtype} is not an integer type; token ids must be integers")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= vocab:
+            bad = hi if hi >= vocab else lo
+            raise ConfigError(f"{field}: token id {bad} is outside the vocabulary; valid ids: 0..{vocab - 1} (model.vocab={vocab})")
+    return arr
+
+
+def init_model(cfg: Config | ModelConfig, seed: int = 0) -> Transformer:
+    mcfg = cfg.model if isinstance(cfg, Config) else cfg
+    return Transformer(mcfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: Config | ModelConfig) -> Transformer:
+    """The model's shapes and logical names, nothing allocated."""
+    mcfg = cfg.model if isinstance(cfg, Config) else cfg
+    return nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
+
+
+__all__ = [
+    "Block",
+    "Transformer",
+    "abstract_model",
+    "aux_losses",
+    "check_tokens",
+    "compute_dtype",
+    "cross_entropy",
+    "init_model",
+    "loss_fn",
+    "run_blocks",
+]
+
+
+def param_table(cfg: Config | ModelConfig) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[int, ...]]]:
+    """Every parameter's path -> its logical names and its global shape, from the abstract model (nothing allocated)."""
+    from moe_jax.sharding import state_names
+
+    _, params, _ = nnx.split(abstract_model(cfg), nnx.Param, ...)
+    names = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(state_names(params))}
+    shapes = {"/".join(map(str, k)): tuple(v.shape) for k, v in nnx.to_flat_state(params)}
+    return names, shapes

@@ -1,0 +1,1 @@
+"""The shard_map train step and the pipeline schedules."""

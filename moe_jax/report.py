@@ -1,0 +1,90 @@
+"""Terminal rendering (rich) of what the commands compute. Only cli.py calls these."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from moe_jax.mesh import ranges_text
+
+
+def _groups_line(groups: list[list[int]], full: bool, show: int = 4) -> str:
+    def g(x: list[int]) -> str:
+        if len(x) > 4 and len({b - a for a, b in zip(x, x[1:])}) == 1 and x[1] - x[0] > 1:
+            return f"[{x[0]},{x[1]}..{x[-1]}]"  # an arithmetic run: first, second .. last
+        return "[" + ranges_text(x) + "]" if len(x) > 4 else "[" + ",".join(map(str, x)) + "]"
+
+    if full or len(groups) <= 2 * show:
+        return " ".join(g(x) for x in groups)
+    return " ".join(g(x) for x in groups[:show]) + f" ... ({len(groups) - 2 * show} more) ... " + " ".join(
+        g(x) for x in groups[-show:]
+    )
+
+
+def print_assignment(console: Console, table: dict[str, Any], full: bool = False) -> None:
+    """One table per pipeline stage, a section per host, a row per device; then every kind of group."""
+    lay, model = table["layout"], table["model"]
+    console.print(
+        f"[bold]{lay.get('name') or 'layout'}[/bold]: pp {lay['pp']} x dp {lay['dp']} x ep {lay['ep']} x tp {lay['tp']}"
+        f" = {lay['devices']} devices on {lay['hosts']} host{'s' if lay['hosts'] > 1 else ''}; repeats {lay['repeats']}, microbatches"
+        f" {lay['microbatches']}; model: {model['layers']} layers, {model['experts']} experts, {model['heads']} heads,"
+        f" expert hidden {model['expert_hidden']}; batch {model['batch']} x seq {model['seq_len']}"
+    )
+    stages = sorted({d["coords"]["pp"] for d in table["devices"]})
+    for s in stages:
+        devs = [d for d in table["devices"] if d["coords"]["pp"] == s]
+        t = Table(
+            title=f"stage pp={s}: layers {ranges_text(devs[0]['layers'])}",
+            title_justify="left",
+            show_lines=False,
+            pad_edge=False,
+        )
+        for col in ("host", "dev", "proc", "dp,ep,tp", "experts", "heads", "F slice", "batch rows", "seq"):
+            t.add_column(col, no_wrap=True)
+        host = None
+        for d in devs:
+            if host is not None and d["host"] != host:
+                t.add_section()
+            c = d["coords"]
+            t.add_row(
+                str(d["host"]) if d["host"] != host else "",
+                str(d["id"]),
+                str(d["process"]),
+                f"{c['dp']},{c['ep']},{c['tp']}",
+                ranges_text(d["experts"]),
+                ranges_text(d["heads"]),
+                f"{d['expert_hidden'][0]}:{d['expert_hidden'][1]}",
+                rows_text(d["batch_rows"]),
+                f"{d['seq'][0]}:{d['seq'][1]}",
+            )
+            host = d["host"]
+        console.print(t)
+
+    console.print("[bold]groups[/bold] (device ids; a-b is a run of ids)")
+    what = {
+        "tp": "tensor: all-gather / reduce-scatter (sequence parallel)",
+        "ep": "expert: all-to-all dispatch and combine",
+        "pp": "pipeline ring: collective-permute",
+        "dp": "data replicas",
+        "grad_reduce": "gradient sum of attention weights over (dp, ep)",
+    }
+    for kind, groups in table["groups"].items():
+        console.print(f"  {kind} ({len(groups)} x {len(groups[0])}, {what.get(kind, '')}): {_groups_line(groups, full)}")
+    for kind, entry in table["grad_reduce_by_kind"].items():
+        groups = entry["groups"]
+        console.print(
+            f"  grad sum of {kind} weights over ({', '.join(entry['axes'])}) ({len(groups)} x {len(groups[0])}): "
+            f"{_groups_line(groups, full)}"
+        )
+
+
+def rows_text(ranges: list[list[int]]) -> str:
+    """[[0,1],[16,17],[32,33]] -> '0:1 +16j, j<3' when evenly spaced (one run per microbatch), else the runs."""
+    if len(ranges) > 2:
+        step = ranges[1][0] - ranges[0][0]
+        width = ranges[0][1] - ranges[0][0]
+        if all(b - a == width and a == ranges[0][0] + i * step for i, (a, b) in enumerate(ranges)):
+            return f"{ranges[0][0]}:{ranges[0][1]} +{step}j, j<{len(ranges)}"
+    return " ".join(f"{a}:{b}" for a, b in ranges)

@@ -1,0 +1,76 @@
+"""Pictures: the mesh map (devices laid out by pp/dp rows and ep x tp columns, coloured by stage, experts labelled,
+hosts outlined)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moe_jax.mesh import ranges_text
+
+
+def _span(ids: list[int]) -> str:
+    return f"{ids[0]}" if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"
+
+
+def draw_mesh(table: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    lay = table["layout"]
+    pp, dp, ep, tp = lay["pp"], lay["dp"], lay["ep"], lay["tp"]
+    rows, cols = pp * dp, ep * tp
+    cell_w = 0.55 if cols <= 32 else 0.16
+    fig_w = min(60.0, max(8.0, 2.5 + cols * cell_w))
+    fig_h = max(3.0, 1.6 + rows * 0.9)
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h))
+    cmap = plt.get_cmap("tab10")
+    by_pos = {d["position"]: d for d in table["devices"]}
+
+    for pos, d in by_pos.items():
+        c = d["coords"]
+        row, col = c["pp"] * dp + c["dp"], c["ep"] * tp + c["tp"]
+        shade = 0.55 + 0.45 * (c["tp"] / max(1, tp - 1)) if tp > 1 else 1.0
+        rgb = tuple(min(1.0, x * shade + (1 - shade) * 0.3) for x in cmap(c["pp"] % 10)[:3])
+        ax.add_patch(Rectangle((col, rows - 1 - row), 1, 1, facecolor=rgb, edgecolor="white", linewidth=0.5))
+        if cols <= 64:
+            ax.text(col + 0.5, rows - 0.5 - row, str(d["id"]), ha="center", va="center", fontsize=7 if cols <= 32 else 4)
+
+    # Expert ranges above each ep group, on the top row; layers at the left of each row.
+    experts_by_ep = {d["coords"]["ep"]: d["experts"] for d in table["devices"]}
+    label_every = max(1, ep // 32)
+    for e in range(0, ep, label_every):
+        ax.text(e * tp + tp / 2, rows + 0.1, "E" + _span(experts_by_ep[e]), ha="center", va="bottom",
+                fontsize=7 if ep <= 16 else 5, rotation=0 if ep <= 16 else 90)
+    for row in range(rows):
+        stage, replica = divmod(row, dp)
+        d = next(x for x in table["devices"] if x["coords"]["pp"] == stage and x["coords"]["dp"] == replica)
+        label = f"pp{stage}" + (f" dp{replica}" if dp > 1 else "") + f"\nlayers {ranges_text(d['layers'])}"
+        ax.text(-0.3, rows - 0.5 - row, label, ha="right", va="center", fontsize=8)
+
+    # Hosts: each host's cells within a row form a contiguous run of columns; outline each run.
+    runs: dict[tuple[int, int], list[int]] = {}
+    for d in table["devices"]:
+        c = d["coords"]
+        runs.setdefault((d["host"], c["pp"] * dp + c["dp"]), []).append(c["ep"] * tp + c["tp"])
+    for (host, row), cs in runs.items():
+        lo, hi = min(cs), max(cs) + 1
+        ax.add_patch(Rectangle((lo, rows - 1 - row), hi - lo, 1, fill=False, edgecolor="black", linewidth=1.4))
+        if cols <= 64 and hi - lo >= 2:
+            ax.text(lo + 0.05, rows - 1 - row + 0.05, f"h{host}", fontsize=5, ha="left", va="bottom")
+
+    ax.set_xlim(-0.2, cols + 0.2)
+    ax.set_ylim(-0.2, rows + 1.0)
+    ax.set_aspect("auto")
+    ax.axis("off")
+    title = (
+        f"{lay.get('name') or 'layout'}: pp {pp} x dp {dp} x ep {ep} x tp {tp} = {lay['devices']} devices, "
+        f"{lay['hosts']} hosts of {lay['devices_per_host']} (outlined); colour = pipeline stage, shade = tp rank"
+    )
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+

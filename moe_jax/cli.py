@@ -1,4 +1,6 @@
-"""`moe-jax` and its subcommands: parse, call, print. Mistakes in configs and inputs end as one line on stderr, exit 2."""
+"""`moe-jax` and its subcommands: parse, call, print.
+
+Mistakes in configs and inputs end as one line on stderr and exit status 2."""
 
 from __future__ import annotations
 

@@ -153,7 +153,9 @@ def check_config(cfg: Config) -> Config:
     if not 1 <= m.top_k <= m.experts:
         _fail("model.top_k", m.top_k, f"must be in 1..model.experts={m.experts}")
     if m.dispatch == "capacity" and not m.capacity_factor > 0:
-        _fail("model.capacity_factor", m.capacity_factor, "must be > 0 in capacity mode (or use model.dispatch=dropless)")
+        _fail(
+            "model.capacity_factor", m.capacity_factor, "must be > 0 in capacity mode (or use model.dispatch=dropless)"
+        )
     if m.experts % lay.ep:
         _fail("layout.ep", lay.ep, f"must divide model.experts={m.experts}; valid: {_divisors(m.experts)}")
     if m.layers % (lay.pp * lay.repeats):
@@ -166,7 +168,11 @@ def check_config(cfg: Config) -> Config:
     if m.heads % lay.tp:
         _fail("layout.tp", lay.tp, f"must divide model.heads={m.heads}; valid: {_divisors(m.heads)}")
     if m.expert_hidden % lay.tp:
-        _fail("layout.tp", lay.tp, f"must divide model.expert_hidden={m.expert_hidden}; valid: {_divisors(m.expert_hidden)}")
+        _fail(
+            "layout.tp",
+            lay.tp,
+            f"must divide model.expert_hidden={m.expert_hidden}; valid: {_divisors(m.expert_hidden)}",
+        )
     if run.seq_len % lay.tp:
         _fail("run.seq_len", run.seq_len, f"must be divisible by layout.tp={lay.tp} (sequence parallelism)")
     if run.seq_len > m.max_seq_len:
@@ -287,16 +293,17 @@ def load_config(
     if config is not None:
         cfg = _apply_sections(cfg, _read_yaml(config, "--config"), os.fspath(config))
     if layout is not None:
-        cfg = dataclasses.replace(cfg, layout=load_layout(layout, base=cfg.layout))
+        # A layout file is a whole layout: what it leaves out takes LayoutConfig's defaults, not the config's layout.
+        cfg = dataclasses.replace(cfg, layout=load_layout(layout))
     cfg = apply_overrides(cfg, overrides)
     return check_config(cfg) if check else cfg
 
 
-def load_layout(path: str | os.PathLike, base: LayoutConfig | None = None) -> LayoutConfig:
+def load_layout(path: str | os.PathLike) -> LayoutConfig:
     data = _read_yaml(path, "--layout")
     if "layout" in data and isinstance(data["layout"], dict) and len(data) == 1:
         data = data["layout"]
-    return _replace(base or LayoutConfig(), "layout", data)
+    return _replace(LayoutConfig(), "layout", data)
 
 
 def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:

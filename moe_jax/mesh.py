@@ -168,7 +168,11 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
     for pos in range(n):
         pp, dp, ep, tp = (int(c) for c in np.unravel_index(pos, shape))
         shard = dp * lay.ep + ep
-        rows = [r for j in range(lay.microbatches) for r in range(j * rows_mb + shard * rows_shard, j * rows_mb + (shard + 1) * rows_shard)]
+        rows = [
+            r
+            for j in range(lay.microbatches)
+            for r in range(j * rows_mb + shard * rows_shard, j * rows_mb + (shard + 1) * rows_shard)
+        ]
         host = int(procs[pp, dp, ep, tp]) if multi else pos // lay.devices_per_host
         devices.append(
             {
@@ -220,9 +224,12 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ the check against JAX's placement
 
+
 # What each logical axis of a parameter must hold on a device, read from its assignment row (half-open ranges).
 def _expected_range(name: str | None, row: dict[str, Any], size: int, storage: list[int]) -> list[int] | None:
     if name == "layers":
+        if not set(row["layers"]) <= set(storage):
+            return None
         held = sorted(storage.index(layer) for layer in row["layers"])
         return [held[0], held[-1] + 1] if held == list(range(held[0], held[-1] + 1)) else None
     if name == "experts":
@@ -234,7 +241,13 @@ def _expected_range(name: str | None, row: dict[str, Any], size: int, storage: l
     return [0, size]
 
 
-def check_placement(cfg: Config, mesh, param_names: dict[str, tuple[str, ...]], param_shapes: dict[str, tuple]):
+def check_placement(
+    cfg: Config,
+    mesh,
+    param_names: dict[str, tuple[str, ...]],
+    param_shapes: dict[str, tuple],
+    table: dict[str, Any] | None = None,
+) -> int:
     """For every parameter, the slice JAX places on each device (`devices_indices_map`) equals what the assignment
     says that device holds. Returns the number of (parameter, device) pairs checked; raises AssertionError naming the
     first parameter and device that disagree."""
@@ -242,7 +255,7 @@ def check_placement(cfg: Config, mesh, param_names: dict[str, tuple[str, ...]], 
 
     from moe_jax.sharding import logical_to_mesh
 
-    table = assignment(cfg, mesh)
+    table = assignment(cfg, mesh) if table is None else table
     rows = {d["id"]: d for d in table["devices"]}
     storage = layer_storage_order(cfg.model.layers, cfg.layout.pp, cfg.layout.repeats)
     checked = 0

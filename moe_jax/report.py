@@ -12,14 +12,16 @@ from moe_jax.mesh import ranges_text
 
 def _groups_line(groups: list[list[int]], full: bool, show: int = 4) -> str:
     def g(x: list[int]) -> str:
-        if len(x) > 4 and len({b - a for a, b in zip(x, x[1:])}) == 1 and x[1] - x[0] > 1:
+        if len(x) > 4 and len({b - a for a, b in zip(x, x[1:], strict=False)}) == 1 and x[1] - x[0] > 1:
             return f"[{x[0]},{x[1]}..{x[-1]}]"  # an arithmetic run: first, second .. last
         return "[" + ranges_text(x) + "]" if len(x) > 4 else "[" + ",".join(map(str, x)) + "]"
 
     if full or len(groups) <= 2 * show:
         return " ".join(g(x) for x in groups)
-    return " ".join(g(x) for x in groups[:show]) + f" ... ({len(groups) - 2 * show} more) ... " + " ".join(
-        g(x) for x in groups[-show:]
+    return (
+        " ".join(g(x) for x in groups[:show])
+        + f" ... ({len(groups) - 2 * show} more) ... "
+        + " ".join(g(x) for x in groups[-show:])
     )
 
 
@@ -28,7 +30,8 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
     lay, model = table["layout"], table["model"]
     console.print(
         f"[bold]{lay.get('name') or 'layout'}[/bold]: pp {lay['pp']} x dp {lay['dp']} x ep {lay['ep']} x tp {lay['tp']}"
-        f" = {lay['devices']} devices on {lay['hosts']} host{'s' if lay['hosts'] > 1 else ''}; repeats {lay['repeats']}, microbatches"
+        f" = {lay['devices']} devices on {lay['hosts']} host{'s' if lay['hosts'] > 1 else ''};"
+        f" repeats {lay['repeats']}, microbatches"
         f" {lay['microbatches']}; model: {model['layers']} layers, {model['experts']} experts, {model['heads']} heads,"
         f" expert hidden {model['expert_hidden']}; batch {model['batch']} x seq {model['seq_len']}"
     )
@@ -71,7 +74,9 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
         "grad_reduce": "gradient sum of attention weights over (dp, ep)",
     }
     for kind, groups in table["groups"].items():
-        console.print(f"  {kind} ({len(groups)} x {len(groups[0])}, {what.get(kind, '')}): {_groups_line(groups, full)}")
+        console.print(
+            f"  {kind} ({len(groups)} x {len(groups[0])}, {what.get(kind, '')}): {_groups_line(groups, full)}"
+        )
     for kind, entry in table["grad_reduce_by_kind"].items():
         groups = entry["groups"]
         console.print(

@@ -29,21 +29,30 @@ def draw_mesh(table: dict[str, Any], path: str) -> None:
     cmap = plt.get_cmap("tab10")
     by_pos = {d["position"]: d for d in table["devices"]}
 
-    for pos, d in by_pos.items():
+    for d in by_pos.values():
         c = d["coords"]
         row, col = c["pp"] * dp + c["dp"], c["ep"] * tp + c["tp"]
         shade = 0.55 + 0.45 * (c["tp"] / max(1, tp - 1)) if tp > 1 else 1.0
         rgb = tuple(min(1.0, x * shade + (1 - shade) * 0.3) for x in cmap(c["pp"] % 10)[:3])
         ax.add_patch(Rectangle((col, rows - 1 - row), 1, 1, facecolor=rgb, edgecolor="white", linewidth=0.5))
         if cols <= 64:
-            ax.text(col + 0.5, rows - 0.5 - row, str(d["id"]), ha="center", va="center", fontsize=7 if cols <= 32 else 4)
+            ax.text(
+                col + 0.5, rows - 0.5 - row, str(d["id"]), ha="center", va="center", fontsize=7 if cols <= 32 else 4
+            )
 
     # Expert ranges above each ep group, on the top row; layers at the left of each row.
     experts_by_ep = {d["coords"]["ep"]: d["experts"] for d in table["devices"]}
     label_every = max(1, ep // 32)
     for e in range(0, ep, label_every):
-        ax.text(e * tp + tp / 2, rows + 0.1, "E" + _span(experts_by_ep[e]), ha="center", va="bottom",
-                fontsize=7 if ep <= 16 else 5, rotation=0 if ep <= 16 else 90)
+        ax.text(
+            e * tp + tp / 2,
+            rows + 0.1,
+            "E" + _span(experts_by_ep[e]),
+            ha="center",
+            va="bottom",
+            fontsize=7 if ep <= 16 else 5,
+            rotation=0 if ep <= 16 else 90,
+        )
     for row in range(rows):
         stage, replica = divmod(row, dp)
         d = next(x for x in table["devices"] if x["coords"]["pp"] == stage and x["coords"]["dp"] == replica)
@@ -73,4 +82,3 @@ def draw_mesh(table: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
-

@@ -72,9 +72,7 @@ def causal_attention(q_BQHK, k_BSHK, v_BSHK, q_offset: int = 0, block: int = 512
         return one_block(q_BQHK, 0).astype(q_BQHK.dtype)
     blocks = q_len // block
     q_NBQHK = q_BQHK.reshape(b, blocks, block, h, k).swapaxes(0, 1)
-    out_NBQHK = jax.lax.map(
-        lambda args: jax.checkpoint(one_block)(*args), (q_NBQHK, jnp.arange(blocks) * block)
-    )
+    out_NBQHK = jax.lax.map(lambda args: jax.checkpoint(one_block)(*args), (q_NBQHK, jnp.arange(blocks) * block))
     return out_NBQHK.swapaxes(0, 1).reshape(b, q_len, h, k).astype(q_BQHK.dtype)
 
 

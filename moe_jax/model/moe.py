@@ -71,8 +71,8 @@ def plan_dispatch(experts_TR, num_experts: int, cap: int) -> DispatchPlan:
     keep_TR = pos_TR < cap
     slot_TR = jnp.where(keep_TR, experts_TR * cap + pos_TR, num_experts * cap)
     token_TR = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, r))
-    token_of_slot = jnp.full(num_experts * cap, t, jnp.int32).at[slot_TR.reshape(-1)].set(
-        token_TR.reshape(-1), mode="drop"
+    token_of_slot = (
+        jnp.full(num_experts * cap, t, jnp.int32).at[slot_TR.reshape(-1)].set(token_TR.reshape(-1), mode="drop")
     )
     return DispatchPlan(slot_TR, keep_TR, token_of_slot)
 
@@ -128,7 +128,9 @@ class MoE(nnx.Module):
         self.w_in = param(rngs, (e, d, f), ("experts", "embed", "mlp"), cfg.init_std)
         self.w_gate = param(rngs, (e, d, f), ("experts", "embed", "mlp"), cfg.init_std) if cfg.ffn == "swiglu" else None
         self.w_out = param(rngs, (e, f, d), ("experts", "mlp", "embed"), out_std)
-        self.bias = ExpertBias(jnp.zeros((e,), jnp.float32), out_sharding=("router_experts",)) if cfg.expert_bias else None
+        self.bias = (
+            ExpertBias(jnp.zeros((e,), jnp.float32), out_sharding=("router_experts",)) if cfg.expert_bias else None
+        )
 
     def __call__(self, x_GTD, axes: Axes, dtype):
         """x_GTD: normed fp32 tokens in G dispatch groups. Returns (y_GTD in the compute dtype, router statistics)."""

@@ -20,14 +20,14 @@ from moe_jax.model.layers import Attention, RMSNorm, compute_dtype, param
 from moe_jax.model.moe import MoE
 from moe_jax.sharding import Axes
 
+ONE_DEVICE = Axes()
+
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         out_std = cfg.init_std / math.sqrt(2 * cfg.layers)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(
-            cfg.d_model, cfg.heads, cfg.head_dim, cfg.rope_theta, cfg.init_std, out_std, rngs=rngs
-        )
+        self.attn = Attention(cfg.d_model, cfg.heads, cfg.head_dim, cfg.rope_theta, cfg.init_std, out_std, rngs=rngs)
         self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.moe = MoE(cfg, out_std, rngs=rngs)
 
@@ -40,7 +40,7 @@ class Block(nnx.Module):
 
 
 def to_groups(x_BSD, groups: tuple[int, int]):
-    """[B, S, D] -> [Gb x Gs, B/Gb x S/Gs, D]: contiguous blocks of rows and of the sequence, one dispatch group each."""
+    """[B, S, D] -> [Gb x Gs, B/Gb x S/Gs, D]: contiguous blocks of rows and of the sequence, a dispatch group each."""
     gb, gs = groups
     b, s, d = x_BSD.shape
     x = x_BSD.reshape(gb, b // gb, gs, s // gs, d).transpose(0, 2, 1, 3, 4)
@@ -76,7 +76,7 @@ class Transformer(nnx.Module):
             jnp.float32
         )
 
-    def __call__(self, tokens_BS, axes: Axes = Axes(), dtype=jnp.float32, groups=(1, 1), remat: str = "layer"):
+    def __call__(self, tokens_BS, axes: Axes = ONE_DEVICE, dtype=jnp.float32, groups=(1, 1), remat: str = "layer"):
         """Returns (fp32 logits [B, S, V], per-layer router statistics stacked on a leading L axis)."""
         x = self.embed_tokens(tokens_BS)
         x, stats = run_blocks(self.blocks, x, axes, dtype, groups, remat)
@@ -113,8 +113,13 @@ def loss_fn(model: Transformer, tokens_BS, targets_BS, dtype=jnp.float32, groups
     logits, stats = model(tokens_BS, Axes(), dtype, groups, remat)
     ce = cross_entropy(logits, targets_BS) / targets_BS.size
     aux = aux_losses(model.cfg, stats)
-    metrics = {"ce": ce, **aux, "dropped": jnp.sum(stats["dropped"]), "routed": jnp.sum(stats["routed"]),
-               "tokens_per_expert": stats["tokens_per_expert"]}
+    metrics = {
+        "ce": ce,
+        **aux,
+        "dropped": jnp.sum(stats["dropped"]),
+        "routed": jnp.sum(stats["routed"]),
+        "tokens_per_expert": stats["tokens_per_expert"],
+    }
     return ce + aux["router_loss"], metrics
 
 
@@ -128,7 +133,9 @@ def check_tokens(tokens, vocab: int, field: str = "tokens") -> np.ndarray:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= vocab:
             bad = hi if hi >= vocab else lo
-            raise ConfigError(f"{field}: token id {bad} is outside the vocabulary; valid ids: 0..{vocab - 1} (model.vocab={vocab})")
+            raise ConfigError(
+                f"{field}: token id {bad} is outside the vocabulary; valid ids: 0..{vocab - 1} (model.vocab={vocab})"
+            )
     return arr
 
 

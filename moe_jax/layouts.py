@@ -1,0 +1,28 @@
+"""The committed layouts of meshes/ and the config each is paired with; their assignment JSON is generated from here."""
+
+from __future__ import annotations
+
+import os
+
+from moe_jax.config import Config, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESHES = os.path.join(ROOT, "meshes")
+CONFIGS = os.path.join(ROOT, "configs")
+
+
+def config_for(layout_name: str) -> str:
+    """seed-* layouts carry the seed's model; cpu8-* layouts the tiny one."""
+    return os.path.join(CONFIGS, "seed.yaml" if layout_name.startswith("seed") else "tiny.yaml")
+
+
+def committed_layouts() -> list[str]:
+    return sorted(f[: -len(".yaml")] for f in os.listdir(MESHES) if f.endswith(".yaml"))
+
+
+def load_pair(name: str) -> Config:
+    return load_config(config_for(name), os.path.join(MESHES, f"{name}.yaml"))
+
+
+def golden_path(name: str) -> str:
+    return os.path.join(MESHES, f"{name}.json")

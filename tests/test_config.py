@@ -1,0 +1,130 @@
+"""Configs: loading, overrides, and one clear line for every kind of bad input."""
+
+import dataclasses
+
+import pytest
+
+from moe_jax import cli
+from moe_jax.config import ConfigError, check_devices, load_config
+
+SEED = "configs/seed.yaml"
+TINY = "configs/tiny.yaml"
+
+
+def test_seed_defaults_are_the_seeds_model():
+    cfg = load_config(SEED)
+    m = cfg.model
+    assert (m.layers, m.experts, m.d_model, m.heads, m.head_dim, m.expert_hidden) == (16, 64, 1024, 16, 64, 2048)
+    assert (cfg.run.batch, cfg.run.seq_len, cfg.run.dtype) == (128, 2048, "fp16")
+    assert cfg.layout.shape == (4, 1, 16, 2)
+
+
+def test_overrides_apply_in_order_and_are_typed():
+    cfg = load_config(TINY, None, ["model.top_k=1", "layout.ep=4", "run.lr=0.5", "run.dtype=bf16", "layout.ep=2"])
+    assert cfg.model.top_k == 1 and cfg.layout.ep == 2 and cfg.run.lr == 0.5 and cfg.run.dtype == "bf16"
+
+
+def test_layout_file_is_a_whole_layout():
+    # tiny.yaml's own layout says ep 8; a layout file that leaves ep out means ep 1, not 8.
+    cfg = load_config(TINY, "meshes/cpu8-pp4-tp2.yaml")
+    assert cfg.layout.shape == (4, 1, 1, 2)
+
+
+def test_config_is_frozen():
+    cfg = load_config(TINY)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.top_k = 3  # type: ignore[misc]
+
+
+BAD_OVERRIDES = [
+    (["layout.ep=3"], "layout.ep=3", "divide model.experts=64"),
+    (["layout.pp=3"], "layout.pp=3", "must divide model.layers=16"),
+    (["layout.pp=4", "layout.repeats=8"], "layout.pp=4", "layout.repeats = 4 x 8"),
+    (["layout.tp=32"], "layout.tp=32", "divide model.heads=16"),
+    (["model.expert_hidden=2050", "layout.tp=4"], "layout.tp=4", "divide model.expert_hidden=2050"),
+    (["run.seq_len=2047"], "run.seq_len=2047", "divisible by layout.tp=2"),
+    (["run.batch=100"], "run.batch=100", "layout.dp x layout.ep x layout.microbatches = 1 x 16 x 8 = 128"),
+    (["model.top_k=0"], "model.top_k=0", "1..model.experts=64"),
+    (["model.top_k=65"], "model.top_k=65", "1..model.experts=64"),
+    (["model.d_model=0"], "model.d_model=0", "positive integer"),
+    (["layout.ep=-2"], "layout.ep=-2", "positive integer"),
+    (["model.foo=1"], "model.foo=1", "unknown key; valid model keys: vocab"),
+    (["mdl.top_k=1"], "unknown section 'mdl'", "valid: model, layout, run"),
+    (["run.dtype=fp8"], "run.dtype='fp8'", "valid: fp32, bf16, fp16"),
+    (["model.capacity_factor=0"], "model.capacity_factor=0.0", "must be > 0 in capacity mode"),
+    (["model.top_k=two"], "model.top_k='two'", "expected an integer"),
+    (["top_k"], "override 'top_k'", "section.key=value"),
+]
+
+
+@pytest.mark.parametrize("overrides,field,why", BAD_OVERRIDES)
+def test_bad_override_is_one_line_naming_field_and_valid(overrides, field, why):
+    with pytest.raises(ConfigError) as e:
+        load_config(SEED, None, overrides)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert field in msg and why in msg, msg
+
+
+def test_dropless_accepts_any_capacity_factor():
+    assert load_config(SEED, None, ["model.dispatch=dropless", "model.capacity_factor=0"]).model.dispatch == "dropless"
+
+
+def test_device_count_mismatch():
+    cfg = load_config(SEED)
+    check_devices(cfg.layout, 128)
+    with pytest.raises(ConfigError, match=r"devices=64: layout pp x dp x ep x tp = 4 x 1 x 16 x 2 = 128 devices"):
+        check_devices(cfg.layout, 64)
+
+
+def test_yaml_unknown_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  layerz: 4\n")
+    with pytest.raises(ConfigError, match=r"model.layerz=4: unknown key"):
+        load_config(p)
+
+
+def test_yaml_unknown_section_and_bad_layout_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("modle:\n  layers: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown section; valid: model, layout, run"):
+        load_config(p)
+    lay = tmp_path / "l.yaml"
+    lay.write_text("pp: 2\nexperts: 4\n")
+    with pytest.raises(ConfigError, match=r"layout.experts=4: unknown key"):
+        load_config(SEED, lay)
+
+
+def test_yaml_not_a_mapping(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"must hold a YAML mapping of keys, found a list"):
+        load_config(p)
+
+
+def test_yaml_syntax_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {layers: 4\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line"):
+        load_config(p)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match=r"--config='nope.yaml': no such file"):
+        load_config("nope.yaml")
+    with pytest.raises(ConfigError, match=r"--layout='meshes/nope.yaml': no such file"):
+        load_config(SEED, "meshes/nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["mesh", "--config", "nope.yaml"],
+        ["mesh", "--config", SEED, "layout.ep=3"],
+        ["mesh", "--config", SEED, "model.top_k=99"],
+    ],
+)
+def test_cli_prints_one_line_and_exits_2(argv, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("moe-jax mesh: error: "), err

@@ -1,0 +1,193 @@
+"""The mesh and the exact device assignment, checked against JAX's own placement and against mesh coordinates."""
+
+import json
+import os
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from conftest import run_cli, run_with_devices
+
+from moe_jax.config import load_config
+from moe_jax.layouts import committed_layouts, golden_path, load_pair
+from moe_jax.mesh import GRAD_REDUCE_AXES, assignment, check_placement, layer_storage_order, make_mesh, stage_layers
+from moe_jax.model.transformer import param_table
+from moe_jax.sharding import MESH_AXES
+
+CPU8 = [n for n in committed_layouts() if n.startswith("cpu8")]
+
+
+def test_every_layout_has_its_golden_assignment():
+    assert {"seed-128", "seed-512", "seed-32"} <= set(committed_layouts())
+    assert set(CPU8) == {
+        "cpu8-pp2-ep2-tp2",
+        "cpu8-ep8",
+        "cpu8-ep4-tp2",
+        "cpu8-pp2-ep4",
+        "cpu8-pp4-tp2",
+        "cpu8-dp2-ep2-tp2",
+    }
+
+
+@pytest.mark.parametrize("name", committed_layouts())
+def test_golden_assignment_regenerates_identically(name):
+    """Regenerates meshes/<name>.json (scripts/gen_meshes.py writes them) and compares every field."""
+    with open(golden_path(name)) as f:
+        golden = json.load(f)
+    assert json.loads(json.dumps(assignment(load_pair(name)))) == golden
+
+
+def independent_groups(mesh, axis: str) -> list[list[int]]:
+    """Groups from mesh coordinates alone: devices that agree on every coordinate but `axis`."""
+    k = MESH_AXES.index(axis)
+    buckets: dict[tuple, list[int]] = {}
+    for idx in np.ndindex(mesh.devices.shape):
+        key = idx[:k] + idx[k + 1 :]
+        buckets.setdefault(key, []).append(mesh.devices[idx].id)
+    return sorted(sorted(g) for g in buckets.values())
+
+
+def check_groups(cfg, mesh, table):
+    for axis in MESH_AXES:
+        assert sorted(table["groups"][axis]) == independent_groups(mesh, axis), axis
+    # Each device appears in exactly one group of each kind, and the gradient groups are products of axis groups.
+    for kind, entry in table["grad_reduce_by_kind"].items():
+        assert tuple(entry["axes"]) == GRAD_REDUCE_AXES[kind]
+        assert sorted(i for g in entry["groups"] for i in g) == sorted(d.id for d in mesh.devices.flat)
+        size = int(np.prod([mesh.shape[a] for a in entry["axes"]]))
+        assert all(len(g) == size for g in entry["groups"])
+
+
+@pytest.mark.parametrize("name", CPU8)
+def test_cpu8_layout_matches_jax_placement_and_mesh_groups(name):
+    cfg = load_pair(name)
+    mesh = make_mesh(cfg.layout)
+    table = assignment(cfg, mesh)
+    names, shapes = param_table(cfg)
+    assert check_placement(cfg, mesh, names, shapes, table) == len(names) * 8
+    check_groups(cfg, mesh, table)
+    # The table read from real devices equals the planned one (one process, ids in row-major order).
+    assert table == assignment(cfg)
+    # Every kind of parameter is covered.
+    kinds = {p.split("/")[-1] for p in names}
+    assert {"wq", "wk", "wv", "wo", "router", "w_in", "w_out", "scale", "embed", "head"} <= kinds
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda d: d.update(experts=[e + 1 for e in d["experts"]]),
+        lambda d: d.update(heads=d["heads"][:-1]),
+        lambda d: d.update(expert_hidden=[0, d["expert_hidden"][1] + 1]),
+        lambda d: d.update(layers=[x + 2 for x in d["layers"]]),
+    ],
+)
+def test_placement_check_fails_on_a_single_wrong_row(corrupt):
+    cfg = load_pair("cpu8-pp2-ep2-tp2")
+    mesh = make_mesh(cfg.layout)
+    table = assignment(cfg, mesh)
+    corrupt(table["devices"][5])
+    names, shapes = param_table(cfg)
+    with pytest.raises(AssertionError, match=r"on device 5 "):
+        check_placement(cfg, mesh, names, shapes, table)
+
+
+def test_circular_layout_stores_each_stages_chunks_contiguously():
+    # 8 layers, pp 2, v 2: chunks of 2 layers; stage 0 holds chunks 0 and 2 = layers 0,1,4,5.
+    assert stage_layers(8, 2, 2, 0) == [0, 1, 4, 5] and stage_layers(8, 2, 2, 1) == [2, 3, 6, 7]
+    assert layer_storage_order(8, 2, 2) == [0, 1, 4, 5, 2, 3, 6, 7]
+    assert layer_storage_order(8, 2, 1) == list(range(8))
+    cfg = load_config("configs/tiny.yaml", "meshes/cpu8-pp2-ep2-tp2.yaml", ["model.layers=8", "layout.repeats=2"])
+    mesh = make_mesh(cfg.layout)
+    names, shapes = param_table(cfg)
+    assert check_placement(cfg, mesh, names, shapes) == len(names) * 8
+
+
+def test_mesh_axis_order_puts_tp_on_neighbours():
+    cfg = load_pair("cpu8-dp2-ep2-tp2")
+    mesh = make_mesh(cfg.layout)
+    assert mesh.axis_names == ("pp", "dp", "ep", "tp")
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    assert ids.reshape(-1).tolist() == [d.id for d in sorted(jax.devices(), key=lambda d: d.id)]
+    assert assignment(cfg, mesh)["groups"]["tp"][0] == [0, 1]
+
+
+SEED_CHECK = textwrap.dedent(
+    """
+    import copy, json, jax
+    import numpy as np
+    from moe_jax.layouts import load_pair
+    from moe_jax.mesh import assignment, check_placement, make_mesh
+    from moe_jax.model.transformer import param_table
+    from moe_jax.sharding import MESH_AXES
+
+    name = {name!r}
+    cfg = load_pair(name)
+    mesh = make_mesh(cfg.layout)
+    table = assignment(cfg, mesh)
+    names, shapes = param_table(cfg)
+    n = check_placement(cfg, mesh, names, shapes, table)
+    # independent groups from mesh coordinates
+    groups = {{}}
+    for k, axis in enumerate(MESH_AXES):
+        buckets = {{}}
+        for idx in np.ndindex(mesh.devices.shape):
+            buckets.setdefault(idx[:k] + idx[k + 1:], []).append(mesh.devices[idx].id)
+        groups[axis] = sorted(sorted(g) for g in buckets.values())
+    ok_groups = all(sorted(table["groups"][a]) == groups[a] for a in MESH_AXES)
+    # a single wrong device row must be caught
+    wrong = copy.deepcopy(table)
+    wrong["devices"][37]["experts"] = [e + 1 for e in wrong["devices"][37]["experts"]]
+    try:
+        check_placement(cfg, mesh, names, shapes, wrong)
+        caught = False
+    except AssertionError as e:
+        caught = "device 37" in str(e)
+    print(json.dumps({{"checked": n, "groups": ok_groups, "caught": caught, "devices": table["devices"]}}))
+    """
+)
+
+
+@pytest.mark.parametrize("name,devices", [("seed-128", 128), ("seed-512", 512)])
+def test_seed_layouts_on_fake_devices(name, devices):
+    out = json.loads(run_with_devices(devices, SEED_CHECK.format(name=name)).stdout.strip().splitlines()[-1])
+    assert out["checked"] == 12 * devices
+    assert out["groups"] and out["caught"]
+    cfg = load_pair(name)
+    per_ep = 64 // cfg.layout.ep
+    for d in out["devices"]:
+        s, e = d["coords"]["pp"], d["coords"]["ep"]
+        assert d["layers"] == [4 * s, 4 * s + 1, 4 * s + 2, 4 * s + 3]
+        assert d["experts"] == list(range(per_ep * e, per_ep * (e + 1)))
+    # Every stage holds all 64 experts of its own layers (the seed's mapping gives each stage 16).
+    for s in range(4):
+        held = {x for d in out["devices"] if d["coords"]["pp"] == s for x in d["experts"]}
+        assert held == set(range(64))
+
+
+def test_cli_mesh_writes_json_and_png(tmp_path):
+    j, p = tmp_path / "a.json", tmp_path / "a.png"
+    proc = run_cli(
+        "mesh",
+        "--config",
+        "configs/tiny.yaml",
+        "--layout",
+        "meshes/cpu8-pp2-ep2-tp2.yaml",
+        "--json",
+        str(j),
+        "--png",
+        str(p),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "placement check: 12 parameters x 8 devices = 96 shards" in proc.stdout
+    assert "stage pp=1: layers 2-3" in proc.stdout
+    assert json.loads(j.read_text()) == json.loads(open(golden_path("cpu8-pp2-ep2-tp2")).read())
+    assert os.path.getsize(p) > 10_000
+
+
+def test_cli_mesh_device_count_mismatch_is_one_line():
+    proc = run_cli("mesh", "--devices", "64")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "devices=64: layout pp x dp x ep x tp = 4 x 1 x 16 x 2 = 128 devices" in proc.stderr

@@ -1,0 +1,259 @@
+"""The model on one device against naive references: MoE outputs and gradients, capacity drops, causality, the
+parameter count, the router losses, fp16 at long sequences, and bad token ids.
+
+Tolerances: fp32 relative 1e-5 (relative to each leaf's largest element, see conftest.assert_tree_close).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_tree_close
+from flax import nnx
+
+from moe_jax.config import ConfigError, load_config
+from moe_jax.model.moe import MoE, Routing, capacity, plan_dispatch, route, router_stats
+from moe_jax.model.params import active_params_per_token, param_counts, total_params
+from moe_jax.model.reference import naive_moe, naive_router_losses, overflow_mask
+from moe_jax.model.transformer import (
+    ONE_DEVICE,
+    abstract_model,
+    check_tokens,
+    cross_entropy,
+    from_groups,
+    init_model,
+    loss_fn,
+    run_blocks,
+    to_groups,
+)
+from moe_jax.sharding import Axes
+
+FP32_RTOL = 1e-5
+
+
+def tiny(*overrides):
+    return load_config("configs/tiny.yaml", None, list(overrides))
+
+
+def naive_route(x_TD, w_DE, k):
+    """softmax then argsort, written without the model's code."""
+    probs = jax.nn.softmax(x_TD @ w_DE, axis=-1)
+    experts = jnp.argsort(-probs, axis=-1)[:, :k]
+    gates = jnp.take_along_axis(probs, experts, axis=-1)
+    return experts, gates / gates.sum(-1, keepdims=True)
+
+
+def moe_and_reference(cfg, x_GTD):
+    """The model's MoE and the naive loop over experts, each a jitted function of (weights, x); the reference's
+    keep mask comes from the independent host-side count (`overflow_mask`) on the naive routing."""
+    moe = MoE(cfg.model, out_std=0.02, rngs=nnx.Rngs(3))
+    graphdef, state = nnx.split(moe)
+    e, k = cfg.model.experts, cfg.model.top_k
+    cap = capacity(cfg.model, x_GTD.shape[1])
+
+    @jax.jit
+    def model_fn(state, x):
+        return nnx.merge(graphdef, state)(x, ONE_DEVICE, jnp.float32)
+
+    @jax.jit
+    def reference_fn(state, x, keep_GTR):
+        m = nnx.merge(graphdef, state)
+        w_gate = None if m.w_gate is None else m.w_gate[...]
+        ys = []
+        for g in range(x.shape[0]):
+            experts, gates = naive_route(x[g], m.router[...], k)
+            ys.append(naive_moe(x[g], experts, gates, keep_GTR[g], m.w_in[...], w_gate, m.w_out[...]))
+        return jnp.stack(ys)
+
+    def keep_mask(state, x):
+        experts = [np.asarray(naive_route(x[g], state["router"][...], k)[0]) for g in range(x.shape[0])]
+        return np.stack([overflow_mask(ex, e, cap) for ex in experts])
+
+    return state, model_fn, reference_fn, keep_mask
+
+
+@pytest.mark.parametrize("ffn", ["gelu", "swiglu"])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_dropless_moe_equals_naive_loop_outputs_and_gradients(ffn, groups):
+    cfg = tiny("model.dispatch=dropless", f"model.ffn={ffn}")
+    x = jax.random.normal(jax.random.key(0), (groups, 37, cfg.model.d_model))
+    state, model_fn, reference_fn, keep_mask = moe_and_reference(cfg, x)
+    keep = keep_mask(state, x)
+    y, stats = model_fn(state, x)
+    y_ref = reference_fn(state, x, keep)
+    assert keep.all() and float(stats["dropped"]) == 0.0
+    assert_tree_close(y, y_ref, FP32_RTOL, "output")
+
+    cot = jax.random.normal(jax.random.key(1), y.shape)
+    g_model = jax.jit(jax.grad(lambda s, x: jnp.sum(model_fn(s, x)[0] * cot), argnums=(0, 1)))(state, x)
+    g_ref = jax.jit(jax.grad(lambda s, x: jnp.sum(reference_fn(s, x, keep) * cot), argnums=(0, 1)))(state, x)
+    assert_tree_close(g_model, g_ref, FP32_RTOL, "grad")
+    # The router gets a gradient through the gates: the test would pass vacuously if it were zero.
+    assert float(jnp.max(jnp.abs(g_model[0]["router"][...]))) > 0
+
+
+def test_capacity_mode_drops_exactly_the_overflow_and_matches_reference():
+    cfg = tiny("model.dispatch=capacity", "model.capacity_factor=1.0")
+    # A router biased towards expert 0 so that it overflows.
+    x = jax.random.normal(jax.random.key(5), (2, 40, cfg.model.d_model)) + 0.5
+    state, model_fn, reference_fn, keep_mask = moe_and_reference(cfg, x)
+    state["router"][...] = state["router"][...].at[:, 0].add(0.3)
+    cap = capacity(cfg.model, 40)
+    assert cap == 10  # ceil(2 x 40 / 8 x 1.0)
+
+    r = route(x, state["router"][...], None, cfg.model.top_k)
+    plan = jax.vmap(plan_dispatch, in_axes=(0, None, None))(r.experts_GTR, cfg.model.experts, cap)
+    y, stats = model_fn(state, x)
+    keep = keep_mask(state, x)
+    y_ref = reference_fn(state, x, keep)
+    assert np.array_equal(np.asarray(plan.keep_TR), keep)
+    assert (~keep).sum() > 5, "the test must see drops"
+    assert float(stats["dropped"]) == (~keep).sum()
+    assert_tree_close(y, y_ref, FP32_RTOL, "output")
+    cot = jax.random.normal(jax.random.key(1), y.shape)
+    g_model = jax.jit(jax.grad(lambda s: jnp.sum(model_fn(s, x)[0] * cot)))(state)
+    g_ref = jax.jit(jax.grad(lambda s: jnp.sum(reference_fn(s, x, keep) * cot)))(state)
+    assert_tree_close(g_model, g_ref, FP32_RTOL, "grad")
+
+
+def test_dispatch_priority_top1_before_top2_then_token_order():
+    # Expert 0 with capacity 2: token 2's top-1 beats tokens 0 and 1's top-2 choices.
+    experts = jnp.array([[1, 0], [2, 0], [0, 1]])
+    plan = plan_dispatch(experts, num_experts=3, cap=2)
+    assert np.asarray(plan.keep_TR).tolist() == [[True, True], [True, False], [True, True]]
+    assert np.array_equal(np.asarray(plan.keep_TR), overflow_mask(np.asarray(experts), 3, 2))
+
+
+def test_groups_round_trip_with_prime_sizes():
+    x = jax.random.normal(jax.random.key(0), (6, 35, 7))
+    g = to_groups(x, (3, 5))
+    assert g.shape == (15, 14, 7)
+    # group index = batch block x 5 + sequence block: group 7 is rows 2:4, positions 14:21.
+    assert np.array_equal(np.asarray(g[7]), np.asarray(x[2:4, 14:21].reshape(14, 7)))
+    assert np.array_equal(np.asarray(from_groups(g, x.shape, (3, 5))), np.asarray(x))
+
+
+def test_causality_dropless():
+    """The output at position t has zero gradient with respect to every input after t."""
+    cfg = tiny("model.dispatch=dropless")
+    model = init_model(cfg)
+    x = jax.random.normal(jax.random.key(0), (2, 12, cfg.model.d_model))
+
+    def logits_per_position(x):
+        h, _ = run_blocks(model.blocks, x, ONE_DEVICE, jnp.float32)
+        return jnp.sum(model.logits(h, jnp.float32), axis=(0, 2))  # [S]
+
+    jac_SBSD = np.asarray(jax.jit(jax.jacrev(logits_per_position))(x))  # d out[t] / d x[b, s, :]
+    for t in range(x.shape[1]):
+        assert np.all(jac_SBSD[t, :, t + 1 :] == 0.0), f"position {t} depends on later positions"
+        assert np.abs(jac_SBSD[t, :, : t + 1]).max() > 0
+
+
+def test_param_count_tiny_equals_tree():
+    for ffn in ("gelu", "swiglu"):
+        cfg = tiny(f"model.ffn={ffn}")
+        _, params, _ = nnx.split(init_model(cfg), nnx.Param, ...)
+        assert sum(p.size for p in jax.tree.leaves(params)) == total_params(cfg.model)
+
+
+def test_param_count_seed_equals_abstract_tree():
+    cfg = load_config("configs/seed.yaml")
+    _, params, _ = nnx.split(abstract_model(cfg), nnx.Param, ...)
+    leaves = jax.tree.leaves(params)
+    assert all(isinstance(p, jax.ShapeDtypeStruct) for p in leaves)  # nothing allocated
+    assert sum(int(np.prod(p.shape)) for p in leaves) == total_params(cfg.model) == 4_428_694_528
+    counts = param_counts(cfg.model)
+    assert counts["experts"] == 16 * 64 * 2 * 1024 * 2048
+    # Active per token: everything but 62 of 64 experts in every layer.
+    assert active_params_per_token(cfg.model) == total_params(cfg.model) - counts["experts"] * 62 // 64
+
+
+def _stats_for(experts_TR, logits_TE, e):
+    t, k = experts_TR.shape
+    probs = jax.nn.softmax(logits_TE, axis=-1)
+    r = Routing(experts_TR[None], jnp.ones((1, t, k)) / k, probs[None], logits_TE[None])
+    return router_stats(r, jnp.ones((1, t, k), bool), e, Axes())
+
+
+def test_load_balancing_loss_minimum_and_skew():
+    e, t = 8, 64
+    uniform_experts = jnp.stack([jnp.arange(t) % e, (jnp.arange(t) + 1) % e], axis=1)
+    stats = _stats_for(uniform_experts, jnp.zeros((t, e)), e)
+    assert float(stats["lb_loss"]) == pytest.approx(1.0, rel=1e-6)  # the stated minimum
+    assert float(stats["z_loss"]) == pytest.approx(float(np.log(e) ** 2), rel=1e-6)
+
+    skew_logits = jnp.zeros((t, e)).at[:, 0].set(3.0).at[:, 1].set(2.0)
+    skew_experts = jnp.tile(jnp.array([[0, 1]]), (t, 1))
+    skew = _stats_for(skew_experts, skew_logits, e)
+    lb_ref, z_ref = naive_router_losses(skew_logits, skew_experts, e)
+    assert float(skew["lb_loss"]) > 1.5
+    assert float(skew["lb_loss"]) == pytest.approx(lb_ref, rel=1e-6)
+    assert float(skew["z_loss"]) == pytest.approx(z_ref, rel=1e-6)
+    assert np.asarray(skew["tokens_per_expert"]).tolist() == [t, t] + [0] * (e - 2)
+
+
+def test_loss_is_cross_entropy_plus_weighted_router_terms():
+    cfg = tiny()
+    model = init_model(cfg)
+    tok = jax.random.randint(jax.random.key(0), (3, 12), 0, cfg.model.vocab)
+    tgt = jnp.roll(tok, -1, axis=1)
+    loss, m = nnx.jit(loss_fn)(model, tok, tgt)
+    logits, _ = nnx.jit(lambda m, t: m(t))(model, tok)
+    logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
+    ce = -np.mean(np.take_along_axis(np.asarray(logp), np.asarray(tgt)[..., None], axis=-1))
+    assert float(m["ce"]) == pytest.approx(ce, rel=1e-5)
+    assert float(cross_entropy(logits, tgt)) == pytest.approx(ce * tgt.size, rel=1e-5)
+    want = ce + cfg.model.lb_loss_weight * float(m["lb_loss"]) + cfg.model.z_loss_weight * float(m["z_loss"])
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+
+
+def test_fp16_forward_at_sequence_10240_is_finite():
+    cfg = tiny("model.dispatch=dropless", "run.dtype=fp16", "run.seq_len=10240")
+    model = init_model(cfg)
+    tok = jax.random.randint(jax.random.key(0), (1, 10240), 0, cfg.model.vocab)
+    logits, stats = jax.jit(lambda m, t: m(t, ONE_DEVICE, jnp.float16))(model, tok)
+    assert np.isfinite(np.asarray(logits)).all()
+    assert np.isfinite(np.asarray(stats["lb_loss"])).all()
+
+
+def test_compute_dtype_policy_keeps_params_fp32_and_router_fp32():
+    cfg = tiny("run.dtype=bf16")
+    model = init_model(cfg)
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    logits, stats = model(jnp.zeros((2, 12), jnp.int32), ONE_DEVICE, jnp.bfloat16)
+    assert logits.dtype == jnp.float32 and stats["lb_loss"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "tokens,match",
+    [
+        (np.array([[0, 5, 97]]), r"token id 97 is outside the vocabulary; valid ids: 0\.\.96"),
+        (np.array([[-1, 5]]), r"token id -1 is outside the vocabulary"),
+        (np.array([[0.5, 1.0]]), r"dtype float64 is not an integer type"),
+    ],
+)
+def test_bad_token_ids_are_refused_where_data_enters(tokens, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        check_tokens(tokens, 97)
+    assert "\n" not in str(e.value)
+
+
+def test_expert_bias_changes_choice_not_gates():
+    cfg = tiny("model.expert_bias=true")
+    x = jax.random.normal(jax.random.key(0), (1, 20, cfg.model.d_model))
+    w = jax.random.normal(jax.random.key(1), (cfg.model.d_model, cfg.model.experts))
+    plain = route(x, w, None, 2)
+    bias = jnp.zeros(cfg.model.experts).at[7].set(10.0)
+    biased = route(x, w, bias, 2)
+    assert (np.asarray(biased.experts_GTR)[..., 0] == 7).all()
+    np.testing.assert_allclose(np.asarray(biased.probs_GTE), np.asarray(plain.probs_GTE))
+    g7 = np.asarray(plain.probs_GTE)[0, :, 7]
+    assert np.all(np.asarray(biased.gates_GTR)[0, :, 0] <= 1.0) and g7.max() < 1.0
+
+
+def test_dataclass_configs_round_trip():
+    cfg = tiny()
+    assert dataclasses.asdict(cfg)["model"]["experts"] == 8

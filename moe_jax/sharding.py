@@ -6,7 +6,8 @@ Layer code speaks logical names only (`'heads'`, `'experts'`, `'seq'`); this mod
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import jax
 from jax import lax
@@ -36,26 +37,41 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 TOKEN_AXES: tuple[str, ...] = ("dp", "ep", "tp")
 
 
-def logical_to_mesh(names: Sequence[str | None]) -> P:
-    """('layers', 'experts', 'embed', 'mlp') -> P('pp', 'ep', None, 'tp')."""
+def logical_to_mesh(names: Sequence[str | None], sizes: Mapping[str, int] | None = None) -> P:
+    """('layers', 'experts', 'embed', 'mlp') -> P('pp', 'ep', None, 'tp').
+
+    With the mesh's axis sizes, axes of size 1 are left out (P('pp', 'ep', ...) on a pp=1 mesh is P(None, 'ep', ...)):
+    the same placement, but no value is then 'varying' over a one-device axis, so no collective over a single device
+    can arise (XLA:CPU keeps such all-reduces in the compiled program)."""
     out = []
     for name in names:
-        if name is None:
-            out.append(None)
-        elif name in RULES:
-            out.append(RULES[name])
-        else:
+        if name is not None and name not in RULES:
             raise KeyError(f"logical axis {name!r} has no rule in moe_jax.sharding.RULES; known: {', '.join(RULES)}")
+        out.append(_active(RULES[name], sizes) if name is not None else None)
     return P(*out)
 
 
-def state_specs(state):
+def _active(axis: str | tuple[str, ...] | None, sizes: Mapping[str, int] | None):
+    if axis is None or sizes is None:
+        return axis
+    if isinstance(axis, str):
+        return axis if sizes[axis] > 1 else None
+    kept = tuple(a for a in axis if sizes[a] > 1)
+    return None if not kept else kept[0] if len(kept) == 1 else kept
+
+
+def active_axes(axes: Sequence[str], sizes: Mapping[str, int]) -> tuple[str, ...]:
+    """The axes of a collective that span more than one device."""
+    return tuple(a for a in axes if sizes[a] > 1)
+
+
+def state_specs(state, sizes: Mapping[str, int] | None = None):
     """An nnx.State of Variables carrying `out_sharding` logical names -> the same tree of mesh PartitionSpecs."""
     from flax import nnx
 
     def spec(v):
         names = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
-        return logical_to_mesh(names) if names is not None else P()
+        return logical_to_mesh(names, sizes) if names is not None else P()
 
     return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -79,10 +95,18 @@ class Axes:
     tp: str | None = None
     ep: str | None = None
     tokens: tuple[str, ...] = ()
+    token_shards: int = 1  # how many shards the tokens are split into (the product of the `tokens` axes' sizes)
 
     @classmethod
-    def sharded(cls) -> Axes:
-        return cls(tp=RULES["seq"], ep=RULES["experts"], tokens=TOKEN_AXES)
+    def sharded(cls, sizes: Mapping[str, int]) -> Axes:
+        """Inside shard_map over a mesh with these axis sizes; one-device axes get no collective."""
+        tokens = active_axes(TOKEN_AXES, sizes)
+        return cls(
+            tp=_active(RULES["seq"], sizes),
+            ep=_active(RULES["experts"], sizes),
+            tokens=tokens,
+            token_shards=math.prod(sizes[a] for a in tokens),
+        )
 
     # Sequence parallelism over tp: gather the sequence before a tp-split matmul, reduce-scatter the partial sums after.
     def gather_seq(self, x, axis: int):

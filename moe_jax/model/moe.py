@@ -93,22 +93,32 @@ def combine_from_buffers(y_ECD, plan: DispatchPlan, gates_TR):
 
 
 def expert_ffn(x_ECD, w_in_EDF, w_gate_EDF, w_out_EFD, dtype):
-    """Each expert's FFN on its buffer: GELU(x W_in) W_out, or SwiGLU with W_gate. Batched over local experts."""
+    """Each expert's FFN on its buffer: GELU(x W_in) W_out, or SwiGLU with W_gate. Batched over local experts.
+
+    Returns fp32: with the hidden dimension split over tp these are partial sums, reduced in fp32 like attention's."""
     h = jnp.einsum("ECD,EDF->ECF", x_ECD, w_in_EDF.astype(dtype))
     if w_gate_EDF is None:
         h = jax.nn.gelu(h)
     else:
         h = jax.nn.silu(jnp.einsum("ECD,EDF->ECF", x_ECD, w_gate_EDF.astype(dtype))) * h
-    return jnp.einsum("ECF,EFD->ECD", h, w_out_EFD.astype(dtype))
+    return jnp.einsum("ECF,EFD->ECD", h, w_out_EFD.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def router_stats(r: Routing, keep_GTR, num_experts: int, axes: Axes) -> dict[str, jax.Array]:
-    """Whole-batch router statistics: every sum is taken over all shards before any ratio."""
-    counts_E = axes.sum_tokens(jnp.sum(jax.nn.one_hot(r.experts_GTR, num_experts, dtype=jnp.float32), axis=(0, 1, 2)))
-    probs_E = axes.sum_tokens(jnp.sum(r.probs_GTE, axis=(0, 1)))
-    z = axes.sum_tokens(jnp.sum(jnp.square(jax.nn.logsumexp(r.logits_GTE, axis=-1))))
-    tokens = axes.sum_tokens(jnp.float32(r.probs_GTE.shape[0] * r.probs_GTE.shape[1]))
-    dropped = axes.sum_tokens(jnp.sum(~keep_GTR).astype(jnp.float32))
+    """Whole-batch router statistics: every sum is taken over all shards before any ratio, in one all-reduce of
+    [counts (E), probability sums (E), z sum, drops]."""
+    e = num_experts
+    local = jnp.concatenate(
+        [
+            jnp.sum(jax.nn.one_hot(r.experts_GTR, e, dtype=jnp.float32), axis=(0, 1, 2)),
+            jnp.sum(r.probs_GTE, axis=(0, 1)),
+            jnp.sum(jnp.square(jax.nn.logsumexp(r.logits_GTE, axis=-1)))[None],
+            jnp.sum(~keep_GTR).astype(jnp.float32)[None],
+        ]
+    )
+    total = axes.sum_tokens(local)
+    counts_E, probs_E, z, dropped = total[:e], total[e : 2 * e], total[2 * e], total[2 * e + 1]
+    tokens = jnp.float32(r.probs_GTE.shape[0] * r.probs_GTE.shape[1] * axes.token_shards)
     k = r.experts_GTR.shape[-1]
     frac_E = counts_E / (k * tokens)  # share of routed choices per expert (sums to 1)
     return {
@@ -148,7 +158,7 @@ class MoE(nnx.Module):
         y_ECD = expert_ffn(
             x_ECD, self.w_in[...], None if self.w_gate is None else self.w_gate[...], self.w_out[...], dtype
         )
-        y_ECD = axes.from_experts(axes.scatter_seq(y_ECD, axis=1))
+        y_ECD = axes.from_experts(axes.scatter_seq(y_ECD, axis=1).astype(dtype))
         y_GECD = y_ECD.reshape(e, g, cap, d).swapaxes(0, 1)
 
         y_GTD = jax.vmap(combine_from_buffers)(y_GECD, plan, r.gates_GTR)

@@ -1,0 +1,295 @@
+"""HLO text -> every collective with its kind, the mesh axes its replica groups span, bytes per device and how many
+times it runs per step (while-loop trip counts included); then the audit against the set a layout should produce.
+
+Two texts are read: the lowered HLO (before XLA's optimisations: exact dtypes, one instruction per collective the
+code names) and the compiled HLO (the final program: collectives after XLA merged and scheduled them; on CPU its
+fp16/bf16 show as f32). Counts per step come from each text's own loops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from moe_jax.sharding import MESH_AXES
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+    "s64": 8, "u64": 8, "f64": 8,
+}  # fmt: skip
+
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*\)\s*->.*)?\{\s*$")
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    shape: str
+    opcode: str
+    rest: str  # operands and attributes
+
+
+@dataclasses.dataclass
+class Module:
+    computations: dict[str, list[Instr]]
+    entry: str
+
+
+def parse_module(text: str) -> Module:
+    comps: dict[str, list[Instr]] = {}
+    entry, current = "", None
+    for line in text.splitlines():
+        if current is None:
+            m = _HEADER.match(line)
+            if m:
+                current = m.group(2)
+                comps[current] = []
+                if m.group(1):
+                    entry = current
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        body = m.group(3)
+        if body.startswith("("):  # tuple shape: up to the matching parenthesis
+            depth, end = 0, len(body) - 1
+            for end, ch in enumerate(body):  # noqa: B007 (end is read after the loop)
+                depth += (ch == "(") - (ch == ")")
+                if depth == 0:
+                    break
+            shape, tail = body[: end + 1], body[end + 1 :].lstrip()
+        else:
+            shape, _, tail = body.partition(" ")
+        opcode, _, rest = tail.partition("(")
+        comps[current].append(Instr(m.group(2), shape, opcode.strip(), rest))
+    return Module(comps, entry)
+
+
+def shape_bytes(shape: str) -> int:
+    return sum(_DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in _ARRAY.findall(shape))
+
+
+def _trip_count(module: Module, instr: Instr) -> int:
+    m = re.search(r'known_trip_count"?\s*:\s*\{\s*"n"\s*:\s*"(\d+)"', instr.rest)
+    if m:
+        return int(m.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", instr.rest)
+    if cond and cond.group(1) in module.computations:
+        # A scan's condition: compare(counter, constant(N)), direction=LT
+        consts = {}
+        for ins in module.computations[cond.group(1)]:
+            c = re.match(r"([\-\d]+)\)", ins.rest) if ins.opcode == "constant" else None
+            if c:
+                consts[ins.name] = int(c.group(1))
+        for ins in module.computations[cond.group(1)]:
+            if ins.opcode == "compare" and "direction=LT" in ins.rest:
+                for name, value in consts.items():
+                    if re.search(rf"%?{re.escape(name)}\b", ins.rest):
+                        return value
+    raise ValueError(f"cannot read the trip count of {instr.name}")
+
+
+def execution_counts(module: Module) -> dict[str, int]:
+    """How many times each computation runs per call of the entry: while bodies multiply by their trip counts."""
+    edges: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for comp, instrs in module.computations.items():
+        for ins in instrs:
+            if ins.opcode == "while":
+                body = re.search(r"body=%?([\w.\-]+)", ins.rest).group(1)
+                edges[comp].append((body, _trip_count(module, ins)))
+            else:
+                for callee in re.findall(
+                    r"(?:to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)", ins.rest
+                ):
+                    edges[comp].append((callee, 1))
+                for group in re.findall(r"branch_computations=\{([^}]*)\}", ins.rest):
+                    for callee in re.findall(r"%?([\w.\-]+)", group):
+                        edges[comp].append((callee, 1))
+    counts: dict[str, int] = defaultdict(int)
+
+    def visit(comp: str, times: int, depth: int = 0) -> None:
+        counts[comp] += times
+        for callee, mult in edges.get(comp, ()):
+            if callee in module.computations and depth < 64:
+                visit(callee, times * mult, depth + 1)
+
+    visit(module.entry, 1)
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------- groups
+
+
+def _iota_groups(text: str) -> list[list[int]] | None:
+    """[G,S]<=[dims]T(perm) -> explicit groups."""
+    m = re.match(r"\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
+    if not m:
+        return None
+    g, s = int(m.group(1)), int(m.group(2))
+    dims = [int(x) for x in m.group(3).split(",")]
+    ids = np.arange(math.prod(dims)).reshape(dims)
+    if m.group(4):
+        ids = ids.transpose([int(x) for x in m.group(4).split(",")])
+    return ids.reshape(g, s).tolist()
+
+
+def replica_groups(rest: str, n_devices: int) -> list[list[int]]:
+    """Both spellings: explicit {{0,1},{2,3}} and the compact iota [G,S]<=[dims]T(perm); {} means all devices."""
+    m = re.search(r"replica_groups=(\{\{[\d,{}\s]*\}\}|\{\})", rest)
+    if m:
+        if m.group(1) == "{}":
+            return [list(range(n_devices))]
+        return [
+            [int(x) for x in grp.split(",") if x.strip()] for grp in re.findall(r"\{([\d,\s]*)\}", m.group(1)[1:-1])
+        ]
+    m = re.search(r"replica_groups=(\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)", rest)
+    if m:
+        return _iota_groups(m.group(1))
+    m = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", rest)
+    if m:
+        return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", m.group(1))]
+    raise ValueError(f"no replica groups in: {rest[:200]}")
+
+
+def group_axes(groups: list[list[int]], mesh_shape: tuple[int, ...]) -> tuple[str, ...]:
+    """The mesh axes whose coordinate varies inside the groups (device ids are positions in the mesh, row-major)."""
+    varying: set[str] = set()
+    for grp in groups:
+        coords = np.array([np.unravel_index(i, mesh_shape) for i in grp])
+        for k, axis in enumerate(MESH_AXES):
+            if len(set(coords[:, k])) > 1:
+                varying.add(axis)
+    return tuple(a for a in MESH_AXES if a in varying)
+
+
+@dataclasses.dataclass
+class Collective:
+    kind: str
+    axes: tuple[str, ...]
+    bytes_per_device: int  # what one device puts into the collective (its operand)
+    count_per_step: int
+    groups: list[list[int]]
+    computation: str
+    name: str
+    shape: str
+
+
+def collectives(text: str, mesh_shape: tuple[int, ...]) -> list[Collective]:
+    module = parse_module(text)
+    counts = execution_counts(module)
+    n = math.prod(mesh_shape)
+    out = []
+    for comp, instrs in module.computations.items():
+        for ins in instrs:
+            kind = ins.opcode.removesuffix("-start")
+            if kind not in COLLECTIVES or ins.opcode.endswith("-done"):
+                continue
+            groups = replica_groups(ins.rest, n)
+            size = len(groups[0])
+            result = shape_bytes(ins.shape.split("{")[0] if not ins.shape.startswith("(") else ins.shape)
+            if ins.opcode.endswith("-start") and ins.shape.startswith("("):
+                result //= 2  # async start returns (operand, result)
+            operand = {"all-gather": result // size, "reduce-scatter": result * size}.get(kind, result)
+            out.append(
+                Collective(
+                    kind,
+                    group_axes(groups, mesh_shape),
+                    operand,
+                    counts.get(comp, 0),
+                    groups,
+                    comp,
+                    ins.name,
+                    ins.shape,
+                )
+            )
+    return out
+
+
+def summarize(colls: list[Collective]) -> list[dict[str, Any]]:
+    """One row per (kind, axes, bytes per device): how many run per step."""
+    rows: dict[tuple, int] = defaultdict(int)
+    for c in colls:
+        rows[(c.kind, c.axes, c.bytes_per_device)] += c.count_per_step
+    return [
+        {"kind": k, "axes": list(a), "bytes_per_device": b, "count_per_step": n}
+        for (k, a, b), n in sorted(rows.items(), key=lambda r: (r[0][0], r[0][1], -r[0][2]))
+    ]
+
+
+def totals(colls: list[Collective]) -> dict[tuple[str, tuple[str, ...]], dict[str, int]]:
+    """Per (kind, axes): collectives run per step and bytes per device per step."""
+    out: dict[tuple[str, tuple[str, ...]], dict[str, int]] = defaultdict(lambda: {"count": 0, "bytes": 0})
+    for c in colls:
+        out[(c.kind, c.axes)]["count"] += c.count_per_step
+        out[(c.kind, c.axes)]["bytes"] += c.count_per_step * c.bytes_per_device
+    return dict(out)
+
+
+# ------------------------------------------------------------------------------------------------------ the audit
+
+
+def audit(lowered_text: str, compiled_text: str, cfg, table: dict[str, Any]) -> dict[str, Any]:
+    """Compares a step's collectives with `expected_collectives(cfg)`.
+
+    Lowered HLO: every (kind, axes, bytes per device) with its count per step must equal the expected list exactly.
+    Compiled HLO: every collective's (kind, axes) must be expected, all-gathers, reduce-scatters and all-to-alls must
+    run as often as expected (XLA may merge all-reduces, so those are checked on the lowered text), no replica group
+    may be a single device, and every replica group must be a group of the assignment table.
+    """
+    from moe_jax.parallel.comm import aggregate, expected_collectives
+
+    shape = cfg.layout.shape
+    low, comp = collectives(lowered_text, shape), collectives(compiled_text, shape)
+    expected_rows = expected_collectives(cfg)
+    expected = aggregate(expected_rows)
+    found = aggregate(summarize(low))
+    unexpected: list[dict[str, Any]] = []
+    for key in sorted(set(found) | set(expected)):
+        if found.get(key, 0) != expected.get(key, 0):
+            kind, axes, nbytes = key
+            unexpected.append(
+                {"kind": kind, "axes": list(axes), "bytes_per_device": nbytes, "found": found.get(key, 0),
+                 "expected": expected.get(key, 0), "where": "lowered"}
+            )  # fmt: skip
+
+    allowed = {(k, a) for k, a, _ in expected}
+    known_groups = {frozenset(g) for groups in table["groups"].values() for g in groups}
+    known_groups |= {frozenset(g) for entry in table["grad_reduce_by_kind"].values() for g in entry["groups"]}
+    counts: dict[tuple[str, tuple[str, ...]], int] = defaultdict(int)
+    for c in comp:
+        counts[(c.kind, c.axes)] += c.count_per_step
+        why = None
+        if any(len(g) < 2 for g in c.groups):
+            why = "a replica group of a single device"
+        elif (c.kind, c.axes) not in allowed:
+            why = "not in the expected set"
+        elif any(frozenset(g) not in known_groups for g in c.groups):
+            why = "a replica group that is no group of the assignment"
+        if why:
+            unexpected.append({"kind": c.kind, "axes": list(c.axes), "name": c.name, "shape": c.shape,
+                               "count_per_step": c.count_per_step, "why": why, "where": "compiled"})  # fmt: skip
+    want_counts: dict[tuple[str, tuple[str, ...]], int] = defaultdict(int)
+    for (k, a, _), n in expected.items():
+        want_counts[(k, a)] += n
+    for key, n in sorted(want_counts.items()):
+        if key[0] != "all-reduce" and counts.get(key, 0) != n:
+            unexpected.append({"kind": key[0], "axes": list(key[1]), "found": counts.get(key, 0), "expected": n,
+                               "why": "count per step differs", "where": "compiled"})  # fmt: skip
+    return {
+        "collectives": summarize(low),
+        "compiled_collectives": summarize(comp),
+        "expected": expected_rows,
+        "unexpected": unexpected,
+        "ok": not unexpected,
+    }

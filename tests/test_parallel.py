@@ -1,0 +1,150 @@
+"""The shard_map step over (dp, ep, tp) on 8 fake devices equals one device; the HLO audit of the seed, compile-only.
+
+Tolerances (moe_jax.parallel.verify.TOLERANCE): fp32 relative 1e-5, bf16 2e-2, relative to each leaf's largest element.
+Dropless mode compares with the plain one-device model; capacity mode with one device cut into the same dispatch
+groups as the shards (rows over dp x ep, sequence over tp), i.e. the same per-shard capacity rule.
+"""
+
+import json
+import textwrap
+
+import pytest
+from conftest import run_cli, run_with_devices
+
+from moe_jax.config import load_config
+from moe_jax.hlo import _iota_groups, audit, group_axes, replica_groups
+from moe_jax.mesh import assignment, make_mesh
+from moe_jax.parallel.step import ShardedModel, lower_step
+from moe_jax.parallel.verify import verify
+
+# (dp, ep, tp) layouts of 8 devices that the tiny config admits (4 heads, expert hidden 40, sequence 12, 8 experts).
+LAYOUTS = {
+    "ep8": (1, 8, 1),
+    "ep4-tp2": (1, 4, 2),
+    "dp2-ep2-tp2": (2, 2, 2),
+    "ep2-tp4": (1, 2, 4),  # tp-heavy
+    "dp2-tp4": (2, 1, 4),
+    "dp4-ep2": (4, 2, 1),  # dp-heavy
+    "dp8": (8, 1, 1),
+    "dp2-ep4": (2, 4, 1),
+}
+
+
+def tiny(dp, ep, tp, *extra):
+    return load_config("configs/tiny.yaml", None, [f"layout.dp={dp}", f"layout.ep={ep}", f"layout.tp={tp}", *extra])
+
+
+def run_verify(cfg):
+    result = verify(cfg, make_mesh(cfg.layout))
+    assert result["ok"], result
+    return result
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_dropless_fp32_equals_one_device(name):
+    result = run_verify(tiny(*LAYOUTS[name], "model.dispatch=dropless", "run.dtype=fp32"))
+    assert result["tolerance"] == 1e-5
+    assert {"grad/experts", "grad/attention", "grad/router", "grad_norm", "lb_loss", "z_loss"} <= set(result["errors"])
+
+
+@pytest.mark.parametrize("name", ["ep4-tp2", "dp2-ep2-tp2", "ep2-tp4"])
+def test_dropless_bf16_equals_one_device(name):
+    assert run_verify(tiny(*LAYOUTS[name], "model.dispatch=dropless", "run.dtype=bf16"))["tolerance"] == 2e-2
+
+
+@pytest.mark.parametrize("name", ["ep4-tp2", "dp2-ep2-tp2", "ep8"])
+def test_capacity_mode_equals_per_shard_reference(name):
+    cfg = tiny(*LAYOUTS[name], "model.dispatch=capacity", "model.capacity_factor=1.0", "run.dtype=fp32")
+    result = run_verify(cfg)
+    assert result["errors"]["dropped"] == 0.0
+    assert result["dropped"] > 0, "capacity 1.0 on a random router must drop some tokens, or the test shows nothing"
+
+
+def test_verify_cli_fails_on_a_perturbed_gradient(tmp_path):
+    j = tmp_path / "v.json"
+    args = ["verify", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-ep4-tp2.yaml", "--json", str(j)]
+    ok = run_cli(*args)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(j.read_text())["ok"] is True
+    bad = run_cli(*args, "--perturb", "0.01")
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    out = json.loads(j.read_text())
+    assert out["ok"] is False and out["failed"] == ["grad/experts"]
+
+
+def test_audit_tiny_layouts_and_that_it_can_fail():
+    for dp, ep, tp in [(1, 4, 2), (2, 2, 2), (1, 8, 1)]:
+        cfg = tiny(dp, ep, tp)
+        mesh = make_mesh(cfg.layout)
+        lowered = lower_step(ShardedModel.build(cfg, mesh))
+        before, after = lowered.as_text(dialect="hlo"), lowered.compile().as_text()
+        table = assignment(cfg, mesh)
+        result = audit(before, after, cfg, table)
+        assert result["ok"], result["unexpected"]
+    # The same program audited against a config without remat must fail: its forward collectives run once fewer.
+    wrong = load_config("configs/tiny.yaml", None, ["layout.dp=1", "layout.ep=8", "layout.tp=1", "layout.remat=none"])
+    bad = audit(before, after, wrong, table)
+    assert not bad["ok"] and any(u["kind"] == "all-to-all" for u in bad["unexpected"])
+    # A stray all-gather over ep (as if expert weights were gathered) in the compiled program is caught.
+    lines = after.splitlines()
+    entry = next(i for i, ln in enumerate(lines) if ln.startswith("ENTRY"))
+    lines.insert(entry + 1, "  %stray = f32[4,32]{1,0} all-gather(f32[4,4]{1,0} %p), channel_id=99, "
+                 "replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={1}, use_global_device_ids=true")  # fmt: skip
+    stray = audit(before, "\n".join(lines), cfg, table)
+    assert [u["why"] for u in stray["unexpected"] if u.get("name") == "stray"] == ["not in the expected set"]
+
+
+def test_replica_group_spellings():
+    assert replica_groups("replica_groups={{0,1},{2,3}}, dimensions={0}", 4) == [[0, 1], [2, 3]]
+    assert replica_groups("replica_groups={}, to_apply=%add", 4) == [[0, 1, 2, 3]]
+    assert replica_groups("replica_groups=[2,2]<=[4], dimensions={0}", 4) == [[0, 1], [2, 3]]
+    assert replica_groups("replica_groups=[2,2]<=[2,2]T(1,0), dimensions={0}", 4) == [[0, 2], [1, 3]]
+    assert _iota_groups("[4,2]<=[2,2,2]T(1,0,2)") == [[0, 1], [4, 5], [2, 3], [6, 7]]
+    assert replica_groups("source_target_pairs={{0,4},{4,0}}, channel_id=2", 8) == [[0, 4], [4, 0]]
+    # (pp, dp, ep, tp) = (2, 1, 2, 2): {0,2} varies ep only, {0,1} tp only, {0,4} pp only.
+    assert group_axes([[0, 2], [1, 3]], (2, 1, 2, 2)) == ("ep",)
+    assert group_axes([[0, 1, 2, 3]], (2, 1, 2, 2)) == ("ep", "tp")
+    assert group_axes([[0, 4]], (2, 1, 2, 2)) == ("pp",)
+
+
+SEED_AUDIT = textwrap.dedent(
+    """
+    import json, time
+    from moe_jax.config import load_config
+    from moe_jax.hlo import audit, collectives
+    from moe_jax.mesh import assignment, make_mesh
+    from moe_jax.model.moe import capacity
+    from moe_jax.parallel.step import ShardedModel, lower_step
+
+    cfg = load_config("configs/seed.yaml", "meshes/seed-32.yaml", {overrides!r})
+    mesh = make_mesh(cfg.layout)
+    lowered = lower_step(ShardedModel.build(cfg, mesh))
+    compiled = lowered.compile()
+    table = assignment(cfg, mesh)
+    result = audit(lowered.as_text(dialect="hlo"), compiled.as_text(), cfg, table)
+    groups = {{frozenset(g) for gs in table["groups"].values() for g in gs}}
+    groups |= {{frozenset(g) for e in table["grad_reduce_by_kind"].values() for g in e["groups"]}}
+    in_table = all(frozenset(g) in groups for c in collectives(compiled.as_text(), cfg.layout.shape) for g in c.groups)
+    lay = cfg.layout
+    tokens = cfg.run.batch // (lay.dp * lay.ep) * cfg.run.seq_len // lay.tp
+    print(json.dumps({{"ok": result["ok"], "unexpected": result["unexpected"], "collectives": result["collectives"],
+                      "in_table": in_table, "capacity": capacity(cfg.model, tokens)}}))
+    """
+)
+
+
+@pytest.mark.parametrize("devices,overrides", [(32, []), (128, ["layout.ep=64"])])
+def test_seed_audit_compile_only(devices, overrides):
+    out = json.loads(run_with_devices(devices, SEED_AUDIT.format(overrides=overrides)).stdout.splitlines()[-1])
+    assert out["ok"], out["unexpected"]
+    assert out["in_table"]
+    # All-to-all bytes per device per layer and direction: E x C x D x 2 (fp16), C = ceil(k T / E x 1.25).
+    e, d, layers = 64, 1024, 16
+    c = out["capacity"]
+    tokens = 128 // (devices // 2) * 2048 // 2
+    assert c == -(-2 * tokens * 5 // (64 * 4))
+    a2a = [r for r in out["collectives"] if r["kind"] == "all-to-all"]
+    assert a2a == [{"kind": "all-to-all", "axes": ["ep"], "bytes_per_device": e * c * d * 2,
+                    "count_per_step": 2 * 3 * layers}]  # fmt: skip
+    kinds = {(r["kind"], tuple(r["axes"])) for r in out["collectives"]}
+    assert ("all-gather", ("ep",)) not in kinds and ("all-gather", ("dp",)) not in kinds

@@ -266,6 +266,12 @@ def audit(lowered_text: str, compiled_text: str, cfg, table: dict[str, Any]) -> 
     allowed = {(k, a) for k, a, _ in expected}
     known_groups = {frozenset(g) for groups in table["groups"].values() for g in groups}
     known_groups |= {frozenset(g) for entry in table["grad_reduce_by_kind"].values() for g in entry["groups"]}
+    # Stage-to-stage pairs along each pp group of the assignment: a chain, closed into a ring when circular.
+    ring = cfg.layout.repeats > 1
+    forward_pairs = {
+        (g[s], g[(s + 1) % len(g)]) for g in table["groups"]["pp"] for s in range(len(g) if ring else len(g) - 1)
+    }
+    backward_pairs = {(b, a) for a, b in forward_pairs}
     counts: dict[tuple[str, tuple[str, ...]], int] = defaultdict(int)
     for c in comp:
         counts[(c.kind, c.axes)] += c.count_per_step
@@ -274,6 +280,9 @@ def audit(lowered_text: str, compiled_text: str, cfg, table: dict[str, Any]) -> 
             why = "a replica group of a single device"
         elif (c.kind, c.axes) not in allowed:
             why = "not in the expected set"
+        elif c.kind == "collective-permute":
+            if {tuple(p) for p in c.groups} not in (forward_pairs, backward_pairs):
+                why = "source-target pairs that are not the pp chain or ring of the assignment"
         elif any(frozenset(g) not in known_groups for g in c.groups):
             why = "a replica group that is no group of the assignment"
         if why:

@@ -72,7 +72,7 @@ class Transformer(nnx.Module):
         return jnp.take(self.embed[...], tokens_BS, axis=0)
 
     def logits(self, x_BSD, dtype):
-        return jnp.einsum("BSD,DV->BSV", self.final_norm(x_BSD).astype(dtype), self.head[...].astype(dtype)).astype(
+        return jnp.einsum("...D,DV->...V", self.final_norm(x_BSD).astype(dtype), self.head[...].astype(dtype)).astype(
             jnp.float32
         )
 
@@ -108,17 +108,28 @@ def aux_losses(cfg: ModelConfig, stats) -> dict[str, jax.Array]:
     return {"lb_loss": lb, "z_loss": z, "router_loss": cfg.lb_loss_weight * lb + cfg.z_loss_weight * z}
 
 
-def loss_fn(model: Transformer, tokens_BS, targets_BS, dtype=jnp.float32, groups=(1, 1), remat="layer"):
-    """One device: mean cross-entropy + weighted router terms. Returns (loss, metrics)."""
-    logits, stats = model(tokens_BS, Axes(), dtype, groups, remat)
-    ce = cross_entropy(logits, targets_BS) / targets_BS.size
+def loss_fn(
+    model: Transformer, tokens_BS, targets_BS, dtype=jnp.float32, groups=(1, 1), remat="layer", microbatches: int = 1
+):
+    """One device: mean cross-entropy + weighted router terms. Returns (loss, metrics).
+
+    The router terms are defined per microbatch (rows j B/M .. (j+1) B/M) and averaged over microbatches and layers:
+    the load-balancing loss is not linear in the batch, and this is what a pipelined step computes."""
+    rows = tokens_BS.shape[0] // microbatches
+    ce_sum, per_mb = 0.0, []
+    for j in range(microbatches):
+        logits, stats = model(tokens_BS[j * rows : (j + 1) * rows], ONE_DEVICE, dtype, groups, remat)
+        ce_sum = ce_sum + cross_entropy(logits, targets_BS[j * rows : (j + 1) * rows])
+        per_mb.append(stats)
+    stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_mb)  # [M, L, ...]
+    ce = ce_sum / targets_BS.size
     aux = aux_losses(model.cfg, stats)
     metrics = {
         "ce": ce,
         **aux,
         "dropped": jnp.sum(stats["dropped"]),
         "routed": jnp.sum(stats["routed"]),
-        "tokens_per_expert": stats["tokens_per_expert"],
+        "tokens_per_expert": jnp.sum(stats["tokens_per_expert"], axis=0),
     }
     return ce + aux["router_loss"], metrics
 

@@ -2,17 +2,19 @@
 device puts in) and count per step. The HLO audit compares the compiled program with this list, and the planner
 prices the same list, so the planner's communication bytes are the compiler's.
 
-Per MoE layer, with T = (B / (dp ep)) x (S / tp) tokens per device and C its expert capacity:
+Per MoE layer run, with T = (B / (M dp ep)) x (S / tp) tokens per device and microbatch and C its expert capacity:
     attention  all-gather over tp of [B/(dp ep), S/tp, D]; reduce-scatter over tp of [B/(dp ep), S, D]
     experts    all-to-all over ep of [E, C, D] (dispatch) and [E/ep, ep C, D] (combine): E C D x dtype bytes each;
                all-gather over tp of [E/ep, ep C, D]; reduce-scatter over tp of [E/ep, tp ep C, D]
     router     one all-reduce over the token axes of 2E + 2 fp32 (counts, probability sums, z, drops)
 All-gathers carry the compute dtype; the reduce-scatters carry fp32 partial sums (a one-device matmul accumulates in
 fp32 and rounds once; see model/layers.py). In the backward pass each becomes the other, with the dtypes swapped.
-Forward collectives run once more under per-layer remat, when the forward is recomputed; the all-to-alls run forward,
+Forward collectives run once more under remat, when the forward is recomputed; the all-to-alls run forward,
 recomputed and backward (r = 3, r = 2 without remat). The router all-reduce runs in the forward and the recomputation
-(its backward needs no communication). Gradient sums of replicated weights run once per step each, outside every
-loop.
+(its backward needs no communication). A step runs (v M + pp - 1) x L / (pp v) layers per device (the pipeline's ticks
+times its chunk, bubble ticks included). Per tick one collective-permute over pp moves the fp32 residual
+[B/(M dp ep), S/tp, D] to the next stage, and one more moves its gradient back. Gradient sums of replicated weights
+run once per step each, outside every loop.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from moe_jax.config import Config
 from moe_jax.model.moe import capacity
+from moe_jax.parallel.schedule import Schedule
 from moe_jax.sharding import MESH_AXES, TOKEN_AXES, active_axes
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -56,6 +59,9 @@ def expected_collectives(cfg: Config) -> list[dict[str, Any]]:
     loc = local_sizes(cfg)
     db = DTYPE_BYTES[cfg.run.dtype]
     d, e, l_loc, c = m.d_model, m.experts, loc["layers"], loc["capacity"]
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers, lay.remat)
+    # Every tick every stage runs one chunk of L / (pp v) layers, bubble ticks included: that many layer executions.
+    runs = sched.ticks * sched.layers_per_chunk
     remat = lay.remat != "none"
     r = 3 if remat else 2
     rows: list[dict[str, Any]] = []
@@ -71,12 +77,14 @@ def expected_collectives(cfg: Config) -> list[dict[str, Any]]:
     attn_in = loc["batch"] * loc["seq"] * d  # elements one device gathers from
     moe_in = loc["experts"] * ep * c * d
     for name, n in (("attention", attn_in), ("expert", moe_in)):
-        add("all-gather", ("tp",), n * db, fwd * l_loc, f"{name} input, tokens over tp")
-        add("reduce-scatter", ("tp",), n * tp * 4, fwd * l_loc, f"{name} output partial sums, fp32")
-        add("all-gather", ("tp",), n * 4, l_loc, f"backward of the {name} reduce-scatter, fp32")
-        add("reduce-scatter", ("tp",), n * tp * db, l_loc, f"backward of the {name} all-gather")
-    add("all-to-all", ("ep",), e * c * d * db, 2 * r * l_loc, "expert dispatch and combine")
-    add("all-reduce", TOKEN_AXES, (2 * e + 2) * 4, (2 if remat else 1) * l_loc, "router statistics")
+        add("all-gather", ("tp",), n * db, fwd * runs, f"{name} input, tokens over tp")
+        add("reduce-scatter", ("tp",), n * tp * 4, fwd * runs, f"{name} output partial sums, fp32")
+        add("all-gather", ("tp",), n * 4, runs, f"backward of the {name} reduce-scatter, fp32")
+        add("reduce-scatter", ("tp",), n * tp * db, runs, f"backward of the {name} all-gather")
+    add("all-to-all", ("ep",), e * c * d * db, 2 * r * runs, "expert dispatch and combine")
+    add("all-reduce", TOKEN_AXES, (2 * e + 2) * 4, (2 if remat else 1) * runs, "router statistics")
+    add("collective-permute", ("pp",), attn_in * 4, 2 * sched.ticks, "stage to stage, fp32 residual (fwd and bwd)")
+    add("all-reduce", ("pp",), 4 * 4, 1, "router terms from every stage")
     add("all-reduce", MESH_AXES, 4, 1, "loss")
 
     hk = loc["heads"] * m.head_dim

@@ -21,15 +21,17 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.config import Config, ConfigError
+from moe_jax.config import Config
+from moe_jax.mesh import layer_storage_order
 from moe_jax.model.layers import compute_dtype
 from moe_jax.model.transformer import Transformer, abstract_model, aux_losses, check_tokens, cross_entropy, run_blocks
+from moe_jax.parallel.schedule import Schedule
 from moe_jax.sharding import MESH_AXES, TOKEN_AXES, Axes, active_axes, logical_to_mesh, state_specs
 
 
 def batch_spec(sizes) -> P:
-    """Tokens and targets [B, S]: batch over (dp, ep), sequence over tp."""
-    return logical_to_mesh(("batch", "seq"), sizes)
+    """Tokens and targets [M, B / M, S]: microbatches whole on every device, rows over (dp, ep), sequence over tp."""
+    return logical_to_mesh(("microbatch", "batch", "seq"), sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +48,6 @@ class ShardedModel:
 
     @classmethod
     def build(cls, cfg: Config, mesh) -> ShardedModel:
-        if cfg.layout.pp > 1 or cfg.layout.microbatches > 1:
-            raise ConfigError(
-                f"layout.pp={cfg.layout.pp}, layout.microbatches={cfg.layout.microbatches}: the sharded step runs "
-                "pp = 1 and one microbatch so far; the pipeline schedule is not built yet"
-            )
         graphdef, params, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)
         sizes = dict(mesh.shape)
         return cls(cfg, mesh, graphdef, state_specs(params, sizes), state_specs(rest, sizes), params, rest)
@@ -68,19 +65,44 @@ class ShardedModel:
 
         def init_fn():
             _, params, rest = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(seed)), nnx.Param, ...)
-            return params, rest
+            return self.to_storage(params), self.to_storage(rest)
 
         out = (self.shardings(self.param_specs), self.shardings(self.rest_specs))
         return jax.jit(init_fn, out_shardings=out)()
 
+    def _layer_order(self, inverse: bool):
+        order = np.array(layer_storage_order(self.cfg.model.layers, self.cfg.layout.pp, self.cfg.layout.repeats))
+        return np.argsort(order) if inverse else order
+
+    def _permute_layers(self, state, order):
+        if (order == np.arange(len(order))).all():
+            return state
+
+        def permute(path, x):
+            return x[order] if getattr(path[0], "key", None) == "blocks" else x
+
+        return jax.tree_util.tree_map_with_path(permute, state)
+
+    def to_storage(self, state):
+        """Global layer order -> the stacked storage order of this layout (each stage's chunks contiguous)."""
+        return self._permute_layers(state, self._layer_order(inverse=False))
+
+    def to_global(self, state):
+        """The storage order of this layout -> global layer order (what one device and checkpoints use)."""
+        return self._permute_layers(state, self._layer_order(inverse=True))
+
     def put_batch(self, tokens, targets):
-        """Host arrays -> global arrays sharded like batch_spec(), after the vocabulary check."""
-        v = self.cfg.model.vocab
+        """Host [B, S] arrays -> global [M, B / M, S] arrays sharded like batch_spec(), after the vocabulary check.
+        Microbatch j is rows j B/M .. (j+1) B/M whatever the layout, so the load-balancing loss (which is not linear
+        in the batch) is the same for every layout with the same M."""
+        v, mb = self.cfg.model.vocab, self.cfg.layout.microbatches
         sh = NamedSharding(self.mesh, batch_spec(self.sizes))
-        return (
-            jax.device_put(jnp.asarray(check_tokens(tokens, v, "tokens"), jnp.int32), sh),
-            jax.device_put(jnp.asarray(check_tokens(targets, v, "targets"), jnp.int32), sh),
-        )
+
+        def put(x, name):
+            x = check_tokens(x, v, name)
+            return jax.device_put(jnp.asarray(x.reshape(mb, x.shape[0] // mb, *x.shape[1:]), jnp.int32), sh)
+
+        return put(tokens, "tokens"), put(targets, "targets")
 
 
 def _to_varying(tree, specs, sizes):
@@ -97,40 +119,109 @@ def _to_varying(tree, specs, sizes):
     )
 
 
+def _stage_chunks(tree, repeats: int):
+    """A stage's local layer stack [v x Lc, ...] (storage order: its chunks in order) -> [v, Lc, ...]."""
+    return jax.tree.map(lambda x: x.reshape(repeats, x.shape[0] // repeats, *x.shape[1:]), tree)
+
+
 def loss_fn(sm: ShardedModel) -> Callable:
-    """(params, rest, tokens, targets) -> (loss, metrics), one shard_map over the mesh (pp = 1 here)."""
+    """(params, rest, tokens, targets) -> (loss, metrics): one shard_map over the mesh running the pipeline schedule.
+
+    tokens / targets are [M, B / M, S] (microbatch-major, `put_batch` lays them out), sharded over (dp, ep) and tp.
+    With pp = 1 the schedule is a plain loop over microbatches.
+    """
     cfg = sm.cfg
+    m, lay = cfg.model, cfg.layout
     dtype = compute_dtype(cfg.run.dtype)
     n_tokens = cfg.run.batch * cfg.run.seq_len
     sizes = sm.sizes
     axes = Axes.sharded(sizes)
-    remat = cfg.layout.remat
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers, lay.remat)
+    pp, v, mb = lay.pp, lay.repeats, lay.microbatches
     all_tokens = active_axes((*TOKEN_AXES, "pp"), sizes)
-    pp = active_axes(("pp",), sizes)
+    pp_axes = active_axes(("pp",), sizes)
+    remat_layer = "layer" if lay.remat == "layer" else "none"
+    # Stage s sends to s + 1; circular schedules also close the ring (last -> first).
+    perm = [(s, (s + 1) % pp) for s in range(pp if v > 1 else pp - 1)]
 
     def psum(x, over):
         return lax.psum(x, over) if over else x
 
     def body(params, rest, tokens_local, targets_local):
-        b, s = cfg.run.batch // (cfg.layout.dp * cfg.layout.ep), cfg.run.seq_len // cfg.layout.tp
-        assert tokens_local.shape == (b, s), (tokens_local.shape, (b, s))
+        b_loc, s_loc = cfg.run.batch // (mb * lay.dp * lay.ep), cfg.run.seq_len // lay.tp
+        assert tokens_local.shape == (mb, b_loc, s_loc), (tokens_local.shape, (mb, b_loc, s_loc))
         params = _to_varying(params, sm.param_specs, sizes)
         model = nnx.merge(sm.graphdef, params, rest, copy=True)
-        x_local = model.embed_tokens(tokens_local)
-        x_local, stats = run_blocks(model.blocks, x_local, axes, dtype, (1, 1), "layer" if remat != "none" else "none")
-        ce = psum(cross_entropy(model.logits(x_local, dtype), targets_local), all_tokens) / n_tokens
-        # Router statistics are whole-batch already (summed over the token axes inside the MoE); layers are split
-        # over pp, so the mean over layers sums over pp.
-        layers = cfg.model.layers
-        lb = psum(jnp.sum(stats["lb_loss"]), pp) / layers
-        z = psum(jnp.sum(stats["z_loss"]), pp) / layers
-        aux = aux_losses(cfg.model, {"lb_loss": lb, "z_loss": z})
+        blocks_graph, blocks_state = nnx.split(model.blocks)
+        chunks = _stage_chunks(blocks_state, v)  # [v, Lc, ...]
+        stage = lax.axis_index("pp") if pp_axes else 0
+        x_MBSD = model.embed_tokens(tokens_local)  # every stage embeds (cheap); only stage 0 uses it
+
+        def apply_chunk(x, chunk_state):
+            blocks = nnx.merge(blocks_graph, chunk_state)
+            return run_blocks(blocks, x, axes, dtype, (1, 1), remat_layer)
+
+        if lay.remat == "tick":
+            apply_chunk = jax.checkpoint(apply_chunk)
+
+        zero_act = x_MBSD[0] * 0.0  # carries the activations' varying type (every active axis)
+        l_c = m.layers // (pp * v)
+        zero_stat = jnp.zeros((), jnp.float32)
+        zero_tpe = jnp.zeros((v, l_c, m.experts), jnp.float32)
+        if pp_axes:
+            zero_stat, zero_tpe = (
+                lax.pcast(zero_stat, pp_axes, to="varying"),
+                lax.pcast(zero_tpe, pp_axes, to="varying"),
+            )
+
+        def tick(carry, t):
+            recv, buf, out, acc = carry
+            k = t - stage
+            valid = (k >= 0) & (k < v * mb)
+            kc = jnp.clip(k, 0, v * mb - 1)
+            j, r = kc % mb, kc // mb
+            if v > 1:  # stage 0 files what the last stage sent at the end of the previous tick
+                k_last = t - pp
+                j_last = jnp.clip(k_last, 0, v * mb - 1) % mb
+                keep = (stage == 0) & (k_last >= 0) & (k_last < v * mb)
+                buf = buf.at[j_last].set(jnp.where(keep, recv, buf[j_last]))
+                first = jnp.where(r == 0, x_MBSD[j], buf[j])
+            else:
+                first = x_MBSD[j]
+            x_in = jnp.where(stage == 0, first, recv)
+            chunk_state = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, r, keepdims=False), chunks)
+            y, stats = apply_chunk(x_in, chunk_state)
+            is_out = valid & (stage == pp - 1) & (r == v - 1)
+            out = out.at[j].set(jnp.where(is_out, y, out[j]))
+            w = valid.astype(jnp.float32)
+            acc = {
+                "lb_loss": acc["lb_loss"] + w * jnp.sum(stats["lb_loss"]),
+                "z_loss": acc["z_loss"] + w * jnp.sum(stats["z_loss"]),
+                "dropped": acc["dropped"] + w * jnp.sum(stats["dropped"]),
+                "routed": acc["routed"] + w * jnp.sum(stats["routed"]),
+                "tokens_per_expert": acc["tokens_per_expert"].at[r].add(w * stats["tokens_per_expert"]),
+            }
+            send = lax.ppermute(y, "pp", perm) if pp_axes else y
+            return (send, buf, out, acc), None
+
+        acc0 = {k: zero_stat for k in ("lb_loss", "z_loss", "dropped", "routed")} | {"tokens_per_expert": zero_tpe}
+        buf0 = jnp.broadcast_to(zero_act, (mb if v > 1 else 1, *zero_act.shape))
+        out0 = jnp.broadcast_to(zero_act, (mb, *zero_act.shape))
+        (_, _, out, acc), _ = lax.scan(tick, (zero_act, buf0, out0, acc0), jnp.arange(sched.ticks))
+
+        # Head and loss on the last stage's outputs (every stage computes; the others' share is masked out).
+        last = (stage == pp - 1) if pp_axes else True
+        ce_local = cross_entropy(model.logits(out, dtype), targets_local)
+        ce = psum(jnp.where(last, ce_local, 0.0), all_tokens) / n_tokens
+        totals = psum(jnp.stack([acc["lb_loss"], acc["z_loss"], acc["dropped"], acc["routed"]]), pp_axes)
+        lb, z = totals[0] / (m.layers * mb), totals[1] / (m.layers * mb)  # per layer and per microbatch
+        aux = aux_losses(m, {"lb_loss": lb, "z_loss": z})
         metrics = {
             "ce": ce,
             **aux,
-            "dropped": psum(jnp.sum(stats["dropped"]), pp),
-            "routed": psum(jnp.sum(stats["routed"]), pp),
-            "tokens_per_expert": stats["tokens_per_expert"],
+            "dropped": totals[2],
+            "routed": totals[3],
+            "tokens_per_expert": acc["tokens_per_expert"].reshape(v * l_c, m.experts),
         }
         return ce + aux["router_loss"], metrics
 
@@ -166,8 +257,9 @@ def abstract_inputs(sm: ShardedModel):
         )
 
     cfg = sm.cfg
+    mb = cfg.layout.microbatches
     batch = jax.ShapeDtypeStruct(
-        (cfg.run.batch, cfg.run.seq_len), jnp.int32, sharding=NamedSharding(sm.mesh, batch_spec(sm.sizes))
+        (mb, cfg.run.batch // mb, cfg.run.seq_len), jnp.int32, sharding=NamedSharding(sm.mesh, batch_spec(sm.sizes))
     )
     return sds(sm.param_specs, sm.abstract_params), sds(sm.rest_specs, sm.abstract_rest), batch, batch
 
@@ -198,7 +290,7 @@ def reference_grad_step(cfg: Config, graphdef) -> Callable:
 
     def f(params, rest, tokens, targets):
         model = nnx.merge(graphdef, params, rest, copy=True)
-        return one_device_loss(model, tokens, targets, dtype, groups, remat)
+        return one_device_loss(model, tokens, targets, dtype, groups, remat, lay.microbatches)
 
     # Called with host (numpy) arrays, so everything runs on the default device alone.
     return jax.jit(jax.value_and_grad(f, has_aux=True))

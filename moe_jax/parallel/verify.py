@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.config import Config
+from moe_jax.mesh import layer_storage_order
 from moe_jax.parallel.step import ShardedModel, grad_step, reference_grad_step, to_host
 
 # Written-down tolerances: relative to each leaf's largest element (fp32 about 1e-5; bf16 / fp16 about 1e-2).
@@ -72,10 +73,14 @@ def verify(cfg: Config, mesh, seed: int = 0, perturb: Callable | None = None) ->
     tokens, targets = synthetic_batch(cfg, seed)
     with jax.set_mesh(mesh):
         sharded = grad_step(sm)(params, rest, *sm.put_batch(tokens, targets))
-    sharded = to_host(sharded)
+    (loss, met), grads = to_host(sharded)
+    order = layer_storage_order(cfg.model.layers, cfg.layout.pp, cfg.layout.repeats)
+    met["tokens_per_expert"] = met["tokens_per_expert"][np.argsort(order)]
+    sharded = ((loss, met), sm.to_global(grads))
     if perturb is not None:
         sharded = perturb(sharded)
-    reference = to_host(reference_grad_step(cfg, sm.graphdef)(to_host(params), to_host(rest), tokens, targets))
+    host_params, host_rest = sm.to_global(to_host(params)), sm.to_global(to_host(rest))
+    reference = to_host(reference_grad_step(cfg, sm.graphdef)(host_params, host_rest, tokens, targets))
     errors = compare(sharded, reference)
     tol = TOLERANCE[cfg.run.dtype]
     return {

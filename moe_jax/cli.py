@@ -176,6 +176,42 @@ def cmd_hlo(args) -> int:
     return 0 if result["ok"] else 1
 
 
+def cmd_schedule(args) -> int:
+    from rich.console import Console
+
+    from moe_jax.parallel.schedule import Schedule
+
+    sched = Schedule(args.pp, args.microbatches, args.repeats, args.layers, args.remat)
+    console = Console()
+    console.print(
+        f"pp {sched.pp}, microbatches {sched.microbatches}, repeats {sched.repeats}: {sched.ticks} ticks "
+        f"(v M + pp - 1), {sched.useful_ticks} useful per stage; utilisation {sched.useful_ticks}/{sched.ticks} = "
+        f"{sched.utilization:.1%}, bubble {1 - sched.utilization:.1%}"
+    )
+    slots = sched.activation_slots()
+    console.print(
+        f"activation memory per stage, in microbatch activations [B/(M dp ep), S/tp, D]: {slots['saved']} saved for "
+        f"the backward pass ({slots['saved_per_tick']} per tick, remat {sched.remat}), {slots['outputs']} outputs, "
+        f"{slots['wrap_buffer']} in the wrap-around buffer"
+    )
+    width = len(str(sched.microbatches - 1)) + (2 if sched.repeats > 1 else 0)
+    for s in range(sched.pp):
+        cells = []
+        for t in range(sched.ticks):
+            w = sched.work(s, t)
+            cell = "." if w is None else (f"{w[0]}" if sched.repeats == 1 else f"{w[0]}.{w[1]}")
+            cells.append(cell.rjust(width))
+        console.print(f"  stage {s}: " + " ".join(cells), soft_wrap=True)
+    if args.json:
+        _write_json(args.json, sched.to_json())
+    if args.png:
+        from moe_jax.viz import draw_schedule
+
+        draw_schedule(sched, args.png)
+        console.print(f"wrote {args.png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--perturb", type=float, help=argparse.SUPPRESS)  # self-test: shows the check can fail
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("schedule", help="a pipeline schedule: ticks, utilisation, memory, and its chart")
+    p.add_argument("--pp", type=int, required=True)
+    p.add_argument("--microbatches", type=int, required=True)
+    p.add_argument("--repeats", type=int, default=1, help="circular repeats v (default 1: contiguous stages)")
+    p.add_argument("--layers", type=int, help="layers, for the per-tick memory figures")
+    p.add_argument("--remat", default="layer", choices=("none", "tick", "layer"))
+    p.add_argument("--json")
+    p.add_argument("--png")
+    p.set_defaults(func=cmd_schedule)
 
     p = sub.add_parser("hlo", help="the train step's HLO and the audit of its collectives against the expected set")
     _add_config_args(p)

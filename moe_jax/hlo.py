@@ -302,3 +302,11 @@ def audit(lowered_text: str, compiled_text: str, cfg, table: dict[str, Any]) -> 
         "unexpected": unexpected,
         "ok": not unexpected,
     }
+
+
+def while_trip_counts(text: str) -> list[int]:
+    """The trip count of every while loop in an HLO text (scans become while loops)."""
+    module = parse_module(text)
+    return [
+        _trip_count(module, ins) for instrs in module.computations.values() for ins in instrs if ins.opcode == "while"
+    ]

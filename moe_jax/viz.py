@@ -82,3 +82,45 @@ def draw_mesh(table: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def draw_schedule(sched, path: str) -> None:
+    """Stages against ticks: the forward pass, then the backward pass (the same scan in reverse); bubbles blank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    t_all = sched.ticks
+    fig, ax = plt.subplots(figsize=(min(40.0, 2.0 + 0.32 * 2 * t_all), 1.2 + 0.45 * sched.pp))
+    cmap = plt.get_cmap("tab20")
+    for s in range(sched.pp):
+        y = sched.pp - 1 - s
+        for t in range(t_all):
+            w = sched.work(s, t)
+            for x, backward in ((t, False), (2 * t_all - 1 - t + 1, True)):
+                if w is None:
+                    ax.add_patch(Rectangle((x, y), 1, 1, facecolor="white", edgecolor="0.8", linewidth=0.5))
+                    continue
+                j, r = w
+                ax.add_patch(Rectangle((x, y), 1, 1, facecolor=cmap(j % 20), edgecolor="white", linewidth=0.5,
+                                       hatch="//" if backward else None, alpha=0.6 if backward else 1.0))  # fmt: skip
+                label = f"{j}" if sched.repeats == 1 else f"{j}.{r}"
+                ax.text(x + 0.5, y + 0.5, label, ha="center", va="center", fontsize=6)
+        ax.text(-0.3, y + 0.5, f"stage {s}", ha="right", va="center", fontsize=8)
+    ax.axvline(t_all + 0.5, color="black", linewidth=1)
+    ax.text(t_all / 2, sched.pp + 0.15, "forward ticks", ha="center", fontsize=8)
+    ax.text(t_all + 1 + t_all / 2, sched.pp + 0.15, "backward ticks (the scan in reverse)", ha="center", fontsize=8)
+    ax.set_xlim(-0.2, 2 * t_all + 1.2)
+    ax.set_ylim(-0.2, sched.pp + 0.6)
+    ax.axis("off")
+    ax.set_title(
+        f"pp {sched.pp}, {sched.microbatches} microbatches, {sched.repeats} repeat(s): {sched.ticks} ticks, "
+        f"utilisation {sched.useful_ticks}/{sched.ticks} = {sched.utilization:.1%}; cell = microbatch"
+        + (".repeat" if sched.repeats > 1 else ""),
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

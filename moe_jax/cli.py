@@ -212,6 +212,134 @@ def cmd_schedule(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    from rich.console import Console
+
+    from moe_jax.compile import compile_report
+
+    cfg = _config(args)
+    mesh = _setup_devices(args, cfg)
+    report, lowered, compiled = compile_report(cfg, mesh, args.step)
+    console = Console()
+    if args.dump:
+        os.makedirs(args.dump, exist_ok=True)
+        for name, text in (("before_optimizations", lowered.as_text(dialect="hlo")),
+                           ("after_optimizations", compiled.as_text())):  # fmt: skip
+            with open(os.path.join(args.dump, f"{name}.hlo.txt"), "w") as f:
+                f.write(text)
+        console.print(f"wrote {args.dump}/before_optimizations.hlo.txt and after_optimizations.hlo.txt")
+    mem = report["memory_per_device_bytes"]
+    lay = cfg.layout
+    console.print(
+        f"{args.step} step, {lay.name or 'layout'} (pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp {lay.tp}, m "
+        f"{lay.microbatches}, v {lay.repeats}) on {lay.devices} fake devices: lowered in {report['lower_seconds']:.1f} "
+        f"s, compiled in {report['compile_seconds']:.1f} s"
+    )
+    console.print(
+        "memory per device: "
+        + ", ".join(f"{k} {v / 2**30:.3f} GiB" for k, v in mem.items() if k != "total")
+        + f"; total (argument + output + temp - alias) [bold]{mem['total'] / 2**30:.3f} GiB[/bold]"
+    )
+    console.print(
+        f"matmul FLOPs per device per step (loops counted): {report['flops'] / 1e12:.3f} TFLOP "
+        f"(XLA's cost_analysis, loop bodies once: {report['flops_xla_cost_analysis_loops_once'] / 1e12:.3f})"
+    )
+    console.print(
+        "collective audit: " + ("equal to the expected set" if report["audit_ok"] else
+                                f"[red]{len(report['unexpected'])} unexpected[/red]: {report['unexpected']}")
+    )  # fmt: skip
+    if args.json:
+        _write_json(args.json, report)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from moe_jax.config import check_devices
+    from moe_jax.plan.hardware import get_hardware
+    from moe_jax.plan.model import plan
+    from moe_jax.plan.search import find, search
+
+    hw = get_hardware(args.hardware)
+    console = Console(width=max(Console().width, 120))
+    if args.search:
+        if args.devices is None:
+            raise ConfigError("--search needs --devices N: the device count to lay out")
+        cfg = load_config(args.config, None, args.overrides, check=False)
+        result = search(cfg, args.devices, hw)
+        t = Table(title=f"layouts of {args.devices} devices that fit ({len(result['fitting'])} of "
+                  f"{result['candidates']}), {hw.name}, ranked by estimated step time", title_justify="left")  # fmt: skip
+        for col in ("rank", "pp", "dp", "ep", "tp", "m", "v", "remat", "GB/dev", "step ms", "compute", "comm",
+                    "bubble", "MFU"):  # fmt: skip
+            t.add_column(col, justify="right")
+        for r in result["fitting"][: args.top]:
+            t.add_row(str(r["rank"]), str(r["pp"]), str(r["dp"]), str(r["ep"]), str(r["tp"]), str(r["microbatches"]),
+                      str(r["repeats"]), r["remat"], f"{r['memory_gb']:.2f}", f"{r['step_time_s'] * 1e3:.1f}",
+                      f"{r['compute_s'] * 1e3:.1f}", f"{r['comm_s'] * 1e3:.1f}", f"{r['bubble_s'] * 1e3:.1f}",
+                      f"{r['mfu']:.1%}")  # fmt: skip
+        console.print(t)
+        own = find(result, pp=4, dp=1, ep=16, tp=2, microbatches=8, repeats=1, remat="layer")
+        if own and args.devices == 128:
+            best = result["fitting"][0]
+            console.print(
+                f"the seed's 128-device layout (pp4, ep16, tp2, m8) ranks {own['rank']}: "
+                f"{own['step_time_s'] * 1e3:.1f} ms against {best['step_time_s'] * 1e3:.1f} ms; its bubble costs "
+                f"{own['bubble_s'] * 1e3:.1f} ms (utilisation {own['utilization']:.1%}) and its communication "
+                f"{own['comm_s'] * 1e3:.1f} ms vs {best['comm_s'] * 1e3:.1f} ms"
+            )
+        if args.json:
+            _write_json(args.json, result)
+        return 0
+
+    cfg = _config(args)
+    if args.devices is not None:
+        check_devices(cfg.layout, args.devices)
+    p = plan(cfg, hw)
+    mem = p["memory_per_device_bytes"]
+    lay = cfg.layout
+    console.print(
+        f"plan: {lay.name or 'layout'} (pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp {lay.tp}, m {lay.microbatches}, "
+        f"v {lay.repeats}, remat {lay.remat}) on {hw.name}: {hw.notes}"
+    )
+    console.print(f"parameters: {p['params']['total']:,} total, {p['params']['active_per_token']:,} active per token, "
+                  f"{p['params']['per_device']:,} per device")  # fmt: skip
+    console.print("memory per device: " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in mem.items() if k != "total")
+                  + f"; [bold]total {mem['total'] / 1e9:.2f} GB[/bold] of {hw.hbm_bytes / 1e9:.0f} GB")  # fmt: skip
+    t = Table(title="collectives per step and device", title_justify="left")
+    for col in ("kind", "axes", "group", "link", "bytes/device", "count", "ms", "what"):
+        t.add_column(col)
+    for r in p["collectives"]:
+        t.add_row(r["kind"], ",".join(r["axes"]), str(r["group_size"]), r["link"], f"{r['bytes_per_device']:,}",
+                  str(r["count_per_step"]), f"{r['seconds'] * 1e3:.2f}", r["what"])  # fmt: skip
+    console.print(t)
+    st = p["step_time_s"]
+    console.print(
+        f"FLOPs per device per step {p['flops_per_step'] / 1e12:.2f} T; step time {st['total'] * 1e3:.1f} ms = "
+        f"compute {st['compute'] * 1e3:.1f} + communication {st['comm'] * 1e3:.1f} + bubble {st['bubble'] * 1e3:.1f} "
+        f"(no overlap assumed); MFU {p['mfu']:.1%}; {p['tokens_per_s']:,.0f} tokens/s"
+    )
+    if args.json:
+        _write_json(args.json, p)
+    if not p["fits"]:
+        print(f"moe-jax plan: error: does not fit: needs {mem['total'] / 1e9:.1f} GB per device, has "
+              f"{hw.hbm_bytes / 1e9:.0f}", file=sys.stderr)  # fmt: skip
+        return 2
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from moe_jax.plan.audit import claims, markdown
+
+    text = markdown(claims())
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,6 +361,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--perturb", type=float, help=argparse.SUPPRESS)  # self-test: shows the check can fail
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("compile", help="compile a step for the layout on fake devices: memory, FLOPs, collectives")
+    _add_config_args(p)
+    _add_device_args(p)
+    p.add_argument("--step", default="train", choices=("train", "prefill", "decode"))
+    p.add_argument("--dump", help="write the HLO before and after optimisation here")
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("plan", help="the analytic plan of a layout, or --search every layout of --devices N")
+    _add_config_args(p)
+    p.add_argument("--hardware", default="seed", help="seed, h100, h200, tpu-v5p")
+    p.add_argument("--devices", type=int, help="the device count (checked against the layout; needed by --search)")
+    p.add_argument("--search", action="store_true")
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("audit", help="check every claim of the design seed; writes docs/seed-audit.md")
+    p.add_argument("--out", default="docs/seed-audit.md")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("schedule", help="a pipeline schedule: ticks, utilisation, memory, and its chart")
     p.add_argument("--pp", type=int, required=True)

@@ -144,8 +144,26 @@ def _iota_groups(text: str) -> list[list[int]] | None:
     return ids.reshape(g, s).tolist()
 
 
+def _mesh_groups(axes_text: str, between: str, selected_text: str) -> list[list[int]]:
+    """mesh['axis_0'=4,'axis_1'=16,...] [device_ids=([dims]T(perm))] {'axis_1'}: devices laid out on that mesh (iota,
+    or the given permutation of it); a group varies over the selected axes with the others fixed."""
+    axes = [(n, int(s)) for n, s in re.findall(r"'([^']+)'\s*=\s*(\d+)", axes_text)]
+    sizes = [s for _, s in axes]
+    ids = np.arange(math.prod(sizes))
+    d = re.search(r"device_ids=\(?\[([\d,]+)\](?:T\(([\d,]+)\))?", between)
+    if d:
+        ids = ids.reshape([int(x) for x in d.group(1).split(",")])
+        if d.group(2):
+            ids = ids.transpose([int(x) for x in d.group(2).split(",")])
+    ids = ids.reshape(sizes)
+    chosen = [i for i, (n, _) in enumerate(axes) if f"'{n}'" in selected_text]
+    rest = [i for i in range(len(axes)) if i not in chosen]
+    return ids.transpose(rest + chosen).reshape(-1, math.prod(sizes[i] for i in chosen)).tolist()
+
+
 def replica_groups(rest: str, n_devices: int) -> list[list[int]]:
-    """Both spellings: explicit {{0,1},{2,3}} and the compact iota [G,S]<=[dims]T(perm); {} means all devices."""
+    """Every spelling: explicit {{0,1},{2,3}}; the compact iota [G,S]<=[dims]T(perm); the mesh form
+    mesh['axis_0'=4,...] {'axis_2'}; {} (all devices); and source_target_pairs for collective-permute."""
     m = re.search(r"replica_groups=(\{\{[\d,{}\s]*\}\}|\{\})", rest)
     if m:
         if m.group(1) == "{}":
@@ -156,6 +174,9 @@ def replica_groups(rest: str, n_devices: int) -> list[list[int]]:
     m = re.search(r"replica_groups=(\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)", rest)
     if m:
         return _iota_groups(m.group(1))
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](.*?)\{([^}]*)\}", rest)
+    if m:
+        return _mesh_groups(m.group(1), m.group(2), m.group(3))
     m = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", rest)
     if m:
         return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", m.group(1))]
@@ -239,7 +260,22 @@ def totals(colls: list[Collective]) -> dict[tuple[str, tuple[str, ...]], dict[st
 # ------------------------------------------------------------------------------------------------------ the audit
 
 
-def audit(lowered_text: str, compiled_text: str, cfg, table: dict[str, Any]) -> dict[str, Any]:
+def assignment_groups(table: dict[str, Any]) -> set[frozenset[int]]:
+    """Every group the assignment defines: for each set of mesh axes, the devices that agree on all other
+    coordinates (the table's tp, ep, pp, dp and gradient groups are among them)."""
+    from itertools import combinations
+
+    out: set[frozenset[int]] = set()
+    for n in range(1, len(MESH_AXES) + 1):
+        for axes in combinations(MESH_AXES, n):
+            buckets: dict[tuple, set[int]] = defaultdict(set)
+            for d in table["devices"]:
+                buckets[tuple(d["coords"][a] for a in MESH_AXES if a not in axes)].add(d["id"])
+            out |= {frozenset(b) for b in buckets.values()}
+    return out
+
+
+def audit(lowered_text: str, compiled_text: str, cfg, table: dict[str, Any], step: str = "grad") -> dict[str, Any]:
     """Compares a step's collectives with `expected_collectives(cfg)`.
 
     Lowered HLO: every (kind, axes, bytes per device) with its count per step must equal the expected list exactly.
@@ -251,7 +287,7 @@ def audit(lowered_text: str, compiled_text: str, cfg, table: dict[str, Any]) -> 
 
     shape = cfg.layout.shape
     low, comp = collectives(lowered_text, shape), collectives(compiled_text, shape)
-    expected_rows = expected_collectives(cfg)
+    expected_rows = expected_collectives(cfg, step)
     expected = aggregate(expected_rows)
     found = aggregate(summarize(low))
     unexpected: list[dict[str, Any]] = []
@@ -264,8 +300,7 @@ def audit(lowered_text: str, compiled_text: str, cfg, table: dict[str, Any]) -> 
             )  # fmt: skip
 
     allowed = {(k, a) for k, a, _ in expected}
-    known_groups = {frozenset(g) for groups in table["groups"].values() for g in groups}
-    known_groups |= {frozenset(g) for entry in table["grad_reduce_by_kind"].values() for g in entry["groups"]}
+    known_groups = assignment_groups(table)
     # Stage-to-stage pairs along each pp group of the assignment: a chain, closed into a ring when circular.
     ring = cfg.layout.repeats > 1
     forward_pairs = {
@@ -310,3 +345,23 @@ def while_trip_counts(text: str) -> list[int]:
     return [
         _trip_count(module, ins) for instrs in module.computations.values() for ins in instrs if ins.opcode == "while"
     ]
+
+
+def dot_flops(text: str) -> float:
+    """Matmul FLOPs of an HLO text with every loop counted its trip count times: 2 x |result| x |contracted| per dot.
+    (XLA's cost_analysis counts a while body once.) Read from the lowered text, where dots are not yet fused."""
+    module = parse_module(text)
+    counts = execution_counts(module)
+    total = 0.0
+    for comp, instrs in module.computations.items():
+        shapes = {ins.name: ins.shape for ins in instrs}
+        for ins in instrs:
+            if ins.opcode != "dot":
+                continue
+            lhs = re.match(r"\s*%?([\w.\-]+)", ins.rest).group(1)
+            lhs_dims = [int(x) for x in _ARRAY.search(shapes[lhs]).group(2).split(",") if x]
+            contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.rest)
+            k = math.prod(lhs_dims[int(i)] for i in contract.group(1).split(",") if i) if contract else 1
+            out = math.prod(int(x) for x in _ARRAY.search(ins.shape).group(2).split(",") if x)
+            total += 2.0 * out * k * counts.get(comp, 0)
+    return total

@@ -66,12 +66,13 @@ def active_axes(axes: Sequence[str], sizes: Mapping[str, int]) -> tuple[str, ...
 
 
 def state_specs(state, sizes: Mapping[str, int] | None = None):
-    """An nnx.State of Variables carrying `out_sharding` logical names -> the same tree of mesh PartitionSpecs."""
+    """An nnx.State of Variables carrying `out_sharding` logical names -> the same tree, each Variable now holding
+    its mesh PartitionSpec (the structure matches the state's, so the two map together leaf by leaf)."""
     from flax import nnx
 
     def spec(v):
-        names = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
-        return logical_to_mesh(names, sizes) if names is not None else P()
+        names = v.get_metadata().get("out_sharding")
+        return v.replace(logical_to_mesh(names, sizes) if names is not None else P())
 
     return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

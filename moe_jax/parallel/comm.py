@@ -52,8 +52,10 @@ def local_sizes(cfg: Config) -> dict[str, int]:
     }
 
 
-def expected_collectives(cfg: Config) -> list[dict[str, Any]]:
-    """Rows {kind, axes, bytes_per_device, count_per_step, what}, axes of size 1 left out (no collective runs there)."""
+def expected_collectives(cfg: Config, step: str = "grad") -> list[dict[str, Any]]:
+    """Rows {kind, axes, bytes_per_device, count_per_step, what}, axes of size 1 left out (no collective runs there).
+    step 'grad' is the loss and gradients (verify, hlo); 'train' adds the optimizer's gradient norm and overflow check:
+    one all-reduce of 2 fp32 per set of axes the parameters are split over (the update itself is elementwise)."""
     m, lay = cfg.model, cfg.layout
     sizes = dict(zip(MESH_AXES, lay.shape, strict=True))
     loc = local_sizes(cfg)
@@ -99,6 +101,9 @@ def expected_collectives(cfg: Config) -> list[dict[str, Any]]:
     for _ in range(3 if m.ffn == "swiglu" else 2):
         add("all-reduce", GRAD_AXES["experts"], l_loc * loc["experts"] * d * loc["hidden"] * 4, 1,
             "gradient sum: expert matrices")  # fmt: skip
+    if step == "train":
+        for split in {tuple(active_axes(a, sizes)) for a in (("pp", "ep", "tp"), ("pp", "tp"), ("pp",))}:
+            add("all-reduce", split, 8, 1, "gradient norm and overflow check")
     return rows
 
 

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from moe_jax.config import Config
 from moe_jax.mesh import layer_storage_order
 from moe_jax.model.layers import compute_dtype
-from moe_jax.model.transformer import Transformer, abstract_model, aux_losses, check_tokens, cross_entropy, run_blocks
+from moe_jax.model.transformer import Transformer, abstract_model, aux_losses, check_tokens, cross_entropy
 from moe_jax.parallel.schedule import Schedule
 from moe_jax.sharding import MESH_AXES, TOKEN_AXES, Axes, active_axes, logical_to_mesh, state_specs
 
@@ -57,7 +57,7 @@ class ShardedModel:
         return dict(self.mesh.shape)
 
     def shardings(self, specs):
-        return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+        return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs)
 
     def init(self, seed: int = 0):
         """Initialises parameters directly into their shards (each device computes only its own slices)."""
@@ -113,15 +113,7 @@ def _to_varying(tree, specs, sizes):
         missing = tuple(a for a in active_axes(MESH_AXES, sizes) if a not in used)
         return lax.pcast(x, missing, to="varying") if missing else x
 
-    # specs is a prefix of tree: each spec leaf sits where tree has a Variable holding one array.
-    return jax.tree.map(
-        lambda spec, var: jax.tree.map(lambda x: cast(x, spec), var), specs, tree, is_leaf=lambda x: isinstance(x, P)
-    )
-
-
-def _stage_chunks(tree, repeats: int):
-    """A stage's local layer stack [v x Lc, ...] (storage order: its chunks in order) -> [v, Lc, ...]."""
-    return jax.tree.map(lambda x: x.reshape(repeats, x.shape[0] // repeats, *x.shape[1:]), tree)
+    return jax.tree.map(cast, tree, specs)
 
 
 def loss_fn(sm: ShardedModel) -> Callable:
@@ -152,20 +144,27 @@ def loss_fn(sm: ShardedModel) -> Callable:
         assert tokens_local.shape == (mb, b_loc, s_loc), (tokens_local.shape, (mb, b_loc, s_loc))
         params = _to_varying(params, sm.param_specs, sizes)
         model = nnx.merge(sm.graphdef, params, rest, copy=True)
-        blocks_graph, blocks_state = nnx.split(model.blocks)
-        chunks = _stage_chunks(blocks_state, v)  # [v, Lc, ...]
+        blocks_graph, blocks_state = nnx.split(model.blocks)  # this stage's [v x Lc] layers, its chunks in order
         stage = lax.axis_index("pp") if pp_axes else 0
         x_MBSD = model.embed_tokens(tokens_local)  # every stage embeds (cheap); only stage 0 uses it
+        l_c = m.layers // (pp * v)
 
-        def apply_chunk(x, chunk_state):
-            blocks = nnx.merge(blocks_graph, chunk_state)
-            return run_blocks(blocks, x, axes, dtype, (1, 1), remat_layer)
+        # Layer i of the stage's stack is picked inside the (checkpointed) layer, so what a checkpoint saves for the
+        # backward pass is the activation and the index, never a per-tick copy of the stage's weights.
+        def layer(x, i):
+            layer_state = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), blocks_state)
+            return nnx.merge(blocks_graph, layer_state)(x, axes, dtype, (1, 1))
+
+        if remat_layer == "layer":
+            layer = jax.checkpoint(layer)
+
+        def apply_chunk(x, r):
+            return lax.scan(layer, x, r * l_c + jnp.arange(l_c))
 
         if lay.remat == "tick":
             apply_chunk = jax.checkpoint(apply_chunk)
 
         zero_act = x_MBSD[0] * 0.0  # carries the activations' varying type (every active axis)
-        l_c = m.layers // (pp * v)
         zero_stat = jnp.zeros((), jnp.float32)
         zero_tpe = jnp.zeros((v, l_c, m.experts), jnp.float32)
         if pp_axes:
@@ -189,8 +188,7 @@ def loss_fn(sm: ShardedModel) -> Callable:
             else:
                 first = x_MBSD[j]
             x_in = jnp.where(stage == 0, first, recv)
-            chunk_state = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, r, keepdims=False), chunks)
-            y, stats = apply_chunk(x_in, chunk_state)
+            y, stats = apply_chunk(x_in, r)
             is_out = valid & (stage == pp - 1) & (r == v - 1)
             out = out.at[j].set(jnp.where(is_out, y, out[j]))
             w = valid.astype(jnp.float32)
@@ -209,9 +207,16 @@ def loss_fn(sm: ShardedModel) -> Callable:
         out0 = jnp.broadcast_to(zero_act, (mb, *zero_act.shape))
         (_, _, out, acc), _ = lax.scan(tick, (zero_act, buf0, out0, acc0), jnp.arange(sched.ticks))
 
-        # Head and loss on the last stage's outputs (every stage computes; the others' share is masked out).
+        # Head and loss on the last stage's outputs (every stage computes; the others' share is masked out), one
+        # microbatch at a time and rematerialised: only one microbatch's [B, S, V] logits are ever alive.
         last = (stage == pp - 1) if pp_axes else True
-        ce_local = cross_entropy(model.logits(out, dtype), targets_local)
+
+        @jax.checkpoint
+        def microbatch_ce(ce, xs):
+            x, y = xs
+            return ce + cross_entropy(model.logits(x, dtype), y), None
+
+        ce_local, _ = lax.scan(microbatch_ce, jnp.zeros((), jnp.float32) * zero_act[0, 0, 0], (out, targets_local))
         ce = psum(jnp.where(last, ce_local, 0.0), all_tokens) / n_tokens
         totals = psum(jnp.stack([acc["lb_loss"], acc["z_loss"], acc["dropped"], acc["routed"]]), pp_axes)
         lb, z = totals[0] / (m.layers * mb), totals[1] / (m.layers * mb)  # per layer and per microbatch
@@ -248,12 +253,7 @@ def abstract_inputs(sm: ShardedModel):
 
     def sds(specs, state):
         return jax.tree.map(
-            lambda spec, var: jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(sm.mesh, spec)), var
-            ),
-            specs,
-            state,
-            is_leaf=lambda x: isinstance(x, P),
+            lambda spec, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(sm.mesh, spec)), specs, state
         )
 
     cfg = sm.cfg

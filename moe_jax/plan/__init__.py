@@ -1,0 +1,1 @@
+"""The planner: hardware profiles, the analytic model of a layout, the layout search and the seed audit."""

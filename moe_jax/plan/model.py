@@ -1,0 +1,183 @@
+"""The analytic model of a layout: parameters, per-device memory by part, FLOPs, collectives with the links they
+cross, and the step time split into compute, communication and bubble.
+
+The collectives are `parallel.comm.expected_collectives`, the list the HLO audit checks the compiled program against,
+so the planner's bytes per collective kind are the compiler's. Memory and FLOPs are checked against the compiled
+train step (tests/test_plan.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from moe_jax.config import Config
+from moe_jax.mesh import assignment
+from moe_jax.model.params import active_params_per_token, param_counts, total_params
+from moe_jax.parallel.comm import DTYPE_BYTES, expected_collectives, local_sizes
+from moe_jax.parallel.schedule import Schedule
+from moe_jax.plan.hardware import Hardware
+
+GIB = 2**30
+
+
+def local_params(cfg: Config) -> dict[str, int]:
+    """Parameters one device holds, by kind (layers split over pp, experts over ep, heads and expert hidden over tp;
+    embedding, head and final norm on every device)."""
+    lay = cfg.layout
+    c = param_counts(cfg.model)
+    d = cfg.model.d_model
+    return {
+        "experts": c["experts"] // (lay.pp * lay.ep * lay.tp),
+        "attention": c["attention"] // (lay.pp * lay.tp),
+        "router": c["router"] // lay.pp,
+        "norms": (c["norms"] - d) // lay.pp + d,
+        "embedding": c["embedding"],
+        "head": c["head"],
+    }
+
+
+def memory(cfg: Config, step: str = "train") -> dict[str, int]:
+    """Per-device bytes by part for the train step (argument + output + temp - alias, as XLA reports it)."""
+    m, lay, run = cfg.model, cfg.layout, cfg.run
+    loc = local_sizes(cfg)
+    p_loc = sum(local_params(cfg).values())
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers, lay.remat)
+    db = DTYPE_BYTES[run.dtype]
+    act = loc["batch"] * loc["seq"] * m.d_model * 4  # one microbatch's fp32 residual on one device
+    full_seq = loc["batch"] * run.seq_len  # rows after the tp all-gather
+    slots = sched.activation_slots()
+    if lay.remat == "none":  # every layer keeps its whole forward: about 12 residual-sized tensors (a rough bound)
+        slots["saved"] = sched.ticks * sched.layers_per_chunk * 12
+    c, e_loc, f_loc = loc["capacity"], loc["experts"], loc["hidden"]
+    mats = 3 if m.ffn == "swiglu" else 2
+    attn_ws = 3 * loc["batch"] * loc["heads"] * min(512, run.seq_len) * run.seq_len * 4  # scores, probs, their grad
+    moe_ws = 3 * e_loc * lay.tp * lay.ep * c * f_loc * 4 * (mats - 1)  # expert hidden, activation, its grad
+    moe_ws += 4 * m.experts * c * m.d_model * db  # buffers on both sides of the all-to-alls
+    head_ws = 2 * loc["batch"] * loc["seq"] * m.vocab * 4  # one microbatch's fp32 logits and their gradient
+    out = {
+        "parameters": 4 * p_loc,
+        "optimizer_state": 8 * p_loc,
+        "gradients": 4 * p_loc,
+        "optimizer_update": 4 * p_loc,  # the update tree optax builds before applying it
+        "activations_saved": slots["saved"] * act,
+        "pipeline_buffers": (slots["outputs"] + lay.microbatches + slots["wrap_buffer"]) * act,
+        "working_set": max(head_ws, attn_ws + moe_ws + full_seq * m.d_model * 4),
+        "batch": 2 * lay.microbatches * loc["batch"] * loc["seq"] * 4,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def flops(cfg: Config) -> dict[str, float]:
+    """Matmul FLOPs per device per step, as the compiled program runs them (bubble ticks included)."""
+    m, lay, run = cfg.model, cfg.layout, cfg.run
+    loc = local_sizes(cfg)
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers, lay.remat)
+    rows = loc["batch"] * run.seq_len  # after the tp all-gather
+    hk = loc["heads"] * m.head_dim
+    mats = 3 if m.ffn == "swiglu" else 2
+    layer = (
+        2 * rows * m.d_model * hk * 4  # q, k, v, o
+        + 4 * loc["batch"] * loc["heads"] * run.seq_len * run.seq_len * m.head_dim  # scores and weighted values
+        + 2 * loc["tokens"] * m.d_model * m.experts  # router
+        + 2 * mats * loc["experts"] * lay.tp * lay.ep * loc["capacity"] * m.d_model * loc["hidden"]  # experts
+    )
+    passes = 4 if lay.remat != "none" else 3  # forward, backward (2x), and the recomputed forward
+    runs = sched.ticks * sched.layers_per_chunk
+    head = 2 * loc["tokens"] * m.d_model * m.vocab * lay.microbatches * 4  # per microbatch, checkpointed
+    total = passes * layer * runs + head
+    useful = passes * layer * sched.useful_ticks * sched.layers_per_chunk + head
+    return {"total": float(total), "useful": float(useful), "per_layer_forward": float(layer)}
+
+
+def _crosses_hosts(group: list[int], host_of: dict[int, int]) -> bool:
+    return len({host_of[i] for i in group}) > 1
+
+
+def collectives(cfg: Config, hw: Hardware | None = None, step: str = "train") -> list[dict[str, Any]]:
+    """The expected collectives with their group size, the link they cross and (given hardware) their time."""
+    table = assignment(cfg)
+    host_of = {d["id"]: d["host"] for d in table["devices"]}
+    sizes = dict(zip(("pp", "dp", "ep", "tp"), cfg.layout.shape, strict=True))
+    rows = []
+    for r in expected_collectives(cfg, step):
+        g = math.prod(sizes[a] for a in r["axes"])
+        groups = _groups_over(table, r["axes"])
+        link = "inter-host" if any(_crosses_hosts(grp, host_of) for grp in groups) else "intra-host"
+        row = dict(r, group_size=g, link=link)
+        if hw is not None:
+            bw = hw.inter_host_bandwidth if link == "inter-host" else hw.intra_host_bandwidth
+            row["seconds"] = r["count_per_step"] * _wire_bytes(r["kind"], r["bytes_per_device"], g) / bw
+        rows.append(row)
+    return rows
+
+
+def _groups_over(table, axes) -> list[list[int]]:
+    if len(axes) == 1:
+        return table["groups"][axes[0]]
+    ids = {
+        (d["coords"]["pp"], d["coords"]["dp"], d["coords"]["ep"], d["coords"]["tp"]): d["id"] for d in table["devices"]
+    }
+    buckets: dict[tuple, list[int]] = {}
+    for coord, i in ids.items():
+        key = tuple(c for a, c in zip(("pp", "dp", "ep", "tp"), coord, strict=True) if a not in axes)
+        buckets.setdefault(key, []).append(i)
+    return list(buckets.values())
+
+
+def _wire_bytes(kind: str, operand: int, g: int) -> float:
+    """Bytes one device sends for a ring implementation of the collective."""
+    if kind == "all-gather":
+        return operand * (g - 1)
+    if kind == "reduce-scatter" or kind == "all-to-all":
+        return operand * (g - 1) / g
+    if kind == "all-reduce":
+        return 2 * operand * (g - 1) / g
+    return operand  # collective-permute
+
+
+def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
+    lay = cfg.layout
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, cfg.model.layers, lay.remat)
+    mem = memory(cfg)
+    fl = flops(cfg)
+    colls = collectives(cfg, hw)
+    rate = hw.peak_flops * hw.mfu
+    compute = fl["useful"] / rate
+    bubble = (fl["total"] - fl["useful"]) / rate
+    comm = sum(r["seconds"] for r in colls)
+    total = compute + bubble + comm
+    tokens = cfg.run.batch * cfg.run.seq_len
+    by_kind: dict[str, int] = {}
+    for r in colls:
+        by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + r["bytes_per_device"] * r["count_per_step"]
+    return {
+        "layout": {
+            "pp": lay.pp,
+            "dp": lay.dp,
+            "ep": lay.ep,
+            "tp": lay.tp,
+            "microbatches": lay.microbatches,
+            "repeats": lay.repeats,
+            "remat": lay.remat,
+            "devices": lay.devices,
+        },  # fmt: skip
+        "hardware": hw.name,
+        "params": {
+            "total": total_params(cfg.model),
+            "active_per_token": active_params_per_token(cfg.model),
+            "per_device": sum(local_params(cfg).values()),
+        },
+        "memory_per_device_bytes": mem,
+        "fits": mem["total"] <= hw.hbm_bytes,
+        "hbm_bytes": hw.hbm_bytes,
+        "flops_per_step": fl["total"],
+        "flops_useful_per_step": fl["useful"],
+        "collectives": colls,
+        "bytes_by_kind": by_kind,
+        "schedule": {"ticks": sched.ticks, "utilization": sched.utilization},
+        "step_time_s": {"compute": compute, "comm": comm, "bubble": bubble, "total": total},
+        "tokens_per_s": tokens / total,
+        "mfu": fl["useful"] * lay.devices / total / (hw.peak_flops * lay.devices),
+    }

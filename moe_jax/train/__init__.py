@@ -1,0 +1,1 @@
+"""Training: the optimizer and loss scaling, the train step, data, checkpoints and the loop."""

@@ -1,0 +1,162 @@
+"""The train step: the sharded gradient step, then optax AdamW on fp32 master parameters, with dynamic loss scaling
+for fp16 (a step whose gradients overflow is skipped, the scale halves, the skip is counted)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from moe_jax.config import RunConfig
+from moe_jax.parallel.step import ShardedModel, loss_fn
+
+GROWTH_INTERVAL = 1000  # good steps before the fp16 loss scale doubles
+INITIAL_SCALE = 2.0**15
+
+
+class LossScale(NamedTuple):
+    scale: jax.Array  # fp32 scalar; 1 and never changed unless the compute dtype is fp16
+    good_steps: jax.Array  # int32: steps since the last overflow
+    skipped: jax.Array  # int32: steps skipped for overflow so far
+
+
+def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay to 10% of the peak, after clipping by the global gradient norm
+    (computed over the global, sharded gradients: every shard counts once)."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=run.lr,
+        warmup_steps=run.warmup_steps,
+        decay_steps=max(run.steps, run.warmup_steps + 1),
+        end_value=run.lr * 0.1,
+    )
+    # Clipping by the global norm happens in `train_step`, from the norm `grad_stats` computes with named psums
+    # (optax's own clip would let the partitioner add collectives the code does not name).
+    return optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=run.weight_decay)
+
+
+def _used_axes(spec) -> tuple[str, ...]:
+    return tuple(a for part in spec if part is not None for a in ((part,) if isinstance(part, str) else part))
+
+
+def grad_stats(sm: ShardedModel) -> Callable:
+    """grads -> (sum of squares, count of non-finite elements) over the whole model, every shard counted once: each
+    leaf's local sums are summed over the axes it is split over (not the ones it is replicated over), one psum per
+    set of axes."""
+    groups: dict[tuple[str, ...], None] = {}
+    for spec in jax.tree.leaves(sm.param_specs, is_leaf=lambda x: isinstance(x, P)):
+        groups[tuple(sorted(_used_axes(spec)))] = None
+
+    def body(grads, specs):
+        sums = {axes: jnp.zeros((2,), jnp.float32) for axes in groups}
+        for g, spec in zip(jax.tree.leaves(grads), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)),
+                           strict=True):  # fmt: skip
+            local = jnp.stack([jnp.sum(jnp.square(g)), jnp.sum(~jnp.isfinite(g)).astype(jnp.float32)])
+            key = tuple(sorted(_used_axes(spec)))
+            sums[key] = sums[key] + local
+        total = jnp.zeros((2,), jnp.float32)
+        for axes, s in sums.items():
+            total = total + (lax.psum(s, axes) if axes else s)
+        return total
+
+    def stats(grads):
+        specs = sm.param_specs
+        f = jax.shard_map(lambda g: body(g, specs), mesh=sm.mesh, in_specs=(specs,), out_specs=P(), check_vma=True)
+        total = f(grads)
+        return jnp.sqrt(total[0]), total[1]
+
+    return stats
+
+
+def init_loss_scale(dtype: str) -> LossScale:
+    return LossScale(jnp.float32(INITIAL_SCALE if dtype == "fp16" else 1.0), jnp.int32(0), jnp.int32(0))
+
+
+def opt_shardings(sm: ShardedModel, tx: optax.GradientTransformation):
+    """The optimizer state's shardings: moments like their parameters, counters replicated."""
+    abstract = jax.eval_shape(tx.init, sm.abstract_params)
+    shard_p = sm.shardings(sm.param_specs)
+    return optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract,
+        shard_p,
+        transform_non_params=lambda _: NamedSharding(sm.mesh, P()),
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+
+
+def train_step(sm: ShardedModel, tx: optax.GradientTransformation, inject_overflow: bool = False) -> Callable:
+    """(params, rest, opt_state, loss_scale, tokens, targets) -> (params, opt_state, loss_scale, metrics), jitted,
+    parameters and optimizer state donated. `inject_overflow` (tests) puts an inf into the gradients."""
+    fp16 = sm.cfg.run.dtype == "fp16"
+    clip = sm.cfg.run.grad_clip
+    sharded_loss = loss_fn(sm)
+    norm_and_overflow = grad_stats(sm)
+
+    def scaled_loss(params, rest, tokens, targets, scale):
+        loss, metrics = sharded_loss(params, rest, tokens, targets)
+        return loss * scale, (loss, metrics)
+
+    def step(params, rest, opt_state, ls: LossScale, tokens, targets):
+        (_, (loss, metrics)), grads = jax.value_and_grad(scaled_loss, has_aux=True)(
+            params, rest, tokens, targets, ls.scale
+        )
+        grads = jax.tree.map(lambda g: g / ls.scale, grads)
+        if inject_overflow:
+            grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.inf), grads)
+        grad_norm, nonfinite = norm_and_overflow(grads)
+        finite = nonfinite == 0
+        if clip > 0:
+            factor = jnp.minimum(1.0, clip / jnp.maximum(grad_norm, 1e-30))
+            grads = jax.tree.map(lambda g: g * factor, grads)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # Skip the whole update where the gradients overflowed.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        params, opt_state = keep(new_params, params), keep(new_opt, opt_state)
+        if fp16:
+            grow = finite & (ls.good_steps + 1 >= GROWTH_INTERVAL)
+            scale = jnp.where(finite, jnp.where(grow, ls.scale * 2, ls.scale), jnp.maximum(ls.scale / 2, 1.0))
+            good = jnp.where(finite & ~grow, ls.good_steps + 1, 0)
+            ls = LossScale(scale, good.astype(jnp.int32), ls.skipped + (~finite).astype(jnp.int32))
+        else:
+            ls = LossScale(ls.scale, ls.good_steps, ls.skipped + (~finite).astype(jnp.int32))
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=~finite, loss_scale=ls.scale)
+        return params, opt_state, ls, metrics
+
+    return jax.jit(step, donate_argnums=(0, 2))
+
+
+class TrainState(NamedTuple):
+    params: Any
+    rest: Any
+    opt_state: Any
+    loss_scale: LossScale
+    step: int
+
+
+def init_train_state(sm: ShardedModel, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    params, rest = sm.init(seed)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings(sm, tx))(params)
+    return TrainState(params, rest, opt_state, init_loss_scale(sm.cfg.run.dtype), 0)
+
+
+def abstract_train_inputs(sm: ShardedModel, tx: optax.GradientTransformation):
+    """Abstract (params, rest, opt_state, loss_scale, tokens, targets) with shardings: nothing allocated."""
+    from moe_jax.parallel.step import abstract_inputs
+
+    params, rest, tokens, targets = abstract_inputs(sm)
+    shardings = opt_shardings(sm, tx)
+    opt = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), jax.eval_shape(tx.init, params), shardings
+    )
+    rep = NamedSharding(sm.mesh, P())
+    ls = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), init_loss_scale("fp32"))
+    return params, rest, opt, ls, tokens, targets

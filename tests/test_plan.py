@@ -1,0 +1,134 @@
+"""The planner against the compiler: per-device memory within 10% of the compiled train step, bytes per collective
+kind equal to the HLO audit's exactly; the layout search; the seed audit document; bad input."""
+
+import json
+import textwrap
+
+import pytest
+from conftest import ROOT, run_cli, run_with_devices
+
+from moe_jax.config import load_config
+from moe_jax.plan.audit import claims, markdown
+from moe_jax.plan.hardware import PROFILES, get_hardware
+from moe_jax.plan.model import memory, plan
+from moe_jax.plan.search import find, search
+
+COMPILE = textwrap.dedent(
+    """
+    import json
+    from moe_jax.compile import compile_report
+    from moe_jax.config import load_config
+    from moe_jax.mesh import make_mesh
+    cfg = load_config("configs/seed.yaml", {layout!r}, {overrides!r})
+    report, _, _ = compile_report(cfg, make_mesh(cfg.layout))
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "layout,overrides,devices",
+    [
+        ("meshes/seed-128.yaml", [], 128),
+        ("meshes/seed-512.yaml", [], 512),
+        ("meshes/seed-128.yaml", ["layout.repeats=4"], 128),
+    ],
+)
+def test_planner_matches_the_compiled_train_step(layout, overrides, devices):
+    report = json.loads(
+        run_with_devices(devices, COMPILE.format(layout=layout, overrides=overrides)).stdout.splitlines()[-1]
+    )
+    assert report["audit_ok"], report["unexpected"]
+    cfg = load_config("configs/seed.yaml", layout, overrides)
+    compiled = report["memory_per_device_bytes"]["total"]
+    planned = memory(cfg)["total"]
+    err = (planned - compiled) / compiled
+    print(f"{layout} {overrides}: planned {planned / 2**30:.3f} GiB, compiled {compiled / 2**30:.3f} GiB ({err:+.1%})")
+    assert abs(err) <= 0.10
+    # Bytes per collective kind: the planner's equal the compiler's (lowered HLO, loops counted) exactly.
+    hlo_bytes: dict[str, int] = {}
+    for r in report["collectives"]:
+        hlo_bytes[r["kind"]] = hlo_bytes.get(r["kind"], 0) + r["bytes_per_device"] * r["count_per_step"]
+    assert plan(cfg, get_hardware("seed"))["bytes_by_kind"] == hlo_bytes
+    # Matmul FLOPs: the analytic count within 5% of the dots in the HLO (elementwise work is not modelled).
+    assert abs(plan(cfg, get_hardware("seed"))["flops_per_step"] / report["flops"] - 1) < 0.05
+
+
+def test_search_128_on_the_seed_card():
+    cfg = load_config("configs/seed.yaml")
+    result = search(cfg, 128, get_hardware("seed"))
+    assert result["fitting"] and all(r["fits"] and r["memory_gb"] > 0 for r in result["fitting"])
+    assert [r["step_time_s"] for r in result["fitting"]] == sorted(r["step_time_s"] for r in result["fitting"])
+    assert all(r["pp"] * r["dp"] * r["ep"] * r["tp"] == 128 for r in result["fitting"])
+    own = find(result, pp=4, dp=1, ep=16, tp=2, microbatches=8, repeats=1, remat="layer")
+    assert own is not None and own["rank"] > 1
+    assert own["utilization"] == pytest.approx(8 / 11)
+    assert own["bubble_s"] > 0 and result["fitting"][0]["step_time_s"] < own["step_time_s"]
+
+
+def test_search_cli_names_the_seeds_rank(tmp_path):
+    j = tmp_path / "s.json"
+    proc = run_cli("plan", "--devices", "128", "--search", "--json", str(j))
+    assert proc.returncode == 0, proc.stderr
+    assert "the seed's 128-device layout (pp4, ep16, tp2, m8) ranks" in proc.stdout
+    assert json.loads(j.read_text())["devices"] == 128
+
+
+def test_plan_json_fields(tmp_path):
+    j = tmp_path / "p.json"
+    proc = run_cli("plan", "--config", "configs/seed.yaml", "--layout", "meshes/seed-128.yaml", "--json", str(j))
+    assert proc.returncode == 0, proc.stderr
+    p = json.loads(j.read_text())
+    assert p["params"]["total"] == 4_428_694_528
+    st = p["step_time_s"]
+    assert st["total"] == pytest.approx(st["compute"] + st["comm"] + st["bubble"])
+    assert p["fits"] is True and p["memory_per_device_bytes"]["total"] > 0
+    assert {r["link"] for r in p["collectives"]} == {"intra-host", "inter-host"}
+    # tp groups are neighbours inside a host; pp rings cross hosts.
+    assert all(r["link"] == "intra-host" for r in p["collectives"] if r["axes"] == ["tp"])
+    assert all(r["link"] == "inter-host" for r in p["collectives"] if r["axes"] == ["pp"])
+
+
+def test_every_profile_states_both_links():
+    for hw in PROFILES.values():
+        assert hw.intra_host_bandwidth > hw.inter_host_bandwidth > 0 and hw.notes
+
+
+def test_seed_audit_document_regenerates():
+    with open(f"{ROOT}/docs/seed-audit.md") as f:
+        assert f.read() == markdown(claims()), "docs/seed-audit.md is stale: run `moe-jax audit`"
+    rows = {r["claim"]: r for r in claims()}
+    assert rows["devices of the mapping"]["computed"] == "512"
+    assert rows["parameters"]["computed"].startswith("4.43B")
+    assert "72.7%" in rows["pipeline utilisation at 8 microbatches"]["computed"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["plan", "--hardware", "a100"], "--hardware='a100': unknown hardware; valid: seed, h100, h200, tpu-v5p"),
+        (["plan", "--layout", "meshes/seed-128.yaml", "--devices", "64"],
+         "devices=64: layout pp x dp x ep x tp = 4 x 1 x 16 x 2 = 128 devices"),
+        (["plan", "--layout", "meshes/seed-32.yaml", "run.seq_len=10240", "model.dispatch=dropless", "layout.remat=none"],
+         "does not fit: needs 127.5 GB per device, has 64"),
+        (["compile", "--step", "decode", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-ep8.yaml"],
+         "--step='decode': only 'train' compiles so far"),
+    ],
+)  # fmt: skip
+def test_bad_plan_input_is_one_line(args, message):
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_compile_cli_json(tmp_path):
+    j, d = tmp_path / "c.json", tmp_path / "hlo"
+    proc = run_cli("compile", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-pp2-ep2-tp2.yaml",
+                   "--json", str(j), "--dump", str(d))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(j.read_text())
+    mem = r["memory_per_device_bytes"]
+    assert mem["total"] == mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
+    assert r["flops"] > r["flops_xla_cost_analysis_loops_once"] > 0  # loops counted
+    assert r["audit_ok"] and r["compile_seconds"] > 0
+    assert (d / "before_optimizations.hlo.txt").exists() and (d / "after_optimizations.hlo.txt").exists()

@@ -340,6 +340,118 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def _progress(console, total: int, start: int = 0):
+    """A rich progress bar whose fields are the step's metrics; returns (progress, on_step)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("step"), MofNCompleteColumn(), BarColumn(bar_width=20),
+        TextColumn("loss {task.fields[loss]}  router {task.fields[router]}  {task.fields[tps]} tok/s  "
+                   "dropped {task.fields[dropped]}  max/mean load {task.fields[load]}"),
+        TimeElapsedColumn(), console=console, transient=False,
+    )  # fmt: skip
+    task = progress.add_task("train", total=total, completed=start, loss="-", router="-", tps="-", dropped="-",
+                             load="-")  # fmt: skip
+
+    def on_step(r):
+        progress.update(task, completed=r["step"], loss=f"{r['loss']:.3f}", router=f"{r['router_loss']:.4f}",
+                        tps=f"{r['tokens_per_s']:,.0f}", dropped=f"{r['dropped_share']:.1%}",
+                        load=f"{r['max_over_mean_load']:.2f}")  # fmt: skip
+
+    return progress, on_step
+
+
+def cmd_train(args) -> int:
+    import jax
+    from rich.console import Console
+
+    from moe_jax.train.data import make_source
+    from moe_jax.train.loop import train
+
+    cfg = _config(args)
+    if args.steps is not None:
+        cfg = load_config(args.config, args.layout, [*args.overrides, f"run.steps={args.steps}"])
+    mesh = _setup_devices(args, cfg)
+    source = make_source(args.data, cfg.model.vocab, cfg.run.seq_len, cfg.run.seed, args.data_dtype)
+    quiet = jax.process_index() != 0
+    console = Console(quiet=quiet)
+    lay = cfg.layout
+    console.print(f"train: {lay.name or 'layout'} (pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp {lay.tp}, m "
+                  f"{lay.microbatches}, v {lay.repeats}) on {lay.devices} devices; data: {source.describe()}")  # fmt: skip
+    progress, on_step = _progress(console, cfg.run.steps)
+    with progress:
+        state, records = train(
+            cfg, mesh, source, cfg.run.steps, metrics_path=args.metrics, checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume, profile_dir=args.profile,
+            on_step=on_step,
+        )  # fmt: skip
+    if records:
+        last = records[-1]
+        console.print(f"step {last['step']}: loss {last['loss']:.4f} (cross-entropy {last['ce']:.4f}); "
+                      f"{sum(r['skipped'] for r in records)} steps skipped for overflow")  # fmt: skip
+    else:
+        console.print(f"nothing to do: the checkpoint is at step {state.step} >= --steps {cfg.run.steps}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import numpy as np
+    from rich.console import Console
+    from rich.markup import escape
+
+    from moe_jax.layouts import MESHES, config_for
+    from moe_jax.mesh import assignment
+    from moe_jax.model.params import total_params
+    from moe_jax.parallel.verify import verify
+    from moe_jax.train.data import SyntheticTask
+    from moe_jax.train.loop import train
+    from moe_jax.viz import draw_loss, draw_mesh
+
+    layout = os.path.join(MESHES, f"{args.layout}.yaml")
+    cfg = load_config(args.config or config_for(args.layout), layout, [*args.overrides, f"run.steps={args.steps}"])
+    mesh = _setup_devices(args, cfg)
+    console = Console(width=max(Console().width, 110))
+    lay = cfg.layout
+    os.makedirs(args.out, exist_ok=True)
+    table = assignment(cfg, mesh)
+    console.rule("[bold]moe_jax demo[/bold]")
+    console.print(f"model: {cfg.model.layers} layers, {cfg.model.experts} experts (top-{cfg.model.top_k}), width "
+                  f"{cfg.model.d_model}, {total_params(cfg.model):,} parameters; layout {lay.name}: pp {lay.pp} x dp "
+                  f"{lay.dp} x ep {lay.ep} x tp {lay.tp} on {lay.devices} fake CPU devices")  # fmt: skip
+    for s in range(lay.pp):
+        devs = [d for d in table["devices"] if d["coords"]["pp"] == s]
+        console.print(f"  stage {s}: layers {devs[0]['layers']}, devices {[d['id'] for d in devs]}; "
+                      + "; ".join(f"dev {d['id']}: experts {d['experts'][0]}-{d['experts'][-1]}, heads "
+                                  f"{d['heads'][0]}-{d['heads'][-1]}" for d in devs[:4]))  # fmt: skip
+    draw_mesh(table, os.path.join(args.out, "mesh.png"))
+    console.print("[bold]1. the sharded first step against one device[/bold]")
+    check = verify(cfg, mesh, seed=cfg.run.seed)
+    worst = max(check["errors"].items(), key=lambda kv: kv[1])
+    console.print(f"  loss {check['loss']:.6f} vs {check['reference_loss']:.6f}; largest relative error {worst[1]:.1e}"
+                  f" ({worst[0]}), tolerance {check['tolerance']:.0e}: " + ("[green]equal[/green]" if check["ok"]
+                  else "[red]differ[/red]"))  # fmt: skip
+    source = SyntheticTask(cfg.model.vocab, cfg.run.seq_len, cfg.run.seed)
+    console.print(f"[bold]2. training {args.steps} steps[/bold] on the {escape(source.describe())}")
+    progress, on_step = _progress(console, args.steps)
+    with progress:
+        _, records = train(cfg, mesh, source, args.steps, metrics_path=os.path.join(args.out, "metrics.jsonl"),
+                           on_step=on_step)  # fmt: skip
+    chance = float(np.log(cfg.model.vocab))
+    draw_loss(records, os.path.join(args.out, "loss.png"), f"{lay.name}, tiny model, synthetic task", chance)
+    first, last = records[0], records[-1]
+    steady = sorted(r["tokens_per_s"] for r in records[2:]) or [first["tokens_per_s"]]
+    console.rule("[bold]summary[/bold]")
+    console.print(f"  check against one device: {'equal' if check['ok'] else 'DIFFER'} (worst {worst[1]:.1e})")
+    console.print(f"  loss {first['loss']:.3f} -> {last['loss']:.3f} in {last['step']} steps (chance {chance:.2f}); "
+                  f"median {steady[len(steady) // 2]:,.0f} tokens/s on fake CPU devices")  # fmt: skip
+    console.print(f"  last step: max/mean expert load {last['max_over_mean_load']:.2f}, dropped "
+                  f"{last['dropped_share']:.1%}, router loss {last['router_loss']:.4f}")  # fmt: skip
+    console.print(f"  wrote {args.out}/mesh.png, {args.out}/loss.png, {args.out}/metrics.jsonl")
+    console.print("  next: moe-jax mesh (the seed's 128-device assignment), moe-jax plan --devices 128 --search, "
+                  "moe-jax compile --layout meshes/seed-128.yaml")  # fmt: skip
+    return 0 if check["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -361,6 +473,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--perturb", type=float, help=argparse.SUPPRESS)  # self-test: shows the check can fail
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("train", help="train on the mesh: synthetic task by default, or --data token files")
+    _add_config_args(p)
+    _add_device_args(p)
+    p.add_argument("--steps", type=int, help="train until this step (default run.steps)")
+    p.add_argument("--data", help="token file: .npy, or .bin of uint16 / uint32 (default: the synthetic task)")
+    p.add_argument("--data-dtype", default="uint16", help="token dtype of a .bin file: uint16 or uint32")
+    p.add_argument("--metrics", help="write one JSON line per step here")
+    p.add_argument("--checkpoint-dir")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    p.add_argument("--profile", help="write a jax.profiler trace of steps 3-5 here")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="the main job: assignment, a check against one device, 50 steps, a loss curve")
+    p.add_argument("--config", help="default: the tiny config")
+    p.add_argument("--layout", default="cpu8-pp2-ep2-tp2", help="a layout name from meshes/")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_device_args(p)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--out", default="out/demo", help="pictures and metrics go here")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("compile", help="compile a step for the layout on fake devices: memory, FLOPs, collectives")
     _add_config_args(p)

@@ -124,3 +124,26 @@ def draw_schedule(sched, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def draw_loss(records: list[dict], path: str, title: str, chance: float | None = None) -> None:
+    """Loss (and its cross-entropy part) against step, with chance level if given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot(steps, [r["loss"] for r in records], label="loss (cross-entropy + router terms)")
+    ax.plot(steps, [r["ce"] for r in records], label="cross-entropy", linestyle="--")
+    if chance is not None:
+        ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":", label=f"chance, log V = {chance:.2f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

@@ -79,7 +79,11 @@ class ShardedModel:
             return state
 
         def permute(path, x):
-            return x[order] if getattr(path[0], "key", None) == "blocks" else x
+            if not any(getattr(k, "key", None) == "blocks" for k in path):
+                return x
+            if isinstance(x, jax.Array):  # keep the array's sharding (the move happens once, at init or restore)
+                return jax.jit(lambda a: a[order], out_shardings=x.sharding)(x)
+            return x[order]
 
         return jax.tree_util.tree_map_with_path(permute, state)
 

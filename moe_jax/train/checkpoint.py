@@ -1,0 +1,86 @@
+"""Orbax checkpoints: every N steps, keep K, written atomically (a temporary directory renamed into place, so a process
+killed mid-save leaves the previous checkpoint whole). Saved in global layer order, so a checkpoint restores onto any
+layout: Orbax reshards into the new layout's shardings, and circular layouts permute their layer stack after."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from moe_jax.config import Config, ConfigError, to_dict
+from moe_jax.parallel.step import ShardedModel
+from moe_jax.train.step import TrainState
+
+
+def _shapes(tree) -> dict[str, list[int]]:
+    return {jax.tree_util.keystr(p): list(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+class Checkpoints:
+    def __init__(self, directory: str, every: int = 50, keep: int = 3):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=False, create=True
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, sm: ShardedModel, cfg: Config, state: TrainState, force: bool = False) -> bool:
+        tree = self._to_global(sm, state)
+        meta = {"config": to_dict(cfg), "shapes": _shapes(tree), "step": state.step}
+        saved = self.manager.save(
+            state.step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
+            force=force,
+        )
+        self.manager.wait_until_finished()
+        return bool(saved)
+
+    def restore(self, sm: ShardedModel, template: TrainState, step: int | None = None) -> TrainState:
+        """Restores onto `template`'s layout (its shardings); raises ConfigError if the checkpoint is missing or was
+        written for another model."""
+        step = self.latest() if step is None else step
+        if step is None:
+            raise ConfigError(f"--resume: no checkpoint in {self.directory}; train without --resume to start one")
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        target = self._to_global(sm, template)
+        want = _shapes(target)
+        diff = [(k, meta["shapes"].get(k), v) for k, v in want.items() if meta["shapes"].get(k) != v]
+        if diff:
+            k, there, here = diff[0]
+            more = f"; {len(diff) - 1} more differ" if len(diff) > 1 else ""
+            raise ConfigError(
+                f"checkpoint {self.directory} step {step} was written for another model: {k} has shape "
+                f"{tuple(there) if there else 'none'} there, {tuple(here)} here{more}"
+            )
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+        tree = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        return self._from_global(sm, tree)
+
+    @staticmethod
+    def _to_global(sm: ShardedModel, state: TrainState) -> dict[str, Any]:
+        return {
+            "params": sm.to_global(state.params),
+            "rest": sm.to_global(state.rest),
+            "opt_state": sm.to_global(state.opt_state),
+            "loss_scale": state.loss_scale._asdict(),
+            "step": np.int64(state.step),
+        }
+
+    @staticmethod
+    def _from_global(sm: ShardedModel, tree: dict[str, Any]) -> TrainState:
+        from moe_jax.train.step import LossScale
+
+        return TrainState(
+            sm.to_storage(tree["params"]),
+            sm.to_storage(tree["rest"]),
+            sm.to_storage(tree["opt_state"]),
+            LossScale(**tree["loss_scale"]),
+            int(tree["step"]),
+        )

@@ -78,11 +78,16 @@ class ShardedModel:
         if (order == np.arange(len(order))).all():
             return state
 
+        def take(a):  # the same sharding out as in (on an Explicit mesh the gather must be told)
+            return a.at[order].get(out_sharding=jax.typeof(a).sharding)
+
         def permute(path, x):
             if not any(getattr(k, "key", None) == "blocks" for k in path):
                 return x
-            if isinstance(x, jax.Array):  # keep the array's sharding (the move happens once, at init or restore)
-                return jax.jit(lambda a: a[order], out_shardings=x.sharding)(x)
+            if isinstance(x, jax.core.Tracer):
+                return take(x)
+            if isinstance(x, jax.Array):  # happens once, at restore or save
+                return jax.jit(take)(x)
             return x[order]
 
         return jax.tree_util.tree_map_with_path(permute, state)

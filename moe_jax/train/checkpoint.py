@@ -61,7 +61,7 @@ class Checkpoints:
             )
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
         tree = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-        return self._from_global(sm, tree)
+        return self._from_global(sm, tree, int(meta["step"]))
 
     @staticmethod
     def _to_global(sm: ShardedModel, state: TrainState) -> dict[str, Any]:
@@ -70,11 +70,10 @@ class Checkpoints:
             "rest": sm.to_global(state.rest),
             "opt_state": sm.to_global(state.opt_state),
             "loss_scale": state.loss_scale._asdict(),
-            "step": np.int64(state.step),
         }
 
     @staticmethod
-    def _from_global(sm: ShardedModel, tree: dict[str, Any]) -> TrainState:
+    def _from_global(sm: ShardedModel, tree: dict[str, Any], step: int) -> TrainState:
         from moe_jax.train.step import LossScale
 
         return TrainState(
@@ -82,5 +81,5 @@ class Checkpoints:
             sm.to_storage(tree["rest"]),
             sm.to_storage(tree["opt_state"]),
             LossScale(**tree["loss_scale"]),
-            int(tree["step"]),
+            step,
         )

@@ -110,7 +110,7 @@ def train_step(sm: ShardedModel, tx: optax.GradientTransformation, inject_overfl
         )
         grads = jax.tree.map(lambda g: g / ls.scale, grads)
         if inject_overflow:
-            grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.inf), grads)
+            grads = jax.tree.map(lambda g: g * jnp.inf, grads)  # elementwise: every shard overflows
         grad_norm, nonfinite = norm_and_overflow(grads)
         finite = nonfinite == 0
         if clip > 0:
@@ -145,7 +145,8 @@ class TrainState(NamedTuple):
 def init_train_state(sm: ShardedModel, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
     params, rest = sm.init(seed)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings(sm, tx))(params)
-    return TrainState(params, rest, opt_state, init_loss_scale(sm.cfg.run.dtype), 0)
+    loss_scale = jax.device_put(init_loss_scale(sm.cfg.run.dtype), NamedSharding(sm.mesh, P()))
+    return TrainState(params, rest, opt_state, loss_scale, 0)
 
 
 def abstract_train_inputs(sm: ShardedModel, tx: optax.GradientTransformation):

@@ -1,0 +1,202 @@
+"""Training on 8 fake devices: the synthetic task is learned; checkpoints resume exactly, reshard onto other layouts,
+and survive a kill mid-save; fp16 overflow is skipped; runs are deterministic; bad input is one line."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli
+
+from moe_jax.config import ConfigError, load_config
+from moe_jax.mesh import make_mesh
+from moe_jax.parallel.step import ShardedModel
+from moe_jax.train.checkpoint import Checkpoints
+from moe_jax.train.data import SyntheticTask, TokenFile
+from moe_jax.train.loop import train
+from moe_jax.train.step import init_train_state, make_optimizer
+
+FP32_RTOL = 1e-5  # resuming on another layout: only the reduction order differs
+
+
+def cfg_for(layout: str, *extra):
+    return load_config("configs/tiny.yaml", f"meshes/{layout}.yaml", list(extra))
+
+
+def run(cfg, steps, **kw):
+    src = SyntheticTask(cfg.model.vocab, cfg.run.seq_len, cfg.run.seed)
+    return train(cfg, make_mesh(cfg.layout), src, steps, **kw)
+
+
+def losses(records):
+    return [r["loss"] for r in records]
+
+
+def test_synthetic_task_is_learned():
+    """Chance is log 97 = 4.57; within 40 steps the loss must fall below 2.5."""
+    cfg = cfg_for("cpu8-ep4-tp2", "run.steps=40")
+    _, records = run(cfg, 40)
+    assert records[0]["loss"] > 4.0
+    assert records[-1]["loss"] < 2.5, losses(records)
+
+
+def test_same_seed_and_layout_give_identical_losses():
+    cfg = cfg_for("cpu8-pp2-ep2-tp2", "run.steps=4")
+    assert losses(run(cfg, 4)[1]) == losses(run(cfg, 4)[1])
+
+
+def test_resume_same_layout_is_exact_and_other_layouts_within_fp32(tmp_path):
+    cfg = cfg_for("cpu8-pp2-ep2-tp2", "run.steps=6")
+    _, straight = run(cfg, 6)
+    d = str(tmp_path / "ck")
+    state3, first = run(cfg, 3, checkpoint_dir=d, checkpoint_every=3)
+    assert Checkpoints(d).latest() == 3
+    shutil.copytree(d, tmp_path / "at3")
+
+    # The restored parameters equal the saved ones exactly.
+    sm = ShardedModel.build(cfg, make_mesh(cfg.layout))
+    tx = make_optimizer(cfg.run)
+    restored = Checkpoints(d).restore(sm, init_train_state(sm, tx, seed=1))
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state3.params), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert restored.step == 3
+
+    _, second = run(cfg, 6, checkpoint_dir=d, checkpoint_every=3, resume=True)
+    assert losses(first) + losses(second) == losses(straight)
+
+    # Onto other layouts (same microbatches, so the same router-loss definition): equal within fp32.
+    for layout, extra in (("cpu8-pp2-ep4", []), ("cpu8-ep8", ["layout.microbatches=2"])):
+        other = cfg_for(layout, "run.steps=6", *extra)
+        at3 = tmp_path / f"at3-{layout}"
+        shutil.copytree(tmp_path / "at3", at3)
+        _, resumed = run(other, 6, checkpoint_dir=str(at3), checkpoint_every=100, resume=True)
+        np.testing.assert_allclose(losses(resumed), losses(straight)[3:], rtol=FP32_RTOL)
+
+
+def test_circular_layout_checkpoint_restores_on_a_contiguous_one(tmp_path):
+    """A v = 2 layout stores its layer stack permuted; checkpoints are in global order, so v = 1 reads them."""
+    d = str(tmp_path / "ck")
+    circ = cfg_for("cpu8-pp2-ep2-tp2", "model.layers=8", "layout.repeats=2", "run.steps=4")
+    _, straight = run(circ, 4)
+    run(circ, 2, checkpoint_dir=d, checkpoint_every=2)
+    flat = cfg_for("cpu8-pp2-ep2-tp2", "model.layers=8", "run.steps=4")
+    _, resumed = run(flat, 4, checkpoint_dir=d, checkpoint_every=100, resume=True)
+    np.testing.assert_allclose(losses(resumed), losses(straight)[2:], rtol=FP32_RTOL)
+
+
+def test_fp16_overflow_is_skipped_and_the_scale_lowered():
+    cfg = cfg_for("cpu8-ep4-tp2", "run.dtype=fp16", "run.steps=5")
+    _, records = run(cfg, 5, inject_overflow_at=2)
+    skipped = [r["skipped"] for r in records]
+    assert skipped == [False, False, True, False, False]
+    scales = [r["loss_scale"] for r in records]
+    assert scales[2] == scales[1] / 2 and scales[3] == scales[2]
+    assert all(np.isfinite(r["loss"]) for r in records)
+
+
+KILL_DURING_SAVE = textwrap.dedent(
+    """
+    import jax, sys
+    jax.config.update("jax_num_cpu_devices", 8)
+    from moe_jax.config import load_config
+    from moe_jax.mesh import make_mesh
+    from moe_jax.train.data import SyntheticTask
+    from moe_jax.train.loop import train
+    from moe_jax.parallel.step import ShardedModel
+    from moe_jax.train.checkpoint import Checkpoints
+    cfg = load_config("configs/tiny.yaml", "meshes/cpu8-ep8.yaml", ["model.d_model=192", "model.head_dim=48"])
+    state, _ = train(cfg, make_mesh(cfg.layout), SyntheticTask(97, 12), 1, checkpoint_dir=sys.argv[1],
+                     checkpoint_every=1)
+    sm = ShardedModel.build(cfg, make_mesh(cfg.layout))
+    ck = Checkpoints(sys.argv[1], every=1, keep=100)
+    print("saved", flush=True)
+    step = 1
+    while True:  # keep saving until killed
+        step += 1
+        ck.save(sm, cfg, state._replace(step=step))
+    """
+)
+
+
+def test_sigkill_during_save_leaves_the_previous_checkpoint(tmp_path):
+    d = tmp_path / "ck"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, str(d)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "saved", proc.stderr.read()
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill while a save is in flight (its temporary directory exists)
+        if any("tmp" in name for name in os.listdir(d)):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.001)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert any("tmp" in name for name in os.listdir(d)), "the kill must land during a save"
+    cfg = load_config("configs/tiny.yaml", "meshes/cpu8-ep8.yaml", ["model.d_model=192", "model.head_dim=48"])
+    sm = ShardedModel.build(cfg, make_mesh(cfg.layout))
+    ck = Checkpoints(str(d))
+    latest = ck.latest()
+    assert latest is not None and latest >= 1
+    state = ck.restore(sm, init_train_state(sm, make_optimizer(cfg.run)))
+    assert state.step == latest
+
+
+def test_checkpoint_of_another_config_names_the_shapes(tmp_path):
+    d = str(tmp_path / "ck")
+    cfg = cfg_for("cpu8-ep8", "run.steps=1")
+    run(cfg, 1, checkpoint_dir=d, checkpoint_every=1)
+    other = cfg_for("cpu8-ep8", "run.steps=2", "model.expert_hidden=80")
+    with pytest.raises(ConfigError, match=r"was written for another model: .*w_in.* has shape \(4, 8, 48, 40\) there, "
+                                          r"\(4, 8, 48, 80\) here") as e:  # fmt: skip
+        run(other, 2, checkpoint_dir=d, resume=True)
+    assert "\n" not in str(e.value)
+
+
+def test_resume_without_checkpoint_is_one_line(tmp_path):
+    proc = run_cli("train", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-ep8.yaml", "--steps", "2",
+                   "--checkpoint-dir", str(tmp_path / "none"), "--resume")  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "--resume: no checkpoint in" in proc.stderr
+
+
+def test_bad_data_files_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"--data='.*missing.npy': no such file"):
+        TokenFile(str(tmp_path / "missing.npy"), 97, 12)
+    f = tmp_path / "f.npy"
+    np.save(f, np.zeros(100, np.float32))
+    with pytest.raises(ConfigError, match=r"dtype float32 is not an integer type"):
+        TokenFile(str(f), 97, 12)
+    b = tmp_path / "odd.bin"
+    b.write_bytes(b"\x00" * 101)
+    with pytest.raises(ConfigError, match=r"101 bytes is not a whole number of uint16 tokens"):
+        TokenFile(str(b), 97, 12)
+    big = tmp_path / "big.npy"
+    np.save(big, np.arange(200, dtype=np.int32))
+    with pytest.raises(ConfigError, match=r"token id 199 is outside the vocabulary; valid ids: 0..96"):
+        TokenFile(str(big), 97, 12)
+    with pytest.raises(ConfigError, match=r"--data-dtype='int8': valid for .bin files: uint16, uint32"):
+        TokenFile(str(b), 97, 12, dtype="int8")
+
+
+def test_train_cli_on_a_token_file(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 97, 5000).astype(np.uint16)
+    path = tmp_path / "t.bin"
+    tokens.tofile(path)
+    m = tmp_path / "m.jsonl"
+    proc = run_cli("train", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-ep8.yaml", "--steps", "3",
+                   "--data", str(path), "--metrics", str(m))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(x) for x in m.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert {"loss", "router_loss", "tokens_per_s", "dropped_share", "max_over_mean_load"} <= set(rows[0])
+    bad = run_cli("train", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-ep8.yaml", "--data",
+                  str(tmp_path / "nope.bin"))  # fmt: skip
+    assert bad.returncode == 2 and "no such file" in bad.stderr and bad.stderr.count("\n") == 1

@@ -28,6 +28,17 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--real", action="store_true", help="use this machine's accelerators instead of fake CPU devices")
 
 
+def _add_distributed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several processes (one per host; see docs/launch.md)")
+    g.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator")
+    g.add_argument("--num-processes", type=int)
+    g.add_argument("--process-id", type=int)
+    g.add_argument("--distributed", action="store_true", help="let jax.distributed detect the cluster (Slurm, TPU)")
+    g.add_argument("--local-devices", type=int, help="fake CPU devices in this process (local multi-process runs)")
+    g.add_argument("--init-timeout", type=int, default=60, help="seconds to wait for every process to join")
+    g.add_argument("--heartbeat-timeout", type=int, default=20, help="seconds of silence before a peer is lost")
+
+
 def _config(args) -> Config:
     return load_config(args.config, args.layout, args.overrides)
 
@@ -36,6 +47,12 @@ def _setup_devices(args, cfg: Config):
     """Fake CPU devices unless --real; returns the mesh of the layout."""
     from moe_jax.mesh import make_mesh, use_fake_devices
 
+    if getattr(args, "coordinator", None) or getattr(args, "distributed", False):
+        from moe_jax.distributed import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id, args.local_devices, args.init_timeout,
+                   args.heartbeat_timeout, auto=args.distributed)  # fmt: skip
+        return make_mesh(cfg.layout)
     if not args.real:
         if args.devices is not None and args.devices < 1:
             raise ConfigError(f"--devices={args.devices}: must be a positive integer")
@@ -63,10 +80,15 @@ def cmd_mesh(args) -> int:
     from moe_jax.mesh import assignment, check_placement
     from moe_jax.report import print_assignment
 
+    import jax
+
     cfg = _config(args)
     mesh = _setup_devices(args, cfg)
     table = assignment(cfg, mesh)
-    console = Console(width=args.width or max(Console().width, 100))
+    if jax.process_count() > 1:  # every process states what JAX placed on it, for the record (and the tests)
+        local = sorted(d.id for d in jax.local_devices())
+        print(f"process {jax.process_index()} of {jax.process_count()} holds devices {local}", flush=True)
+    console = Console(width=args.width or max(Console().width, 100), quiet=jax.process_index() != 0)
     print_assignment(console, table, full=args.full)
     if not args.no_check:
         from moe_jax.model.transformer import param_table
@@ -77,10 +99,10 @@ def cmd_mesh(args) -> int:
             f"placement check: {len(names)} parameters x {cfg.layout.devices} devices = {n} shards, each equal to "
             "JAX's devices_indices_map"
         )
-    if args.json:
+    if args.json and jax.process_index() == 0:
         _write_json(args.json, table)
         console.print(f"wrote {args.json}")
-    if args.png:
+    if args.png and jax.process_index() == 0:
         from moe_jax.viz import draw_mesh
 
         draw_mesh(table, args.png)
@@ -379,12 +401,20 @@ def cmd_train(args) -> int:
     console.print(f"train: {lay.name or 'layout'} (pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp {lay.tp}, m "
                   f"{lay.microbatches}, v {lay.repeats}) on {lay.devices} devices; data: {source.describe()}")  # fmt: skip
     progress, on_step = _progress(console, cfg.run.steps)
-    with progress:
-        state, records = train(
-            cfg, mesh, source, cfg.run.steps, metrics_path=args.metrics, checkpoint_dir=args.checkpoint_dir,
-            checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume, profile_dir=args.profile,
-            on_step=on_step,
-        )  # fmt: skip
+    try:
+        with progress:
+            state, records = train(
+                cfg, mesh, source, cfg.run.steps, metrics_path=args.metrics, checkpoint_dir=args.checkpoint_dir,
+                checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume, profile_dir=args.profile,
+                on_step=on_step,
+            )  # fmt: skip
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        from moe_jax.distributed import lost_peer_message
+
+        print(f"moe-jax train: error: process {jax.process_index()}: {lost_peer_message(e)}", file=sys.stderr)
+        return 1
     if records:
         last = records[-1]
         console.print(f"step {last['step']}: loss {last['loss']:.4f} (cross-entropy {last['ce']:.4f}); "
@@ -464,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="list every group instead of the first and last few")
     p.add_argument("--no-check", action="store_true", help="skip the check against JAX's placement of every parameter")
     p.add_argument("--width", type=int, help="terminal width for the table")
+    _add_distributed_args(p)
     p.set_defaults(func=cmd_mesh)
 
     p = sub.add_parser("verify", help="one train step sharded and on one device: loss, router terms, gradients")
@@ -486,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     p.add_argument("--profile", help="write a jax.profiler trace of steps 3-5 here")
+    _add_distributed_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the main job: assignment, a check against one device, 50 steps, a loss curve")

@@ -53,7 +53,9 @@ def make_mesh(layout: LayoutConfig, devices: Sequence[Any] | None = None, explic
     check_devices(layout, len(devices))
     shape = layout.shape
     processes = sorted({d.process_index for d in devices})
-    if len(processes) > 1:
+    if devices[0].platform == "cpu":
+        grid = _row_major(devices, shape)  # fake devices: process by process, ids in order
+    elif len(processes) > 1:
         per_host = len(devices) // len(processes)
         ici = _in_host_shape(shape, per_host)
         if ici is not None:
@@ -64,8 +66,6 @@ def make_mesh(layout: LayoutConfig, devices: Sequence[Any] | None = None, explic
                 grid = _row_major(devices, shape)
         else:
             grid = _row_major(devices, shape)
-    elif devices[0].platform == "cpu":
-        grid = _row_major(devices, shape)
     else:
         grid = mesh_utils.create_device_mesh(shape, devices)
     kind = AxisType.Explicit if explicit else AxisType.Auto

@@ -100,6 +100,33 @@ class ShardedModel:
         """The storage order of this layout -> global layer order (what one device and checkpoints use)."""
         return self._permute_layers(state, self._layer_order(inverse=True))
 
+    def make_batch(self, source, step: int):
+        """The batch of `step` as global [M, B / M, S] arrays; each process builds only the rows its own devices hold
+        (`source.rows`), so on a pod no host reads another host's data."""
+        cfg = self.cfg
+        mb, b, s = cfg.layout.microbatches, cfg.run.batch, cfg.run.seq_len
+        rows_mb = b // mb
+        sharding = NamedSharding(self.mesh, batch_spec(self.sizes))
+        cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+        def rows(r0: int, r1: int):
+            if (r0, r1) not in cache:
+                parts = [source.rows(step, b, j * rows_mb + r0, j * rows_mb + r1) for j in range(mb)]
+                tokens = check_tokens(np.stack([p[0] for p in parts]), cfg.model.vocab, "tokens")
+                targets = check_tokens(np.stack([p[1] for p in parts]), cfg.model.vocab, "targets")
+                cache[(r0, r1)] = (tokens, targets)
+            return cache[(r0, r1)]
+
+        def callback(which: int):
+            def get(index):
+                r = index[1]
+                return rows(r.start or 0, rows_mb if r.stop is None else r.stop)[which][:, :, index[2]]
+
+            return get
+
+        shape = (mb, rows_mb, s)
+        return tuple(jax.make_array_from_callback(shape, sharding, callback(i)) for i in (0, 1))
+
     def put_batch(self, tokens, targets):
         """Host [B, S] arrays -> global [M, B / M, S] arrays sharded like batch_spec(), after the vocabulary check.
         Microbatch j is rows j B/M .. (j+1) B/M whatever the layout, so the load-balancing loss (which is not linear

@@ -11,11 +11,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from moe_jax.config import Config
+from moe_jax.config import Config, ConfigError
 from moe_jax.model.moe import update_expert_bias
 from moe_jax.parallel.step import ShardedModel
 from moe_jax.train.checkpoint import Checkpoints
-from moe_jax.train.data import global_batch
 from moe_jax.train.step import TrainState, init_train_state, make_optimizer, train_step
 
 
@@ -60,10 +59,13 @@ def train(
     ckpt = Checkpoints(checkpoint_dir, checkpoint_every, keep) if checkpoint_dir else None
     if resume:
         if ckpt is None:
-            from moe_jax.config import ConfigError
-
             raise ConfigError("--resume needs --checkpoint-dir: the directory to resume from")
         state = ckpt.restore(sm, state)
+    elif ckpt is not None and ckpt.latest() is not None:
+        raise ConfigError(
+            f"--checkpoint-dir={checkpoint_dir}: already holds checkpoints (latest step {ckpt.latest()}); pass --resume "
+            "to continue from it, or choose another directory"
+        )
     step_fn = train_step(sm, tx)
     overflow_fn = train_step(sm, tx, inject_overflow=True) if inject_overflow_at is not None else None
     bias_fn = jax.jit(update_expert_bias, static_argnums=2) if cfg.model.expert_bias else None
@@ -75,11 +77,16 @@ def train(
         while step < steps:
             if profile_dir and step == state.step + 2:
                 jax.profiler.start_trace(profile_dir)
-            batch = sm.put_batch(*global_batch(source, step, cfg.run.batch))
+            batch = sm.make_batch(source, step)
             fn = overflow_fn if step == inject_overflow_at else step_fn
             t0 = time.perf_counter()
             with jax.set_mesh(mesh):
                 params, opt, ls, metrics = fn(params, rest, opt, ls, *batch)
+            if jax.process_count() > 1:  # per-layer loads live on the stages' processes: gather them
+                from jax.experimental import multihost_utils
+
+                metrics = dict(metrics, tokens_per_expert=multihost_utils.process_allgather(
+                    metrics["tokens_per_expert"], tiled=True))  # fmt: skip
             metrics = jax.device_get(metrics)
             seconds = time.perf_counter() - t0
             if bias_fn is not None:

@@ -318,6 +318,8 @@ def cmd_plan(args) -> int:
     cfg = _config(args)
     if args.devices is not None:
         check_devices(cfg.layout, args.devices)
+    if args.step != "train":
+        return _plan_serve(args, cfg, hw, console)
     p = plan(cfg, hw)
     mem = p["memory_per_device_bytes"]
     lay = cfg.layout
@@ -342,6 +344,29 @@ def cmd_plan(args) -> int:
         f"compute {st['compute'] * 1e3:.1f} + communication {st['comm'] * 1e3:.1f} + bubble {st['bubble'] * 1e3:.1f} "
         f"(no overlap assumed); MFU {p['mfu']:.1%}; {p['tokens_per_s']:,.0f} tokens/s"
     )
+    if args.json:
+        _write_json(args.json, p)
+    if not p["fits"]:
+        print(f"moe-jax plan: error: does not fit: needs {mem['total'] / 1e9:.1f} GB per device, has "
+              f"{hw.hbm_bytes / 1e9:.0f}", file=sys.stderr)  # fmt: skip
+        return 2
+    return 0
+
+
+def _plan_serve(args, cfg, hw, console) -> int:
+    from moe_jax.plan.model import serve_plan
+
+    p = serve_plan(cfg, hw, args.step)
+    mem, st = p["memory_per_device_bytes"], p["step_time_s"]
+    lay = cfg.layout
+    console.print(f"plan {args.step}: batch {cfg.run.batch}, cache of {cfg.run.seq_len} positions, {lay.name or 'layout'}"
+                  f" (pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp {lay.tp}, m {lay.microbatches}) on {hw.name}")  # fmt: skip
+    console.print("memory per device: " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in mem.items() if k != "total")
+                  + f"; [bold]total {mem['total'] / 1e9:.2f} GB[/bold] of {hw.hbm_bytes / 1e9:.0f} GB")  # fmt: skip
+    console.print(f"step time {st['total'] * 1e3:.2f} ms = max(compute {st['compute'] * 1e3:.2f}, memory "
+                  f"{st['memory'] * 1e3:.2f} for {p['bytes_read_per_step'] / 1e9:.2f} GB read) + communication "
+                  f"{st['comm'] * 1e3:.2f} ({len(p['collectives'])} kinds, latency included); "
+                  f"{p['tokens_per_s']:,.0f} tokens/s")  # fmt: skip
     if args.json:
         _write_json(args.json, p)
     if not p["fits"]:
@@ -464,8 +489,12 @@ def cmd_demo(args) -> int:
     console.print(f"[bold]2. training {args.steps} steps[/bold] on the {escape(source.describe())}")
     progress, on_step = _progress(console, args.steps)
     with progress:
+        import shutil
+
+        checkpoint = os.path.join(args.out, "checkpoint")
+        shutil.rmtree(checkpoint, ignore_errors=True)
         _, records = train(cfg, mesh, source, args.steps, metrics_path=os.path.join(args.out, "metrics.jsonl"),
-                           on_step=on_step)  # fmt: skip
+                           checkpoint_dir=checkpoint, checkpoint_every=args.steps, on_step=on_step)  # fmt: skip
     chance = float(np.log(cfg.model.vocab))
     draw_loss(records, os.path.join(args.out, "loss.png"), f"{lay.name}, tiny model, synthetic task", chance)
     first, last = records[0], records[-1]
@@ -476,10 +505,67 @@ def cmd_demo(args) -> int:
                   f"median {steady[len(steady) // 2]:,.0f} tokens/s on fake CPU devices")  # fmt: skip
     console.print(f"  last step: max/mean expert load {last['max_over_mean_load']:.2f}, dropped "
                   f"{last['dropped_share']:.1%}, router loss {last['router_loss']:.4f}")  # fmt: skip
-    console.print(f"  wrote {args.out}/mesh.png, {args.out}/loss.png, {args.out}/metrics.jsonl")
+    console.print(f"  wrote {args.out}/mesh.png, {args.out}/loss.png, {args.out}/metrics.jsonl and the trained model "
+                  f"in {args.out}/checkpoint (moe-jax generate --layout meshes/{args.layout}.yaml uses it)")  # fmt: skip
     console.print("  next: moe-jax mesh (the seed's 128-device assignment), moe-jax plan --devices 128 --search, "
                   "moe-jax compile --layout meshes/seed-128.yaml")  # fmt: skip
     return 0 if check["ok"] else 1
+
+
+def cmd_generate(args) -> int:
+    import jax
+    import numpy as np
+    from rich.console import Console
+
+    from moe_jax.serve.generate import check_lengths, generate
+    from moe_jax.serve.step import ServeModel
+    from moe_jax.train.checkpoint import Checkpoints
+    from moe_jax.train.step import init_train_state, make_optimizer
+
+    try:
+        prompt = [int(x) for x in args.prompt_tokens.replace(",", " ").split()]
+    except ValueError:
+        raise ConfigError(f"--prompt-tokens={args.prompt_tokens!r}: expected token ids like 3,14,15") from None
+    if not prompt:
+        raise ConfigError("--prompt-tokens='': give at least one token id")
+    from moe_jax.layouts import CONFIGS, MESHES
+
+    # Defaults: the demo's tiny model and layout (and its trained weights when the demo has run).
+    config = args.config or os.path.join(CONFIGS, "tiny.yaml")
+    layout = args.layout or os.path.join(MESHES, "cpu8-pp2-ep2-tp2.yaml")
+    cfg = load_config(config, layout, args.overrides)
+    lay_min = cfg.layout.dp * cfg.layout.ep * cfg.layout.microbatches
+    batch = args.batch if args.batch is not None else lay_min
+    if batch < 1 or batch % lay_min:
+        raise ConfigError(f"--batch={batch}: must be a positive multiple of layout.dp x layout.ep x "
+                          f"layout.microbatches = {lay_min}")  # fmt: skip
+    cfg = load_config(config, layout, [*args.overrides, f"run.batch={batch}"])
+    check_lengths(len(prompt), args.max_new, cfg.model.max_seq_len)
+    mesh = _setup_devices(args, cfg)
+    srv = ServeModel.build(cfg, mesh, max_len=len(prompt) + args.max_new)
+    sm = srv.sm
+    console = Console(quiet=jax.process_index() != 0)
+    directory = args.checkpoint
+    if directory is None and os.path.isdir(DEMO_CHECKPOINT) and args.config is None and args.layout is None:
+        directory = DEMO_CHECKPOINT
+    template = init_train_state(sm, make_optimizer(cfg.run), cfg.run.seed)
+    if directory:
+        state = Checkpoints(directory).restore(sm, template)
+        console.print(f"weights: checkpoint {directory} at step {state.step}")
+    else:
+        state = template
+        console.print("weights: fresh (no --checkpoint given and no demo checkpoint at out/demo/checkpoint)")
+    prompts = np.tile(np.asarray(prompt, np.int32), (batch, 1))
+    tokens, timing = generate(srv, state.params, state.rest, prompts, args.max_new, args.temperature, args.top_k,
+                              args.seed)  # fmt: skip
+    for row in tokens[: args.show]:
+        console.print(f"{prompt} -> {row.tolist()}")
+    console.print(f"prefill {timing['prefill_s'] * 1e3:.0f} ms (compile included); {timing['decode_steps']} decode "
+                  f"steps, after the first (compile): {timing['decode_tokens_per_s']:,.0f} tokens/s (batch {batch})")  # fmt: skip
+    return 0
+
+
+DEMO_CHECKPOINT = os.path.join("out", "demo", "checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -529,6 +615,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="pictures and metrics go here")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("generate", help="prefill a prompt and decode on the mesh, greedy or sampled")
+    p.add_argument("--config", help="default: the tiny config's model when the demo checkpoint is used")
+    p.add_argument("--layout")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_device_args(p)
+    p.add_argument("--checkpoint", help="a checkpoint directory of `moe-jax train` (default: the demo's, if any)")
+    p.add_argument("--prompt-tokens", required=True, help="token ids, e.g. 3,14,15")
+    p.add_argument("--max-new", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--batch", type=int, help="sequences (copies of the prompt); default: the layout's minimum")
+    p.add_argument("--show", type=int, default=4, help="rows to print")
+    p.add_argument("--seed", type=int, default=0)
+    _add_distributed_args(p)
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("compile", help="compile a step for the layout on fake devices: memory, FLOPs, collectives")
     _add_config_args(p)
     _add_device_args(p)
@@ -540,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="the analytic plan of a layout, or --search every layout of --devices N")
     _add_config_args(p)
     p.add_argument("--hardware", default="seed", help="seed, h100, h200, tpu-v5p")
+    p.add_argument("--step", default="train", choices=("train", "prefill", "decode"))
     p.add_argument("--devices", type=int, help="the device count (checked against the layout; needed by --search)")
     p.add_argument("--search", action="store_true")
     p.add_argument("--top", type=int, default=15)

@@ -31,7 +31,9 @@ def initialize(
         if num_processes < 1:
             raise ConfigError(f"--num-processes={num_processes}: must be a positive integer")
         if not 0 <= process_id < num_processes:
-            raise ConfigError(f"--process-id={process_id}: valid 0..{num_processes - 1} for --num-processes={num_processes}")
+            raise ConfigError(
+                f"--process-id={process_id}: valid 0..{num_processes - 1} for --num-processes={num_processes}"
+            )
         if process_id != 0:
             _wait_for_coordinator(coordinator, timeout)
     if local_devices is not None:

@@ -97,6 +97,7 @@ class Axes:
     ep: str | None = None
     tokens: tuple[str, ...] = ()
     token_shards: int = 1  # how many shards the tokens are split into (the product of the `tokens` axes' sizes)
+    seq_parallel: bool = True  # training: tokens split over tp between blocks; serving: replicated over tp
 
     @classmethod
     def sharded(cls, sizes: Mapping[str, int]) -> Axes:
@@ -109,12 +110,31 @@ class Axes:
             token_shards=math.prod(sizes[a] for a in tokens),
         )
 
+    @classmethod
+    def serving(cls, sizes: Mapping[str, int]) -> Axes:
+        """Prefill and decode: every tp rank holds the same tokens (one decode token cannot be split), so tp partial
+        sums are all-reduced instead of reduce-scattered, and nothing is gathered."""
+        tokens = active_axes(("dp", "ep"), sizes)
+        return cls(
+            tp=_active(RULES["seq"], sizes),
+            ep=_active(RULES["experts"], sizes),
+            tokens=tokens,
+            token_shards=math.prod(sizes[a] for a in tokens),
+            seq_parallel=False,
+        )
+
     # Sequence parallelism over tp: gather the sequence before a tp-split matmul, reduce-scatter the partial sums after.
     def gather_seq(self, x, axis: int):
-        return x if self.tp is None else lax.all_gather(x, self.tp, axis=axis, tiled=True)
+        if self.tp is None or not self.seq_parallel:
+            return x
+        return lax.all_gather(x, self.tp, axis=axis, tiled=True)
 
     def scatter_seq(self, x, axis: int):
-        return x if self.tp is None else lax.psum_scatter(x, self.tp, scatter_dimension=axis, tiled=True)
+        if self.tp is None:
+            return x
+        if not self.seq_parallel:
+            return lax.psum(x, self.tp)
+        return lax.psum_scatter(x, self.tp, scatter_dimension=axis, tiled=True)
 
     # Expert parallelism: [E, C, D] per source shard <-> [E / ep, ep * C, D] per expert shard.
     def to_experts(self, x_ECD):

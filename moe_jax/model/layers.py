@@ -68,7 +68,7 @@ def causal_attention(q_BQHK, k_BSHK, v_BSHK, q_offset: int = 0, block: int = 512
         probs_BHQS = jax.nn.softmax(scores_BHQS, axis=-1).astype(v_BSHK.dtype)
         return jnp.einsum("BHQS,BSHK->BQHK", probs_BHQS, v_BSHK, preferred_element_type=jnp.float32)
 
-    if q_len <= block or q_len % block:
+    if q_len <= block or q_len % block or not isinstance(q_offset, int):
         return one_block(q_BQHK, 0).astype(q_BQHK.dtype)
     blocks = q_len // block
     q_NBQHK = q_BQHK.reshape(b, blocks, block, h, k).swapaxes(0, 1)
@@ -101,6 +101,17 @@ class Attention(nnx.Module):
     def out(self, o_BSHK, dtype):
         """fp32 output: with heads split over tp these are partial sums, reduced in fp32 (see `Attention`)."""
         return jnp.einsum("BSHK,HKD->BSD", o_BSHK, self.wo[...].astype(dtype), preferred_element_type=jnp.float32)
+
+    def cached(self, x_BSD, cache_k_BTHK, cache_v_BTHK, pos, axes: Axes, dtype):
+        """Serving: the S new tokens at positions pos .. pos + S - 1 attend to the cache and themselves. Writes their
+        keys and values into the [B, T_max, H, K] caches; returns (fp32 update, new k cache, new v cache)."""
+        x = x_BSD.astype(dtype)
+        positions_S = pos + jnp.arange(x.shape[1])
+        q, k, v = self.qkv(x, positions_S, dtype)
+        cache_k_BTHK = jax.lax.dynamic_update_slice_in_dim(cache_k_BTHK, k.astype(cache_k_BTHK.dtype), pos, axis=1)
+        cache_v_BTHK = jax.lax.dynamic_update_slice_in_dim(cache_v_BTHK, v.astype(cache_v_BTHK.dtype), pos, axis=1)
+        o = causal_attention(q, cache_k_BTHK.astype(dtype), cache_v_BTHK.astype(dtype), q_offset=pos)
+        return axes.scatter_seq(self.out(o, dtype), axis=1), cache_k_BTHK, cache_v_BTHK
 
     def __call__(self, x_BSD, axes: Axes, dtype):
         """x_BSD: normed fp32 input, the local S / tp slice of the sequence. Returns the compute-dtype update, same

@@ -142,12 +142,13 @@ class MoE(nnx.Module):
             ExpertBias(jnp.zeros((e,), jnp.float32), out_sharding=("router_experts",)) if cfg.expert_bias else None
         )
 
-    def __call__(self, x_GTD, axes: Axes, dtype):
-        """x_GTD: normed fp32 tokens in G dispatch groups. Returns (y_GTD in the compute dtype, router statistics)."""
+    def __call__(self, x_GTD, axes: Axes, dtype, dropless: bool = False):
+        """x_GTD: normed fp32 tokens in G dispatch groups. Returns (y_GTD in the compute dtype, router statistics).
+        `dropless` forces C = T whatever the config (serving: no token may be dropped)."""
         cfg = self.cfg
         g, t, d = x_GTD.shape
         e = cfg.experts
-        cap = capacity(cfg, t)
+        cap = t if dropless else capacity(cfg, t)
         r = route(x_GTD, self.router[...], None if self.bias is None else self.bias[...], cfg.top_k)
         plan = jax.vmap(plan_dispatch, in_axes=(0, None, None))(r.experts_GTR, e, cap)
         x_GECD = jax.vmap(gather_to_buffers, in_axes=(0, 0, None))(x_GTD.astype(dtype), plan, e)

@@ -39,6 +39,15 @@ class Block(nnx.Module):
         return x_BSD + from_groups(y_GTD, x_BSD.shape, groups).astype(jnp.float32), stats
 
 
+def block_cached(block: Block, x_BSD, cache_k, cache_v, pos, axes: Axes, dtype):
+    """Serving: one block over the S new tokens with its KV cache; dropless routing. Returns (x, k, v)."""
+    h, cache_k, cache_v = block.attn.cached(block.attn_norm(x_BSD), cache_k, cache_v, pos, axes, dtype)
+    x_BSD = x_BSD + h.astype(jnp.float32)
+    b, s, d = x_BSD.shape
+    y, _ = block.moe(block.moe_norm(x_BSD).reshape(1, b * s, d), axes, dtype, dropless=True)
+    return x_BSD + y.reshape(b, s, d).astype(jnp.float32), cache_k, cache_v
+
+
 def to_groups(x_BSD, groups: tuple[int, int]):
     """[B, S, D] -> [Gb x Gs, B/Gb x S/Gs, D]: contiguous blocks of rows and of the sequence, a dispatch group each."""
     gb, gs = groups

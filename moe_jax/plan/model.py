@@ -181,3 +181,106 @@ def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
         "tokens_per_s": tokens / total,
         "mfu": fl["useful"] * lay.devices / total / (hw.peak_flops * lay.devices),
     }
+
+
+# ------------------------------------------------------------------------------------------------------- serving
+
+LATENCY_S = {"intra-host": 5e-6, "inter-host": 15e-6}  # per collective: what dominates a decode step's communication
+
+
+def serve_memory(cfg: Config, step: str) -> dict[str, int]:
+    """Per device for prefill or decode with a cache of run.seq_len positions (what `moe-jax compile` builds)."""
+    m, lay, run = cfg.model, cfg.layout, cfg.run
+    db = DTYPE_BYTES[run.dtype]
+    lp = local_params(cfg)
+    p_layers = lp["experts"] + lp["attention"] + lp["router"] + lp["norms"] - m.d_model
+    b_loc = run.batch // (lay.dp * lay.ep)
+    bm = b_loc // lay.microbatches
+    h_loc = m.heads // lay.tp
+    cache = 2 * (m.layers // lay.pp) * b_loc * run.seq_len * h_loc * m.head_dim * db
+    slice_ = bm * run.seq_len * h_loc * m.head_dim  # one layer's cache for one microbatch
+    out = {
+        "parameters": 4 * sum(lp.values()),
+        "kv_cache": cache,
+        # compute-dtype copies of the stage's weights and of the head; one layer's k and v cache slices, old and
+        # new, upcast to fp32 for the attention
+        "working_set": db * p_layers + db * m.d_model * m.vocab + 4 * 4 * slice_,
+    }
+    if step == "prefill":  # one layer's activations for a microbatch: residual, attention scores, expert buffers
+        s = run.seq_len
+        out["working_set"] += 4 * bm * s * m.d_model * 6 + 3 * 4 * bm * h_loc * min(512, s) * s
+        out["working_set"] += 4 * db * m.experts * bm * s * m.d_model // lay.ep
+    out["total"] = sum(out.values())
+    return out
+
+
+def serve_plan(cfg: Config, hw: Hardware, step: str = "decode") -> dict[str, Any]:
+    """Prefill or one decode step: memory, time (the larger of compute and memory traffic, plus communication)."""
+    m, lay, run = cfg.model, cfg.layout, cfg.run
+    db = DTYPE_BYTES[run.dtype]
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers)
+    runs = sched.ticks * sched.layers_per_chunk
+    s = run.seq_len if step == "prefill" else 1
+    bm = run.batch // (lay.dp * lay.ep * lay.microbatches)
+    tokens = bm * s  # per device and tick
+    lp = local_params(cfg)
+    p_layers = lp["experts"] + lp["attention"] + lp["router"] + lp["norms"] - m.d_model
+    mem = serve_memory(cfg, step)
+    # Traffic: every tick reads the stage's fp32 weights for its chunk; every layer run reads its cache slice.
+    chunk_weights = 4 * p_layers // lay.repeats
+    cache_per_run = 2 * bm * run.seq_len * (m.heads // lay.tp) * m.head_dim * db
+    traffic = sched.ticks * chunk_weights + runs * cache_per_run + 4 * m.d_model * m.vocab * lay.microbatches
+    hk = (m.heads // lay.tp) * m.head_dim
+    f_loc = m.expert_hidden // lay.tp
+    mats = 3 if m.ffn == "swiglu" else 2
+    flops = runs * (2 * tokens * m.d_model * hk * 4 + 4 * bm * (m.heads // lay.tp) * s * run.seq_len * m.head_dim
+                    + 2 * mats * m.top_k * tokens * m.d_model * f_loc)  # fmt: skip
+    flops += 2 * bm * lay.microbatches * m.d_model * m.vocab
+    table = assignment(cfg)
+    host_of = {d["id"]: d["host"] for d in table["devices"]}
+    sizes = dict(zip(("pp", "dp", "ep", "tp"), lay.shape, strict=True))
+    rows = []
+
+    def add(kind, axes, nbytes, count, what):
+        axes = tuple(a for a in axes if sizes[a] > 1)
+        if not axes or not count:
+            return
+        g = math.prod(sizes[a] for a in axes)
+        link = "inter-host" if any(_crosses_hosts(grp, host_of) for grp in _groups_over(table, axes)) else "intra-host"
+        bw = hw.inter_host_bandwidth if link == "inter-host" else hw.intra_host_bandwidth
+        secs = count * (LATENCY_S[link] + _wire_bytes(kind, nbytes, g) / bw)
+        rows.append({"kind": kind, "axes": list(axes), "bytes_per_device": nbytes, "count_per_step": count,
+                     "group_size": g, "link": link, "seconds": secs, "what": what})  # fmt: skip
+
+    add("all-reduce", ("tp",), tokens * m.d_model * 4, runs, "attention output partial sums")
+    add("all-to-all", ("ep",), m.experts * tokens * m.d_model * db, 2 * runs, "expert dispatch and combine")
+    add("all-reduce", ("tp",), m.experts * tokens * m.d_model * 4, runs, "expert output partial sums")
+    add("collective-permute", ("pp",), tokens * m.d_model * 4, sched.ticks, "stage to stage")
+    add("all-reduce", ("pp",), bm * lay.microbatches * m.vocab * 4, 1, "logits from the last stage")
+    compute = flops / (hw.peak_flops * hw.mfu)
+    memory_s = traffic / (hw.hbm_bandwidth * hw.hbm_efficiency)
+    comm = sum(r["seconds"] for r in rows)
+    total = max(compute, memory_s) + comm
+    new_tokens = run.batch * (s if step == "prefill" else 1)
+    return {
+        "step": step,
+        "layout": {
+            "pp": lay.pp,
+            "dp": lay.dp,
+            "ep": lay.ep,
+            "tp": lay.tp,
+            "microbatches": lay.microbatches,
+            "repeats": lay.repeats,
+            "devices": lay.devices,
+        },  # fmt: skip
+        "hardware": hw.name,
+        "params": {"total": total_params(m), "active_per_token": active_params_per_token(m)},
+        "memory_per_device_bytes": mem,
+        "fits": mem["total"] <= hw.hbm_bytes,
+        "hbm_bytes": hw.hbm_bytes,
+        "flops_per_step": float(flops),
+        "bytes_read_per_step": traffic,
+        "collectives": rows,
+        "step_time_s": {"compute": compute, "memory": memory_s, "comm": comm, "bubble": 0.0, "total": total},
+        "tokens_per_s": new_tokens / total,
+    }

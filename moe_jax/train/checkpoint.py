@@ -52,6 +52,7 @@ class Checkpoints:
         target = self._to_global(sm, template)
         want = _shapes(target)
         diff = [(k, meta["shapes"].get(k), v) for k, v in want.items() if meta["shapes"].get(k) != v]
+        diff.sort(key=lambda d: not d[0].startswith("['params']"))  # name a parameter before an optimizer moment
         if diff:
             k, there, here = diff[0]
             more = f"; {len(diff) - 1} more differ" if len(diff) > 1 else ""

@@ -1,0 +1,1 @@
+"""Serving: the sharded prefill and decode step with its KV cache, sampling and generation."""

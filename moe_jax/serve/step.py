@@ -1,0 +1,156 @@
+"""Prefill and decode on the mesh: one shard_map step that runs S new tokens per sequence through the pipeline,
+reading and writing a KV cache sharded like the model (layers over pp, batch over (dp, ep), heads over tp).
+
+Serving does not split the sequence over tp (a decode step has one token): tp partial sums are all-reduced
+(`Axes.serving`). Routing is dropless. Microbatches rotate through the stages exactly as in training (the same
+schedule, forward only); bubble ticks leave the cache untouched. The step returns the logits of each sequence's last
+new position and the updated cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from moe_jax.config import Config, ConfigError
+from moe_jax.model.layers import compute_dtype
+from moe_jax.model.transformer import block_cached, check_tokens
+from moe_jax.parallel.schedule import Schedule
+from moe_jax.parallel.step import ShardedModel
+from moe_jax.sharding import Axes, active_axes, logical_to_mesh
+
+
+def cache_spec(sizes) -> P:
+    """KV cache [L, M, B / M, T_max, H, K]."""
+    return logical_to_mesh(("layers", "microbatch", "batch", None, "heads", "head_dim"), sizes)
+
+
+def tokens_spec(sizes) -> P:
+    """New tokens [M, B / M, S]: rows over (dp, ep), every tp rank the whole sequence."""
+    return logical_to_mesh(("microbatch", "batch", None), sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeModel:
+    sm: ShardedModel
+    max_len: int
+
+    @classmethod
+    def build(cls, cfg: Config, mesh, max_len: int | None = None) -> ServeModel:
+        max_len = cfg.model.max_seq_len if max_len is None else max_len
+        if max_len > cfg.model.max_seq_len:
+            raise ConfigError(f"max_len={max_len}: must be <= model.max_seq_len={cfg.model.max_seq_len}")
+        return cls(ShardedModel.build(cfg, mesh), max_len)
+
+    @property
+    def cache_shape(self) -> tuple[int, ...]:
+        cfg = self.sm.cfg
+        m = cfg.model
+        mb = cfg.layout.microbatches
+        return (m.layers, mb, cfg.run.batch // mb, self.max_len, m.heads, m.head_dim)
+
+    def init_cache(self):
+        cfg = self.sm.cfg
+        sh = NamedSharding(self.sm.mesh, cache_spec(self.sm.sizes))
+        zeros = jax.jit(lambda: jnp.zeros(self.cache_shape, compute_dtype(cfg.run.dtype)), out_shardings=sh)
+        return zeros(), zeros()
+
+    def put_tokens(self, tokens_BS) -> jax.Array:
+        cfg = self.sm.cfg
+        tokens = check_tokens(tokens_BS, cfg.model.vocab, "prompt tokens")
+        lay = cfg.layout
+        if tokens.shape[0] != cfg.run.batch:
+            raise ConfigError(
+                f"batch={tokens.shape[0]}: the step serves run.batch={cfg.run.batch} sequences; it must be a "
+                f"multiple of layout.dp x layout.ep x layout.microbatches = {lay.dp * lay.ep * lay.microbatches}"
+            )
+        mb = lay.microbatches
+        sh = NamedSharding(self.sm.mesh, tokens_spec(self.sm.sizes))
+        return jax.device_put(jnp.asarray(tokens.reshape(mb, tokens.shape[0] // mb, -1), jnp.int32), sh)
+
+    def step_fn(self) -> Callable:
+        """(params, rest, cache_k, cache_v, tokens [M, B/M, S], pos) -> (logits [M, B/M, V], cache_k, cache_v)."""
+        sm = self.sm
+        cfg = sm.cfg
+        m, lay = cfg.model, cfg.layout
+        dtype = compute_dtype(cfg.run.dtype)
+        sizes = sm.sizes
+        axes = Axes.serving(sizes)
+        pp, v, mb = lay.pp, lay.repeats, lay.microbatches
+        sched = Schedule(pp, mb, v, m.layers)
+        pp_axes = active_axes(("pp",), sizes)
+        l_c = m.layers // (pp * v)
+        perm = [(s, (s + 1) % pp) for s in range(pp if v > 1 else pp - 1)]
+
+        def body(params, rest, ck, cv, tokens_local, pos):
+            # No pcast of the replicated weights here: nothing is differentiated, so they stay invariant and so do
+            # the logits (over tp every partial sum is all-reduced).
+            model = nnx.merge(sm.graphdef, params, rest, copy=True)
+            graph, blocks_state = nnx.split(model.blocks)
+            stage = lax.axis_index("pp") if pp_axes else 0
+            x_MBSD = model.embed_tokens(tokens_local)
+
+            def layer(carry, i):
+                x, ck, cv, j, valid = carry
+                blk = nnx.merge(graph, jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False),
+                                                    blocks_state))  # fmt: skip
+                k_old, v_old = ck[i, j], cv[i, j]
+                y, k_new, v_new = block_cached(blk, x, k_old, v_old, pos, axes, dtype)
+                ck = ck.at[i, j].set(jnp.where(valid, k_new, k_old))
+                cv = cv.at[i, j].set(jnp.where(valid, v_new, v_old))
+                return (y, ck, cv, j, valid), None
+
+            zero_act = x_MBSD[0] * 0.0
+            if pp_axes:  # activations differ by stage once they pass through a stage's layers
+                zero_act = lax.pcast(zero_act, pp_axes, to="varying")
+
+            def tick(carry, t):
+                recv, buf, out, ck, cv = carry
+                k = t - stage
+                valid = (k >= 0) & (k < v * mb)
+                kc = jnp.clip(k, 0, v * mb - 1)
+                j, r = kc % mb, kc // mb
+                if v > 1:
+                    k_last = t - pp
+                    j_last = jnp.clip(k_last, 0, v * mb - 1) % mb
+                    keep = (stage == 0) & (k_last >= 0) & (k_last < v * mb)
+                    buf = buf.at[j_last].set(jnp.where(keep, recv, buf[j_last]))
+                    first = jnp.where(r == 0, x_MBSD[j], buf[j])
+                else:
+                    first = x_MBSD[j]
+                x_in = jnp.where(stage == 0, first, recv)
+                (y, ck, cv, _, _), _ = lax.scan(layer, (x_in, ck, cv, j, valid), r * l_c + jnp.arange(l_c))
+                out = out.at[j].set(jnp.where(valid & (stage == pp - 1) & (r == v - 1), y, out[j]))
+                send = lax.ppermute(y, "pp", perm) if pp_axes else y
+                return (send, buf, out, ck, cv), None
+
+            buf0 = jnp.broadcast_to(zero_act, (mb if v > 1 else 1, *zero_act.shape))
+            out0 = jnp.broadcast_to(zero_act, (mb, *zero_act.shape))
+            (_, _, out, ck, cv), _ = lax.scan(tick, (zero_act, buf0, out0, ck, cv), jnp.arange(sched.ticks))
+            logits = model.logits(out[:, :, -1, :], dtype)  # [M, B/M, V]: the last new position
+            if pp_axes:
+                logits = lax.psum(jnp.where(stage == pp - 1, logits, 0.0), pp_axes)
+            return logits, ck, cv
+
+        cspec = cache_spec(sizes)
+        f = jax.shard_map(
+            body,
+            mesh=sm.mesh,
+            in_specs=(sm.param_specs, sm.rest_specs, cspec, cspec, tokens_spec(sizes), P()),
+            out_specs=(logical_to_mesh(("microbatch", "batch", None), sizes), cspec, cspec),
+            check_vma=True,
+        )
+        return jax.jit(f, donate_argnums=(2, 3))
+
+    def logits_to_host(self, logits) -> np.ndarray:
+        """[M, B/M, V] -> [B, V]."""
+        x = np.asarray(jax.device_get(logits))
+        return x.reshape(-1, x.shape[-1])

@@ -75,12 +75,11 @@ def _write_json(path: str, data: Any) -> None:
 
 
 def cmd_mesh(args) -> int:
+    import jax
     from rich.console import Console
 
     from moe_jax.mesh import assignment, check_placement
     from moe_jax.report import print_assignment
-
-    import jax
 
     cfg = _config(args)
     mesh = _setup_devices(args, cfg)

@@ -276,9 +276,11 @@ def cmd_compile(args) -> int:
 
 def cmd_plan(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from moe_jax.config import check_devices
+    from moe_jax.model.params import param_formula
     from moe_jax.plan.hardware import get_hardware
     from moe_jax.plan.model import plan
     from moe_jax.plan.search import find, search
@@ -326,8 +328,8 @@ def cmd_plan(args) -> int:
         f"plan: {lay.name or 'layout'} (pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp {lay.tp}, m {lay.microbatches}, "
         f"v {lay.repeats}, remat {lay.remat}) on {hw.name}: {hw.notes}"
     )
-    console.print(f"parameters: {p['params']['total']:,} total, {p['params']['active_per_token']:,} active per token, "
-                  f"{p['params']['per_device']:,} per device")  # fmt: skip
+    console.print(f"parameters: {p['params']['total']:,} total (the seed claims 30B: {escape(param_formula(cfg.model))}),"
+                  f" {p['params']['active_per_token']:,} active per token, {p['params']['per_device']:,} per device")  # fmt: skip
     console.print("memory per device: " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in mem.items() if k != "total")
                   + f"; [bold]total {mem['total'] / 1e9:.2f} GB[/bold] of {hw.hbm_bytes / 1e9:.0f} GB")  # fmt: skip
     t = Table(title="collectives per step and device", title_justify="left")
@@ -455,7 +457,7 @@ def cmd_demo(args) -> int:
 
     from moe_jax.layouts import MESHES, config_for
     from moe_jax.mesh import assignment
-    from moe_jax.model.params import total_params
+    from moe_jax.model.params import param_formula, total_params
     from moe_jax.parallel.verify import verify
     from moe_jax.train.data import SyntheticTask
     from moe_jax.train.loop import train
@@ -472,6 +474,9 @@ def cmd_demo(args) -> int:
     console.print(f"model: {cfg.model.layers} layers, {cfg.model.experts} experts (top-{cfg.model.top_k}), width "
                   f"{cfg.model.d_model}, {total_params(cfg.model):,} parameters; layout {lay.name}: pp {lay.pp} x dp "
                   f"{lay.dp} x ep {lay.ep} x tp {lay.tp} on {lay.devices} fake CPU devices")  # fmt: skip
+    seed = load_config(None, None)
+    console.print(f"(the seed's full-size model has {escape(param_formula(seed.model))} parameters, not the 30B it "
+                  "claims: moe-jax audit)")  # fmt: skip
     for s in range(lay.pp):
         devs = [d for d in table["devices"] if d["coords"]["pp"] == s]
         console.print(f"  stage {s}: layers {devs[0]['layers']}, devices {[d['id'] for d in devs]}; "

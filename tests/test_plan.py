@@ -111,14 +111,23 @@ def test_seed_audit_document_regenerates():
          "devices=64: layout pp x dp x ep x tp = 4 x 1 x 16 x 2 = 128 devices"),
         (["plan", "--layout", "meshes/seed-32.yaml", "run.seq_len=10240", "model.dispatch=dropless", "layout.remat=none"],
          "does not fit: needs 127.5 GB per device, has 64"),
-        (["compile", "--step", "decode", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-ep8.yaml"],
-         "--step='decode': only 'train' compiles so far"),
     ],
 )  # fmt: skip
 def test_bad_plan_input_is_one_line(args, message):
     proc = run_cli(*args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_compile_cli_decode(tmp_path):
+    j = tmp_path / "d.json"
+    proc = run_cli("compile", "--step", "decode", "--config", "configs/tiny.yaml", "--layout",
+                   "meshes/cpu8-pp2-ep2-tp2.yaml", "--json", str(j))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(j.read_text())
+    assert r["step"] == "decode" and r["audit_ok"] is None and r["memory_per_device_bytes"]["total"] > 0
+    assert "not audited" in proc.stdout
+    assert {c["kind"] for c in r["collectives"]} >= {"all-to-all", "collective-permute"}
 
 
 def test_compile_cli_json(tmp_path):

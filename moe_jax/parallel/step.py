@@ -152,6 +152,32 @@ def _to_varying(tree, specs, sizes):
     return jax.tree.map(cast, tree, specs)
 
 
+def tick_input(t, stage, recv, buf, x_MBSD, pp: int, v: int, mb: int):
+    """What stage `stage` works on at tick t of the schedule (see parallel/schedule.py), in SPMD form.
+
+    Returns (valid, microbatch j, repeat r, buffer, input): stage 0 takes microbatch j's embedding on the first repeat
+    and, circular, the last stage's output of the previous repeat from the wrap-around buffer (filed here as it
+    arrives); every other stage takes what the previous stage sent. Bubble ticks are not valid."""
+    k = t - stage
+    valid = (k >= 0) & (k < v * mb)
+    kc = jnp.clip(k, 0, v * mb - 1)
+    j, r = kc % mb, kc // mb
+    if v > 1:  # stage 0 files what the last stage sent at the end of the previous tick
+        k_last = t - pp
+        j_last = jnp.clip(k_last, 0, v * mb - 1) % mb
+        keep = (stage == 0) & (k_last >= 0) & (k_last < v * mb)
+        buf = buf.at[j_last].set(jnp.where(keep, recv, buf[j_last]))
+        first = jnp.where(r == 0, x_MBSD[j], buf[j])
+    else:
+        first = x_MBSD[j]
+    return valid, j, r, buf, jnp.where(stage == 0, first, recv)
+
+
+def ring(pp: int, repeats: int) -> list[tuple[int, int]]:
+    """Stage s sends to s + 1; circular schedules also close the ring (last -> first)."""
+    return [(s, (s + 1) % pp) for s in range(pp if repeats > 1 else pp - 1)]
+
+
 def loss_fn(sm: ShardedModel) -> Callable:
     """(params, rest, tokens, targets) -> (loss, metrics): one shard_map over the mesh running the pipeline schedule.
 
@@ -169,8 +195,7 @@ def loss_fn(sm: ShardedModel) -> Callable:
     all_tokens = active_axes((*TOKEN_AXES, "pp"), sizes)
     pp_axes = active_axes(("pp",), sizes)
     remat_layer = "layer" if lay.remat == "layer" else "none"
-    # Stage s sends to s + 1; circular schedules also close the ring (last -> first).
-    perm = [(s, (s + 1) % pp) for s in range(pp if v > 1 else pp - 1)]
+    perm = ring(pp, v)
 
     def psum(x, over):
         return lax.psum(x, over) if over else x
@@ -211,19 +236,7 @@ def loss_fn(sm: ShardedModel) -> Callable:
 
         def tick(carry, t):
             recv, buf, out, acc = carry
-            k = t - stage
-            valid = (k >= 0) & (k < v * mb)
-            kc = jnp.clip(k, 0, v * mb - 1)
-            j, r = kc % mb, kc // mb
-            if v > 1:  # stage 0 files what the last stage sent at the end of the previous tick
-                k_last = t - pp
-                j_last = jnp.clip(k_last, 0, v * mb - 1) % mb
-                keep = (stage == 0) & (k_last >= 0) & (k_last < v * mb)
-                buf = buf.at[j_last].set(jnp.where(keep, recv, buf[j_last]))
-                first = jnp.where(r == 0, x_MBSD[j], buf[j])
-            else:
-                first = x_MBSD[j]
-            x_in = jnp.where(stage == 0, first, recv)
+            valid, j, r, buf, x_in = tick_input(t, stage, recv, buf, x_MBSD, pp, v, mb)
             y, stats = apply_chunk(x_in, r)
             is_out = valid & (stage == pp - 1) & (r == v - 1)
             out = out.at[j].set(jnp.where(is_out, y, out[j]))

@@ -137,6 +137,11 @@ def _wire_bytes(kind: str, operand: int, g: int) -> float:
     return operand  # collective-permute
 
 
+def _layout_row(lay) -> dict[str, Any]:
+    keys = ("pp", "dp", "ep", "tp", "microbatches", "repeats", "remat", "devices")
+    return {k: getattr(lay, k) for k in keys}
+
+
 def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
     lay = cfg.layout
     sched = Schedule(lay.pp, lay.microbatches, lay.repeats, cfg.model.layers, lay.remat)
@@ -153,16 +158,7 @@ def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
     for r in colls:
         by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + r["bytes_per_device"] * r["count_per_step"]
     return {
-        "layout": {
-            "pp": lay.pp,
-            "dp": lay.dp,
-            "ep": lay.ep,
-            "tp": lay.tp,
-            "microbatches": lay.microbatches,
-            "repeats": lay.repeats,
-            "remat": lay.remat,
-            "devices": lay.devices,
-        },  # fmt: skip
+        "layout": _layout_row(lay),
         "hardware": hw.name,
         "params": {
             "total": total_params(cfg.model),
@@ -264,15 +260,7 @@ def serve_plan(cfg: Config, hw: Hardware, step: str = "decode") -> dict[str, Any
     new_tokens = run.batch * (s if step == "prefill" else 1)
     return {
         "step": step,
-        "layout": {
-            "pp": lay.pp,
-            "dp": lay.dp,
-            "ep": lay.ep,
-            "tp": lay.tp,
-            "microbatches": lay.microbatches,
-            "repeats": lay.repeats,
-            "devices": lay.devices,
-        },  # fmt: skip
+        "layout": _layout_row(lay),
         "hardware": hw.name,
         "params": {"total": total_params(m), "active_per_token": active_params_per_token(m)},
         "memory_per_device_bytes": mem,

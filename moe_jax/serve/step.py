@@ -24,7 +24,7 @@ from moe_jax.config import Config, ConfigError
 from moe_jax.model.layers import compute_dtype
 from moe_jax.model.transformer import block_cached, check_tokens
 from moe_jax.parallel.schedule import Schedule
-from moe_jax.parallel.step import ShardedModel
+from moe_jax.parallel.step import ShardedModel, ring, tick_input
 from moe_jax.sharding import Axes, active_axes, logical_to_mesh
 
 
@@ -88,7 +88,7 @@ class ServeModel:
         sched = Schedule(pp, mb, v, m.layers)
         pp_axes = active_axes(("pp",), sizes)
         l_c = m.layers // (pp * v)
-        perm = [(s, (s + 1) % pp) for s in range(pp if v > 1 else pp - 1)]
+        perm = ring(pp, v)
 
         def body(params, rest, ck, cv, tokens_local, pos):
             # No pcast of the replicated weights here: nothing is differentiated, so they stay invariant and so do
@@ -114,19 +114,7 @@ class ServeModel:
 
             def tick(carry, t):
                 recv, buf, out, ck, cv = carry
-                k = t - stage
-                valid = (k >= 0) & (k < v * mb)
-                kc = jnp.clip(k, 0, v * mb - 1)
-                j, r = kc % mb, kc // mb
-                if v > 1:
-                    k_last = t - pp
-                    j_last = jnp.clip(k_last, 0, v * mb - 1) % mb
-                    keep = (stage == 0) & (k_last >= 0) & (k_last < v * mb)
-                    buf = buf.at[j_last].set(jnp.where(keep, recv, buf[j_last]))
-                    first = jnp.where(r == 0, x_MBSD[j], buf[j])
-                else:
-                    first = x_MBSD[j]
-                x_in = jnp.where(stage == 0, first, recv)
+                valid, j, r, buf, x_in = tick_input(t, stage, recv, buf, x_MBSD, pp, v, mb)
                 (y, ck, cv, _, _), _ = lax.scan(layer, (x_in, ck, cv, j, valid), r * l_c + jnp.arange(l_c))
                 out = out.at[j].set(jnp.where(valid & (stage == pp - 1) & (r == v - 1), y, out[j]))
                 send = lax.ppermute(y, "pp", perm) if pp_axes else y

@@ -64,14 +64,24 @@ SEED_DECODE = textwrap.dedent(
     from moe_jax.config import load_config
     from moe_jax.mesh import make_mesh
     cfg = load_config("configs/seed.yaml", "meshes/seed-128.yaml", ["run.seq_len=10240"])
-    report, _, _ = compile_report(cfg, make_mesh(cfg.layout), "decode")
-    print(json.dumps(report["memory_per_device_bytes"]))
+    decode, _, _ = compile_report(cfg, make_mesh(cfg.layout), "decode")
+    cfg = load_config("configs/seed.yaml", "meshes/seed-128.yaml", ["run.seq_len=2048"])
+    prefill, _, _ = compile_report(cfg, make_mesh(cfg.layout), "prefill")
+    print(json.dumps([decode["memory_per_device_bytes"], prefill["memory_per_device_bytes"]]))
     """
 )
 
 
 def test_seed_decode_at_10240_compiles_and_the_planner_is_within_10_percent():
-    mem = json.loads(run_with_devices(128, SEED_DECODE).stdout.splitlines()[-1])
+    mem, prefill = json.loads(run_with_devices(128, SEED_DECODE).stdout.splitlines()[-1])
+    planned_prefill = serve_memory(
+        load_config("configs/seed.yaml", "meshes/seed-128.yaml", ["run.seq_len=2048"]), "prefill"
+    )
+    err = planned_prefill["total"] / prefill["total"] - 1
+    print(
+        f"prefill of 2048: compiled {prefill['total'] / 2**30:.3f} GiB, planned {planned_prefill['total'] / 2**30:.3f} ({err:+.1%})"
+    )
+    assert abs(err) <= 0.10
     cfg = load_config("configs/seed.yaml", "meshes/seed-128.yaml", ["run.seq_len=10240"])
     planned = serve_memory(cfg, "decode")
     err = planned["total"] / mem["total"] - 1

@@ -202,10 +202,14 @@ def serve_memory(cfg: Config, step: str) -> dict[str, int]:
         # new, upcast to fp32 for the attention
         "working_set": db * p_layers + db * m.d_model * m.vocab + 4 * 4 * slice_,
     }
-    if step == "prefill":  # one layer's activations for a microbatch: residual, attention scores, expert buffers
-        s = run.seq_len
-        out["working_set"] += 4 * bm * s * m.d_model * 6 + 3 * 4 * bm * h_loc * min(512, s) * s
-        out["working_set"] += 4 * db * m.experts * bm * s * m.d_model // lay.ep
+    # The expert FFN of one layer, dropless (C = every token of the microbatch, E x C buffer rows in all): its input
+    # after the all-to-all (compute dtype), the hidden in fp32 and its activation in the compute dtype, and the fp32
+    # output. In prefill (C = B/M x S) this is the peak; in decode (C = B/M) it is small.
+    s = run.seq_len if step == "prefill" else 1
+    rows = m.experts * bm * s
+    f_loc = m.expert_hidden // lay.tp
+    moe_peak = rows * m.d_model * db + rows * f_loc * (4 + db) + rows * m.d_model * 4
+    out["working_set"] = max(out["working_set"], moe_peak)
     out["total"] = sum(out.values())
     return out
 

@@ -420,9 +420,8 @@ def cmd_train(args) -> int:
     from moe_jax.train.data import make_source
     from moe_jax.train.loop import train
 
-    cfg = _config(args)
-    if args.steps is not None:
-        cfg = load_config(args.config, args.layout, [*args.overrides, f"run.steps={args.steps}"])
+    steps = [f"run.steps={args.steps}"] if args.steps is not None else []
+    cfg = load_config(args.config, args.layout, [*args.overrides, *steps])
     mesh = _setup_devices(args, cfg)
     source = make_source(args.data, cfg.model.vocab, cfg.run.seq_len, cfg.run.seed, args.data_dtype)
     quiet = jax.process_index() != 0

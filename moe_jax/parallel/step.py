@@ -70,7 +70,8 @@ class ShardedModel:
         out = (self.shardings(self.param_specs), self.shardings(self.rest_specs))
         return jax.jit(init_fn, out_shardings=out)()
 
-    def _layer_order(self, inverse: bool):
+    def layer_order(self, inverse: bool = False) -> np.ndarray:
+        """Position in the stacked storage -> global layer id; inverse: global layer id -> storage position."""
         order = np.array(layer_storage_order(self.cfg.model.layers, self.cfg.layout.pp, self.cfg.layout.repeats))
         return np.argsort(order) if inverse else order
 
@@ -94,11 +95,11 @@ class ShardedModel:
 
     def to_storage(self, state):
         """Global layer order -> the stacked storage order of this layout (each stage's chunks contiguous)."""
-        return self._permute_layers(state, self._layer_order(inverse=False))
+        return self._permute_layers(state, self.layer_order())
 
     def to_global(self, state):
         """The storage order of this layout -> global layer order (what one device and checkpoints use)."""
-        return self._permute_layers(state, self._layer_order(inverse=True))
+        return self._permute_layers(state, self.layer_order(inverse=True))
 
     def make_batch(self, source, step: int):
         """The batch of `step` as global [M, B / M, S] arrays; each process builds only the rows its own devices hold

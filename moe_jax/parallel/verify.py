@@ -10,7 +10,6 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.config import Config
-from moe_jax.mesh import layer_storage_order
 from moe_jax.parallel.step import ShardedModel, grad_step, reference_grad_step, to_host
 
 # Written-down tolerances: relative to each leaf's largest element (fp32 about 1e-5; bf16 / fp16 about 1e-2).
@@ -74,8 +73,7 @@ def verify(cfg: Config, mesh, seed: int = 0, perturb: Callable | None = None) ->
     with jax.set_mesh(mesh):
         sharded = grad_step(sm)(params, rest, *sm.put_batch(tokens, targets))
     (loss, met), grads = to_host(sharded)
-    order = layer_storage_order(cfg.model.layers, cfg.layout.pp, cfg.layout.repeats)
-    met["tokens_per_expert"] = met["tokens_per_expert"][np.argsort(order)]
+    met["tokens_per_expert"] = met["tokens_per_expert"][sm.layer_order(inverse=True)]
     sharded = ((loss, met), sm.to_global(grads))
     if perturb is not None:
         sharded = perturb(sharded)

@@ -100,17 +100,21 @@ def collectives(cfg: Config, hw: Hardware | None = None, step: str = "train") ->
     table = assignment(cfg)
     host_of = {d["id"]: d["host"] for d in table["devices"]}
     sizes = dict(zip(("pp", "dp", "ep", "tp"), cfg.layout.shape, strict=True))
-    rows = []
-    for r in expected_collectives(cfg, step):
-        g = math.prod(sizes[a] for a in r["axes"])
-        groups = _groups_over(table, r["axes"])
-        link = "inter-host" if any(_crosses_hosts(grp, host_of) for grp in groups) else "intra-host"
-        row = dict(r, group_size=g, link=link)
-        if hw is not None:
-            bw = hw.inter_host_bandwidth if link == "inter-host" else hw.intra_host_bandwidth
-            row["seconds"] = r["count_per_step"] * _wire_bytes(r["kind"], r["bytes_per_device"], g) / bw
-        rows.append(row)
-    return rows
+    return [_price(r, table, host_of, sizes, hw) for r in expected_collectives(cfg, step)]
+
+
+def _price(row: dict[str, Any], table, host_of, sizes, hw: Hardware | None, latency: bool = False) -> dict[str, Any]:
+    """A collective row with its group size, the link its groups cross, and (given hardware) its seconds per step:
+    ring wire bytes over that link's bandwidth, plus a fixed latency per collective when `latency`."""
+    g = math.prod(sizes[a] for a in row["axes"])
+    groups = _groups_over(table, row["axes"])
+    link = "inter-host" if any(_crosses_hosts(grp, host_of) for grp in groups) else "intra-host"
+    out = dict(row, group_size=g, link=link)
+    if hw is not None:
+        bw = hw.inter_host_bandwidth if link == "inter-host" else hw.intra_host_bandwidth
+        per = _wire_bytes(row["kind"], row["bytes_per_device"], g) / bw + (LATENCY_S[link] if latency else 0.0)
+        out["seconds"] = row["count_per_step"] * per
+    return out
 
 
 def _groups_over(table, axes) -> list[list[int]]:
@@ -242,15 +246,10 @@ def serve_plan(cfg: Config, hw: Hardware, step: str = "decode") -> dict[str, Any
     rows = []
 
     def add(kind, axes, nbytes, count, what):
-        axes = tuple(a for a in axes if sizes[a] > 1)
-        if not axes or not count:
-            return
-        g = math.prod(sizes[a] for a in axes)
-        link = "inter-host" if any(_crosses_hosts(grp, host_of) for grp in _groups_over(table, axes)) else "intra-host"
-        bw = hw.inter_host_bandwidth if link == "inter-host" else hw.intra_host_bandwidth
-        secs = count * (LATENCY_S[link] + _wire_bytes(kind, nbytes, g) / bw)
-        rows.append({"kind": kind, "axes": list(axes), "bytes_per_device": nbytes, "count_per_step": count,
-                     "group_size": g, "link": link, "seconds": secs, "what": what})  # fmt: skip
+        axes = [a for a in axes if sizes[a] > 1]
+        if axes and count:
+            row = {"kind": kind, "axes": axes, "bytes_per_device": nbytes, "count_per_step": count, "what": what}
+            rows.append(_price(row, table, host_of, sizes, hw, latency=True))
 
     add("all-reduce", ("tp",), tokens * m.d_model * 4, runs, "attention output partial sums")
     add("all-to-all", ("ep",), m.experts * tokens * m.d_model * db, 2 * runs, "expert dispatch and combine")

@@ -11,7 +11,6 @@ import os
 import numpy as np
 
 from moe_jax.config import ConfigError
-from moe_jax.model.transformer import check_tokens
 
 RULES = 4  # the synthetic task's number of rules
 
@@ -95,8 +94,3 @@ class TokenFile:
 
 def make_source(path: str | None, vocab: int, seq_len: int, seed: int, dtype: str = "uint16"):
     return SyntheticTask(vocab, seq_len, seed) if path is None else TokenFile(path, vocab, seq_len, seed, dtype)
-
-
-def global_batch(source, step: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens, targets = source.rows(step, batch)
-    return check_tokens(tokens, source.vocab, "tokens"), check_tokens(targets, source.vocab, "targets")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -118,10 +117,3 @@ def _update_bias(rest, tokens_per_expert, rate, fn):
         return x
 
     return jax.tree_util.tree_map_with_path(upd, rest)
-
-
-def loss_threshold_note(vocab: int) -> str:
-    return f"chance is log({vocab}) = {np.log(vocab):.2f}"
-
-
-__all__ = ["train", "step_record", "os"]

@@ -13,6 +13,15 @@ def _span(ids: list[int]) -> str:
 
 
 def draw_mesh(table: dict[str, Any], path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = mesh_figure(table)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def mesh_figure(table: dict[str, Any]):
+    """The mesh map as a matplotlib figure, laid out so that every text lies inside it (tests check this)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,12 +85,19 @@ def draw_mesh(table: dict[str, Any], path: str) -> None:
     ax.axis("off")
     title = (
         f"{lay.get('name') or 'layout'}: pp {pp} x dp {dp} x ep {ep} x tp {tp} = {lay['devices']} devices, "
-        f"{lay['hosts']} hosts of {lay['devices_per_host']} (outlined); colour = pipeline stage, shade = tp rank"
+        f"{lay['hosts']} host{'s' if lay['hosts'] > 1 else ''} of {lay['devices_per_host']} (outlined); colour = pipeline stage, shade = tp rank"
     )
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_wrap(title, fig_w, 9), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    return fig
+
+
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """Breaks a title into lines that fit a figure `width_in` inches wide (an average glyph is about 0.55 em)."""
+    import textwrap
+
+    chars = max(20, int(width_in * 72 / (0.55 * fontsize)) - 4)
+    return "\n".join(textwrap.wrap(text, chars))
 
 
 def draw_schedule(sched, path: str) -> None:
@@ -93,7 +109,8 @@ def draw_schedule(sched, path: str) -> None:
     from matplotlib.patches import Rectangle
 
     t_all = sched.ticks
-    fig, ax = plt.subplots(figsize=(min(40.0, 2.0 + 0.32 * 2 * t_all), 1.2 + 0.45 * sched.pp))
+    fig_w = min(40.0, 2.0 + 0.32 * 2 * t_all)
+    fig, ax = plt.subplots(figsize=(fig_w, 1.2 + 0.45 * sched.pp))
     cmap = plt.get_cmap("tab20")
     for s in range(sched.pp):
         y = sched.pp - 1 - s
@@ -115,12 +132,12 @@ def draw_schedule(sched, path: str) -> None:
     ax.set_xlim(-0.2, 2 * t_all + 1.2)
     ax.set_ylim(-0.2, sched.pp + 0.6)
     ax.axis("off")
-    ax.set_title(
+    title = (
         f"pp {sched.pp}, {sched.microbatches} microbatches, {sched.repeats} repeat(s): {sched.ticks} ticks, "
         f"utilisation {sched.useful_ticks}/{sched.ticks} = {sched.utilization:.1%}; cell = microbatch"
-        + (".repeat" if sched.repeats > 1 else ""),
-        fontsize=9,
+        + (".repeat" if sched.repeats > 1 else "")
     )
+    ax.set_title(_wrap(title, fig_w, 9), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from moe_jax.config import Config, ConfigError, LayoutConfig, check_config
@@ -43,8 +44,41 @@ def candidates(cfg: Config, devices: int, devices_per_host: int) -> list[Config]
     return out
 
 
+def layout_counts(cfg: Config) -> list[int]:
+    """Every device count that has a layout under the rules `candidates` applies (from divisors alone: cheap)."""
+    m, run = cfg.model, cfg.run
+    counts = set()
+    for pp in _divisors(m.layers):
+        for tp in _divisors(math.gcd(m.heads, m.expert_hidden, run.seq_len)):
+            for ep in _divisors(m.experts):
+                for shards in _divisors(run.batch):  # dp x ep
+                    if shards % ep == 0 and (pp == 1 or run.batch // shards >= pp):
+                        counts.add(pp * tp * shards)
+    return sorted(counts)
+
+
+def no_layout_reason(cfg: Config, devices: int) -> str:
+    """One line: why no layout of `devices` exists, and the nearest device counts that have one."""
+    m, run = cfg.model, cfg.run
+    rules = (
+        f"pp must divide model.layers={m.layers}, tp must divide model.heads={m.heads}, model.expert_hidden="
+        f"{m.expert_hidden} and run.seq_len={run.seq_len}, ep must divide model.experts={m.experts}, and dp x ep must "
+        f"divide run.batch={run.batch} (with at least pp microbatches)"
+    )
+    counts = layout_counts(cfg)
+    near = [n for n in (max((c for c in counts if c < devices), default=None),
+                        min((c for c in counts if c > devices), default=None)) if n is not None]  # fmt: skip
+    return (
+        f"--devices={devices}: no layout of {devices} devices exists for this model and batch: {rules}; the nearest "
+        f"device counts with layouts: {' and '.join(map(str, near))} (at most {counts[-1]})"
+    )
+
+
 def search(cfg: Config, devices: int, hw: Hardware) -> dict[str, Any]:
-    """Plans of every candidate; those that fit, ranked by estimated step time."""
+    """Plans of every candidate; those that fit, ranked by estimated step time. Raises ConfigError in one line when
+    no layout exists, or none fits the hardware's memory."""
+    if devices < 1:
+        raise ConfigError(f"--devices={devices}: must be a positive integer")
     rows = []
     for c in candidates(cfg, devices, hw.devices_per_host):
         p = plan(c, hw)
@@ -61,7 +95,17 @@ def search(cfg: Config, devices: int, hw: Hardware) -> dict[str, Any]:
                 "utilization": p["schedule"]["utilization"],
             }
         )
+    if not rows:
+        raise ConfigError(no_layout_reason(cfg, devices))
     fitting = sorted((r for r in rows if r["fits"]), key=lambda r: r["step_time_s"])
+    if not fitting:
+        least = min(rows, key=lambda r: r["memory_gb"])
+        raise ConfigError(
+            f"--devices={devices}: none of the {len(rows)} layouts of {devices} devices fits {hw.name}'s "
+            f"{hw.hbm_bytes / 1e9:.0f} GB per device; the smallest, (pp {least['pp']}, dp {least['dp']}, ep "
+            f"{least['ep']}, tp {least['tp']}, m {least['microbatches']}, remat {least['remat']}), needs "
+            f"{least['memory_gb']:.1f} GB: use more devices, a smaller run.batch or run.seq_len, or other --hardware"
+        )
     for rank, r in enumerate(fitting, 1):
         r["rank"] = rank
     return {"devices": devices, "hardware": hw.name, "candidates": len(rows), "fitting": fitting,

@@ -55,7 +55,10 @@ def local_sizes(cfg: Config) -> dict[str, int]:
 def expected_collectives(cfg: Config, step: str = "grad") -> list[dict[str, Any]]:
     """Rows {kind, axes, bytes_per_device, count_per_step, what}, axes of size 1 left out (no collective runs there).
     step 'grad' is the loss and gradients (verify, hlo); 'train' adds the optimizer's gradient norm and overflow check:
-    one all-reduce of 2 fp32 per set of axes the parameters are split over (the update itself is elementwise)."""
+    one all-reduce of 2 fp32 per set of axes the parameters are split over (the update itself is elementwise);
+    'prefill' and 'decode' are serving's (`expected_serving_collectives`)."""
+    if step in ("prefill", "decode"):
+        return expected_serving_collectives(cfg, step)
     m, lay = cfg.model, cfg.layout
     sizes = dict(zip(MESH_AXES, lay.shape, strict=True))
     loc = local_sizes(cfg)
@@ -104,6 +107,39 @@ def expected_collectives(cfg: Config, step: str = "grad") -> list[dict[str, Any]
     if step == "train":
         for split in {tuple(active_axes(a, sizes)) for a in (("pp", "ep", "tp"), ("pp", "tp"), ("pp",))}:
             add("all-reduce", split, 8, 1, "gradient norm and overflow check")
+    return rows
+
+
+def expected_serving_collectives(cfg: Config, step: str) -> list[dict[str, Any]]:
+    """What one prefill (run.seq_len new tokens) or decode (one token) step must run, rows as `expected_collectives`.
+
+    Serving keeps the sequence whole on every tp rank (a decode token cannot be split), so the tp partial sums of the
+    attention output and of the expert output are all-reduced in fp32 rather than reduce-scattered, and nothing is
+    gathered. Routing is dropless: C = T = B/(M dp ep) x S rows per expert. Per tick one collective-permute moves the
+    fp32 residual to the next stage (forward only); the last stage's logits [M, B/(M dp ep), V] are summed over pp
+    once. Router statistics are not used, so none is reduced."""
+    m, lay, run = cfg.model, cfg.layout, cfg.run
+    sizes = dict(zip(MESH_AXES, lay.shape, strict=True))
+    db = DTYPE_BYTES[run.dtype]
+    s = run.seq_len if step == "prefill" else 1
+    b = run.batch // (lay.dp * lay.ep * lay.microbatches)
+    tokens = b * s
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers)
+    runs = sched.ticks * sched.layers_per_chunk
+    d, e = m.d_model, m.experts
+    rows: list[dict[str, Any]] = []
+
+    def add(kind, axes, nbytes, count, what):
+        axes = active_axes(axes, sizes)
+        if axes and count:
+            rows.append({"kind": kind, "axes": list(axes), "bytes_per_device": nbytes, "count_per_step": count,
+                         "what": what})  # fmt: skip
+
+    add("all-reduce", ("tp",), tokens * d * 4, runs, "attention output partial sums, fp32")
+    add("all-reduce", ("tp",), e * tokens * d * 4, runs, "expert output partial sums, fp32")
+    add("all-to-all", ("ep",), e * tokens * d * db, 2 * runs, "expert dispatch and combine (dropless)")
+    add("collective-permute", ("pp",), tokens * d * 4, sched.ticks, "stage to stage, fp32 residual")
+    add("all-reduce", ("pp",), lay.microbatches * b * m.vocab * 4, 1, "last-position logits from the last stage")
     return rows
 
 

@@ -8,15 +8,18 @@ train step (tests/test_plan.py).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
+import numpy as np
+
 from moe_jax.config import Config
-from moe_jax.mesh import assignment
 from moe_jax.model.params import active_params_per_token, param_counts, total_params
 from moe_jax.parallel.comm import DTYPE_BYTES, expected_collectives, local_sizes
 from moe_jax.parallel.schedule import Schedule
 from moe_jax.plan.hardware import Hardware
+from moe_jax.sharding import MESH_AXES
 
 GIB = 2**30
 
@@ -91,43 +94,34 @@ def flops(cfg: Config) -> dict[str, float]:
     return {"total": float(total), "useful": float(useful), "per_layer_forward": float(layer)}
 
 
-def _crosses_hosts(group: list[int], host_of: dict[int, int]) -> bool:
-    return len({host_of[i] for i in group}) > 1
-
-
-def collectives(cfg: Config, hw: Hardware | None = None, step: str = "train") -> list[dict[str, Any]]:
-    """The expected collectives with their group size, the link they cross and (given hardware) their time."""
-    table = assignment(cfg)
-    host_of = {d["id"]: d["host"] for d in table["devices"]}
-    sizes = dict(zip(("pp", "dp", "ep", "tp"), cfg.layout.shape, strict=True))
-    return [_price(r, table, host_of, sizes, hw) for r in expected_collectives(cfg, step)]
-
-
-def _price(row: dict[str, Any], table, host_of, sizes, hw: Hardware | None, latency: bool = False) -> dict[str, Any]:
-    """A collective row with its group size, the link its groups cross, and (given hardware) its seconds per step:
-    ring wire bytes over that link's bandwidth, plus a fixed latency per collective when `latency`."""
-    g = math.prod(sizes[a] for a in row["axes"])
-    groups = _groups_over(table, row["axes"])
-    link = "inter-host" if any(_crosses_hosts(grp, host_of) for grp in groups) else "intra-host"
-    out = dict(row, group_size=g, link=link)
-    if hw is not None:
-        bw = hw.inter_host_bandwidth if link == "inter-host" else hw.intra_host_bandwidth
-        per = _wire_bytes(row["kind"], row["bytes_per_device"], g) / bw + (LATENCY_S[link] if latency else 0.0)
-        out["seconds"] = row["count_per_step"] * per
+def collectives(cfg: Config, hw: Hardware | None = None, step: str = "train", latency: bool = False) -> list[dict]:
+    """The expected collectives (training's, or serving's for step prefill / decode) with their group size, the link
+    they cross and (given hardware) their seconds per step: ring wire bytes over that link's bandwidth, plus a fixed
+    latency per collective when `latency`."""
+    lay = cfg.layout
+    sizes = dict(zip(MESH_AXES, lay.shape, strict=True))
+    out = []
+    for row in expected_collectives(cfg, step):
+        g = math.prod(sizes[a] for a in row["axes"])
+        link = "inter-host" if crosses_hosts(lay.shape, lay.devices_per_host, tuple(row["axes"])) else "intra-host"
+        priced = dict(row, group_size=g, link=link)
+        if hw is not None:
+            bw = hw.inter_host_bandwidth if link == "inter-host" else hw.intra_host_bandwidth
+            per = _wire_bytes(row["kind"], row["bytes_per_device"], g) / bw + (LATENCY_S[link] if latency else 0.0)
+            priced["seconds"] = row["count_per_step"] * per
+        out.append(priced)
     return out
 
 
-def _groups_over(table, axes) -> list[list[int]]:
-    if len(axes) == 1:
-        return table["groups"][axes[0]]
-    ids = {
-        (d["coords"]["pp"], d["coords"]["dp"], d["coords"]["ep"], d["coords"]["tp"]): d["id"] for d in table["devices"]
-    }
-    buckets: dict[tuple, list[int]] = {}
-    for coord, i in ids.items():
-        key = tuple(c for a, c in zip(("pp", "dp", "ep", "tp"), coord, strict=True) if a not in axes)
-        buckets.setdefault(key, []).append(i)
-    return list(buckets.values())
+@functools.lru_cache(maxsize=4096)
+def crosses_hosts(shape: tuple[int, ...], devices_per_host: int, axes: tuple[str, ...]) -> bool:
+    """Whether some group over `axes` spans two hosts, with the planned devices: ids row-major over the mesh, host
+    = id // devices_per_host (the assignment's rule for one process per host)."""
+    host = (np.arange(math.prod(shape)) // devices_per_host).reshape(shape)
+    along = [MESH_AXES.index(a) for a in axes]
+    rest = [i for i in range(len(shape)) if i not in along]
+    groups = host.transpose(rest + along).reshape(-1, math.prod(shape[i] for i in along))
+    return bool((groups.min(axis=1) != groups.max(axis=1)).any())
 
 
 def _wire_bytes(kind: str, operand: int, g: int) -> float:
@@ -240,22 +234,7 @@ def serve_plan(cfg: Config, hw: Hardware, step: str = "decode") -> dict[str, Any
     flops = runs * (2 * tokens * m.d_model * hk * 4 + 4 * bm * (m.heads // lay.tp) * s * run.seq_len * m.head_dim
                     + 2 * mats * m.top_k * tokens * m.d_model * f_loc)  # fmt: skip
     flops += 2 * bm * lay.microbatches * m.d_model * m.vocab
-    table = assignment(cfg)
-    host_of = {d["id"]: d["host"] for d in table["devices"]}
-    sizes = dict(zip(("pp", "dp", "ep", "tp"), lay.shape, strict=True))
-    rows = []
-
-    def add(kind, axes, nbytes, count, what):
-        axes = [a for a in axes if sizes[a] > 1]
-        if axes and count:
-            row = {"kind": kind, "axes": axes, "bytes_per_device": nbytes, "count_per_step": count, "what": what}
-            rows.append(_price(row, table, host_of, sizes, hw, latency=True))
-
-    add("all-reduce", ("tp",), tokens * m.d_model * 4, runs, "attention output partial sums")
-    add("all-to-all", ("ep",), m.experts * tokens * m.d_model * db, 2 * runs, "expert dispatch and combine")
-    add("all-reduce", ("tp",), m.experts * tokens * m.d_model * 4, runs, "expert output partial sums")
-    add("collective-permute", ("pp",), tokens * m.d_model * 4, sched.ticks, "stage to stage")
-    add("all-reduce", ("pp",), bm * lay.microbatches * m.vocab * 4, 1, "logits from the last stage")
+    rows = collectives(cfg, hw, step, latency=True)  # the serving audit's expected set (parallel/comm.py)
     compute = flops / (hw.peak_flops * hw.mfu)
     memory_s = traffic / (hw.hbm_bandwidth * hw.hbm_efficiency)
     comm = sum(r["seconds"] for r in rows)

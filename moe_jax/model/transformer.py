@@ -124,14 +124,16 @@ def loss_fn(
 
     The router terms are defined per microbatch (rows j B/M .. (j+1) B/M) and averaged over microbatches and layers:
     the load-balancing loss is not linear in the batch, and this is what a pipelined step computes."""
-    rows = tokens_BS.shape[0] // microbatches
-    ce_sum, per_mb = 0.0, []
-    for j in range(microbatches):
-        logits, stats = model(tokens_BS[j * rows : (j + 1) * rows], ONE_DEVICE, dtype, groups, remat)
-        ce_sum = ce_sum + cross_entropy(logits, targets_BS[j * rows : (j + 1) * rows])
-        per_mb.append(stats)
-    stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_mb)  # [M, L, ...]
-    ce = ce_sum / targets_BS.size
+    b, s = tokens_BS.shape
+    split = lambda x: x.reshape(microbatches, b // microbatches, s)  # noqa: E731  microbatch j: rows j B/M ..
+
+    def one_microbatch(ce_sum, xs):  # a scan, not a Python loop: one copy of the model in the program, not M
+        tokens, targets = xs
+        logits, stats = model(tokens, ONE_DEVICE, dtype, groups, remat)
+        return ce_sum + cross_entropy(logits, targets), stats
+
+    ce_sum, stats = jax.lax.scan(one_microbatch, jnp.zeros((), jnp.float32), (split(tokens_BS), split(targets_BS)))
+    ce = ce_sum / targets_BS.size  # stats: [M, L, ...]
     aux = aux_losses(model.cfg, stats)
     metrics = {
         "ce": ce,

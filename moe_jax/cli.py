@@ -8,9 +8,10 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from typing import Any
 
-from moe_jax.config import Config, ConfigError, load_config
+from moe_jax.config import Config, ConfigError, check_devices, load_config
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -54,10 +55,42 @@ def _setup_devices(args, cfg: Config):
                    args.heartbeat_timeout, auto=args.distributed)  # fmt: skip
         return make_mesh(cfg.layout)
     if not args.real:
-        if args.devices is not None and args.devices < 1:
-            raise ConfigError(f"--devices={args.devices}: must be a positive integer")
+        if args.devices is not None:
+            if args.devices < 1:
+                raise ConfigError(f"--devices={args.devices}: must be a positive integer")
+            check_devices(cfg.layout, args.devices)  # before JAX makes them: 100000 fake devices take minutes
         use_fake_devices(args.devices if args.devices is not None else cfg.layout.devices)
     return make_mesh(cfg.layout)
+
+
+def check_output(path: str, field: str, directory: bool) -> None:
+    """Refuses an output path that cannot be written, before any work is done and without creating anything: the
+    deepest part of the path that exists must be a directory in which a probe file can be made (and is removed)."""
+    full = os.path.abspath(path)
+    if directory and os.path.exists(full) and not os.path.isdir(full):
+        raise ConfigError(f"{field}={path!r}: is a file, not a directory")
+    if not directory and os.path.isdir(full):
+        raise ConfigError(f"{field}={path!r}: is a directory; give a file path")
+    existing = full if directory else os.path.dirname(full)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{field}={path!r}: cannot write there: {existing} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".moe-jax-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"{field}={path!r}: cannot write there: making a file in {existing} fails ({e.strerror or e})"
+        ) from None
+
+
+def _check_outputs(args) -> None:
+    for dest, directory in getattr(args, "outputs", {}).items():
+        value = getattr(args, dest, None)
+        if value:
+            check_output(value, "--" + dest.replace("_", "-"), directory)
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -265,17 +298,13 @@ def cmd_compile(args) -> int:
         f"matmul FLOPs per device per step (loops counted): {report['flops'] / 1e12:.3f} TFLOP "
         f"(XLA's cost_analysis, loop bodies once: {report['flops_xla_cost_analysis_loops_once'] / 1e12:.3f})"
     )
-    if report["audit_ok"] is None:
-        kinds = sorted({c["kind"] for c in report["collectives"]})
-        console.print(f"collectives: {', '.join(kinds)} (listed in --json; serving steps are not audited)")
-    else:
-        console.print(
-            "collective audit: " + ("equal to the expected set" if report["audit_ok"] else
-                                    f"[red]{len(report['unexpected'])} unexpected[/red]: {report['unexpected']}")
-        )  # fmt: skip
+    console.print(
+        "collective audit: " + ("equal to the expected set" if report["audit_ok"] else
+                                f"[red]{len(report['unexpected'])} unexpected[/red]: {report['unexpected']}")
+    )  # fmt: skip
     if args.json:
         _write_json(args.json, report)
-    return 0
+    return 0 if report["audit_ok"] else 1
 
 
 def cmd_plan(args) -> int:
@@ -385,6 +414,8 @@ def cmd_audit(args) -> int:
     from moe_jax.plan.audit import claims, markdown
 
     text = markdown(claims())
+    if os.path.dirname(args.out):
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
     print(text)
@@ -435,7 +466,7 @@ def cmd_train(args) -> int:
             state, records = train(
                 cfg, mesh, source, cfg.run.steps, metrics_path=args.metrics, checkpoint_dir=args.checkpoint_dir,
                 checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume, profile_dir=args.profile,
-                on_step=on_step,
+                on_step=on_step, stop_at=args.stop_at, allow_config_change=args.allow_config_change,
             )  # fmt: skip
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
@@ -449,7 +480,10 @@ def cmd_train(args) -> int:
         console.print(f"step {last['step']}: loss {last['loss']:.4f} (cross-entropy {last['ce']:.4f}); "
                       f"{sum(r['skipped'] for r in records)} steps skipped for overflow")  # fmt: skip
     else:
-        console.print(f"nothing to do: the checkpoint is at step {state.step} >= --steps {cfg.run.steps}")
+        console.print(f"nothing to do: the checkpoint is at step {state.step}, at or past step "
+                      f"{args.stop_at or cfg.run.steps}")  # fmt: skip
+    if args.profile:
+        console.print(f"wrote a jax.profiler trace to {args.profile}")
     return 0
 
 
@@ -462,6 +496,8 @@ def cmd_demo(args) -> int:
     from moe_jax.mesh import assignment
     from moe_jax.model.params import param_formula, total_params
     from moe_jax.parallel.verify import verify
+    from moe_jax.serve.generate import continue_sequences
+    from moe_jax.serve.step import ServeModel
     from moe_jax.train.data import SyntheticTask
     from moe_jax.train.loop import train
     from moe_jax.viz import draw_loss, draw_mesh
@@ -500,8 +536,21 @@ def cmd_demo(args) -> int:
 
         checkpoint = os.path.join(args.out, "checkpoint")
         shutil.rmtree(checkpoint, ignore_errors=True)
-        _, records = train(cfg, mesh, source, args.steps, metrics_path=os.path.join(args.out, "metrics.jsonl"),
-                           checkpoint_dir=checkpoint, checkpoint_every=args.steps, on_step=on_step)  # fmt: skip
+        state, records = train(cfg, mesh, source, args.steps, metrics_path=os.path.join(args.out, "metrics.jsonl"),
+                               checkpoint_dir=checkpoint, checkpoint_every=args.steps, on_step=on_step)  # fmt: skip
+    # The trained model at work: held-out sequences of the task (a step the training never drew), each prompted with
+    # its rule id and first two tokens and continued greedily on the mesh (prefill, then KV-cache decode).
+    prompt_len = 3
+    held_out, _ = source.rows(HELD_OUT_STEP, cfg.run.batch)
+    srv = ServeModel.build(cfg, mesh, max_len=cfg.run.seq_len)
+    new, right = continue_sequences(srv, state.params, state.rest, held_out, prompt_len)
+    row = int(np.argmax(right.sum(axis=1)))
+    example = held_out[row, :prompt_len].tolist()
+    console.print(f"[bold]3. the trained model continues {len(held_out)} held-out sequences[/bold] (prompt: rule id and "
+                  f"first two tokens, then {new.shape[1]} greedy tokens): {int(right.sum())} of {right.size} tokens "
+                  f"right ({right.mean():.0%}; chance {1 / cfg.model.vocab:.0%})")  # fmt: skip
+    console.print(f"  e.g. rule {example[0]}: {example} -> {new[row].tolist()}; the rule gives "
+                  f"{held_out[row, prompt_len:].tolist()} ({int(right[row].sum())} of {new.shape[1]} right)")  # fmt: skip
     chance = float(np.log(cfg.model.vocab))
     draw_loss(records, os.path.join(args.out, "loss.png"), f"{lay.name}, tiny model, synthetic task", chance)
     first, last = records[0], records[-1]
@@ -512,10 +561,19 @@ def cmd_demo(args) -> int:
                   f"median {steady[len(steady) // 2]:,.0f} tokens/s on fake CPU devices")  # fmt: skip
     console.print(f"  last step: max/mean expert load {last['max_over_mean_load']:.2f}, dropped "
                   f"{last['dropped_share']:.1%}, router loss {last['router_loss']:.4f}")  # fmt: skip
+    console.print(f"  held-out continuations: {int(right.sum())} of {right.size} tokens right")
+    command = ["moe-jax", "generate", "--checkpoint", checkpoint, "--prompt-tokens", ",".join(map(str, example)),
+               "--max-new", str(new.shape[1])]  # fmt: skip
+    if args.config:
+        command += ["--config", args.config]
+    if args.layout != DEMO_LAYOUT:
+        command += ["--layout", os.path.relpath(layout)]
+    command += list(args.overrides)
     console.print(f"  wrote {args.out}/mesh.png, {args.out}/loss.png, {args.out}/metrics.jsonl and the trained model "
-                  f"in {args.out}/checkpoint (moe-jax generate --layout meshes/{args.layout}.yaml uses it)")  # fmt: skip
-    console.print("  next: moe-jax mesh (the seed's 128-device assignment), moe-jax plan --devices 128 --search, "
-                  "moe-jax compile --layout meshes/seed-128.yaml")  # fmt: skip
+                  f"in {checkpoint}")  # fmt: skip
+    console.print(f"  continue a prompt with it: {escape(' '.join(command))}", soft_wrap=True)
+    for line in DEMO_NEXT:
+        console.print(f"  next: {line}", soft_wrap=True)
     return 0 if check["ok"] else 1
 
 
@@ -553,15 +611,16 @@ def cmd_generate(args) -> int:
     sm = srv.sm
     console = Console(quiet=jax.process_index() != 0)
     directory = args.checkpoint
-    if directory is None and os.path.isdir(DEMO_CHECKPOINT) and args.config is None and args.layout is None:
-        directory = DEMO_CHECKPOINT
+    if directory is None and os.path.isdir(DEMO_CHECKPOINT) and args.config is None:
+        directory = DEMO_CHECKPOINT  # the demo's tiny model; it restores onto any layout
     template = init_train_state(sm, make_optimizer(cfg.run), cfg.run.seed)
     if directory:
         state = Checkpoints(directory).restore(sm, template)
         console.print(f"weights: checkpoint {directory} at step {state.step}")
     else:
         state = template
-        console.print("weights: fresh (no --checkpoint given and no demo checkpoint at out/demo/checkpoint)")
+        why = "--config given" if args.config else f"no demo checkpoint at {DEMO_CHECKPOINT}"
+        console.print(f"weights: fresh (no --checkpoint given; {why})")
     prompts = np.tile(np.asarray(prompt, np.int32), (batch, 1))
     tokens, timing = generate(srv, state.params, state.rest, prompts, args.max_new, args.temperature, args.top_k,
                               args.seed)  # fmt: skip
@@ -573,6 +632,15 @@ def cmd_generate(args) -> int:
 
 
 DEMO_CHECKPOINT = os.path.join("out", "demo", "checkpoint")
+DEMO_LAYOUT = "cpu8-pp2-ep2-tp2"
+HELD_OUT_STEP = 10**6  # the synthetic task's batches are a function of the step: training never reaches this one
+# What the demo suggests next; a test runs each as printed.
+DEMO_NEXT = (
+    "moe-jax mesh   (the seed's model on seed-128: every device's layers, experts, heads and groups)",
+    "moe-jax plan --devices 128 --search   (every 128-device layout ranked by estimated step time)",
+    "moe-jax compile --layout meshes/seed-128.yaml   (the full train step compiled on 128 fake devices)",
+    "moe-jax audit   (the seed's claims checked, written to docs/seed-audit.md)",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -588,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the check against JAX's placement of every parameter")
     p.add_argument("--width", type=int, help="terminal width for the table")
     _add_distributed_args(p)
-    p.set_defaults(func=cmd_mesh)
+    p.set_defaults(func=cmd_mesh, outputs={"json": False, "png": False})
 
     p = sub.add_parser("verify", help="one train step sharded and on one device: loss, router terms, gradients")
     _add_config_args(p)
@@ -596,12 +664,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the errors here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--perturb", type=float, help=argparse.SUPPRESS)  # self-test: shows the check can fail
-    p.set_defaults(func=cmd_verify)
+    p.set_defaults(func=cmd_verify, outputs={"json": False})
 
     p = sub.add_parser("train", help="train on the mesh: synthetic task by default, or --data token files")
     _add_config_args(p)
     _add_device_args(p)
-    p.add_argument("--steps", type=int, help="train until this step (default run.steps)")
+    p.add_argument("--steps", type=int, help="the run's length, run.steps: it also sets the learning-rate schedule")
+    p.add_argument("--stop-at", type=int, metavar="STEP",
+                   help="end this invocation at STEP (checkpointed) without changing the run; --resume continues it")  # fmt: skip
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept a model or run config that differs from the checkpoint's")  # fmt: skip
     p.add_argument("--data", help="token file: .npy, or .bin of uint16 / uint32 (default: the synthetic task)")
     p.add_argument("--data-dtype", default="uint16", help="token dtype of a .bin file: uint16 or uint32")
     p.add_argument("--metrics", help="write one JSON line per step here")
@@ -611,16 +683,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     p.add_argument("--profile", help="write a jax.profiler trace of steps 3-5 here")
     _add_distributed_args(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, outputs={"metrics": False, "checkpoint_dir": True, "profile": True})
 
-    p = sub.add_parser("demo", help="the main job: assignment, a check against one device, 50 steps, a loss curve")
+    p = sub.add_parser("demo", help="the main job: assignment, a check against one device, training, generation, pictures")
     p.add_argument("--config", help="default: the tiny config")
-    p.add_argument("--layout", default="cpu8-pp2-ep2-tp2", help="a layout name from meshes/")
+    p.add_argument("--layout", default=DEMO_LAYOUT, help="a layout name from meshes/")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     _add_device_args(p)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=150, help="training steps (150 learn the task to about 94%%)")
     p.add_argument("--out", default="out/demo", help="pictures and metrics go here")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, outputs={"out": True})
 
     p = sub.add_parser("generate", help="prefill a prompt and decode on the mesh, greedy or sampled")
     p.add_argument("--config", help="default: the tiny config's model when the demo checkpoint is used")
@@ -644,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", default="train", choices=("train", "prefill", "decode"))
     p.add_argument("--dump", help="write the HLO before and after optimisation here")
     p.add_argument("--json")
-    p.set_defaults(func=cmd_compile)
+    p.set_defaults(func=cmd_compile, outputs={"dump": True, "json": False})
 
     p = sub.add_parser("plan", help="the analytic plan of a layout, or --search every layout of --devices N")
     _add_config_args(p)
@@ -654,11 +726,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", action="store_true")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--json")
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=cmd_plan, outputs={"json": False})
 
     p = sub.add_parser("audit", help="check every claim of the design seed; writes docs/seed-audit.md")
     p.add_argument("--out", default="docs/seed-audit.md")
-    p.set_defaults(func=cmd_audit)
+    p.set_defaults(func=cmd_audit, outputs={"out": False})
 
     p = sub.add_parser("schedule", help="a pipeline schedule: ticks, utilisation, memory, and its chart")
     p.add_argument("--pp", type=int, required=True)
@@ -668,23 +740,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", default="layer", choices=("none", "tick", "layer"))
     p.add_argument("--json")
     p.add_argument("--png")
-    p.set_defaults(func=cmd_schedule)
+    p.set_defaults(func=cmd_schedule, outputs={"json": False, "png": False})
 
     p = sub.add_parser("hlo", help="the train step's HLO and the audit of its collectives against the expected set")
     _add_config_args(p)
     _add_device_args(p)
     p.add_argument("--out", help="write before/after_optimizations.hlo.txt here")
     p.add_argument("--json", help="write the collective table and the audit here")
-    p.set_defaults(func=cmd_hlo)
+    p.set_defaults(func=cmd_hlo, outputs={"out": True, "json": False})
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_outputs(args)
         return args.func(args)
     except ConfigError as e:
         print(f"moe-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file that could not be read or written after the checks (full disk, removed directory)
+        where = f" {e.filename!r}:" if e.filename else ""
+        print(f"moe-jax {args.command}: error:{where} {e.strerror or e}", file=sys.stderr)
         return 2
 
 

@@ -42,13 +42,20 @@ class Checkpoints:
         self.manager.wait_until_finished()
         return bool(saved)
 
+    def saved_config(self, step: int) -> dict[str, dict[str, Any]]:
+        """The config (as `to_dict` writes it) the checkpoint of `step` was saved with."""
+        return self._meta(step)["config"]
+
+    def _meta(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def restore(self, sm: ShardedModel, template: TrainState, step: int | None = None) -> TrainState:
         """Restores onto `template`'s layout (its shardings); raises ConfigError if the checkpoint is missing or was
         written for another model."""
         step = self.latest() if step is None else step
         if step is None:
             raise ConfigError(f"--resume: no checkpoint in {self.directory}; train without --resume to start one")
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = self._meta(step)
         target = self._to_global(sm, template)
         want = _shapes(target)
         diff = [(k, meta["shapes"].get(k), v) for k, v in want.items() if meta["shapes"].get(k) != v]

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from moe_jax.config import Config, ConfigError
+from moe_jax.config import Config, ConfigError, to_dict
 from moe_jax.model.moe import update_expert_bias
 from moe_jax.parallel.step import ShardedModel
 from moe_jax.train.checkpoint import Checkpoints
@@ -50,8 +50,15 @@ def train(
     profile_dir: str | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     inject_overflow_at: int | None = None,
+    stop_at: int | None = None,
+    allow_config_change: bool = False,
 ) -> tuple[TrainState, list[dict[str, Any]]]:
-    """Trains until `steps` (counting from the restored step when resuming). Returns the state and the records."""
+    """Trains until `steps` (counting from the restored step when resuming), or until `stop_at` when given: that ends
+    this call early without changing the run (the learning-rate schedule is run.steps long either way), and a
+    checkpoint is written there. Resuming from a checkpoint of another model or run config is refused unless
+    `allow_config_change`. Returns the state and the records."""
+    if stop_at is not None and not 1 <= stop_at <= steps:
+        raise ConfigError(f"--stop-at={stop_at}: must be in 1..{steps} (the run's last step, run.steps)")
     sm = ShardedModel.build(cfg, mesh)
     tx = make_optimizer(cfg.run)
     state = init_train_state(sm, tx, cfg.run.seed)
@@ -60,6 +67,8 @@ def train(
         if ckpt is None:
             raise ConfigError("--resume needs --checkpoint-dir: the directory to resume from")
         state = ckpt.restore(sm, state)
+        if not allow_config_change:
+            check_same_run(ckpt.saved_config(state.step), cfg, ckpt.directory)
     elif ckpt is not None and ckpt.latest() is not None:
         raise ConfigError(
             f"--checkpoint-dir={checkpoint_dir}: already holds checkpoints (latest step {ckpt.latest()}); pass --resume "
@@ -72,10 +81,13 @@ def train(
     records = []
     tokens = cfg.run.batch * cfg.run.seq_len
     params, rest, opt, ls, step = state
+    last = steps if stop_at is None else stop_at
+    profiling = False
     try:
-        while step < steps:
-            if profile_dir and step == state.step + 2:
+        while step < last:
+            if profile_dir and step == state.step + min(2, last - state.step - 1):  # steps 3-5, or what there is
                 jax.profiler.start_trace(profile_dir)
+                profiling = True
             batch = sm.make_batch(source, step)
             fn = overflow_fn if step == inject_overflow_at else step_fn
             t0 = time.perf_counter()
@@ -91,8 +103,9 @@ def train(
             if bias_fn is not None:
                 rest = _update_bias(rest, metrics["tokens_per_expert"], cfg.model.expert_bias_rate, bias_fn)
             step += 1
-            if profile_dir and step == state.step + 5:
+            if profiling and (step == state.step + 5 or step == last):
                 jax.profiler.stop_trace()
+                profiling = False
             record = step_record(step, metrics, seconds, tokens)
             records.append(record)
             if writer:
@@ -100,12 +113,34 @@ def train(
                 writer.flush()
             if on_step:
                 on_step(record)
-            if ckpt and (step % checkpoint_every == 0 or step == steps):
-                ckpt.save(sm, cfg, TrainState(params, rest, opt, ls, step), force=step == steps)
+            if ckpt and (step % checkpoint_every == 0 or step == last):
+                ckpt.save(sm, cfg, TrainState(params, rest, opt, ls, step), force=step == last)
     finally:
+        if profiling:
+            jax.profiler.stop_trace()
         if writer:
             writer.close()
     return TrainState(params, rest, opt, ls, step), records
+
+
+# Fields that may differ between a checkpoint and the run resuming it: where the run is laid out, not what it computes.
+RESUMABLE_SECTIONS = ("model", "run")
+
+
+def check_same_run(saved: dict[str, dict[str, Any]], cfg: Config, directory: str) -> None:
+    """Refuses, in one line, to resume a run whose model or run section differs from the checkpoint's (run.steps
+    included: it sets the learning-rate schedule's length). The layout may differ: checkpoints restore onto any."""
+    here = to_dict(cfg)
+    for section in RESUMABLE_SECTIONS:
+        for key, value in here[section].items():
+            there = saved.get(section, {}).get(key, value)
+            if there != value:
+                hint = (" (it sets the learning-rate schedule's length; to end a run early and resume it on the same "
+                        "schedule, use --stop-at)") if (section, key) == ("run", "steps") else ""  # fmt: skip
+                raise ConfigError(
+                    f"--resume: {section}.{key}={value!r} here, but the checkpoint in {directory} was written with "
+                    f"{section}.{key}={there!r}{hint}; pass --allow-config-change to resume with the new value"
+                )
 
 
 def _update_bias(rest, tokens_per_expert, rate, fn):

@@ -3,6 +3,7 @@ for fp16 (a step whose gradients overflow is skipped, the scale halves, the skip
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,6 +27,7 @@ class LossScale(NamedTuple):
     skipped: jax.Array  # int32: steps skipped for overflow so far
 
 
+@functools.lru_cache(maxsize=32)
 def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
     """AdamW with linear warmup and cosine decay to 10% of the peak, after clipping by the global gradient norm
     (computed over the global, sharded gradients: every shard counts once)."""
@@ -92,9 +94,11 @@ def opt_shardings(sm: ShardedModel, tx: optax.GradientTransformation):
     )
 
 
+@functools.lru_cache(maxsize=32)
 def train_step(sm: ShardedModel, tx: optax.GradientTransformation, inject_overflow: bool = False) -> Callable:
     """(params, rest, opt_state, loss_scale, tokens, targets) -> (params, opt_state, loss_scale, metrics), jitted,
-    parameters and optimizer state donated. `inject_overflow` (tests) puts an inf into the gradients."""
+    parameters and optimizer state donated. `inject_overflow` (tests) puts an inf into the gradients. Cached: the
+    same layout and optimizer reuse one compiled step within a process."""
     fp16 = sm.cfg.run.dtype == "fp16"
     clip = sm.cfg.run.grad_clip
     sharded_loss = loss_fn(sm)
@@ -144,9 +148,14 @@ class TrainState(NamedTuple):
 
 def init_train_state(sm: ShardedModel, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
     params, rest = sm.init(seed)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings(sm, tx))(params)
+    opt_state = _opt_init(sm, tx)(params)
     loss_scale = jax.device_put(init_loss_scale(sm.cfg.run.dtype), NamedSharding(sm.mesh, P()))
     return TrainState(params, rest, opt_state, loss_scale, 0)
+
+
+@functools.lru_cache(maxsize=32)
+def _opt_init(sm: ShardedModel, tx: optax.GradientTransformation) -> Callable:
+    return jax.jit(tx.init, out_shardings=opt_shardings(sm, tx))
 
 
 def abstract_train_inputs(sm: ShardedModel, tx: optax.GradientTransformation):

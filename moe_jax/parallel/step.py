@@ -10,6 +10,7 @@ autodiff places exactly one sum per weight per step, outside every loop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -34,9 +35,12 @@ def batch_spec(sizes) -> P:
     return logical_to_mesh(("microbatch", "batch", "seq"), sizes)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class ShardedModel:
-    """The model split into graph, parameters and other state, with the mesh specs of each."""
+    """The model split into graph, parameters and other state, with the mesh specs of each.
+
+    One instance per (config, mesh) in a process (`build` is cached), compared by identity: it keys the caches of the
+    jitted steps built from it, so a second run of the same layout reuses the compiled programs."""
 
     cfg: Config
     mesh: Any
@@ -48,9 +52,7 @@ class ShardedModel:
 
     @classmethod
     def build(cls, cfg: Config, mesh) -> ShardedModel:
-        graphdef, params, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)
-        sizes = dict(mesh.shape)
-        return cls(cfg, mesh, graphdef, state_specs(params, sizes), state_specs(rest, sizes), params, rest)
+        return _build_sharded_model(cls, cfg, mesh)
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -61,14 +63,26 @@ class ShardedModel:
 
     def init(self, seed: int = 0):
         """Initialises parameters directly into their shards (each device computes only its own slices)."""
+        return self._init_fn(jnp.uint32(seed))
+
+    @functools.cached_property
+    def _init_fn(self):
+        """The jitted initialiser, compiled once per layout (the seed is an argument)."""
         cfg = self.cfg
 
-        def init_fn():
-            _, params, rest = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(seed)), nnx.Param, ...)
+        def init_fn(seed):  # nnx.Rngs(int) makes jax.random.key(int): the same streams as init_model(cfg, seed)
+            _, params, rest = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(jax.random.key(seed))), nnx.Param, ...)
             return self.to_storage(params), self.to_storage(rest)
 
         out = (self.shardings(self.param_specs), self.shardings(self.rest_specs))
-        return jax.jit(init_fn, out_shardings=out)()
+        return jax.jit(init_fn, out_shardings=out)
+
+    def put(self, params, rest):
+        """Host (params, rest) in global layer order -> sharded arrays in this layout's storage order."""
+        return (
+            jax.device_put(self.to_storage(params), self.shardings(self.param_specs)),
+            jax.device_put(self.to_storage(rest), self.shardings(self.rest_specs)),
+        )
 
     def layer_order(self, inverse: bool = False) -> np.ndarray:
         """Position in the stacked storage -> global layer id; inverse: global layer id -> storage position."""
@@ -140,6 +154,13 @@ class ShardedModel:
             return jax.device_put(jnp.asarray(x.reshape(mb, x.shape[0] // mb, *x.shape[1:]), jnp.int32), sh)
 
         return put(tokens, "tokens"), put(targets, "targets")
+
+
+@functools.lru_cache(maxsize=32)
+def _build_sharded_model(cls, cfg: Config, mesh) -> ShardedModel:
+    graphdef, params, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)
+    sizes = dict(mesh.shape)
+    return cls(cfg, mesh, graphdef, state_specs(params, sizes), state_specs(rest, sizes), params, rest)
 
 
 def _to_varying(tree, specs, sizes):
@@ -320,6 +341,7 @@ def lower_step(sm: ShardedModel):
         return grad_step(sm).lower(*abstract_inputs(sm))
 
 
+@functools.lru_cache(maxsize=32)
 def grad_step(sm: ShardedModel) -> Callable:
     """jit(value_and_grad(shard_mapped loss)): ((loss, metrics), grads), grads sharded like the parameters."""
     return jax.jit(jax.value_and_grad(loss_fn(sm), has_aux=True))
@@ -329,21 +351,42 @@ def grad_step(sm: ShardedModel) -> Callable:
 
 
 def reference_grad_step(cfg: Config, graphdef) -> Callable:
-    """The same loss on one device, no shard_map. In capacity mode the batch is cut into the same dispatch groups as
-    the sharded run (rows over dp x ep, sequence over tp), so every group has the same capacity rule."""
+    """The same loss on one device, no shard_map: the plain model in dropless mode (grouping cannot change a dropless
+    result), and in capacity mode the batch cut into the same dispatch groups as the sharded run (rows over dp x ep,
+    sequence over tp), so every group has the same capacity rule. Layouts that agree on these share one program."""
+    lay = cfg.layout
+    groups = (lay.dp * lay.ep, lay.tp) if cfg.model.dispatch == "capacity" else (1, 1)
+    remat = "layer" if lay.remat != "none" else "none"
+    return _reference_grad_step(cfg.model, cfg.run.dtype, groups, remat, lay.microbatches, graphdef)
+
+
+@functools.lru_cache(maxsize=32)
+def _reference_grad_step(model_cfg, dtype_name: str, groups, remat: str, microbatches: int, graphdef) -> Callable:
     from moe_jax.model.transformer import loss_fn as one_device_loss
 
-    lay = cfg.layout
-    groups = (lay.dp * lay.ep, lay.tp)
-    dtype = compute_dtype(cfg.run.dtype)
-    remat = "layer" if lay.remat != "none" else "none"
+    dtype = compute_dtype(dtype_name)
 
     def f(params, rest, tokens, targets):
         model = nnx.merge(graphdef, params, rest, copy=True)
-        return one_device_loss(model, tokens, targets, dtype, groups, remat, lay.microbatches)
+        return one_device_loss(model, tokens, targets, dtype, groups, remat, microbatches)
 
     # Called with host (numpy) arrays, so everything runs on the default device alone.
     return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _one_device_init(model_cfg, graphdef) -> Callable:
+    def init(seed):  # the same streams as ShardedModel.init and init_model(cfg, seed)
+        _, params, rest = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(jax.random.key(seed))), nnx.Param, ...)
+        return params, rest
+
+    return jax.jit(init)
+
+
+def one_device_params(cfg: Config, graphdef, seed: int = 0):
+    """(params, rest) of the model in global layer order as host arrays, initialised on one device: what the
+    one-device reference runs on and what `ShardedModel.put` shards. Compiled once per model config."""
+    return to_host(_one_device_init(cfg.model, graphdef)(jnp.uint32(seed)))
 
 
 def to_host(tree):

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.config import Config
-from moe_jax.parallel.step import ShardedModel, grad_step, reference_grad_step, to_host
+from moe_jax.parallel.step import ShardedModel, grad_step, one_device_params, reference_grad_step, to_host
 
 # Written-down tolerances: relative to each leaf's largest element (fp32 about 1e-5; bf16 / fp16 about 1e-2).
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 2e-2}
@@ -68,7 +68,9 @@ def compare(sharded, reference) -> dict[str, float]:
 def verify(cfg: Config, mesh, seed: int = 0, perturb: Callable | None = None) -> dict[str, Any]:
     """Runs the step both ways on the same weights and batch. `perturb` (for tests) edits the sharded gradients."""
     sm = ShardedModel.build(cfg, mesh)
-    params, rest = sm.init(seed)
+    # One set of weights for both runs: made on one device (the reference needs them whole anyway), then sharded.
+    host_params, host_rest = one_device_params(cfg, sm.graphdef, seed)
+    params, rest = sm.put(host_params, host_rest)
     tokens, targets = synthetic_batch(cfg, seed)
     with jax.set_mesh(mesh):
         sharded = grad_step(sm)(params, rest, *sm.put_batch(tokens, targets))
@@ -77,7 +79,6 @@ def verify(cfg: Config, mesh, seed: int = 0, perturb: Callable | None = None) ->
     sharded = ((loss, met), sm.to_global(grads))
     if perturb is not None:
         sharded = perturb(sharded)
-    host_params, host_rest = sm.to_global(to_host(params)), sm.to_global(to_host(rest))
     reference = to_host(reference_grad_step(cfg, sm.graphdef)(host_params, host_rest, tokens, targets))
     errors = compare(sharded, reference)
     tol = TOLERANCE[cfg.run.dtype]

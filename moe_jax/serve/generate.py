@@ -66,3 +66,11 @@ def generate(srv: ServeModel, params, rest, prompts_BP: np.ndarray, max_new: int
         "decode_steps": max_new - 1,
         "decode_tokens_per_s": b * timed / (t3 - t2) if timed > 0 else 0.0,
     }
+
+
+def continue_sequences(srv: ServeModel, params, rest, tokens_BS: np.ndarray, prompt_len: int):
+    """Greedy continuation of every row's first `prompt_len` tokens to the row's length, against the row itself:
+    returns (generated [B, S - P], right [B, S - P] bool). How the demo shows the trained model doing its task."""
+    tokens_BS = np.asarray(tokens_BS)
+    new, _ = generate(srv, params, rest, tokens_BS[:, :prompt_len], tokens_BS.shape[1] - prompt_len)
+    return new, new == tokens_BS[:, prompt_len:]

@@ -10,6 +10,7 @@ new position and the updated cache.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -77,68 +78,75 @@ class ServeModel:
         return jax.device_put(jnp.asarray(tokens.reshape(mb, tokens.shape[0] // mb, -1), jnp.int32), sh)
 
     def step_fn(self) -> Callable:
-        """(params, rest, cache_k, cache_v, tokens [M, B/M, S], pos) -> (logits [M, B/M, V], cache_k, cache_v)."""
-        sm = self.sm
-        cfg = sm.cfg
-        m, lay = cfg.model, cfg.layout
-        dtype = compute_dtype(cfg.run.dtype)
-        sizes = sm.sizes
-        axes = Axes.serving(sizes)
-        pp, v, mb = lay.pp, lay.repeats, lay.microbatches
-        sched = Schedule(pp, mb, v, m.layers)
-        pp_axes = active_axes(("pp",), sizes)
-        l_c = m.layers // (pp * v)
-        perm = ring(pp, v)
-
-        def body(params, rest, ck, cv, tokens_local, pos):
-            # No pcast of the replicated weights here: nothing is differentiated, so they stay invariant and so do
-            # the logits (over tp every partial sum is all-reduced).
-            model = nnx.merge(sm.graphdef, params, rest, copy=True)
-            graph, blocks_state = nnx.split(model.blocks)
-            stage = lax.axis_index("pp") if pp_axes else 0
-            x_MBSD = model.embed_tokens(tokens_local)
-
-            def layer(carry, i):
-                x, ck, cv, j, valid = carry
-                blk = nnx.merge(graph, jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False),
-                                                    blocks_state))  # fmt: skip
-                k_old, v_old = ck[i, j], cv[i, j]
-                y, k_new, v_new = block_cached(blk, x, k_old, v_old, pos, axes, dtype)
-                ck = ck.at[i, j].set(jnp.where(valid, k_new, k_old))
-                cv = cv.at[i, j].set(jnp.where(valid, v_new, v_old))
-                return (y, ck, cv, j, valid), None
-
-            zero_act = x_MBSD[0] * 0.0
-            if pp_axes:  # activations differ by stage once they pass through a stage's layers
-                zero_act = lax.pcast(zero_act, pp_axes, to="varying")
-
-            def tick(carry, t):
-                recv, buf, out, ck, cv = carry
-                valid, j, r, buf, x_in = tick_input(t, stage, recv, buf, x_MBSD, pp, v, mb)
-                (y, ck, cv, _, _), _ = lax.scan(layer, (x_in, ck, cv, j, valid), r * l_c + jnp.arange(l_c))
-                out = out.at[j].set(jnp.where(valid & (stage == pp - 1) & (r == v - 1), y, out[j]))
-                send = lax.ppermute(y, "pp", perm) if pp_axes else y
-                return (send, buf, out, ck, cv), None
-
-            buf0 = jnp.broadcast_to(zero_act, (mb if v > 1 else 1, *zero_act.shape))
-            out0 = jnp.broadcast_to(zero_act, (mb, *zero_act.shape))
-            (_, _, out, ck, cv), _ = lax.scan(tick, (zero_act, buf0, out0, ck, cv), jnp.arange(sched.ticks))
-            logits = model.logits(out[:, :, -1, :], dtype)  # [M, B/M, V]: the last new position
-            if pp_axes:
-                logits = lax.psum(jnp.where(stage == pp - 1, logits, 0.0), pp_axes)
-            return logits, ck, cv
-
-        cspec = cache_spec(sizes)
-        f = jax.shard_map(
-            body,
-            mesh=sm.mesh,
-            in_specs=(sm.param_specs, sm.rest_specs, cspec, cspec, tokens_spec(sizes), P()),
-            out_specs=(logical_to_mesh(("microbatch", "batch", None), sizes), cspec, cspec),
-            check_vma=True,
-        )
-        return jax.jit(f, donate_argnums=(2, 3))
+        """(params, rest, cache_k, cache_v, tokens [M, B/M, S], pos) -> (logits [M, B/M, V], cache_k, cache_v).
+        One jitted function per (layout, cache length) in a process, so repeated generation reuses its programs."""
+        return _serve_step(self)
 
     def logits_to_host(self, logits) -> np.ndarray:
         """[M, B/M, V] -> [B, V]."""
         x = np.asarray(jax.device_get(logits))
         return x.reshape(-1, x.shape[-1])
+
+
+@functools.lru_cache(maxsize=16)
+def _serve_step(srv: ServeModel) -> Callable:
+    """The jitted prefill/decode step of `ServeModel.step_fn`."""
+    sm = srv.sm
+    cfg = sm.cfg
+    m, lay = cfg.model, cfg.layout
+    dtype = compute_dtype(cfg.run.dtype)
+    sizes = sm.sizes
+    axes = Axes.serving(sizes)
+    pp, v, mb = lay.pp, lay.repeats, lay.microbatches
+    sched = Schedule(pp, mb, v, m.layers)
+    pp_axes = active_axes(("pp",), sizes)
+    l_c = m.layers // (pp * v)
+    perm = ring(pp, v)
+
+    def body(params, rest, ck, cv, tokens_local, pos):
+        # No pcast of the replicated weights here: nothing is differentiated, so they stay invariant and so do
+        # the logits (over tp every partial sum is all-reduced).
+        model = nnx.merge(sm.graphdef, params, rest, copy=True)
+        graph, blocks_state = nnx.split(model.blocks)
+        stage = lax.axis_index("pp") if pp_axes else 0
+        x_MBSD = model.embed_tokens(tokens_local)
+
+        def layer(carry, i):
+            x, ck, cv, j, valid = carry
+            blk = nnx.merge(graph, jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False),
+                                                blocks_state))  # fmt: skip
+            k_old, v_old = ck[i, j], cv[i, j]
+            y, k_new, v_new = block_cached(blk, x, k_old, v_old, pos, axes, dtype)
+            ck = ck.at[i, j].set(jnp.where(valid, k_new, k_old))
+            cv = cv.at[i, j].set(jnp.where(valid, v_new, v_old))
+            return (y, ck, cv, j, valid), None
+
+        zero_act = x_MBSD[0] * 0.0
+        if pp_axes:  # activations differ by stage once they pass through a stage's layers
+            zero_act = lax.pcast(zero_act, pp_axes, to="varying")
+
+        def tick(carry, t):
+            recv, buf, out, ck, cv = carry
+            valid, j, r, buf, x_in = tick_input(t, stage, recv, buf, x_MBSD, pp, v, mb)
+            (y, ck, cv, _, _), _ = lax.scan(layer, (x_in, ck, cv, j, valid), r * l_c + jnp.arange(l_c))
+            out = out.at[j].set(jnp.where(valid & (stage == pp - 1) & (r == v - 1), y, out[j]))
+            send = lax.ppermute(y, "pp", perm) if pp_axes else y
+            return (send, buf, out, ck, cv), None
+
+        buf0 = jnp.broadcast_to(zero_act, (mb if v > 1 else 1, *zero_act.shape))
+        out0 = jnp.broadcast_to(zero_act, (mb, *zero_act.shape))
+        (_, _, out, ck, cv), _ = lax.scan(tick, (zero_act, buf0, out0, ck, cv), jnp.arange(sched.ticks))
+        logits = model.logits(out[:, :, -1, :], dtype)  # [M, B/M, V]: the last new position
+        if pp_axes:
+            logits = lax.psum(jnp.where(stage == pp - 1, logits, 0.0), pp_axes)
+        return logits, ck, cv
+
+    cspec = cache_spec(sizes)
+    f = jax.shard_map(
+        body,
+        mesh=sm.mesh,
+        in_specs=(sm.param_specs, sm.rest_specs, cspec, cspec, tokens_spec(sizes), P()),
+        out_specs=(logical_to_mesh(("microbatch", "batch", None), sizes), cspec, cspec),
+        check_vma=True,
+    )
+    return jax.jit(f, donate_argnums=(2, 3))

@@ -2,12 +2,11 @@
 
 import json
 import os
-import textwrap
 
 import jax
 import numpy as np
 import pytest
-from conftest import run_cli, run_with_devices
+from conftest import on_devices
 
 from moe_jax.config import load_config
 from moe_jax.layouts import committed_layouts, golden_path, load_pair
@@ -113,45 +112,12 @@ def test_mesh_axis_order_puts_tp_on_neighbours():
     assert assignment(cfg, mesh)["groups"]["tp"][0] == [0, 1]
 
 
-SEED_CHECK = textwrap.dedent(
-    """
-    import copy, json, jax
-    import numpy as np
-    from moe_jax.layouts import load_pair
-    from moe_jax.mesh import assignment, check_placement, make_mesh
-    from moe_jax.model.transformer import param_table
-    from moe_jax.sharding import MESH_AXES
-
-    name = {name!r}
-    cfg = load_pair(name)
-    mesh = make_mesh(cfg.layout)
-    table = assignment(cfg, mesh)
-    names, shapes = param_table(cfg)
-    n = check_placement(cfg, mesh, names, shapes, table)
-    # independent groups from mesh coordinates
-    groups = {{}}
-    for k, axis in enumerate(MESH_AXES):
-        buckets = {{}}
-        for idx in np.ndindex(mesh.devices.shape):
-            buckets.setdefault(idx[:k] + idx[k + 1:], []).append(mesh.devices[idx].id)
-        groups[axis] = sorted(sorted(g) for g in buckets.values())
-    ok_groups = all(sorted(table["groups"][a]) == groups[a] for a in MESH_AXES)
-    # a single wrong device row must be caught
-    wrong = copy.deepcopy(table)
-    wrong["devices"][37]["experts"] = [e + 1 for e in wrong["devices"][37]["experts"]]
-    try:
-        check_placement(cfg, mesh, names, shapes, wrong)
-        caught = False
-    except AssertionError as e:
-        caught = "device 37" in str(e)
-    print(json.dumps({{"checked": n, "groups": ok_groups, "caught": caught, "devices": table["devices"]}}))
-    """
-)
-
-
-@pytest.mark.parametrize("name,devices", [("seed-128", 128), ("seed-512", 512)])
-def test_seed_layouts_on_fake_devices(name, devices):
-    out = json.loads(run_with_devices(devices, SEED_CHECK.format(name=name)).stdout.strip().splitlines()[-1])
+@pytest.mark.parametrize("name,devices", [pytest.param("seed-128", 128, marks=on_devices(128)),
+                                           pytest.param("seed-512", 512, marks=on_devices(512))])  # fmt: skip
+def test_seed_layouts_on_fake_devices(name, devices, full_size):
+    """tests/compile_checks.py: every parameter's shards on 128 / 512 fake devices, groups from mesh coordinates, a
+    corrupted device row caught."""
+    out = full_size(devices)[f"placement_{name.replace('-', '')}"]
     assert out["checked"] == 12 * devices
     assert out["groups"] and out["caught"]
     cfg = load_pair(name)
@@ -166,9 +132,9 @@ def test_seed_layouts_on_fake_devices(name, devices):
         assert held == set(range(64))
 
 
-def test_cli_mesh_writes_json_and_png(tmp_path):
+def test_cli_mesh_writes_json_and_png(tmp_path, cli):
     j, p = tmp_path / "a.json", tmp_path / "a.png"
-    proc = run_cli(
+    proc = cli(
         "mesh",
         "--config",
         "configs/tiny.yaml",
@@ -186,8 +152,8 @@ def test_cli_mesh_writes_json_and_png(tmp_path):
     assert os.path.getsize(p) > 10_000
 
 
-def test_cli_mesh_device_count_mismatch_is_one_line():
-    proc = run_cli("mesh", "--devices", "64")
+def test_cli_mesh_device_count_mismatch_is_one_line(cli):
+    proc = cli("mesh", "--devices", "64")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "devices=64: layout pp x dp x ep x tp = 4 x 1 x 16 x 2 = 128 devices" in proc.stderr

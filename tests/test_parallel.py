@@ -6,10 +6,9 @@ groups as the shards (rows over dp x ep, sequence over tp), i.e. the same per-sh
 """
 
 import json
-import textwrap
 
 import pytest
-from conftest import run_cli, run_with_devices
+from conftest import on_devices
 
 from moe_jax.config import load_config
 from moe_jax.hlo import _iota_groups, audit, group_axes, replica_groups
@@ -60,13 +59,13 @@ def test_capacity_mode_equals_per_shard_reference(name):
     assert result["dropped"] > 0, "capacity 1.0 on a random router must drop some tokens, or the test shows nothing"
 
 
-def test_verify_cli_fails_on_a_perturbed_gradient(tmp_path):
+def test_verify_cli_fails_on_a_perturbed_gradient(tmp_path, cli):
     j = tmp_path / "v.json"
     args = ["verify", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-ep4-tp2.yaml", "--json", str(j)]
-    ok = run_cli(*args)
+    ok = cli(*args)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert json.loads(j.read_text())["ok"] is True
-    bad = run_cli(*args, "--perturb", "0.01")
+    bad = cli(*args, "--perturb", "0.01")
     assert bad.returncode == 1, bad.stdout + bad.stderr
     out = json.loads(j.read_text())
     assert out["ok"] is False and out["failed"] == ["grad/experts"]
@@ -107,35 +106,11 @@ def test_replica_group_spellings():
     assert group_axes([[0, 4]], (2, 1, 2, 2)) == ("pp",)
 
 
-SEED_AUDIT = textwrap.dedent(
-    """
-    import json, time
-    from moe_jax.config import load_config
-    from moe_jax.hlo import audit, collectives
-    from moe_jax.mesh import assignment, make_mesh
-    from moe_jax.model.moe import capacity
-    from moe_jax.parallel.step import ShardedModel, lower_step
-
-    cfg = load_config("configs/seed.yaml", "meshes/seed-32.yaml", {overrides!r})
-    mesh = make_mesh(cfg.layout)
-    lowered = lower_step(ShardedModel.build(cfg, mesh))
-    compiled = lowered.compile()
-    table = assignment(cfg, mesh)
-    result = audit(lowered.as_text(dialect="hlo"), compiled.as_text(), cfg, table)
-    groups = {{frozenset(g) for gs in table["groups"].values() for g in gs}}
-    groups |= {{frozenset(g) for e in table["grad_reduce_by_kind"].values() for g in e["groups"]}}
-    in_table = all(frozenset(g) in groups for c in collectives(compiled.as_text(), cfg.layout.shape) for g in c.groups)
-    lay = cfg.layout
-    tokens = cfg.run.batch // (lay.dp * lay.ep) * cfg.run.seq_len // lay.tp
-    print(json.dumps({{"ok": result["ok"], "unexpected": result["unexpected"], "collectives": result["collectives"],
-                      "in_table": in_table, "capacity": capacity(cfg.model, tokens)}}))
-    """
-)
-
-
-@pytest.mark.parametrize("devices,overrides", [(32, []), (128, ["layout.ep=64"])])
-def test_seed_audit_compile_only(devices, overrides):
-    out = json.loads(run_with_devices(devices, SEED_AUDIT.format(overrides=overrides)).stdout.splitlines()[-1])
+@pytest.mark.parametrize("devices,key", [pytest.param(32, "audit_seed32", marks=on_devices(32)),
+                                         pytest.param(128, "audit_ep64", marks=on_devices(128))])  # fmt: skip
+def test_seed_audit_compile_only(devices, key, full_size):
+    """The seed's gradient step on seed-32 (ep 16, tp 2) and (ep 64, tp 2), compiled by tests/compile_checks.py."""
+    out = full_size(devices)[key]
     assert out["ok"], out["unexpected"]
     assert out["in_table"]
     # All-to-all bytes per device per layer and direction: E x C x D x 2 (fp16), C = ceil(k T / E x 1.25).

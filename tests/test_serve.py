@@ -2,18 +2,19 @@
 relative 1e-5, dropless); the seed's decode step at batch 128 and sequence 10240 compiles on seed-128 and the planner's
 memory is within 10%; sampling; generate's bad input."""
 
-import json
-import textwrap
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_cli, run_with_devices
+from conftest import ROOT, on_devices
 from flax import nnx
 
+from moe_jax.compile import lower
 from moe_jax.config import ConfigError, load_config
-from moe_jax.mesh import make_mesh
+from moe_jax.hlo import audit
+from moe_jax.mesh import assignment, make_mesh
 from moe_jax.parallel.step import to_host
 from moe_jax.plan.model import serve_memory
 from moe_jax.serve.generate import check_lengths, sample
@@ -56,24 +57,43 @@ def test_decode_after_prefill_equals_full_forward(layout):
     want = np.asarray(ref)[:, prompt - 1 : prompt + n - 1]
     np.testing.assert_allclose(got, want, rtol=FP32_RTOL, atol=FP32_RTOL * np.abs(want).max())
 
-
-SEED_DECODE = textwrap.dedent(
-    """
-    import json
-    from moe_jax.compile import compile_report
-    from moe_jax.config import load_config
-    from moe_jax.mesh import make_mesh
-    cfg = load_config("configs/seed.yaml", "meshes/seed-128.yaml", ["run.seq_len=10240"])
-    decode, _, _ = compile_report(cfg, make_mesh(cfg.layout), "decode")
-    cfg = load_config("configs/seed.yaml", "meshes/seed-128.yaml", ["run.seq_len=2048"])
-    prefill, _, _ = compile_report(cfg, make_mesh(cfg.layout), "prefill")
-    print(json.dumps([decode["memory_per_device_bytes"], prefill["memory_per_device_bytes"]]))
-    """
-)
+    # The same two compiled programs (prefill of 5 tokens, decode of 1) run exactly the expected collectives.
+    table = assignment(cfg, mesh)
+    for new_tokens, step_kind in ((prompt, "prefill"), (1, "decode")):
+        with jax.set_mesh(mesh):
+            lowered = step.lower(params, rest, ck, cv, srv.put_tokens(full[:, :new_tokens]), jnp.int32(0))
+        before, after = lowered.as_text(dialect="hlo"), lowered.compile().as_text()
+        as_run = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seq_len=new_tokens))  # a prefill's length
+        result = audit(before, after, as_run, table, step=step_kind)
+        assert result["ok"], (step_kind, result["unexpected"])
 
 
-def test_seed_decode_at_10240_compiles_and_the_planner_is_within_10_percent():
-    mem, prefill = json.loads(run_with_devices(128, SEED_DECODE).stdout.splitlines()[-1])
+def test_serving_audit_fails_on_a_stray_collective_or_a_wrong_step():
+    cfg = load_config("configs/tiny.yaml", None, ["layout.ep=4", "layout.tp=2", "run.seq_len=4"])
+    mesh = make_mesh(cfg.layout)
+    lowered = lower(cfg, mesh, "decode")  # one token against a cache of run.seq_len = 4 positions
+    before, after, table = lowered.as_text(dialect="hlo"), lowered.compile().as_text(), assignment(cfg, mesh)
+    assert audit(before, after, cfg, table, step="decode")["ok"]
+    # Audited as a prefill of 4 tokens, the decode program's collectives carry a quarter of the expected bytes.
+    wrong = audit(before, after, cfg, table, step="prefill")
+    assert not wrong["ok"] and {u["kind"] for u in wrong["unexpected"]} >= {"all-to-all", "all-reduce"}
+    # A stray all-gather over ep (as if expert weights were gathered) in the compiled program is caught.
+    lines = after.splitlines()
+    entry = next(i for i, ln in enumerate(lines) if ln.startswith("ENTRY"))
+    lines.insert(entry + 1, "  %stray = f32[4,32]{1,0} all-gather(f32[4,8]{1,0} %p), channel_id=99, "
+                 "replica_groups={{0,2,4,6},{1,3,5,7}}, dimensions={1}, use_global_device_ids=true")  # fmt: skip
+    stray = audit(before, "\n".join(lines), cfg, table, step="decode")
+    assert [u["why"] for u in stray["unexpected"] if u.get("name") == "stray"] == ["not in the expected set"]
+
+
+@on_devices(128)
+def test_seed_decode_at_10240_compiles_and_the_planner_is_within_10_percent(full_size):
+    """Decode at cache 10240 and a prefill of 2048 on seed-128, compiled by tests/compile_checks.py."""
+    out = full_size(128)
+    decode, prefill_report = out["decode_seed128_10240"], out["prefill_seed128_2048"]
+    assert decode["audit_ok"], decode["unexpected"]
+    assert prefill_report["audit_ok"], prefill_report["unexpected"]
+    mem, prefill = decode["memory_per_device_bytes"], prefill_report["memory_per_device_bytes"]
     planned_prefill = serve_memory(
         load_config("configs/seed.yaml", "meshes/seed-128.yaml", ["run.seq_len=2048"]), "prefill"
     )
@@ -103,24 +123,25 @@ def test_sampling():
         check_lengths(10, 8, 16)
 
 
-def test_generate_cli_and_its_bad_input(tmp_path):
-    ok = run_cli("generate", "--prompt-tokens", "1,5,9", "--max-new", "4")
+def test_generate_cli_and_its_bad_input(tmp_path, monkeypatch, cli):
+    monkeypatch.chdir(tmp_path)  # no demo checkpoint here: fresh weights
+    ok = cli("generate", "--prompt-tokens", "1,5,9", "--max-new", "4")
     assert ok.returncode == 0, ok.stderr
     assert "[1, 5, 9] -> [" in ok.stdout and "weights:" in ok.stdout
-    again = run_cli("generate", "--prompt-tokens", "1,5,9", "--max-new", "4")
+    again = cli("generate", "--prompt-tokens", "1,5,9", "--max-new", "4")
     assert again.stdout.split("prefill")[0] == ok.stdout.split("prefill")[0]  # greedy is deterministic
 
-    long = run_cli("generate", "--prompt-tokens", "1,2", "--max-new", "20000")
+    long = cli("generate", "--prompt-tokens", "1,2", "--max-new", "20000")
     assert long.returncode == 2 and long.stderr.count("\n") == 1
     assert "prompt length 2 + --max-new 20000 = 20002: longer than the maximum sequence 10240" in long.stderr
-    odd = run_cli("generate", "--prompt-tokens", "1,2", "--batch", "3")
+    odd = cli("generate", "--prompt-tokens", "1,2", "--batch", "3")
     assert odd.returncode == 2 and "--batch=3: must be a positive multiple of" in odd.stderr
 
     ck = tmp_path / "ck"
-    trained = run_cli("train", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-pp2-ep2-tp2.yaml", "--steps",
-                      "1", "--checkpoint-dir", str(ck), "model.expert_hidden=80")  # fmt: skip
+    trained = cli("train", "--config", f"{ROOT}/configs/tiny.yaml", "--layout", f"{ROOT}/meshes/cpu8-pp2-ep2-tp2.yaml",
+                  "--steps", "1", "--checkpoint-dir", str(ck), "model.expert_hidden=80")  # fmt: skip
     assert trained.returncode == 0, trained.stderr
-    other = run_cli("generate", "--prompt-tokens", "1,2", "--checkpoint", str(ck))
+    other = cli("generate", "--prompt-tokens", "1,2", "--checkpoint", str(ck))
     assert other.returncode == 2 and other.stderr.count("\n") == 1
     assert (
         "was written for another model" in other.stderr

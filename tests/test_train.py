@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT
 
 from moe_jax.config import ConfigError, load_config
 from moe_jax.mesh import make_mesh
@@ -160,8 +160,8 @@ def test_checkpoint_of_another_config_names_the_shapes(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_resume_without_checkpoint_is_one_line(tmp_path):
-    proc = run_cli("train", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-ep8.yaml", "--steps", "2",
+def test_resume_without_checkpoint_is_one_line(tmp_path, cli):
+    proc = cli("train", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-ep8.yaml", "--steps", "2",
                    "--checkpoint-dir", str(tmp_path / "none"), "--resume")  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "--resume: no checkpoint in" in proc.stderr
@@ -186,17 +186,70 @@ def test_bad_data_files_are_one_line(tmp_path):
         TokenFile(str(b), 97, 12, dtype="int8")
 
 
-def test_train_cli_on_a_token_file(tmp_path):
+def test_train_cli_on_a_token_file(tmp_path, cli):
     tokens = np.random.default_rng(0).integers(0, 97, 5000).astype(np.uint16)
     path = tmp_path / "t.bin"
     tokens.tofile(path)
     m = tmp_path / "m.jsonl"
-    proc = run_cli("train", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-ep8.yaml", "--steps", "3",
+    proc = cli("train", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-ep8.yaml", "--steps", "3",
                    "--data", str(path), "--metrics", str(m))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(x) for x in m.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert {"loss", "router_loss", "tokens_per_s", "dropped_share", "max_over_mean_load"} <= set(rows[0])
-    bad = run_cli("train", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-ep8.yaml", "--data",
+    bad = cli("train", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-ep8.yaml", "--data",
                   str(tmp_path / "nope.bin"))  # fmt: skip
     assert bad.returncode == 2 and "no such file" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def _metrics(path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_stop_at_then_resume_follows_the_one_run_and_a_profile_is_written(tmp_path, monkeypatch, capsys):
+    """`train --steps 40 --stop-at 20` then `train --steps 40 --resume` gives the losses of one `train --steps 40`,
+    step for step (the learning-rate schedule is run.steps long in all three). Run in-process through the CLI, so the
+    three share one compiled step; the straight run also writes a profiler trace."""
+    from moe_jax import cli
+
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--config", f"{ROOT}/configs/tiny.yaml", "--layout", f"{ROOT}/meshes/cpu8-ep4-tp2.yaml",
+            "--steps", "40"]  # fmt: skip
+    assert cli.main([*base, "--metrics", "straight.jsonl", "--profile", "trace"]) == 0
+    assert cli.main([*base, "--stop-at", "20", "--checkpoint-dir", "ck", "--metrics", "first.jsonl"]) == 0
+    assert Checkpoints("ck").latest() == 20
+    assert cli.main([*base, "--resume", "--checkpoint-dir", "ck", "--metrics", "second.jsonl"]) == 0
+    straight = _metrics(tmp_path / "straight.jsonl")
+    first, second = _metrics(tmp_path / "first.jsonl"), _metrics(tmp_path / "second.jsonl")
+    assert [r["step"] for r in first] == list(range(1, 21)) and [r["step"] for r in second] == list(range(21, 41))
+    assert [r["loss"] for r in first + second] == [r["loss"] for r in straight]
+    assert straight[-1]["loss"] < straight[0]["loss"]  # the 40 steps learned something, or the check shows little
+    traces = [f for f in (tmp_path / "trace").rglob("*") if f.is_file()]
+    assert traces and all(f.stat().st_size > 0 for f in traces), traces
+    assert any(f.name.endswith((".xplane.pb", ".trace.json.gz")) for f in traces), traces
+    assert "wrote a jax.profiler trace to trace" in capsys.readouterr().out
+
+
+def test_resume_with_another_schedule_or_model_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from moe_jax import cli
+
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--config", f"{ROOT}/configs/tiny.yaml", "--layout", f"{ROOT}/meshes/cpu8-ep8.yaml"]
+    assert cli.main([*base, "--steps", "4", "--stop-at", "2", "--checkpoint-dir", "ck"]) == 0
+    capsys.readouterr()
+    for extra, message in (
+        (["--steps", "8"], "--resume: run.steps=8 here, but the checkpoint in {ck} was written with run.steps=4 (it "
+                           "sets the learning-rate schedule's length"),
+        (["--steps", "4", "model.top_k=1"], "--resume: model.top_k=1 here, but the checkpoint in {ck} was written "
+                                            "with model.top_k=2"),
+        (["--steps", "4", "run.lr=0.5"], "run.lr=0.5 here, but the checkpoint in {ck} was written with run.lr=0.01"),
+    ):  # fmt: skip
+        assert cli.main([*base, *extra, "--resume", "--checkpoint-dir", "ck"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message.format(ck=tmp_path / "ck") in err, err
+        assert "pass --allow-config-change" in err
+    # Asked for, the change is taken, and the run continues from step 2.
+    assert cli.main([*base, "--steps", "3", "--resume", "--checkpoint-dir", "ck", "--allow-config-change"]) == 0
+    assert Checkpoints("ck").latest() == 3
+    assert cli.main([*base, "--steps", "4", "--stop-at", "9", "--resume", "--checkpoint-dir", "ck"]) == 2
+    assert "--stop-at=9: must be in 1..4" in capsys.readouterr().err

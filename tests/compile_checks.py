@@ -1,0 +1,87 @@
+"""The suite's full-size, compile-only checks for one fake device count, run in ONE process per count (conftest's
+`full_size` fixture): JAX starts its devices once and every program compiles once, then the tests read the JSON this
+prints. Usage: python tests/compile_checks.py N (N = 32, 128 or 512; JAX_NUM_CPU_DEVICES=N)."""
+
+import copy
+import json
+import sys
+
+import numpy as np
+
+from moe_jax.compile import compile_report
+from moe_jax.config import load_config
+from moe_jax.hlo import audit, collectives
+from moe_jax.layouts import load_pair
+from moe_jax.mesh import assignment, check_placement, make_mesh
+from moe_jax.model.moe import capacity
+from moe_jax.model.transformer import param_table
+from moe_jax.parallel.step import ShardedModel, lower_step
+from moe_jax.sharding import MESH_AXES
+
+
+def placement(name: str) -> dict:
+    """Every parameter's shards against the assignment, groups against mesh coordinates, and a corrupted row."""
+    cfg = load_pair(name)
+    mesh = make_mesh(cfg.layout)
+    table = assignment(cfg, mesh)
+    names, shapes = param_table(cfg)
+    n = check_placement(cfg, mesh, names, shapes, table)
+    groups = {}
+    for k, axis in enumerate(MESH_AXES):  # independent groups, from mesh coordinates alone
+        buckets: dict[tuple, list[int]] = {}
+        for idx in np.ndindex(mesh.devices.shape):
+            buckets.setdefault(idx[:k] + idx[k + 1 :], []).append(mesh.devices[idx].id)
+        groups[axis] = sorted(sorted(g) for g in buckets.values())
+    wrong = copy.deepcopy(table)
+    wrong["devices"][37]["experts"] = [e + 1 for e in wrong["devices"][37]["experts"]]
+    try:
+        check_placement(cfg, mesh, names, shapes, wrong)
+        caught = False
+    except AssertionError as e:
+        caught = "device 37" in str(e)
+    return {"checked": n, "groups": all(sorted(table["groups"][a]) == groups[a] for a in MESH_AXES),
+            "caught": caught, "devices": table["devices"]}  # fmt: skip
+
+
+def train_step(layout: str, overrides: list[str], step: str = "train") -> dict:
+    """The compile report of a step (memory, FLOPs, the collective audit) of the seed's model."""
+    cfg = load_config("configs/seed.yaml", layout, overrides)
+    report, _, _ = compile_report(cfg, make_mesh(cfg.layout), step)
+    return report
+
+
+def grad_audit(layout: str, overrides: list[str]) -> dict:
+    """The sharded gradient step's audit, and whether every replica group is a group of the assignment table."""
+    cfg = load_config("configs/seed.yaml", layout, overrides)
+    mesh = make_mesh(cfg.layout)
+    lowered = lower_step(ShardedModel.build(cfg, mesh))
+    compiled = lowered.compile()
+    table = assignment(cfg, mesh)
+    result = audit(lowered.as_text(dialect="hlo"), compiled.as_text(), cfg, table)
+    groups = {frozenset(g) for gs in table["groups"].values() for g in gs}
+    groups |= {frozenset(g) for e in table["grad_reduce_by_kind"].values() for g in e["groups"]}
+    in_table = all(frozenset(g) in groups for c in collectives(compiled.as_text(), cfg.layout.shape) for g in c.groups)
+    lay = cfg.layout
+    tokens = cfg.run.batch // (lay.dp * lay.ep) * cfg.run.seq_len // lay.tp
+    return {"ok": result["ok"], "unexpected": result["unexpected"], "collectives": result["collectives"],
+            "in_table": in_table, "capacity": capacity(cfg.model, tokens)}  # fmt: skip
+
+
+CHECKS = {
+    32: {"audit_seed32": lambda: grad_audit("meshes/seed-32.yaml", [])},
+    128: {
+        "placement_seed128": lambda: placement("seed-128"),
+        "train_seed128": lambda: train_step("meshes/seed-128.yaml", []),
+        "train_seed128_v4": lambda: train_step("meshes/seed-128.yaml", ["layout.repeats=4"]),
+        "audit_ep64": lambda: grad_audit("meshes/seed-32.yaml", ["layout.ep=64"]),
+        "decode_seed128_10240": lambda: train_step("meshes/seed-128.yaml", ["run.seq_len=10240"], "decode"),
+        "prefill_seed128_2048": lambda: train_step("meshes/seed-128.yaml", ["run.seq_len=2048"], "prefill"),
+    },
+    512: {
+        "placement_seed512": lambda: placement("seed-512"),
+        "train_seed512": lambda: train_step("meshes/seed-512.yaml", []),
+    },
+}
+
+if __name__ == "__main__":
+    print(json.dumps({name: check() for name, check in CHECKS[int(sys.argv[1])].items()}))

@@ -1,0 +1,194 @@
+"""`moe-jax` as a user runs it: every bad input is one line and exit status 2, refused before any work is done; the
+mesh pictures show every word; train's --stop-at and --resume keep one schedule."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from moe_jax import cli
+from moe_jax.config import load_config
+from moe_jax.layouts import load_pair
+from moe_jax.mesh import assignment
+from moe_jax.plan.hardware import get_hardware
+from moe_jax.plan.search import candidates, layout_counts
+
+
+def one_line_error(argv, capsys) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"moe-jax {argv[0]}: error: "), err
+    return err
+
+
+@pytest.fixture
+def regular_file(tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("not a directory")
+    return f
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["mesh", "--json", "/proc/x/a.json"], "--json='/proc/x/a.json': cannot write there: making a file in /proc"),
+        (["mesh", "--png", "{file}/m.png"], "--png='{file}/m.png': cannot write there: {file} is a file"),
+        (["hlo", "--out", "/proc/x"], "--out='/proc/x': cannot write there: making a file in /proc"),
+        (["compile", "--dump", "{file}"], "--dump='{file}': is a file, not a directory"),
+        (["train", "--checkpoint-dir", "{file}/ck"], "--checkpoint-dir='{file}/ck': cannot write there: {file} is a file"),
+        (["train", "--metrics", "{dir}"], "--metrics='{dir}': is a directory; give a file path"),
+        (["train", "--profile", "{file}"], "--profile='{file}': is a file, not a directory"),
+        (["demo", "--out", "{file}/demo"], "--out='{file}/demo': cannot write there: {file} is a file"),
+        (["plan", "--json", "/proc/x/p.json"], "--json='/proc/x/p.json': cannot write there"),
+        (["audit", "--out", "/proc/x/a.md"], "--out='/proc/x/a.md': cannot write there"),
+        (["schedule", "--pp", "2", "--microbatches", "2", "--png", "{dir}"], "--png='{dir}': is a directory"),
+    ],
+)  # fmt: skip
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(argv, message, regular_file, tmp_path, capsys):
+    fill = {"file": str(regular_file), "dir": str(tmp_path)}
+    err = one_line_error([a.format(**fill) for a in argv], capsys)
+    assert message.format(**fill) in err
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]  # nothing was created on the way
+
+
+def test_a_device_count_far_from_the_layouts_is_refused_at_once(capsys):
+    # Before this check, JAX was asked for 100000 fake devices first (minutes, then killed).
+    err = one_line_error(["compile", "--devices", "100000"], capsys)
+    assert "devices=100000: layout pp x dp x ep x tp = 4 x 1 x 16 x 2 = 128 devices" in err
+    assert "--devices=0: must be a positive integer" in one_line_error(["compile", "--devices", "0"], capsys)
+
+
+def test_search_without_any_layout_says_why_and_which_counts_have_one(capsys):
+    err = one_line_error(["plan", "--devices", "7", "--search"], capsys)
+    assert "--devices=7: no layout of 7 devices exists for this model and batch: pp must divide model.layers=16" in err
+    assert "the nearest device counts with layouts: 4 and 8 (at most 2048)" in err
+    assert "--devices=0: must be a positive integer" in one_line_error(["plan", "--devices", "0", "--search"], capsys)
+    err = one_line_error(["plan", "--devices", "4096", "--search"], capsys)
+    assert "nearest device counts with layouts: 2048 (at most 2048)" in err
+
+
+def test_search_where_no_layout_fits_names_the_smallest(capsys):
+    err = one_line_error(["plan", "--devices", "1", "--search", "run.seq_len=10240"], capsys)
+    assert "--devices=1: none of the" in err and "fits seed's 64 GB per device; the smallest" in err
+
+
+def test_layout_counts_are_exactly_the_counts_the_search_finds_layouts_for():
+    """The cheap count rule behind the error message agrees with the search's own candidates, count by count."""
+    cfg = load_config("configs/tiny.yaml", None, check=False)
+    counts = set(layout_counts(cfg))
+    hw = get_hardware("seed")
+    assert {n for n in range(1, 200) if candidates(cfg, n, hw.devices_per_host)} == {c for c in counts if c < 200}
+    assert 7 not in counts and 8 in counts
+
+
+@pytest.mark.parametrize("name", ["cpu8-pp2-ep2-tp2", "seed-128", "seed-512"])
+def test_mesh_picture_keeps_every_word_inside(name):
+    import matplotlib.pyplot as plt
+
+    from moe_jax.viz import mesh_figure
+
+    fig = mesh_figure(assignment(load_pair(name)))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (ax,) = fig.axes
+    texts = [ax.title, *ax.texts]
+    assert "tp rank" in ax.title.get_text()
+    for t in texts:
+        box = t.get_window_extent(renderer)
+        inside = fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
+        assert inside, f"{name}: {t.get_text()[:40]!r} at {box.bounds} leaves the figure {fig.bbox.bounds}"
+    plt.close(fig)
+
+
+def _readme_commands() -> list[str]:
+    """The commands of the README's block that follows the demo (each line: a command, then `# what it does`)."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = text.split("<!-- commands checked by tests/test_cli.py -->", 1)[1].split("```bash\n", 1)[1]
+    return [line.split("#")[0].strip() for line in block.split("```")[0].splitlines() if line.strip()]
+
+
+def _as_run(command: str) -> list[str]:
+    """'moe-jax ARGS' as printed -> argv: the installed entry point beside this Python (or the module)."""
+    words = shlex.split(command)
+    assert words[0] == "moe-jax", command
+    script = os.path.join(os.path.dirname(sys.executable), "moe-jax")
+    return ([script] if os.path.exists(script) else [sys.executable, "-m", "moe_jax.cli"]) + words[1:]
+
+
+@pytest.fixture(scope="module")
+def user_dir(tmp_path_factory):
+    """A fresh working folder with the repository's configs/ and meshes/ in it, as a user's checkout has them."""
+    d = tmp_path_factory.mktemp("user")
+    for name in ("configs", "meshes"):
+        os.symlink(os.path.join(ROOT, name), d / name)
+    return d
+
+
+def run(command: str, cwd, timeout: int = 600) -> str:
+    proc = subprocess.run(_as_run(command), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{command}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def demo(user_dir) -> str:
+    """`moe-jax demo` run once, as the README's first line runs it, in the user's folder; its output."""
+    return run("moe-jax demo", user_dir)
+
+
+@pytest.mark.xdist_group("user_commands")
+def test_the_demo_and_the_command_it_prints_to_continue_a_prompt(demo, user_dir):
+    out = demo
+    assert "equal" in out.split("1. the sharded first step against one device")[1].splitlines()[1]
+    assert (user_dir / "out/demo/mesh.png").stat().st_size > 10_000
+    assert (user_dir / "out/demo/loss.png").stat().st_size > 10_000
+    rows = [json.loads(x) for x in (user_dir / "out/demo/metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 150 and rows[-1]["loss"] < rows[0]["loss"] - 3.0
+    right, total = map(int, re.search(r"held-out continuations: (\d+) of (\d+) tokens right", out).groups())
+    assert right > 0.75 * total, out  # the trained model does the task (chance: 1 token in 97)
+    example = re.search(r"e\.g\. rule \d+: (\[[\d, ]+\]) -> (\[[\d, ]+\])", out)
+    prompt, continuation = json.loads(example.group(1)), json.loads(example.group(2))
+    command = re.search(r"continue a prompt with it: (moe-jax generate .*)", out).group(1).strip()
+    assert f"--prompt-tokens {','.join(map(str, prompt))}" in command
+    generated = run(command, user_dir)
+    assert "weights: checkpoint out/demo/checkpoint at step 150" in generated
+    assert f"{prompt} -> {continuation}" in generated  # the same greedy continuation as the demo's
+
+
+@pytest.mark.xdist_group("user_commands")
+def test_every_command_the_readme_and_the_demo_suggest_runs_as_printed(demo, user_dir):
+    """The README's command block after the demo, and the demo's `next:` lines (the same commands): each runs in the
+    folder where the demo ran, as written, and prints what its comment says."""
+    from moe_jax.cli import DEMO_NEXT
+    from moe_jax.train.data import SyntheticTask
+
+    commands = _readme_commands()
+    assert [c.split("   (")[0] for c in DEMO_NEXT] == commands[1:]
+    assert [line.split("next: ")[1] for line in demo.splitlines() if "  next: " in line] == list(DEMO_NEXT)
+    outputs = {c: run(c, user_dir) for c in commands}
+
+    generate = commands[0]
+    assert "weights: checkpoint out/demo/checkpoint at step 150" in outputs[generate]
+    prompt = [int(x) for x in re.search(r"--prompt-tokens ([\d,]+)", generate).group(1).split(",")]
+    task = SyntheticTask(97, 12)
+    rule, x, want = prompt[0], prompt[-1], []
+    for _ in range(9):
+        x = int((task.a[rule] * x + task.b[rule]) % 97)
+        want.append(x)
+    got = json.loads(re.search(rf"{re.escape(str(prompt))} -> (\[[\d, ]+\])", outputs[generate]).group(1))
+    assert sum(g == w for g, w in zip(got, want, strict=True)) >= 7, (got, want)  # it continues the rule
+    assert str(want[:3])[1:-1] in open(os.path.join(ROOT, "README.md")).read()  # the tokens the README names
+
+    assert "placement check: 12 parameters x 128 devices = 1536 shards" in outputs["moe-jax mesh"]
+    assert "the seed's 128-device layout (pp4, ep16, tp2, m8) ranks" in outputs["moe-jax plan --devices 128 --search"]
+    compiled = outputs["moe-jax compile --layout meshes/seed-128.yaml"]
+    assert "collective audit: equal to the expected set" in compiled
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    gib = re.search(r"total \(argument \+ output \+ temp - alias\) ([\d.]+) GiB", compiled).group(1)
+    assert f"{float(gib):.2f} GiB per device" in readme  # the figure the README states
+    assert (user_dir / "docs/seed-audit.md").read_text() == open(os.path.join(ROOT, "docs/seed-audit.md")).read()

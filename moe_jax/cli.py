@@ -44,9 +44,15 @@ def _config(args) -> Config:
     return load_config(args.config, args.layout, args.overrides)
 
 
-def _setup_devices(args, cfg: Config):
-    """Fake CPU devices unless --real; returns the mesh of the layout."""
+def _setup_devices(args, cfg: Config, compile_only: bool = False):
+    """Fake CPU devices unless --real; returns the mesh of the layout. `compile_only` (compile, hlo: the program is
+    never run on fake devices) asks XLA:CPU for LLVM -O0 code: the HLO, memory and collectives are the same (a test
+    checks the seed's compiled text byte for byte), and compiling takes about a third less time."""
     from moe_jax.mesh import make_mesh, use_fake_devices
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if compile_only and not args.real and "xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()  # read when JAX starts XLA
 
     if getattr(args, "coordinator", None) or getattr(args, "distributed", False):
         from moe_jax.distributed import initialize
@@ -194,7 +200,7 @@ def cmd_hlo(args) -> int:
     from moe_jax.parallel.step import ShardedModel, lower_step
 
     cfg = _config(args)
-    mesh = _setup_devices(args, cfg)
+    mesh = _setup_devices(args, cfg, compile_only=True)
     lowered = lower_step(ShardedModel.build(cfg, mesh))
     compiled = lowered.compile()
     before, after = lowered.as_text(dialect="hlo"), compiled.as_text()
@@ -272,7 +278,7 @@ def cmd_compile(args) -> int:
     from moe_jax.compile import compile_report
 
     cfg = _config(args)
-    mesh = _setup_devices(args, cfg)
+    mesh = _setup_devices(args, cfg, compile_only=True)
     report, lowered, compiled = compile_report(cfg, mesh, args.step)
     console = Console()
     if args.dump:

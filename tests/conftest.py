@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
 
@@ -42,25 +43,49 @@ def run_script_with_devices(n: int, *argv: str, timeout: int = 900) -> subproces
     return proc
 
 
+def once_per_suite(tmp_path_factory, name: str, compute):
+    """compute() -> a JSON-able value, computed once per test run however many xdist workers ask for it: the first to
+    ask computes it under a lock file in the run's shared temporary folder, the others wait and read the result (or
+    the first one's error)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # popen-gwN's parent: this run's folder
+    done, failed, lock = root / f"{name}.json", root / f"{name}.error", root / f"{name}.lock"
+    while True:
+        if done.exists():
+            return json.loads(done.read_text())
+        if failed.exists():
+            raise AssertionError(f"{name} failed in another worker:\n{failed.read_text()}")
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL)
+            break
+        except FileExistsError:
+            time.sleep(0.5)
+    try:
+        value = compute()
+    except BaseException as e:
+        failed.write_text(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        os.close(fd)
+    tmp = root / f"{name}.json.tmp"
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, done)
+    return value
+
+
 @pytest.fixture(scope="session")
-def full_size():
+def full_size(tmp_path_factory):
     """full_size(n): the results of tests/compile_checks.py for n fake devices (32, 128 or 512), computed once per
-    test process. Tests that read the same n share the xdist group `full_size_<n>`, so one worker runs them all and
-    the checks run once per suite."""
-    cache: dict[int, dict] = {}
+    test run (`once_per_suite`): the tests that read them share one process per device count."""
 
     def get(n: int) -> dict:
-        if n not in cache:
+        def compute():
             proc = run_script_with_devices(n, os.path.join("tests", "compile_checks.py"), str(n))
-            cache[n] = json.loads(proc.stdout.strip().splitlines()[-1])
-        return cache[n]
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+
+        return once_per_suite(tmp_path_factory, f"full_size_{n}", compute)
 
     return get
-
-
-def on_devices(n: int):
-    """The xdist group mark of the tests that read full_size(n)."""
-    return pytest.mark.xdist_group(f"full_size_{n}")
 
 
 @pytest.fixture

@@ -3,13 +3,14 @@ mesh pictures show every word; train's --stop-at and --resume keep one schedule.
 
 import json
 import os
+import pathlib
 import re
 import shlex
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, once_per_suite
 
 from moe_jax import cli
 from moe_jax.config import load_config
@@ -120,30 +121,30 @@ def _as_run(command: str) -> list[str]:
     return ([script] if os.path.exists(script) else [sys.executable, "-m", "moe_jax.cli"]) + words[1:]
 
 
-@pytest.fixture(scope="module")
-def user_dir(tmp_path_factory):
-    """A fresh working folder with the repository's configs/ and meshes/ in it, as a user's checkout has them."""
-    d = tmp_path_factory.mktemp("user")
-    for name in ("configs", "meshes"):
-        os.symlink(os.path.join(ROOT, name), d / name)
-    return d
-
-
 def run(command: str, cwd, timeout: int = 600) -> str:
     proc = subprocess.run(_as_run(command), cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{command}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
-@pytest.fixture(scope="module")
-def demo(user_dir) -> str:
-    """`moe-jax demo` run once, as the README's first line runs it, in the user's folder; its output."""
-    return run("moe-jax demo", user_dir)
+@pytest.fixture(scope="session")
+def user_dir(tmp_path_factory):
+    """A fresh working folder with the repository's configs/ and meshes/ in it, as a user's checkout has them, where
+    `moe-jax demo` has run once per test run (`once_per_suite`); the tests get (folder, the demo's output)."""
+
+    def make():
+        d = tmp_path_factory.mktemp("user")
+        for name in ("configs", "meshes"):
+            os.symlink(os.path.join(ROOT, name), d / name)
+        return {"dir": str(d), "demo": run("moe-jax demo", d)}
+
+    made = once_per_suite(tmp_path_factory, "demo", make)
+    return pathlib.Path(made["dir"]), made["demo"]
 
 
-@pytest.mark.xdist_group("user_commands")
-def test_the_demo_and_the_command_it_prints_to_continue_a_prompt(demo, user_dir):
-    out = demo
+@pytest.mark.slow
+def test_the_demo_and_the_command_it_prints_to_continue_a_prompt(user_dir):
+    user_dir, out = user_dir
     assert "equal" in out.split("1. the sharded first step against one device")[1].splitlines()[1]
     assert (user_dir / "out/demo/mesh.png").stat().st_size > 10_000
     assert (user_dir / "out/demo/loss.png").stat().st_size > 10_000
@@ -160,13 +161,14 @@ def test_the_demo_and_the_command_it_prints_to_continue_a_prompt(demo, user_dir)
     assert f"{prompt} -> {continuation}" in generated  # the same greedy continuation as the demo's
 
 
-@pytest.mark.xdist_group("user_commands")
-def test_every_command_the_readme_and_the_demo_suggest_runs_as_printed(demo, user_dir):
+@pytest.mark.slow
+def test_every_command_the_readme_and_the_demo_suggest_runs_as_printed(user_dir):
     """The README's command block after the demo, and the demo's `next:` lines (the same commands): each runs in the
     folder where the demo ran, as written, and prints what its comment says."""
     from moe_jax.cli import DEMO_NEXT
     from moe_jax.train.data import SyntheticTask
 
+    user_dir, demo = user_dir
     commands = _readme_commands()
     assert [c.split("   (")[0] for c in DEMO_NEXT] == commands[1:]
     assert [line.split("next: ")[1] for line in demo.splitlines() if "  next: " in line] == list(DEMO_NEXT)

@@ -6,7 +6,6 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import on_devices
 
 from moe_jax.config import load_config
 from moe_jax.layouts import committed_layouts, golden_path, load_pair
@@ -112,8 +111,8 @@ def test_mesh_axis_order_puts_tp_on_neighbours():
     assert assignment(cfg, mesh)["groups"]["tp"][0] == [0, 1]
 
 
-@pytest.mark.parametrize("name,devices", [pytest.param("seed-128", 128, marks=on_devices(128)),
-                                           pytest.param("seed-512", 512, marks=on_devices(512))])  # fmt: skip
+@pytest.mark.parametrize("name,devices", [pytest.param("seed-128", 128, marks=pytest.mark.slow),
+                                           pytest.param("seed-512", 512, marks=pytest.mark.slow)])  # fmt: skip
 def test_seed_layouts_on_fake_devices(name, devices, full_size):
     """tests/compile_checks.py: every parameter's shards on 128 / 512 fake devices, groups from mesh coordinates, a
     corrupted device row caught."""

@@ -8,7 +8,6 @@ groups as the shards (rows over dp x ep, sequence over tp), i.e. the same per-sh
 import json
 
 import pytest
-from conftest import on_devices
 
 from moe_jax.config import load_config
 from moe_jax.hlo import _iota_groups, audit, group_axes, replica_groups
@@ -106,8 +105,8 @@ def test_replica_group_spellings():
     assert group_axes([[0, 4]], (2, 1, 2, 2)) == ("pp",)
 
 
-@pytest.mark.parametrize("devices,key", [pytest.param(32, "audit_seed32", marks=on_devices(32)),
-                                         pytest.param(128, "audit_ep64", marks=on_devices(128))])  # fmt: skip
+@pytest.mark.parametrize("devices,key", [pytest.param(32, "audit_seed32", marks=pytest.mark.slow),
+                                         pytest.param(128, "audit_ep64", marks=pytest.mark.slow)])  # fmt: skip
 def test_seed_audit_compile_only(devices, key, full_size):
     """The seed's gradient step on seed-32 (ep 16, tp 2) and (ep 64, tp 2), compiled by tests/compile_checks.py."""
     out = full_size(devices)[key]

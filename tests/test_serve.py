@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, on_devices
+from conftest import ROOT
 from flax import nnx
 
 from moe_jax.compile import lower
@@ -86,7 +86,7 @@ def test_serving_audit_fails_on_a_stray_collective_or_a_wrong_step():
     assert [u["why"] for u in stray["unexpected"] if u.get("name") == "stray"] == ["not in the expected set"]
 
 
-@on_devices(128)
+@pytest.mark.slow
 def test_seed_decode_at_10240_compiles_and_the_planner_is_within_10_percent(full_size):
     """Decode at cache 10240 and a prefill of 2048 on seed-128, compiled by tests/compile_checks.py."""
     out = full_size(128)

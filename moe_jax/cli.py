@@ -691,7 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed_args(p)
     p.set_defaults(func=cmd_train, outputs={"metrics": False, "checkpoint_dir": True, "profile": True})
 
-    p = sub.add_parser("demo", help="the main job: assignment, a check against one device, training, generation, pictures")
+    p = sub.add_parser(
+        "demo", help="the main job: assignment, a check against one device, training, generation, pictures"
+    )
     p.add_argument("--config", help="default: the tiny config")
     p.add_argument("--layout", default=DEMO_LAYOUT, help="a layout name from meshes/")
     p.add_argument("overrides", nargs="*", metavar="key=value")

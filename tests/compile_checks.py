@@ -1,6 +1,6 @@
-"""The suite's full-size, compile-only checks for one fake device count, run in ONE process per count (conftest's
-`full_size` fixture): JAX starts its devices once and every program compiles once, then the tests read the JSON this
-prints. Usage: python tests/compile_checks.py N (N = 32, 128 or 512; JAX_NUM_CPU_DEVICES=N)."""
+"""The suite's full-size, compile-only checks for one fake device count, run in ONE process per count by
+tests/test_full_size.py: JAX starts its devices once and every program compiles once, then the test reads the JSON
+this prints. Usage: python tests/compile_checks.py N (N = 32, 128 or 512; JAX_NUM_CPU_DEVICES=N)."""
 
 import copy
 import json

@@ -6,11 +6,9 @@ compilation of programs that then run once on tiny shapes. It leaves the HLO, it
 memory figure and collective unchanged (the compiled seed-128 train step's text is identical, byte for byte), and
 halves compile times; results agree within the written tolerances (bench scripts and users keep the default)."""
 
-import json
 import os
 import subprocess
 import sys
-import time
 
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
 
@@ -41,51 +39,6 @@ def run_script_with_devices(n: int, *argv: str, timeout: int = 900) -> subproces
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} with {n} devices failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
-
-
-def once_per_suite(tmp_path_factory, name: str, compute):
-    """compute() -> a JSON-able value, computed once per test run however many xdist workers ask for it: the first to
-    ask computes it under a lock file in the run's shared temporary folder, the others wait and read the result (or
-    the first one's error)."""
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # popen-gwN's parent: this run's folder
-    done, failed, lock = root / f"{name}.json", root / f"{name}.error", root / f"{name}.lock"
-    while True:
-        if done.exists():
-            return json.loads(done.read_text())
-        if failed.exists():
-            raise AssertionError(f"{name} failed in another worker:\n{failed.read_text()}")
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL)
-            break
-        except FileExistsError:
-            time.sleep(0.5)
-    try:
-        value = compute()
-    except BaseException as e:
-        failed.write_text(f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        os.close(fd)
-    tmp = root / f"{name}.json.tmp"
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, done)
-    return value
-
-
-@pytest.fixture(scope="session")
-def full_size(tmp_path_factory):
-    """full_size(n): the results of tests/compile_checks.py for n fake devices (32, 128 or 512), computed once per
-    test run (`once_per_suite`): the tests that read them share one process per device count."""
-
-    def get(n: int) -> dict:
-        def compute():
-            proc = run_script_with_devices(n, os.path.join("tests", "compile_checks.py"), str(n))
-            return json.loads(proc.stdout.strip().splitlines()[-1])
-
-        return once_per_suite(tmp_path_factory, f"full_size_{n}", compute)
-
-    return get
 
 
 @pytest.fixture

@@ -3,14 +3,13 @@ mesh pictures show every word; train's --stop-at and --resume keep one schedule.
 
 import json
 import os
-import pathlib
 import re
 import shlex
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, once_per_suite
+from conftest import ROOT
 
 from moe_jax import cli
 from moe_jax.config import load_config
@@ -127,48 +126,33 @@ def run(command: str, cwd, timeout: int = 600) -> str:
     return proc.stdout
 
 
-@pytest.fixture(scope="session")
-def user_dir(tmp_path_factory):
-    """A fresh working folder with the repository's configs/ and meshes/ in it, as a user's checkout has them, where
-    `moe-jax demo` has run once per test run (`once_per_suite`); the tests get (folder, the demo's output)."""
-
-    def make():
-        d = tmp_path_factory.mktemp("user")
-        for name in ("configs", "meshes"):
-            os.symlink(os.path.join(ROOT, name), d / name)
-        return {"dir": str(d), "demo": run("moe-jax demo", d)}
-
-    made = once_per_suite(tmp_path_factory, "demo", make)
-    return pathlib.Path(made["dir"]), made["demo"]
-
-
 @pytest.mark.slow
-def test_the_demo_and_the_command_it_prints_to_continue_a_prompt(user_dir):
-    user_dir, out = user_dir
-    assert "equal" in out.split("1. the sharded first step against one device")[1].splitlines()[1]
+def test_the_demo_and_every_command_it_and_the_readme_print_run_as_printed(tmp_path):
+    """In a fresh folder holding the repository's configs/ and meshes/ (a user's checkout): `moe-jax demo`, the
+    generate command it prints, then the README's command block after the demo and the demo's `next:` lines (the
+    same commands). Each runs as written and prints what it says. One test, so nothing waits on another worker."""
+    user_dir = tmp_path
+    for name in ("configs", "meshes"):
+        os.symlink(os.path.join(ROOT, name), user_dir / name)
+    demo = run("moe-jax demo", user_dir)
+    assert "equal" in demo.split("1. the sharded first step against one device")[1].splitlines()[1]
     assert (user_dir / "out/demo/mesh.png").stat().st_size > 10_000
     assert (user_dir / "out/demo/loss.png").stat().st_size > 10_000
     rows = [json.loads(x) for x in (user_dir / "out/demo/metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 150 and rows[-1]["loss"] < rows[0]["loss"] - 3.0
-    right, total = map(int, re.search(r"held-out continuations: (\d+) of (\d+) tokens right", out).groups())
-    assert right > 0.75 * total, out  # the trained model does the task (chance: 1 token in 97)
-    example = re.search(r"e\.g\. rule \d+: (\[[\d, ]+\]) -> (\[[\d, ]+\])", out)
+    right, total = map(int, re.search(r"held-demo continuations: (\d+) of (\d+) tokens right", demo).groups())
+    assert right > 0.75 * total, demo  # the trained model does the task (chance: 1 token in 97)
+    example = re.search(r"e\.g\. rule \d+: (\[[\d, ]+\]) -> (\[[\d, ]+\])", demo)
     prompt, continuation = json.loads(example.group(1)), json.loads(example.group(2))
-    command = re.search(r"continue a prompt with it: (moe-jax generate .*)", out).group(1).strip()
+    command = re.search(r"continue a prompt with it: (moe-jax generate .*)", demo).group(1).strip()
     assert f"--prompt-tokens {','.join(map(str, prompt))}" in command
     generated = run(command, user_dir)
     assert "weights: checkpoint out/demo/checkpoint at step 150" in generated
     assert f"{prompt} -> {continuation}" in generated  # the same greedy continuation as the demo's
 
-
-@pytest.mark.slow
-def test_every_command_the_readme_and_the_demo_suggest_runs_as_printed(user_dir):
-    """The README's command block after the demo, and the demo's `next:` lines (the same commands): each runs in the
-    folder where the demo ran, as written, and prints what its comment says."""
     from moe_jax.cli import DEMO_NEXT
     from moe_jax.train.data import SyntheticTask
 
-    user_dir, demo = user_dir
     commands = _readme_commands()
     assert [c.split("   (")[0] for c in DEMO_NEXT] == commands[1:]
     assert [line.split("next: ")[1] for line in demo.splitlines() if "  next: " in line] == list(DEMO_NEXT)

@@ -111,26 +111,6 @@ def test_mesh_axis_order_puts_tp_on_neighbours():
     assert assignment(cfg, mesh)["groups"]["tp"][0] == [0, 1]
 
 
-@pytest.mark.parametrize("name,devices", [pytest.param("seed-128", 128, marks=pytest.mark.slow),
-                                           pytest.param("seed-512", 512, marks=pytest.mark.slow)])  # fmt: skip
-def test_seed_layouts_on_fake_devices(name, devices, full_size):
-    """tests/compile_checks.py: every parameter's shards on 128 / 512 fake devices, groups from mesh coordinates, a
-    corrupted device row caught."""
-    out = full_size(devices)[f"placement_{name.replace('-', '')}"]
-    assert out["checked"] == 12 * devices
-    assert out["groups"] and out["caught"]
-    cfg = load_pair(name)
-    per_ep = 64 // cfg.layout.ep
-    for d in out["devices"]:
-        s, e = d["coords"]["pp"], d["coords"]["ep"]
-        assert d["layers"] == [4 * s, 4 * s + 1, 4 * s + 2, 4 * s + 3]
-        assert d["experts"] == list(range(per_ep * e, per_ep * (e + 1)))
-    # Every stage holds all 64 experts of its own layers (the seed's mapping gives each stage 16).
-    for s in range(4):
-        held = {x for d in out["devices"] if d["coords"]["pp"] == s for x in d["experts"]}
-        assert held == set(range(64))
-
-
 def test_cli_mesh_writes_json_and_png(tmp_path, cli):
     j, p = tmp_path / "a.json", tmp_path / "a.png"
     proc = cli(

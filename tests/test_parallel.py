@@ -103,22 +103,3 @@ def test_replica_group_spellings():
     assert group_axes([[0, 2], [1, 3]], (2, 1, 2, 2)) == ("ep",)
     assert group_axes([[0, 1, 2, 3]], (2, 1, 2, 2)) == ("ep", "tp")
     assert group_axes([[0, 4]], (2, 1, 2, 2)) == ("pp",)
-
-
-@pytest.mark.parametrize("devices,key", [pytest.param(32, "audit_seed32", marks=pytest.mark.slow),
-                                         pytest.param(128, "audit_ep64", marks=pytest.mark.slow)])  # fmt: skip
-def test_seed_audit_compile_only(devices, key, full_size):
-    """The seed's gradient step on seed-32 (ep 16, tp 2) and (ep 64, tp 2), compiled by tests/compile_checks.py."""
-    out = full_size(devices)[key]
-    assert out["ok"], out["unexpected"]
-    assert out["in_table"]
-    # All-to-all bytes per device per layer and direction: E x C x D x 2 (fp16), C = ceil(k T / E x 1.25).
-    e, d, layers = 64, 1024, 16
-    c = out["capacity"]
-    tokens = 128 // (devices // 2) * 2048 // 2
-    assert c == -(-2 * tokens * 5 // (64 * 4))
-    a2a = [r for r in out["collectives"] if r["kind"] == "all-to-all"]
-    assert a2a == [{"kind": "all-to-all", "axes": ["ep"], "bytes_per_device": e * c * d * 2,
-                    "count_per_step": 2 * 3 * layers}]  # fmt: skip
-    kinds = {(r["kind"], tuple(r["axes"])) for r in out["collectives"]}
-    assert ("all-gather", ("ep",)) not in kinds and ("all-gather", ("dp",)) not in kinds

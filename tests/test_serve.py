@@ -15,10 +15,11 @@ from moe_jax.compile import lower
 from moe_jax.config import ConfigError, load_config
 from moe_jax.hlo import audit
 from moe_jax.mesh import assignment, make_mesh
-from moe_jax.parallel.step import to_host
-from moe_jax.plan.model import serve_memory
+from moe_jax.parallel.step import ShardedModel, to_host
 from moe_jax.serve.generate import check_lengths, sample
 from moe_jax.serve.step import ServeModel
+from moe_jax.train.checkpoint import Checkpoints
+from moe_jax.train.step import init_train_state, make_optimizer
 
 FP32_RTOL = 1e-5
 
@@ -86,31 +87,6 @@ def test_serving_audit_fails_on_a_stray_collective_or_a_wrong_step():
     assert [u["why"] for u in stray["unexpected"] if u.get("name") == "stray"] == ["not in the expected set"]
 
 
-@pytest.mark.slow
-def test_seed_decode_at_10240_compiles_and_the_planner_is_within_10_percent(full_size):
-    """Decode at cache 10240 and a prefill of 2048 on seed-128, compiled by tests/compile_checks.py."""
-    out = full_size(128)
-    decode, prefill_report = out["decode_seed128_10240"], out["prefill_seed128_2048"]
-    assert decode["audit_ok"], decode["unexpected"]
-    assert prefill_report["audit_ok"], prefill_report["unexpected"]
-    mem, prefill = decode["memory_per_device_bytes"], prefill_report["memory_per_device_bytes"]
-    planned_prefill = serve_memory(
-        load_config("configs/seed.yaml", "meshes/seed-128.yaml", ["run.seq_len=2048"]), "prefill"
-    )
-    err = planned_prefill["total"] / prefill["total"] - 1
-    print(
-        f"prefill of 2048: compiled {prefill['total'] / 2**30:.3f} GiB, planned {planned_prefill['total'] / 2**30:.3f} ({err:+.1%})"
-    )
-    assert abs(err) <= 0.10
-    cfg = load_config("configs/seed.yaml", "meshes/seed-128.yaml", ["run.seq_len=10240"])
-    planned = serve_memory(cfg, "decode")
-    err = planned["total"] / mem["total"] - 1
-    print(f"decode, batch 128, cache 10240: compiled {mem['total'] / 2**30:.3f} GiB, planned "
-          f"{planned['total'] / 2**30:.3f} GiB ({err:+.1%}), KV cache {planned['kv_cache'] / 2**30:.3f} GiB")  # fmt: skip
-    assert abs(err) <= 0.10
-    assert planned["kv_cache"] == 2 * 4 * 8 * 10240 * 8 * 64 * 2  # layers x rows x positions x heads x dim, fp16
-
-
 def test_sampling():
     rng = np.random.default_rng(0)
     logits = np.array([[0.0, 3.0, 1.0, 2.0]] * 200)
@@ -137,10 +113,10 @@ def test_generate_cli_and_its_bad_input(tmp_path, monkeypatch, cli):
     odd = cli("generate", "--prompt-tokens", "1,2", "--batch", "3")
     assert odd.returncode == 2 and "--batch=3: must be a positive multiple of" in odd.stderr
 
-    ck = tmp_path / "ck"
-    trained = cli("train", "--config", f"{ROOT}/configs/tiny.yaml", "--layout", f"{ROOT}/meshes/cpu8-pp2-ep2-tp2.yaml",
-                  "--steps", "1", "--checkpoint-dir", str(ck), "model.expert_hidden=80")  # fmt: skip
-    assert trained.returncode == 0, trained.stderr
+    ck = tmp_path / "ck"  # a checkpoint of another model (what it holds, not how it was trained, is the point)
+    cfg = load_config(f"{ROOT}/configs/tiny.yaml", f"{ROOT}/meshes/cpu8-pp2-ep2-tp2.yaml", ["model.expert_hidden=80"])
+    sm = ShardedModel.build(cfg, make_mesh(cfg.layout))
+    Checkpoints(str(ck)).save(sm, cfg, init_train_state(sm, make_optimizer(cfg.run))._replace(step=1))
     other = cli("generate", "--prompt-tokens", "1,2", "--checkpoint", str(ck))
     assert other.returncode == 2 and other.stderr.count("\n") == 1
     assert (

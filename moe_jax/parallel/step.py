@@ -356,8 +356,8 @@ def reference_grad_step(cfg: Config, graphdef) -> Callable:
     sequence over tp), so every group has the same capacity rule. Layouts that agree on these share one program."""
     lay = cfg.layout
     groups = (lay.dp * lay.ep, lay.tp) if cfg.model.dispatch == "capacity" else (1, 1)
-    remat = "layer" if lay.remat != "none" else "none"
-    return _reference_grad_step(cfg.model, cfg.run.dtype, groups, remat, lay.microbatches, graphdef)
+    # Rematerialised per layer whatever the layout's policy: the same values, and the memory of one host.
+    return _reference_grad_step(cfg.model, cfg.run.dtype, groups, "layer", lay.microbatches, graphdef)
 
 
 @functools.lru_cache(maxsize=32)

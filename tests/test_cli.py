@@ -140,7 +140,7 @@ def test_the_demo_and_every_command_it_and_the_readme_print_run_as_printed(tmp_p
     assert (user_dir / "out/demo/loss.png").stat().st_size > 10_000
     rows = [json.loads(x) for x in (user_dir / "out/demo/metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 150 and rows[-1]["loss"] < rows[0]["loss"] - 3.0
-    right, total = map(int, re.search(r"held-demo continuations: (\d+) of (\d+) tokens right", demo).groups())
+    right, total = map(int, re.search(r"held-out continuations: (\d+) of (\d+) tokens right", demo).groups())
     assert right > 0.75 * total, demo  # the trained model does the task (chance: 1 token in 97)
     example = re.search(r"e\.g\. rule \d+: (\[[\d, ]+\]) -> (\[[\d, ]+\])", demo)
     prompt, continuation = json.loads(example.group(1)), json.loads(example.group(2))

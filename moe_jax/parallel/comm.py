@@ -70,12 +70,7 @@ def expected_collectives(cfg: Config, step: str = "grad") -> list[dict[str, Any]
     remat = lay.remat != "none"
     r = 3 if remat else 2
     rows: list[dict[str, Any]] = []
-
-    def add(kind, axes, nbytes, count, what):
-        axes = active_axes(axes, sizes)
-        if axes and count:
-            rows.append({"kind": kind, "axes": list(axes), "bytes_per_device": nbytes, "count_per_step": count,
-                         "what": what})  # fmt: skip
+    add = _adder(rows, sizes)
 
     tp, ep = lay.tp, lay.ep
     fwd = r - 1  # forward, and its recomputation under remat
@@ -110,6 +105,19 @@ def expected_collectives(cfg: Config, step: str = "grad") -> list[dict[str, Any]
     return rows
 
 
+def _adder(rows: list[dict[str, Any]], sizes: dict[str, int]):
+    """add(kind, axes, bytes, count, what) appends a row, its axes of size 1 left out; a row over no axis (it would
+    span one device) or run zero times is dropped."""
+
+    def add(kind, axes, nbytes, count, what):
+        axes = active_axes(axes, sizes)
+        if axes and count:
+            rows.append({"kind": kind, "axes": list(axes), "bytes_per_device": nbytes, "count_per_step": count,
+                         "what": what})  # fmt: skip
+
+    return add
+
+
 def expected_serving_collectives(cfg: Config, step: str) -> list[dict[str, Any]]:
     """What one prefill (run.seq_len new tokens) or decode (one token) step must run, rows as `expected_collectives`.
 
@@ -128,12 +136,7 @@ def expected_serving_collectives(cfg: Config, step: str) -> list[dict[str, Any]]
     runs = sched.ticks * sched.layers_per_chunk
     d, e = m.d_model, m.experts
     rows: list[dict[str, Any]] = []
-
-    def add(kind, axes, nbytes, count, what):
-        axes = active_axes(axes, sizes)
-        if axes and count:
-            rows.append({"kind": kind, "axes": list(axes), "bytes_per_device": nbytes, "count_per_step": count,
-                         "what": what})  # fmt: skip
+    add = _adder(rows, sizes)
 
     add("all-reduce", ("tp",), tokens * d * 4, runs, "attention output partial sums, fp32")
     add("all-reduce", ("tp",), e * tokens * d * 4, runs, "expert output partial sums, fp32")

@@ -568,8 +568,9 @@ def cmd_demo(args) -> int:
     console.print(f"  last step: max/mean expert load {last['max_over_mean_load']:.2f}, dropped "
                   f"{last['dropped_share']:.1%}, router loss {last['router_loss']:.4f}")  # fmt: skip
     console.print(f"  held-out continuations: {int(right.sum())} of {right.size} tokens right")
-    command = ["moe-jax", "generate", "--checkpoint", checkpoint, "--prompt-tokens", ",".join(map(str, example)),
-               "--max-new", str(new.shape[1])]  # fmt: skip
+    command = ["moe-jax", "generate", "--prompt-tokens", ",".join(map(str, example)), "--max-new", str(new.shape[1])]
+    if checkpoint != DEMO_CHECKPOINT or args.config:  # else generate finds the demo's checkpoint by itself
+        command[2:2] = ["--checkpoint", checkpoint]
     if args.config:
         command += ["--config", args.config]
     if args.layout != DEMO_LAYOUT:

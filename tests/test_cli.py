@@ -146,20 +146,19 @@ def test_the_demo_and_every_command_it_and_the_readme_print_run_as_printed(tmp_p
     prompt, continuation = json.loads(example.group(1)), json.loads(example.group(2))
     command = re.search(r"continue a prompt with it: (moe-jax generate .*)", demo).group(1).strip()
     assert f"--prompt-tokens {','.join(map(str, prompt))}" in command
-    generated = run(command, user_dir)
-    assert "weights: checkpoint out/demo/checkpoint at step 150" in generated
-    assert f"{prompt} -> {continuation}" in generated  # the same greedy continuation as the demo's
 
     from moe_jax.cli import DEMO_NEXT
     from moe_jax.train.data import SyntheticTask
 
     commands = _readme_commands()
+    assert commands[0] == command  # the README shows the command the demo prints
     assert [c.split("   (")[0] for c in DEMO_NEXT] == commands[1:]
     assert [line.split("next: ")[1] for line in demo.splitlines() if "  next: " in line] == list(DEMO_NEXT)
     outputs = {c: run(c, user_dir) for c in commands}
 
     generate = commands[0]
     assert "weights: checkpoint out/demo/checkpoint at step 150" in outputs[generate]
+    assert f"{prompt} -> {continuation}" in outputs[generate]  # the same greedy continuation as the demo's
     prompt = [int(x) for x in re.search(r"--prompt-tokens ([\d,]+)", generate).group(1).split(",")]
     task = SyntheticTask(97, 12)
     rule, x, want = prompt[0], prompt[-1], []

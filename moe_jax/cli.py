@@ -46,8 +46,9 @@ def _config(args) -> Config:
 
 def _setup_devices(args, cfg: Config, compile_only: bool = False):
     """Fake CPU devices unless --real; returns the mesh of the layout. `compile_only` (compile, hlo: the program is
-    never run on fake devices) asks XLA:CPU for LLVM -O0 code: the HLO, memory and collectives are the same (a test
-    checks the seed's compiled text byte for byte), and compiling takes about a third less time."""
+    never run on fake devices) asks XLA:CPU for LLVM -O0 code: the HLO, memory and collectives are the same (the
+    seed-128 train step's compiled text is byte-identical; tests/test_plan.py checks it on a pipelined tiny layout),
+    and compiling takes about a third less time."""
     from moe_jax.mesh import make_mesh, use_fake_devices
 
     flags = os.environ.get("XLA_FLAGS", "")

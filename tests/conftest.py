@@ -1,10 +1,11 @@
-"""Every test process gets 8 fake CPU devices, set before anything touches JAX. Tests that need 128 or 512 devices
-run in a subprocess (`run_with_devices`).
+"""Every test process gets 8 fake CPU devices, set before anything touches JAX. The full-size checks on 32, 128 and
+512 devices run in one subprocess per device count (test_full_size.py, `run_script_with_devices`).
 
 XLA:CPU compiles with LLVM's optimisation level 0 here (inherited by every subprocess): the suite's time is mostly
 compilation of programs that then run once on tiny shapes. It leaves the HLO, its buffer assignment and so every
-memory figure and collective unchanged (the compiled seed-128 train step's text is identical, byte for byte), and
-halves compile times; results agree within the written tolerances (bench scripts and users keep the default)."""
+memory figure and collective unchanged (measured: the compiled seed-128 train step's text is identical, byte for
+byte; test_plan.py checks the same on a pipelined tiny layout) and halves compile times; results agree within the
+written tolerances. Benchmarks and users keep the default."""
 
 import os
 import subprocess
@@ -19,17 +20,6 @@ jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_with_devices(n: int, code: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Runs Python `code` in a fresh process with n fake CPU devices; raises with its output if it fails."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(n))
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"subprocess with {n} devices failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def run_script_with_devices(n: int, *argv: str, timeout: int = 900) -> subprocess.CompletedProcess:

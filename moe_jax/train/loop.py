@@ -123,15 +123,16 @@ def train(
     return TrainState(params, rest, opt, ls, step), records
 
 
-# Fields that may differ between a checkpoint and the run resuming it: where the run is laid out, not what it computes.
-RESUMABLE_SECTIONS = ("model", "run")
+# The config sections a resumed run must share with its checkpoint: what it computes. The layout (where it runs) may
+# differ, since checkpoints restore onto any layout.
+CHECKED_ON_RESUME = ("model", "run")
 
 
 def check_same_run(saved: dict[str, dict[str, Any]], cfg: Config, directory: str) -> None:
     """Refuses, in one line, to resume a run whose model or run section differs from the checkpoint's (run.steps
     included: it sets the learning-rate schedule's length). The layout may differ: checkpoints restore onto any."""
     here = to_dict(cfg)
-    for section in RESUMABLE_SECTIONS:
+    for section in CHECKED_ON_RESUME:
         for key, value in here[section].items():
             there = saved.get(section, {}).get(key, value)
             if there != value:

@@ -70,8 +70,8 @@ class ShardedModel:
         """The jitted initialiser, compiled once per layout (the seed is an argument)."""
         cfg = self.cfg
 
-        def init_fn(seed):  # nnx.Rngs(int) makes jax.random.key(int): the same streams as init_model(cfg, seed)
-            _, params, rest = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(jax.random.key(seed))), nnx.Param, ...)
+        def init_fn(seed):
+            params, rest = init_state(cfg.model, seed)
             return self.to_storage(params), self.to_storage(rest)
 
         out = (self.shardings(self.param_specs), self.shardings(self.rest_specs))
@@ -374,19 +374,22 @@ def _reference_grad_step(model_cfg, dtype_name: str, groups, remat: str, microba
     return jax.jit(jax.value_and_grad(f, has_aux=True))
 
 
+def init_state(model_cfg, seed):
+    """(params, rest) of a freshly initialised model in global layer order; `seed` may be traced. nnx.Rngs(int)
+    makes jax.random.key(int), so these are the streams of init_model(cfg, seed)."""
+    _, params, rest = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(jax.random.key(seed))), nnx.Param, ...)
+    return params, rest
+
+
 @functools.lru_cache(maxsize=8)
-def _one_device_init(model_cfg, graphdef) -> Callable:
-    def init(seed):  # the same streams as ShardedModel.init and init_model(cfg, seed)
-        _, params, rest = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(jax.random.key(seed))), nnx.Param, ...)
-        return params, rest
-
-    return jax.jit(init)
+def _one_device_init(model_cfg) -> Callable:
+    return jax.jit(functools.partial(init_state, model_cfg))
 
 
-def one_device_params(cfg: Config, graphdef, seed: int = 0):
+def one_device_params(cfg: Config, seed: int = 0):
     """(params, rest) of the model in global layer order as host arrays, initialised on one device: what the
     one-device reference runs on and what `ShardedModel.put` shards. Compiled once per model config."""
-    return to_host(_one_device_init(cfg.model, graphdef)(jnp.uint32(seed)))
+    return to_host(_one_device_init(cfg.model)(jnp.uint32(seed)))
 
 
 def to_host(tree):

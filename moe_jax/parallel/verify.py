@@ -69,7 +69,7 @@ def verify(cfg: Config, mesh, seed: int = 0, perturb: Callable | None = None) ->
     """Runs the step both ways on the same weights and batch. `perturb` (for tests) edits the sharded gradients."""
     sm = ShardedModel.build(cfg, mesh)
     # One set of weights for both runs: made on one device (the reference needs them whole anyway), then sharded.
-    host_params, host_rest = one_device_params(cfg, sm.graphdef, seed)
+    host_params, host_rest = one_device_params(cfg, seed)
     params, rest = sm.put(host_params, host_rest)
     tokens, targets = synthetic_batch(cfg, seed)
     with jax.set_mesh(mesh):

@@ -327,6 +327,8 @@ def cmd_plan(args) -> int:
 
     hw = get_hardware(args.hardware)
     console = Console(width=max(Console().width, 120))
+    if args.check and (args.step != "train" or args.search):
+        raise ConfigError("--check: checks the train step of one layout; leave out --search and --step")
     if args.search:
         if args.devices is None:
             raise ConfigError("--search needs --devices N: the device count to lay out")
@@ -359,6 +361,8 @@ def cmd_plan(args) -> int:
     cfg = _config(args)
     if args.devices is not None:
         check_devices(cfg.layout, args.devices)
+    if args.check:
+        return _plan_check(args, cfg, console)
     if args.step != "train":
         return _plan_serve(args, cfg, hw, console)
     p = plan(cfg, hw)
@@ -370,8 +374,9 @@ def cmd_plan(args) -> int:
     )
     console.print(f"parameters: {p['params']['total']:,} total (the seed claims 30B: {escape(param_formula(cfg.model))}),"
                   f" {p['params']['active_per_token']:,} active per token, {p['params']['per_device']:,} per device")  # fmt: skip
-    console.print("memory per device: " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in mem.items() if k != "total")
-                  + f"; [bold]total {mem['total'] / 1e9:.2f} GB[/bold] of {hw.hbm_bytes / 1e9:.0f} GB")  # fmt: skip
+    parts = ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in mem.items() if k not in ("total", "peak_phase") and v)
+    console.print(f"memory per device at the peak ({mem['peak_phase']}): {parts}; [bold]total {mem['total'] / 1e9:.2f} "
+                  f"GB[/bold] of {hw.hbm_bytes / 1e9:.0f} GB (docs/planner.md; `--check` compiles it and compares)")  # fmt: skip
     t = Table(title="collectives per step and device", title_justify="left")
     for col in ("kind", "axes", "group", "link", "bytes/device", "count", "ms", "what"):
         t.add_column(col)
@@ -381,7 +386,8 @@ def cmd_plan(args) -> int:
     console.print(t)
     st = p["step_time_s"]
     console.print(
-        f"FLOPs per device per step {p['flops_per_step'] / 1e12:.2f} T; step time {st['total'] * 1e3:.1f} ms = "
+        f"FLOPs per device per step {p['flops_per_step'] / 1e12:.2f} T computed, {p['flops_useful_per_step'] / 1e12:.2f} T"
+        f" useful (what MFU counts); step time {st['total'] * 1e3:.1f} ms = "
         f"compute {st['compute'] * 1e3:.1f} + communication {st['comm'] * 1e3:.1f} + bubble {st['bubble'] * 1e3:.1f} "
         f"(no overlap assumed); MFU {p['mfu']:.1%}; {p['tokens_per_s']:,.0f} tokens/s"
     )
@@ -391,6 +397,49 @@ def cmd_plan(args) -> int:
         print(f"moe-jax plan: error: does not fit: needs {mem['total'] / 1e9:.1f} GB per device, has "
               f"{hw.hbm_bytes / 1e9:.0f}", file=sys.stderr)  # fmt: skip
         return 2
+    return 0
+
+
+def _plan_check(args, cfg, console) -> int:
+    from rich.table import Table
+
+    from moe_jax.plan.check import compare, compiled_figures
+
+    if not 0 < args.tolerance < 100:
+        raise ConfigError(f"--tolerance={args.tolerance}: a percentage between 0 and 100")
+    mesh = _setup_devices(args, cfg, compile_only=True)
+    lay = cfg.layout
+    console.print(f"compiling the train step of {lay.name or 'the layout'} (pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp "
+                  f"{lay.tp}, m {lay.microbatches}, v {lay.repeats}, remat {lay.remat}) on {lay.devices} fake CPU "
+                  f"devices ...")  # fmt: skip
+    result = compare(cfg, compiled_figures(cfg, mesh), args.tolerance / 100)
+    mem = result["memory"]
+    t = Table(title=f"memory per device at the peak (planned peak: {mem['peak_phase']}); error as a share of the "
+              "compiled total", title_justify="left")  # fmt: skip
+    for col in ("part", "planned GiB", "compiled GiB", "error"):
+        t.add_column(col, justify="left" if col == "part" else "right")
+    for r in result["parts"]:
+        t.add_row(
+            r["part"], f"{r['planned'] / 2**30:.3f}", f"{r['compiled'] / 2**30:.3f}", f"{r['error_of_total']:+.1%}"
+        )
+    t.add_row("[bold]total[/bold]", f"{mem['planned'] / 2**30:.3f}", f"{mem['compiled'] / 2**30:.3f}",
+              f"[bold]{mem['error']:+.1%}[/bold]")  # fmt: skip
+    console.print(t)
+    fl = result["flops"]
+    console.print(f"FLOPs per device per step: planned {fl['planned'] / 1e12:.3f} T (useful {fl['useful'] / 1e12:.3f} T), "
+                  f"compiled {fl['compiled'] / 1e12:.3f} T ({fl['error']:+.1%})")  # fmt: skip
+    by = result["bytes_by_kind"]
+    same = by["planned"] == by["compiled"]
+    console.print(
+        "collective bytes per kind: " + ("equal" if same else f"planned {by['planned']}, compiled {by['compiled']}")
+    )
+    if args.json:
+        _write_json(args.json, result)
+    if result["failures"]:
+        for f in result["failures"]:
+            print(f"moe-jax plan --check: beyond {args.tolerance:g}%: {f}", file=sys.stderr)
+        return 1
+    console.print(f"plan and compiler agree within {args.tolerance:g}%")
     return 0
 
 
@@ -735,8 +784,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, help="the device count (checked against the layout; needed by --search)")
     p.add_argument("--search", action="store_true")
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--check", action="store_true",
+                   help="compile the layout on fake devices and print plan and compiler side by side, part by part; "
+                        "exit 1 when a part, the total or the FLOPs differ by more than --tolerance")  # fmt: skip
+    p.add_argument("--tolerance", type=float, default=5.0, help="percent, for --check (default 5)")
     p.add_argument("--json")
-    p.set_defaults(func=cmd_plan, outputs={"json": False})
+    p.set_defaults(func=cmd_plan, outputs={"json": False}, real=False)
 
     p = sub.add_parser("audit", help="check every claim of the design seed; writes docs/seed-audit.md")
     p.add_argument("--out", default="docs/seed-audit.md")

@@ -43,6 +43,49 @@ def placement(name: str) -> dict:
             "caught": caught, "devices": table["devices"]}  # fmt: skip
 
 
+def planned_vs_compiled(layout: str, seq: int, remat: str = "layer", dispatch: str = "capacity", extra=None) -> dict:
+    """A point of the planner's accuracy grid (moe_jax/plan/accuracy.py): the train step compiled, its memory read
+    part by part at the peak, FLOPs and collective bytes, against the plan (5% tolerance)."""
+    from moe_jax.plan.accuracy import evaluate, point, point_config
+
+    p = point(layout, seq, remat, dispatch, "fp16", extra)
+    return evaluate(p, make_mesh(point_config(p).layout))
+
+
+def plan_check_cli() -> dict:
+    """`moe-jax plan --check` at seq 10240 as a user runs it, then with one planner part deliberately wrong."""
+    import contextlib
+    import io
+
+    from moe_jax import cli
+    from moe_jax.plan import model
+
+    args = ["plan", "--check", "--config", "configs/seed.yaml", "--layout", "meshes/seed-128.yaml",
+            "run.seq_len=10240"]  # fmt: skip
+
+    def run() -> dict:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(args)
+        return {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+
+    right = run()
+    real = model.memory
+
+    def wrong(cfg, step="train", backend="accelerator"):
+        out = dict(real(cfg, step, backend))
+        out["saved_for_backward"] *= 2  # what remat 'layer' would keep with the residuals counted twice
+        out["total"] += out["saved_for_backward"] // 2
+        return out
+
+    model.memory = wrong
+    try:
+        bad = run()  # the compiled step is cached: only the plan changes
+    finally:
+        model.memory = real
+    return {"right": right, "wrong": bad}
+
+
 def train_step(layout: str, overrides: list[str], step: str = "train") -> dict:
     """The compile report of a step (memory, FLOPs, the collective audit) of the seed's model."""
     cfg = load_config("configs/seed.yaml", layout, overrides)
@@ -71,15 +114,16 @@ CHECKS = {
     32: {"audit_seed32": lambda: grad_audit("meshes/seed-32.yaml", [])},
     128: {
         "placement_seed128": lambda: placement("seed-128"),
-        "train_seed128": lambda: train_step("meshes/seed-128.yaml", []),
-        "train_seed128_v4": lambda: train_step("meshes/seed-128.yaml", ["layout.repeats=4"]),
+        "plan_seed128": lambda: planned_vs_compiled("seed-128", 2048),
+        "plan_seed128_v4": lambda: planned_vs_compiled("seed-128", 2048, extra=["layout.repeats=4"]),
+        "plan_check_cli": plan_check_cli,
         "audit_ep64": lambda: grad_audit("meshes/seed-32.yaml", ["layout.ep=64"]),
         "decode_seed128_10240": lambda: train_step("meshes/seed-128.yaml", ["run.seq_len=10240"], "decode"),
         "prefill_seed128_2048": lambda: train_step("meshes/seed-128.yaml", ["run.seq_len=2048"], "prefill"),
     },
     512: {
         "placement_seed512": lambda: placement("seed-512"),
-        "train_seed512": lambda: train_step("meshes/seed-512.yaml", []),
+        "plan_seed512": lambda: planned_vs_compiled("seed-512", 2048),
     },
 }
 

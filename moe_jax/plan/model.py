@@ -40,58 +40,129 @@ def local_params(cfg: Config) -> dict[str, int]:
     }
 
 
-def memory(cfg: Config, step: str = "train") -> dict[str, int]:
-    """Per-device bytes by part for the train step (argument + output + temp - alias, as XLA reports it)."""
+def compiled_dtype_bytes(dtype: str, backend: str) -> int:
+    """Bytes per element of the compute dtype as the compiler stores it: XLA:CPU has no bf16 arithmetic and keeps
+    bf16 intermediates in fp32 (its float normalisation), so a plan checked against a CPU compile (`backend="cpu"`)
+    counts 4 bytes there; accelerators store 2."""
+    if dtype == "bf16" and backend == "cpu":
+        return 4
+    return DTYPE_BYTES[dtype]
+
+
+def layer_residuals(cfg: Config, backend: str = "accelerator") -> dict[str, int]:
+    """What the backward pass of one layer run needs from its forward (JAX's residuals, bytes per device), when the
+    layer is not rematerialised: read off the compiled programs (docs/planner.md), one term per tensor kind."""
+    m, lay, run = cfg.model, cfg.layout, cfg.run
+    loc = local_sizes(cfg)
+    db = compiled_dtype_bytes(run.dtype, backend)
+    b, s, big_s, d = loc["batch"], loc["seq"], run.seq_len, m.d_model
+    t, e_loc, f_loc, h_loc, hd = b * s, loc["experts"], loc["hidden"], loc["heads"], m.head_dim
+    rows = lay.tp * lay.ep * loc["capacity"]  # an expert's buffer rows after the all-to-all and the tp gather
+    mats = 3 if m.ffn == "swiglu" else 2
+    hidden_copies = 6 if m.ffn == "gelu" else 7  # the hidden and the activation's intermediates (gelu: measured)
+    single_block = big_s <= 512 or big_s % 512
+    return {
+        "expert_rows": e_loc * rows * (d + hidden_copies * f_loc) * db,  # the gathered input, the hidden's terms
+        "residual_stream": 5 * t * d * 4,  # fp32: the block's input, the norms' inputs and outputs
+        "weights_in_compute_dtype": (mats * e_loc * d * f_loc + 4 * d * h_loc * hd) * db,
+        "q_k_v_o": 4 * b * big_s * h_loc * hd * db,
+        "gathered_sequence": b * big_s * d * db,
+        "combine": t * m.top_k * d * db,
+        "router": 2 * t * m.experts * 4 + d * m.experts * 4,
+        "scores": b * h_loc * big_s * big_s * (4 + db) if single_block else 0,
+    }
+
+
+def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> dict[str, Any]:
+    """Per-device bytes of the train step by part, as XLA counts them (arguments + temporaries at their peak).
+
+    The arguments (parameters, AdamW moments, the batch) are held all step. The temporaries are held from the forward
+    pass to the update (the gradients, the residuals kept for the backward pass, the pipeline's buffers, two weight
+    copies) plus the largest of the working sets of the backward pass's phases: the loss head (its fp32 logits) or a
+    layer (its recomputed residuals and its backward's temporaries). `peak_phase` names the larger. See docs/planner.md
+    for each term and the compiled buffers it stands for; `moe-jax plan --check` compares them."""
     m, lay, run = cfg.model, cfg.layout, cfg.run
     loc = local_sizes(cfg)
     p_loc = sum(local_params(cfg).values())
     sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers, lay.remat)
-    db = DTYPE_BYTES[run.dtype]
-    act = loc["batch"] * loc["seq"] * m.d_model * 4  # one microbatch's fp32 residual on one device
-    full_seq = loc["batch"] * run.seq_len  # rows after the tp all-gather
-    slots = sched.activation_slots()
-    if lay.remat == "none":  # every layer keeps its whole forward: about 12 residual-sized tensors (a rough bound)
-        slots["saved"] = sched.ticks * sched.layers_per_chunk * 12
-    c, e_loc, f_loc = loc["capacity"], loc["experts"], loc["hidden"]
-    mats = 3 if m.ffn == "swiglu" else 2
-    attn_ws = 3 * loc["batch"] * loc["heads"] * min(512, run.seq_len) * run.seq_len * 4  # scores, probs, their grad
-    moe_ws = 3 * e_loc * lay.tp * lay.ep * c * f_loc * 4 * (mats - 1)  # expert hidden, activation, its grad
-    moe_ws += 4 * m.experts * c * m.d_model * db  # buffers on both sides of the all-to-alls
-    head_ws = 2 * loc["batch"] * loc["seq"] * m.vocab * 4  # one microbatch's fp32 logits and their gradient
-    out = {
+    runs = sched.ticks * sched.layers_per_chunk
+    bsd = loc["batch"] * loc["seq"] * m.d_model * 4  # one microbatch's fp32 residual stream on one device
+    res = sum(layer_residuals(cfg, backend).values())
+    saved = {"layer": runs * bsd, "tick": sched.ticks * bsd, "none": runs * res}[lay.remat]
+    lp = local_params(cfg)
+    p_layers = lp["experts"] + lp["attention"] + lp["router"] + lp["norms"] - m.d_model  # the stage's stacked layers
+    head = m.d_model * m.vocab
+
+    # Phase 1, the loss head (its backward, one microbatch at a time): one microbatch's fp32 logits, their log-softmax
+    # and their gradient, the head in the compute dtype (fp32 on CPU, which upcasts fp16 dots) and the head's
+    # gradient being made (counted here, not under gradients).
+    head_ws = 3 * loc["batch"] * loc["seq"] * m.vocab * 4 + 2 * 4 * head
+    head_grads = 4 * p_loc - 4 * head
+    # Phase 2, a layer's backward: what the layers being differentiated keep (the tick's chunk of L / (pp v) layers
+    # when it is recomputed whole or was never rematerialised; remat 'layer' recomputes one layer and frees as it
+    # goes), plus the larger of the expert FFN's backward (fp32 gradients of its buffers and of its weights) and the
+    # attention's (fp32 score-block temporaries and the causal mask of every block). The stacked layer gradients are
+    # held twice (the backward scan's carry in and out); the head's is not yet made.
+    rows = lay.tp * lay.ep * loc["capacity"]
+    e_loc, f_loc, d = loc["experts"], loc["hidden"], m.d_model
+    db = compiled_dtype_bytes(run.dtype, backend)
+    expert_bwd = e_loc * rows * (2 * f_loc + 2 * d) * 4 + 2 * e_loc * d * f_loc * 4
+    if lay.remat == "layer":  # one more fp32 row buffer; with one local expert (2-D buffers, fused differently) XLA
+        # also keeps the recomputed activation's tanh in the compute dtype
+        expert_bwd += e_loc * rows * (d * 4 + (f_loc * db if e_loc == 1 else 0))
+    blk = min(512, run.seq_len) if run.seq_len % 512 == 0 else run.seq_len
+    attn_bwd = loc["batch"] * loc["heads"] * run.seq_len * (4 * blk * 4 + (run.seq_len if blk < run.seq_len else 0))
+    base = {"layer": 0, "tick": sched.layers_per_chunk * res, "none": sched.layers_per_chunk * res}[lay.remat]
+    layer_ws = base + max(expert_bwd, attn_bwd)
+    layer_grads = 4 * p_loc + 4 * p_layers - 4 * head
+    head_peak = head_ws + head_grads >= layer_ws + layer_grads
+    out: dict[str, Any] = {
         "parameters": 4 * p_loc,
         "optimizer_state": 8 * p_loc,
-        "gradients": 4 * p_loc,
-        "optimizer_update": 4 * p_loc,  # the update tree optax builds before applying it
-        "activations_saved": slots["saved"] * act,
-        "pipeline_buffers": (slots["outputs"] + lay.microbatches + slots["wrap_buffer"]) * act,
-        "working_set": max(head_ws, attn_ws + moe_ws + full_seq * m.d_model * 4),
         "batch": 2 * lay.microbatches * loc["batch"] * loc["seq"] * 4,
+        # XLA copies the head and the final norm: the loss scan reads them while the update writes them in place
+        "weight_copies": 4 * (head + m.d_model),
+        "gradients": head_grads if head_peak else layer_grads,
+        "saved_for_backward": saved,
+        # the last stage's outputs [M, b, s, d], their gradient and the stage input (fp32); circular: the wrap-around
+        "pipeline_buffers": (3 + (2 if lay.repeats > 1 else 0)) * lay.microbatches * bsd,
+        "logits": head_ws if head_peak else 0,
+        "layer_working_set": 0 if head_peak else layer_ws,
     }
-    out["total"] = sum(out.values())
+    out["peak_phase"] = "the loss head's backward" if head_peak else "a layer's backward"
+    out["total"] = sum(v for k, v in out.items() if k != "peak_phase")
     return out
 
 
 def flops(cfg: Config) -> dict[str, float]:
-    """Matmul FLOPs per device per step, as the compiled program runs them (bubble ticks included)."""
+    """Matmul FLOPs per device per step. `total`: what the compiled program computes (bubble ticks, recomputed
+    forwards, padded expert buffer rows and the masked half of every causal score block included); `scheduled`: the
+    same without the bubble ticks; `useful`: the model's own FLOPs, the ones MFU counts (forward and backward once,
+    the routed tokens' expert work, the causal half of attention)."""
     m, lay, run = cfg.model, cfg.layout, cfg.run
     loc = local_sizes(cfg)
     sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers, lay.remat)
     rows = loc["batch"] * run.seq_len  # after the tp all-gather
     hk = loc["heads"] * m.head_dim
     mats = 3 if m.ffn == "swiglu" else 2
-    layer = (
-        2 * rows * m.d_model * hk * 4  # q, k, v, o
-        + 4 * loc["batch"] * loc["heads"] * run.seq_len * run.seq_len * m.head_dim  # scores and weighted values
-        + 2 * loc["tokens"] * m.d_model * m.experts  # router
-        + 2 * mats * loc["experts"] * lay.tp * lay.ep * loc["capacity"] * m.d_model * loc["hidden"]  # experts
-    )
+    t, d = loc["tokens"], m.d_model
+    proj = 2 * rows * d * hk * 4  # q, k, v, o
+    scores = 4 * loc["batch"] * loc["heads"] * run.seq_len * run.seq_len * m.head_dim  # scores, weighted values
+    router = 2 * t * d * m.experts
+    experts = 2 * mats * loc["experts"] * lay.tp * lay.ep * loc["capacity"] * d * loc["hidden"]  # every buffer row
+    combine = 2 * t * m.top_k * d  # the gate-weighted sum of each token's expert outputs
     passes = 4 if lay.remat != "none" else 3  # forward, backward (2x), and the recomputed forward
+    # Blockwise attention checkpoints each query block: its backward recomputes the block's q k^T once more (the
+    # weighted values are not needed there).
+    blockwise = run.seq_len > 512 and run.seq_len % 512 == 0
+    per_run = passes * (proj + scores + router + experts + combine) + (scores // 2 if blockwise else 0)
     runs = sched.ticks * sched.layers_per_chunk
-    head = 2 * loc["tokens"] * m.d_model * m.vocab * lay.microbatches * 4  # per microbatch, checkpointed
-    total = passes * layer * runs + head
-    useful = passes * layer * sched.useful_ticks * sched.layers_per_chunk + head
-    return {"total": float(total), "useful": float(useful), "per_layer_forward": float(layer)}
+    head = 2 * t * d * m.vocab * lay.microbatches * 4  # per microbatch, checkpointed: forward twice, backward
+    total = per_run * runs + head
+    scheduled = per_run * sched.useful_ticks * sched.layers_per_chunk + head
+    useful_layer = proj + scores / 2 + router + 2 * mats * m.top_k * t * d * loc["hidden"] * lay.tp
+    useful = 3 * useful_layer * sched.useful_ticks * sched.layers_per_chunk + 3 * 2 * t * d * m.vocab * lay.microbatches
+    return {"total": float(total), "scheduled": float(scheduled), "useful": float(useful)}
 
 
 def collectives(cfg: Config, hw: Hardware | None = None, step: str = "train", latency: bool = False) -> list[dict]:
@@ -147,8 +218,8 @@ def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
     fl = flops(cfg)
     colls = collectives(cfg, hw)
     rate = hw.peak_flops * hw.mfu
-    compute = fl["useful"] / rate
-    bubble = (fl["total"] - fl["useful"]) / rate
+    compute = fl["scheduled"] / rate
+    bubble = (fl["total"] - fl["scheduled"]) / rate
     comm = sum(r["seconds"] for r in colls)
     total = compute + bubble + comm
     tokens = cfg.run.batch * cfg.run.seq_len

@@ -120,6 +120,7 @@ def train_step(sm: ShardedModel, tx: optax.GradientTransformation, inject_overfl
         if clip > 0:
             factor = jnp.minimum(1.0, clip / jnp.maximum(grad_norm, 1e-30))
             grads = jax.tree.map(lambda g: g * factor, grads)
+
         # Skip the whole update where the gradients overflowed. A cond, not an elementwise where(finite, new, old):
         # with the where, XLA copied every donated moment and the head at the start of the step to keep the old
         # values (8 bytes per parameter more, alive through the whole backward pass); see docs/planner.md.

@@ -1,0 +1,181 @@
+"""`moe-jax plan --check`: the plan of a layout beside what the compiler builds for it on fake devices, part by part.
+
+Memory: the planner's parts (`plan.model.memory`) against the compiled train step's, the compiled step's buffers at
+the temporary arena's peak named by `classify` (below) and its arguments by their paths. FLOPs: the planner's count
+against the dots of the lowered program, loops counted. Communication: bytes per collective kind, equal or not.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import Any
+
+from moe_jax.config import Config
+from moe_jax.parallel.comm import local_sizes
+from moe_jax.parallel.schedule import Schedule
+from moe_jax.plan.buffers import Buffer, compile_with_dump, peak_buffers
+
+_DIMS = re.compile(r"^(\w+)\[([\d,]*)\]")
+
+
+def dims(shape: str) -> tuple[str, tuple[int, ...]]:
+    m = _DIMS.match(shape)
+    if not m:
+        return "", ()
+    return m.group(1), tuple(int(x) for x in m.group(2).split(",") if x)
+
+
+def _param_shapes(cfg: Config, mesh) -> set[tuple[int, ...]]:
+    """Every parameter's local (per-device) shape."""
+    import jax
+
+    from moe_jax.parallel.step import ShardedModel
+
+    shapes = set()
+    sm = ShardedModel.build(cfg, mesh)
+    for a, spec in zip(jax.tree.leaves(sm.abstract_params), jax.tree.leaves(sm.param_specs, is_leaf=_is_spec),
+                       strict=True):  # fmt: skip
+        shapes.add(_local_shape(a.shape, spec, sm.sizes))
+    return shapes
+
+
+def _is_spec(x) -> bool:
+    from jax.sharding import PartitionSpec
+
+    return isinstance(x, PartitionSpec)
+
+
+def _local_shape(shape, spec, sizes) -> tuple[int, ...]:
+    out = []
+    for i, n in enumerate(shape):
+        part = spec[i] if i < len(spec) else None
+        axes = () if part is None else (part,) if isinstance(part, str) else part
+        out.append(n // math.prod(sizes[a] for a in axes))
+    return tuple(out)
+
+
+def classify(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]]) -> str:
+    """The planner's part a temporary buffer at the peak stands for, from what made it and its shape."""
+    m, lay = cfg.model, cfg.layout
+    loc = local_sizes(cfg)
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers, lay.remat)
+    dtype, shape = dims(buf.shape)
+    if buf.opcode == "copy" and any(o.startswith("param") for o in buf.operands) and shape in param_shapes:
+        return "weight_copies"
+    if shape and shape[0] == sched.ticks and len(shape) > 1:
+        return "saved_for_backward"
+    if m.vocab in shape and "_take" in buf.op_name:
+        return "gradients"  # the embedding's gradient (the transpose of its gather)
+    if m.vocab in shape:
+        # The loss head's working set: one microbatch's logits, log-softmax and gradient, the head in the compute
+        # dtype and the head's gradient being made. (When b s = d the logits have the head's shape: they are told
+        # apart from the parameters by what made them, not by shape.)
+        return "logits"
+    if "rematted_computation" in buf.op_name:
+        return "layer_working_set"  # recomputed inside a checkpoint's backward (may have a parameter's shape)
+    if dtype == "f32" and shape in param_shapes:
+        return "gradients"
+    bsd = (loc["batch"], loc["seq"], m.d_model)
+    if len(shape) == 4 and shape[1:] == bsd and shape[0] in (lay.microbatches, 1):
+        return "pipeline_buffers"
+    return "layer_working_set"
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_figures(cfg: Config, mesh) -> dict[str, Any]:
+    """Compile the train step on `mesh` (fake devices) and read memory by part, FLOPs and collective bytes."""
+    from moe_jax.compile import lower
+    from moe_jax.hlo import audit, dot_flops
+    from moe_jax.mesh import assignment
+
+    lowered = lower(cfg, mesh, "train")
+    compiled, texts = compile_with_dump(lowered)
+    ma = compiled.memory_analysis()
+    total = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+    peak = peak_buffers(texts)
+    parts: dict[str, int] = {}
+    for a in peak["arguments"]:
+        key = ("parameters" if a.op_name.startswith("params") else "optimizer_state" if a.op_name.startswith("opt")
+               else "batch" if a.op_name in ("tokens", "targets") else "scalars")  # fmt: skip
+        parts[key] = parts.get(key, 0) + a.nbytes
+    shapes = _param_shapes(cfg, mesh)
+    for b in peak["buffers"]:
+        key = classify(b, cfg, shapes)
+        parts[key] = parts.get(key, 0) + b.nbytes
+    parts["arena_packing"] = ma.temp_size_in_bytes - peak["live_bytes"]
+    parts["outputs_not_aliased"] = ma.output_size_in_bytes - ma.alias_size_in_bytes
+    before = lowered.as_text(dialect="hlo")
+    result = audit(before, compiled.as_text(), cfg, assignment(cfg, mesh), step="train")
+    by_kind: dict[str, int] = {}
+    for r in result["collectives"]:
+        by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + r["bytes_per_device"] * r["count_per_step"]
+    return {
+        "memory_total": total,
+        "memory_parts": parts,
+        "buffers": peak["buffers"],
+        "flops": dot_flops(before),
+        "bytes_by_kind": by_kind,
+        "audit_ok": result["ok"],
+    }
+
+
+def compare(cfg: Config, compiled: dict[str, Any], tolerance: float, backend: str = "cpu") -> dict[str, Any]:
+    """Rows {part, planned, compiled, error of the total} and the verdict. A part fails when its planned and compiled
+    bytes differ by more than `tolerance` of the compiled total; the total, when off by more than `tolerance`; FLOPs,
+    by more than `tolerance`; collective bytes, when not equal."""
+    from moe_jax.plan.hardware import get_hardware
+    from moe_jax.plan.model import flops, memory
+    from moe_jax.plan.model import plan as make_plan
+
+    planned = memory(cfg, backend=backend)
+    total_c = compiled["memory_total"]
+    names = [k for k in planned if k not in ("total", "peak_phase")]
+    names += [k for k in compiled["memory_parts"] if k not in names]
+    rows, failures = [], []
+    for name in names:
+        p, c = planned.get(name, 0), compiled["memory_parts"].get(name, 0)
+        err = (p - c) / total_c
+        rows.append({"part": name, "planned": p, "compiled": c, "error_of_total": err})
+        if abs(err) > tolerance:
+            failures.append(f"memory part {name}: planned {p / 2**30:.3f} GiB, compiled {c / 2**30:.3f} GiB "
+                            f"({err:+.1%} of the compiled total)")  # fmt: skip
+    total_err = (planned["total"] - total_c) / total_c
+    if abs(total_err) > tolerance:
+        failures.append(f"memory total: planned {planned['total'] / 2**30:.3f} GiB, compiled {total_c / 2**30:.3f} GiB "
+                        f"({total_err:+.1%})")  # fmt: skip
+    fl = flops(cfg)
+    flops_err = fl["total"] / compiled["flops"] - 1
+    if abs(flops_err) > tolerance:
+        failures.append(f"FLOPs: planned {fl['total']:.4g}, compiled {compiled['flops']:.4g} ({flops_err:+.1%})")
+    planned_bytes = make_plan(cfg, get_hardware("seed"))["bytes_by_kind"]
+    if planned_bytes != compiled["bytes_by_kind"]:
+        failures.append(f"collective bytes by kind: planned {planned_bytes}, compiled {compiled['bytes_by_kind']}")
+    if not compiled["audit_ok"]:
+        failures.append("the compiled step's collectives differ from the expected set (moe-jax compile shows which)")
+    return {
+        "parts": rows,
+        "memory": {
+            "planned": planned["total"],
+            "compiled": total_c,
+            "error": total_err,
+            "peak_phase": planned.get("peak_phase", ""),
+        },  # fmt: skip
+        "flops": {"planned": fl["total"], "compiled": compiled["flops"], "error": flops_err, "useful": fl["useful"]},
+        "bytes_by_kind": {"planned": planned_bytes, "compiled": compiled["bytes_by_kind"]},
+        "audit_ok": compiled["audit_ok"],
+        "failures": failures,
+        "ok": not failures,
+    }
+
+
+def compiled_from_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The compiled side of a `compare` result, to compare again with a changed planner without compiling."""
+    return {
+        "memory_total": row["memory"]["compiled"],
+        "memory_parts": {r["part"]: r["compiled"] for r in row["parts"] if r["compiled"]},
+        "flops": row["flops"]["compiled"],
+        "bytes_by_kind": row["bytes_by_kind"]["compiled"],
+        "audit_ok": row["audit_ok"],
+    }

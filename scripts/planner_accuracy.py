@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,31 +74,35 @@ def main() -> int:
     t0 = time.time()
     rows: list[dict] = []
     pending = list(jobs)
-    running: list[subprocess.Popen] = []
+    running: list[tuple[subprocess.Popen, threading.Thread]] = []
+
+    def read(proc: subprocess.Popen) -> None:  # each point as its worker finishes it
+        for line in proc.stdout:
+            row = json.loads(line)
+            rows.append(row)
+            print(f"{row['point']['id']:52s} memory {row['memory']['error']:+6.1%}  FLOPs {row['flops']['error']:+6.2%}"
+                  f"  {'ok' if row['ok'] else 'MISS'}  ({row['seconds']:.0f} s)", flush=True)  # fmt: skip
+
     while pending or running:
         while pending and len(running) < args.workers:
             n, ids = pending.pop(0)
             env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(n), JAX_PLATFORMS="cpu",
                        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip())  # fmt: skip
             cmd = [sys.executable, __file__, "--worker", str(n), "--ids", json.dumps(ids)]
-            running.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True))
-        for proc in list(running):
+            proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            reader = threading.Thread(target=read, args=(proc,))
+            reader.start()
+            running.append((proc, reader))
+        for proc, reader in list(running):
             if proc.poll() is None:
                 continue
-            running.remove(proc)
-            out = proc.stdout.read()
+            reader.join()
+            running.remove((proc, reader))
             if proc.returncode:
+                for other, _ in running:
+                    other.kill()
                 print(f"a worker failed (status {proc.returncode})", file=sys.stderr)
                 return 1
-            for line in out.splitlines():
-                row = json.loads(line)
-                rows.append(row)
-                mem = row["memory"]
-                print(
-                    f"{row['point']['id']:52s} memory {mem['error']:+6.1%}  FLOPs {row['flops']['error']:+6.2%}  "
-                    f"{'ok' if row['ok'] else 'MISS'}  ({row['seconds']:.0f} s)",
-                    flush=True,
-                )
         time.sleep(0.5)
     wall = time.time() - t0
     order = {p["id"]: i for i, p in enumerate(points)}

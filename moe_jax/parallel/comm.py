@@ -55,7 +55,7 @@ def local_sizes(cfg: Config) -> dict[str, int]:
 def expected_collectives(cfg: Config, step: str = "grad") -> list[dict[str, Any]]:
     """Rows {kind, axes, bytes_per_device, count_per_step, what}, axes of size 1 left out (no collective runs there).
     step 'grad' is the loss and gradients (verify, hlo); 'train' adds the optimizer's gradient norm and overflow check:
-    one all-reduce of 2 fp32 per set of axes the parameters are split over (the update itself is elementwise);
+    one all-reduce of 1 fp32 per set of axes the parameters are split over (the update itself is elementwise);
     'prefill' and 'decode' are serving's (`expected_serving_collectives`)."""
     if step in ("prefill", "decode"):
         return expected_serving_collectives(cfg, step)
@@ -101,7 +101,7 @@ def expected_collectives(cfg: Config, step: str = "grad") -> list[dict[str, Any]
             "gradient sum: expert matrices")  # fmt: skip
     if step == "train":
         for split in {tuple(active_axes(a, sizes)) for a in (("pp", "ep", "tp"), ("pp", "tp"), ("pp",))}:
-            add("all-reduce", split, 8, 1, "gradient norm and overflow check")
+            add("all-reduce", split, 4, 1, "gradient norm (its finiteness is the overflow check)")
     return rows
 
 

@@ -178,6 +178,6 @@ def test_buffer_assignment_adds_up_to_the_compilers_totals():
     assert 0 <= parts["arena_packing"] < 0.05 * figures["memory_total"]
     p_bytes = parts["parameters"]
     assert 0 <= parts["optimizer_state"] - 2 * p_bytes <= 16  # AdamW's two fp32 moments and its step counters
-    for part in ("saved_for_backward", "gradients", "weight_copies"):
+    for part in ("saved_for_backward", "gradients", "head_copy_or_gradient"):
         assert parts.get(part, 0) > 0, part
     assert figures["audit_ok"] and figures["flops"] > 0

@@ -96,7 +96,24 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
     lines += ["", f"{len(rows) - len(misses)} of {len(rows)} points within the tolerance on every part, the total, the "
               "FLOPs and the collective bytes."]  # fmt: skip
     if misses:
-        lines += ["", "Misses (the part, and the compiled buffers behind it: docs/planner.md):", ""]
+        lines += ["", "Misses: the part, and why (the compiled buffers behind each part: docs/planner.md):", ""]
         for r in misses:
-            lines.append(f"- {r['point']['id']}: " + "; ".join(r["failures"]))
+            lines.append(f"- {r['point']['id']}: " + "; ".join(r["failures"]) + f". Why: {why(r)}")
     return "\n".join(lines) + "\n"
+
+
+def why(row: dict[str, Any]) -> str:
+    """The reason a point misses, from what its parts show."""
+    parts = {r["part"]: r for r in row["parts"]}
+    compiled_phase = (
+        "the loss head's backward"
+        if parts.get("logits", {}).get("compiled", 0) > parts.get("layer_working_set", {}).get("compiled", 0)
+        else "a layer's backward"
+    )
+    if row["point"]["dtype"] == "bf16":
+        return ("bf16 on XLA:CPU: its float normalisation keeps some bf16 intermediates in bf16, some as fp32 copies "
+                "and some both; the plan counts all in fp32 (on an accelerator they are all bf16)")  # fmt: skip
+    if compiled_phase != row["memory"]["peak_phase"]:
+        return (f"the plan's two phases are close and the compiler's peak is in the other one ({compiled_phase}); "
+                "the totals agree, the parts are those of different phases")  # fmt: skip
+    return "XLA's fusion keeps a different set of temporaries than the plan's formula for this part"

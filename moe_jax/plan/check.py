@@ -63,7 +63,9 @@ def classify(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]]) -> st
     sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers, lay.remat)
     dtype, shape = dims(buf.shape)
     if buf.opcode == "copy" and any(o.startswith("param") for o in buf.operands) and shape in param_shapes:
-        return "weight_copies"
+        return "head_copy_or_gradient"  # pp > 1: the head's gradient lives in the head's argument buffer
+    if buf.opcode == "while" and buf.op_name.endswith("transpose(jvp())/shard_map/while") and shape in param_shapes:
+        return "head_copy_or_gradient"  # pp = 1: no copy; the loss scan's finished head gradient is a temporary
     if shape and shape[0] == sched.ticks and len(shape) > 1:
         return "saved_for_backward"
     if m.vocab in shape and "_take" in buf.op_name:

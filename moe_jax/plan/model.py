@@ -120,8 +120,10 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
         "parameters": 4 * p_loc,
         "optimizer_state": 8 * p_loc,
         "batch": 2 * lay.microbatches * loc["batch"] * loc["seq"] * 4,
-        # XLA copies the head and the final norm: the loss scan reads them while the update writes them in place
-        "weight_copies": 4 * (head + m.d_model),
+        # With pp > 1 XLA copies the head and the final norm (the loss scan reads them; the update writes the
+        # donated buffers in place) and keeps their gradients in the freed argument buffers; with pp = 1 it makes no
+        # copy and their gradients are temporaries. The same bytes either way.
+        "head_copy_or_gradient": 4 * (head + m.d_model),
         "gradients": head_grads if head_peak else layer_grads,
         "saved_for_backward": saved,
         # the last stage's outputs [M, b, s, d], their gradient and the stage input (fp32); circular: the wrap-around

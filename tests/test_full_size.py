@@ -3,10 +3,11 @@ results of ONE process (tests/compile_checks.py: JAX starts its devices once and
 
 Checked there: each device's shards against the assignment and groups against mesh coordinates (128, 512); the
 planner against the compiled train step, AdamW included, part by part (every memory part and the total within 5%,
-bytes per collective kind exact, matmul FLOPs within 2%) for seed-128, seed-128 circular and seed-512 at seq 2048
-(points of docs/planner-accuracy.md's grid); `moe-jax plan --check` at seq 10240, right and with a part made wrong;
-the gradient step's collective audit with the all-to-all bytes of the seed's formula (32, and ep 64 at 128);
-serving's decode at cache 10240 and prefill of 2048 audited and planned within 10%.
+bytes per collective kind exact, matmul FLOPs within 2%) for seed-128 at seq 10240 (through `moe-jax plan --check`,
+which is also run with a part made wrong), seed-128 circular and seed-512 at seq 2048 (docs/planner-accuracy.md's
+grid has the seed-128 and seed-512 points); the gradient step's collective audit with the all-to-all bytes of the
+seed's formula (32, and ep 64 at 128); serving's decode at cache 10240 and prefill of 2048 audited and planned within
+10%.
 """
 
 import json
@@ -116,9 +117,9 @@ def test_seed_on_32_fake_devices():
 def test_seed_on_128_fake_devices():
     out = compile_checks(128)
     check_seed_layout(out["placement_seed128"], "seed-128", 128)
-    check_planner(out["plan_seed128"], "seed-128")
-    check_planner(out["plan_seed128_v4"], "seed-128, circular (v 4)")
     check_plan_check_cli(out["plan_check_cli"])
+    check_planner(out["plan_check_cli"]["right"]["report"], "seed-128 at seq 10240 (plan --check --json)")
+    check_planner(out["plan_seed128_v4"], "seed-128 circular (v 4) at seq 2048")
     check_seed_audit(out["audit_ep64"], 128)
     check_serving(out["decode_seed128_10240"], out["prefill_seed128_2048"])
 

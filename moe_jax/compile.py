@@ -51,12 +51,17 @@ def _lower_serve(cfg: Config, mesh, step: str):
         return srv.step_fn().lower(params, rest, cache, cache, tokens, pos)
 
 
-def compile_report(cfg: Config, mesh, step: str = "train") -> tuple[dict[str, Any], Any, Any]:
-    """Returns (report, lowered, compiled). Memory is per device: total = argument + output + temp - alias."""
+def compile_report(cfg: Config, mesh, step: str = "train", dump_buffers: bool = False
+                   ) -> tuple[dict[str, Any], Any, Any]:  # fmt: skip
+    """Returns (report, lowered, compiled). Memory is per device: total = argument + output + temp - alias.
+    `dump_buffers`: XLA's buffer assignment texts too, under report["xla_dump"] (`plan.buffers`)."""
+    from moe_jax.parallel.comm import bytes_by_kind
+    from moe_jax.plan.buffers import compile_with_dump
+
     t0 = time.perf_counter()
     lowered = lower(cfg, mesh, step)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled, texts = compile_with_dump(lowered) if dump_buffers else (lowered.compile(), None)
     t2 = time.perf_counter()
     ma = compiled.memory_analysis()
     mem = {
@@ -76,9 +81,12 @@ def compile_report(cfg: Config, mesh, step: str = "train") -> tuple[dict[str, An
         "flops": dot_flops(before),
         "flops_xla_cost_analysis_loops_once": float(cost.get("flops", 0.0)),
         "collectives": result["collectives"],
+        "bytes_by_kind": bytes_by_kind(result["collectives"]),
         "unexpected": result["unexpected"],
         "audit_ok": result["ok"],
         "lower_seconds": t1 - t0,
         "compile_seconds": t2 - t1,
     }
+    if dump_buffers:
+        report["xla_dump"] = texts
     return report, lowered, compiled

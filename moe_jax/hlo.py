@@ -76,6 +76,12 @@ def parse_module(text: str) -> Module:
     return Module(comps, entry)
 
 
+def array_dims(shape: str) -> tuple[str, tuple[int, ...]]:
+    """An array shape's dtype and dimensions ("f32[4,1024]{1,0}" -> ("f32", (4, 1024))); ("", ()) for a tuple."""
+    m = None if shape.startswith("(") else _ARRAY.search(shape)
+    return (m.group(1), tuple(int(x) for x in m.group(2).split(",") if x)) if m else ("", ())
+
+
 def shape_bytes(shape: str) -> int:
     return sum(_DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in _ARRAY.findall(shape))
 
@@ -359,9 +365,9 @@ def dot_flops(text: str) -> float:
             if ins.opcode != "dot":
                 continue
             lhs = re.match(r"\s*%?([\w.\-]+)", ins.rest).group(1)
-            lhs_dims = [int(x) for x in _ARRAY.search(shapes[lhs]).group(2).split(",") if x]
+            lhs_dims = array_dims(shapes[lhs])[1]
             contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.rest)
             k = math.prod(lhs_dims[int(i)] for i in contract.group(1).split(",") if i) if contract else 1
-            out = math.prod(int(x) for x in _ARRAY.search(ins.shape).group(2).split(",") if x)
+            out = math.prod(array_dims(ins.shape)[1])
             total += 2.0 * out * k * counts.get(comp, 0)
     return total

@@ -74,7 +74,7 @@ def evaluate(p: dict[str, Any], mesh, tolerance: float = 0.05) -> dict[str, Any]
     compiled = compiled_figures(cfg, mesh)
     seconds = time.perf_counter() - t0
     result = compare(cfg, compiled, tolerance, backend="cpu")
-    return {"point": p, "seconds": seconds, **{k: v for k, v in result.items()}}
+    return {"point": p, "seconds": seconds, **result}
 
 
 def markdown(rows: list[dict[str, Any]], header: str) -> str:

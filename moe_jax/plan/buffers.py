@@ -1,17 +1,12 @@
-"""The compiler's side of the memory plan: the buffers XLA keeps alive at the step's peak, read from its own buffer
-assignment, and named with the planner's parts.
+"""The compiler's side of the memory plan: the buffers XLA keeps alive at the peak of the step's temporaries, read
+from its own buffer assignment.
 
-XLA writes three files per compiled module when asked (`xla_dump_to`): the optimised HLO (every instruction with the
-jax source op it came from, `metadata={op_name=...}`), the live ranges of every HLO value over the module's schedule
-with the list of values alive at the peak, and the buffer assignment (which allocation and offset holds each value).
-`peak_buffers` joins them: each value alive at the peak, its bytes, the allocation holding it (an argument, the
-temporary arena, a constant), the instruction that defined it and the jax op behind it. Values that share bytes (a
-while loop's carry and its body's parameter, an in-place update and its operand) are counted once.
-
-`classify` names each buffer with a part of `plan.model.memory`, by what made it: the step's arguments by their
-path (params / opt_state / tokens), the rest by the jax op (the pipeline scan's stacked carries, the backward's
-gradient accumulators, the optimizer's elementwise update) and shape. What no rule claims is reported as
-"other": a difference between plan and compiler is then a named part.
+Asked to (`xla_dump_to`), XLA writes for a compiled module the optimised HLO (every instruction with the jax op it
+came from, `metadata={op_name=...}`), the live range of every HLO value over the module's schedule, and the buffer
+assignment (which allocation, at which offset, holds each value). `peak_buffers` joins them: the temporaries alive at
+the arena's peak, each with its bytes, shape, opcode, the instruction that made it and the jax op behind it (values
+that share bytes, such as a while loop's carry and its body's parameter, counted once), and the step's arguments by
+their paths. `plan.check.classify` names each with a part of `plan.model.memory`.
 """
 
 from __future__ import annotations
@@ -23,7 +18,8 @@ import re
 import tempfile
 from typing import Any
 
-_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
+from moe_jax.hlo import Module, parse_module
+
 _OP_NAME = re.compile(r'op_name="((?:[^"\\]|\\.)*)"')
 _VALUE = re.compile(r"^ value: <\d+ ([\w.\-]+)(\{[\d,]*\})?(?: \(phi\))? @\d+> \(size=(\d+),offset=(\d+)\): (.*)$")
 _ALLOC = re.compile(r"^allocation (\d+): size (\d+), (.*)$")
@@ -40,71 +36,31 @@ class Buffer:
     operands: tuple[str, ...]
 
 
-def compile_with_dump(lowered, dump_dir: str | None = None):
-    """Compile `lowered` asking XLA for its buffer assignment; returns (compiled, the module's dump files)."""
-    own = dump_dir is None
-    dump_dir = dump_dir or tempfile.mkdtemp(prefix="moe_jax_buffers_")
-    before = set(os.listdir(dump_dir)) if os.path.isdir(dump_dir) else set()
-    compiled = lowered.compile({"xla_dump_to": dump_dir, "xla_dump_hlo_as_text": True,
-                                "xla_dump_hlo_module_re": "jit_step|jit_value_and_grad|jit_serve"})  # fmt: skip
-    files = _module_files(dump_dir, before)
-    texts = {k: open(v).read() for k, v in files.items()}  # noqa: SIM115  (small files, read once)
-    if own:
-        import shutil
-
-        shutil.rmtree(dump_dir, ignore_errors=True)
+def compile_with_dump(lowered):
+    """Compile `lowered` asking XLA for its buffer assignment; returns (compiled, the module's dump texts)."""
+    with tempfile.TemporaryDirectory(prefix="moe_jax_buffers_") as dump_dir:
+        compiled = lowered.compile({"xla_dump_to": dump_dir, "xla_dump_hlo_as_text": True})
+        texts = {}
+        for suffix, key in (("after_optimizations.txt", "hlo"), ("after_optimizations-live-range.txt", "live"),
+                            ("after_optimizations-buffer-assignment.txt", "assignment")):  # fmt: skip
+            hits = sorted(glob.glob(os.path.join(dump_dir, f"*{suffix}")))
+            if not hits:
+                raise RuntimeError(f"XLA wrote no *{suffix} under {dump_dir}")
+            with open(hits[-1]) as f:
+                texts[key] = f.read()
     return compiled, texts
 
 
-def _module_files(dump_dir: str, before: set[str]) -> dict[str, str]:
-    new = [f for f in os.listdir(dump_dir) if f not in before]
-    found: dict[str, str] = {}
-    for suffix, key in (("cpu_after_optimizations.txt", "hlo"), ("cpu_after_optimizations-live-range.txt", "live"),
-                        ("cpu_after_optimizations-buffer-assignment.txt", "assignment")):  # fmt: skip
-        hits = sorted(f for f in new if f.endswith(suffix)) or sorted(
-            os.path.basename(p) for p in glob.glob(os.path.join(dump_dir, f"*{suffix}"))
-        )
-        if not hits:
-            raise RuntimeError(f"XLA wrote no *{suffix} under {dump_dir}")
-        found[key] = os.path.join(dump_dir, hits[-1])
-    return found
-
-
-def _instructions(hlo: str) -> dict[str, dict[str, Any]]:
+def _instructions(module: Module) -> dict[str, dict[str, Any]]:
     """name -> {shape, opcode, op_name, operands} for every instruction of every computation."""
     out: dict[str, dict[str, Any]] = {}
-    for line in hlo.splitlines():
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        rest = line[m.end() :]
-        shape, rest = _split_shape(rest)
-        paren = rest.find("(")
-        opcode = rest[:paren].strip() if paren >= 0 else rest.split()[0]
-        args = _balanced(rest[paren:]) if paren >= 0 else ""
-        operands = tuple(re.findall(r"%([\w.\-]+)", args))
-        op = _OP_NAME.search(line)
-        out[m.group(1)] = {"shape": shape, "opcode": opcode, "op_name": op.group(1) if op else "",
-                           "operands": operands}  # fmt: skip
+    for instrs in module.computations.values():
+        for ins in instrs:
+            op = _OP_NAME.search(ins.rest)
+            operands = tuple(re.findall(r"%([\w.\-]+)", ins.rest.partition(")")[0]))
+            out[ins.name] = {"shape": ins.shape, "opcode": ins.opcode, "op_name": op.group(1) if op else "",
+                             "operands": operands}  # fmt: skip
     return out
-
-
-def _split_shape(s: str) -> tuple[str, str]:
-    if s.startswith("("):
-        body = _balanced(s)
-        return body, s[len(body) :].lstrip()
-    sp = s.find(" ")
-    return s[:sp], s[sp + 1 :]
-
-
-def _balanced(s: str) -> str:
-    depth = 0
-    for i, ch in enumerate(s):
-        depth += ch == "("
-        depth -= ch == ")"
-        if depth == 0:
-            return s[: i + 1]
-    return s
 
 
 def _assignment(text: str) -> dict[str, tuple[int, str, int, int]]:
@@ -136,7 +92,8 @@ def peak_buffers(texts: dict[str, str]) -> dict[str, Any]:
     is the peak of the temporaries alive at once (plus what its packing loses). So the peak that matters is the
     temporaries' own: found here by sweeping the live ranges of the values the buffer assignment put in the arena.
     """
-    instrs = _instructions(texts["hlo"])
+    module = parse_module(texts["hlo"])
+    instrs = _instructions(module)
     where = _assignment(texts["assignment"])
     ranges = {}
     for line in texts["live"].splitlines():
@@ -157,24 +114,11 @@ def peak_buffers(texts: dict[str, str]) -> dict[str, Any]:
             continue  # the same bytes as a value already counted (an in-place update, a bitcast)
         kept.append((off, size))
         buffers.append(_buffer(key, size, "temp", instrs))
-    names = _entry_parameters(texts["hlo"])
+    names = {int(ins.rest.partition(")")[0]): _unescape(op.group(1)) if (op := _OP_NAME.search(ins.rest)) else ""
+             for ins in module.computations[module.entry] if ins.opcode == "parameter"}  # fmt: skip
     arguments = [Buffer(f"parameter {n}", size, shape, "parameter", names.get(n, ""), "argument", ())
                  for n, size, shape in _argument_allocations(texts["assignment"])]  # fmt: skip
     return {"peak_index": best_t, "buffers": buffers, "live_bytes": best, "arguments": arguments}
-
-
-def _entry_parameters(hlo: str) -> dict[int, str]:
-    """parameter number -> the argument's path (op_name metadata) in the entry computation."""
-    entry = hlo[hlo.index("\nENTRY") :]
-    out = {}
-    for line in entry.splitlines()[1:]:
-        if line.startswith("}"):
-            break
-        m = re.search(r" parameter\((\d+)\)", line)
-        if m:
-            op = _OP_NAME.search(line)
-            out[int(m.group(1))] = _unescape(op.group(1)) if op else ""
-    return out
 
 
 def _argument_allocations(text: str) -> list[tuple[int, int, str]]:

@@ -8,23 +8,13 @@ against the dots of the lowered program, loops counted. Communication: bytes per
 from __future__ import annotations
 
 import functools
-import math
-import re
 from typing import Any
 
 from moe_jax.config import Config
-from moe_jax.parallel.comm import local_sizes
+from moe_jax.hlo import array_dims
+from moe_jax.parallel.comm import bytes_by_kind, expected_collectives, local_sizes
 from moe_jax.parallel.schedule import Schedule
-from moe_jax.plan.buffers import Buffer, compile_with_dump, peak_buffers
-
-_DIMS = re.compile(r"^(\w+)\[([\d,]*)\]")
-
-
-def dims(shape: str) -> tuple[str, tuple[int, ...]]:
-    m = _DIMS.match(shape)
-    if not m:
-        return "", ()
-    return m.group(1), tuple(int(x) for x in m.group(2).split(",") if x)
+from moe_jax.plan.buffers import Buffer, peak_buffers
 
 
 def _param_shapes(cfg: Config, mesh) -> set[tuple[int, ...]]:
@@ -33,27 +23,9 @@ def _param_shapes(cfg: Config, mesh) -> set[tuple[int, ...]]:
 
     from moe_jax.parallel.step import ShardedModel
 
-    shapes = set()
     sm = ShardedModel.build(cfg, mesh)
-    for a, spec in zip(jax.tree.leaves(sm.abstract_params), jax.tree.leaves(sm.param_specs, is_leaf=_is_spec),
-                       strict=True):  # fmt: skip
-        shapes.add(_local_shape(a.shape, spec, sm.sizes))
-    return shapes
-
-
-def _is_spec(x) -> bool:
-    from jax.sharding import PartitionSpec
-
-    return isinstance(x, PartitionSpec)
-
-
-def _local_shape(shape, spec, sizes) -> tuple[int, ...]:
-    out = []
-    for i, n in enumerate(shape):
-        part = spec[i] if i < len(spec) else None
-        axes = () if part is None else (part,) if isinstance(part, str) else part
-        out.append(n // math.prod(sizes[a] for a in axes))
-    return tuple(out)
+    return {sharding.shard_shape(a.shape) for a, sharding in
+            zip(jax.tree.leaves(sm.abstract_params), jax.tree.leaves(sm.shardings(sm.param_specs)), strict=True)}  # fmt: skip
 
 
 def classify(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]]) -> str:
@@ -61,7 +33,7 @@ def classify(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]]) -> st
     m, lay = cfg.model, cfg.layout
     loc = local_sizes(cfg)
     sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers, lay.remat)
-    dtype, shape = dims(buf.shape)
+    dtype, shape = array_dims(buf.shape)
     if buf.opcode == "copy" and any(o.startswith("param") for o in buf.operands) and shape in param_shapes:
         return "head_copy_or_gradient"  # pp > 1: the head's gradient lives in the head's argument buffer
     if buf.opcode == "while" and buf.op_name.endswith("transpose(jvp())/shard_map/while") and shape in param_shapes:
@@ -88,15 +60,11 @@ def classify(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]]) -> st
 @functools.lru_cache(maxsize=8)
 def compiled_figures(cfg: Config, mesh) -> dict[str, Any]:
     """Compile the train step on `mesh` (fake devices) and read memory by part, FLOPs and collective bytes."""
-    from moe_jax.compile import lower
-    from moe_jax.hlo import audit, dot_flops
-    from moe_jax.mesh import assignment
+    from moe_jax.compile import compile_report
 
-    lowered = lower(cfg, mesh, "train")
-    compiled, texts = compile_with_dump(lowered)
-    ma = compiled.memory_analysis()
-    total = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
-    peak = peak_buffers(texts)
+    report, _, _ = compile_report(cfg, mesh, "train", dump_buffers=True)
+    mem = report["memory_per_device_bytes"]
+    peak = peak_buffers(report.pop("xla_dump"))
     parts: dict[str, int] = {}
     for a in peak["arguments"]:
         key = ("parameters" if a.op_name.startswith("params") else "optimizer_state" if a.op_name.startswith("opt")
@@ -106,20 +74,15 @@ def compiled_figures(cfg: Config, mesh) -> dict[str, Any]:
     for b in peak["buffers"]:
         key = classify(b, cfg, shapes)
         parts[key] = parts.get(key, 0) + b.nbytes
-    parts["arena_packing"] = ma.temp_size_in_bytes - peak["live_bytes"]
-    parts["outputs_not_aliased"] = ma.output_size_in_bytes - ma.alias_size_in_bytes
-    before = lowered.as_text(dialect="hlo")
-    result = audit(before, compiled.as_text(), cfg, assignment(cfg, mesh), step="train")
-    by_kind: dict[str, int] = {}
-    for r in result["collectives"]:
-        by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + r["bytes_per_device"] * r["count_per_step"]
+    parts["arena_packing"] = mem["temp"] - peak["live_bytes"]
+    parts["outputs_not_aliased"] = mem["output"] - mem["alias"]
     return {
-        "memory_total": total,
+        "memory_total": mem["total"],
         "memory_parts": parts,
         "buffers": peak["buffers"],
-        "flops": dot_flops(before),
-        "bytes_by_kind": by_kind,
-        "audit_ok": result["ok"],
+        "flops": report["flops"],
+        "bytes_by_kind": report["bytes_by_kind"],
+        "audit_ok": report["audit_ok"],
     }
 
 
@@ -127,9 +90,7 @@ def compare(cfg: Config, compiled: dict[str, Any], tolerance: float, backend: st
     """Rows {part, planned, compiled, error of the total} and the verdict. A part fails when its planned and compiled
     bytes differ by more than `tolerance` of the compiled total; the total, when off by more than `tolerance`; FLOPs,
     by more than `tolerance`; collective bytes, when not equal."""
-    from moe_jax.plan.hardware import get_hardware
     from moe_jax.plan.model import flops, memory
-    from moe_jax.plan.model import plan as make_plan
 
     planned = memory(cfg, backend=backend)
     total_c = compiled["memory_total"]
@@ -151,7 +112,7 @@ def compare(cfg: Config, compiled: dict[str, Any], tolerance: float, backend: st
     flops_err = fl["total"] / compiled["flops"] - 1
     if abs(flops_err) > tolerance:
         failures.append(f"FLOPs: planned {fl['total']:.4g}, compiled {compiled['flops']:.4g} ({flops_err:+.1%})")
-    planned_bytes = make_plan(cfg, get_hardware("seed"))["bytes_by_kind"]
+    planned_bytes = bytes_by_kind(expected_collectives(cfg, "train"))
     if planned_bytes != compiled["bytes_by_kind"]:
         failures.append(f"collective bytes by kind: planned {planned_bytes}, compiled {compiled['bytes_by_kind']}")
     if not compiled["audit_ok"]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from moe_jax.config import Config
 from moe_jax.model.params import active_params_per_token, param_counts, total_params
-from moe_jax.parallel.comm import DTYPE_BYTES, expected_collectives, local_sizes
+from moe_jax.parallel.comm import DTYPE_BYTES, bytes_by_kind, expected_collectives, local_sizes
 from moe_jax.parallel.schedule import Schedule
 from moe_jax.plan.hardware import Hardware
 from moe_jax.sharding import MESH_AXES
@@ -225,9 +225,6 @@ def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
     comm = sum(r["seconds"] for r in colls)
     total = compute + bubble + comm
     tokens = cfg.run.batch * cfg.run.seq_len
-    by_kind: dict[str, int] = {}
-    for r in colls:
-        by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + r["bytes_per_device"] * r["count_per_step"]
     return {
         "layout": _layout_row(lay),
         "hardware": hw.name,
@@ -242,7 +239,7 @@ def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
         "flops_per_step": fl["total"],
         "flops_useful_per_step": fl["useful"],
         "collectives": colls,
-        "bytes_by_kind": by_kind,
+        "bytes_by_kind": bytes_by_kind(colls),
         "schedule": {"ticks": sched.ticks, "utilization": sched.utilization},
         "step_time_s": {"compute": compute, "comm": comm, "bubble": bubble, "total": total},
         "tokens_per_s": tokens / total,

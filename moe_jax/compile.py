@@ -34,13 +34,16 @@ def _lower_serve(cfg: Config, mesh, step: str):
 
     from moe_jax.model.layers import compute_dtype
     from moe_jax.parallel.step import abstract_inputs
-    from moe_jax.serve.step import ServeModel, cache_spec, tokens_spec
+    from moe_jax.serve.step import ServeModel, cache_specs, tokens_spec
 
     srv = ServeModel.build(cfg, mesh, max_len=cfg.run.seq_len)
     params, rest, _, _ = abstract_inputs(srv.sm)
     sizes = srv.sm.sizes
-    cache = jax.ShapeDtypeStruct(srv.cache_shape, compute_dtype(cfg.run.dtype),
-                                 sharding=NamedSharding(mesh, cache_spec(sizes)))  # fmt: skip
+    specs = cache_specs(cfg, sizes)
+    cache = {
+        k: jax.ShapeDtypeStruct(shape, compute_dtype(cfg.run.dtype), sharding=NamedSharding(mesh, specs[k]))
+        for k, shape in srv.cache_shape.items()
+    }
     mb = cfg.layout.microbatches
     s = cfg.run.seq_len if step == "prefill" else 1
     tokens = jax.ShapeDtypeStruct(

@@ -18,6 +18,8 @@ DTYPES = ("fp32", "bf16", "fp16")
 FFN_KINDS = ("gelu", "swiglu")
 DISPATCH_MODES = ("capacity", "dropless")
 REMAT_POLICIES = ("none", "tick", "layer")
+QK_NORMS = ("none", "head", "projection")
+ROUTER_SCORES = ("softmax", "sigmoid")
 SCHEDULES = ("gpipe",)
 
 
@@ -34,10 +36,23 @@ class ModelConfig:
     layers: int = 16
     heads: int = 16
     head_dim: int = 64
+    kv_heads: int = 0  # K/V heads (grouped-query attention): 1 = MQA; 0 means `heads` (MHA, the seed's).
+    qk_norm: str = "none"  # RMSNorm on q and k before RoPE: per head (Qwen3) or over the whole projection (OLMoE).
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen1.5-MoE / Qwen2-MoE).
     experts: int = 64
     top_k: int = 2
     expert_hidden: int = 2048
-    ffn: str = "gelu"  # gelu: two matrices d -> F -> d; swiglu: three.
+    ffn: str = "gelu"  # gelu: two matrices d -> F -> d; swiglu: three. Experts, shared experts and dense layers.
+    shared_hidden: int = 0  # width of the always-on shared expert FFN beside the routed ones; 0: none.
+    shared_gate: bool = False  # the shared expert's output times sigmoid(x . w) (Qwen2-MoE).
+    dense_layers: int = 0  # the first k layers have a dense FFN of width dense_hidden instead of experts (DeepSeek).
+    moe_every: int = 1  # of the layers after those, every n-th is MoE and the others dense (Switch, Llama 4: 2).
+    dense_hidden: int = 0  # the dense layers' FFN width (needed when any layer is dense).
+    router_score: str = "softmax"  # softmax over experts, or an independent sigmoid per expert (DeepSeek-V3).
+    norm_topk: bool = True  # gates renormalised to sum 1 over the k chosen (Mixtral, Qwen3) or not (OLMoE, Qwen1.5).
+    routed_scale: float = 1.0  # gates times this factor (DeepSeek's routed_scaling_factor).
+    expert_groups: int = 1  # grouped top-k: experts in n groups, a token picks from its best group_top_k groups.
+    group_top_k: int = 1
     dispatch: str = "capacity"  # capacity: C = ceil(k T / E * capacity_factor) per source shard; dropless: C = k T.
     capacity_factor: float = 1.25
     lb_loss_weight: float = 1e-2  # Switch load-balancing loss.
@@ -48,6 +63,25 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     max_seq_len: int = 10240
+    tie_embeddings: bool = False  # the head is the embedding's transpose
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def moe_layers(self) -> int:
+        """MoE layers: one per scanned unit of the pipelined stack (each unit: moe_every - 1 dense layers, then MoE)."""
+        return (self.layers - self.dense_layers) // self.moe_every
+
+    @property
+    def units(self) -> int:
+        """The stacked units the pipeline splits over stages (the first dense_layers run before it)."""
+        return self.moe_layers
+
+    def is_moe(self, layer: int) -> bool:
+        """Layer i (0-based) is MoE when it is past the first dense_layers and ends a unit of moe_every layers."""
+        return layer >= self.dense_layers and (layer - self.dense_layers + 1) % self.moe_every == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,18 +135,40 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "layout": LayoutConfig, "run"
 
 # Fields that must be >= 1 (sizes and counts), and fields that must be > 0 (rates, scales).
 _POSITIVE_INTS = {
-    "model": ("vocab", "d_model", "layers", "heads", "head_dim", "experts", "expert_hidden", "max_seq_len"),
+    "model": (
+        "vocab",
+        "d_model",
+        "layers",
+        "heads",
+        "head_dim",
+        "experts",
+        "expert_hidden",
+        "max_seq_len",
+        "moe_every",
+        "expert_groups",
+        "group_top_k",
+    ),  # fmt: skip
     "layout": ("pp", "dp", "ep", "tp", "repeats", "microbatches", "devices_per_host"),
     "run": ("batch", "seq_len", "steps"),
 }
-_POSITIVE_FLOATS = {"model": ("rope_theta", "norm_eps", "init_std"), "run": ("lr",)}
+_POSITIVE_FLOATS = {"model": ("rope_theta", "norm_eps", "init_std", "routed_scale"), "run": ("lr",)}
 _NON_NEGATIVE = {
-    "model": ("lb_loss_weight", "z_loss_weight", "expert_bias_rate"),
+    "model": (
+        "lb_loss_weight",
+        "z_loss_weight",
+        "expert_bias_rate",
+        "kv_heads",
+        "shared_hidden",
+        "dense_layers",
+        "dense_hidden",
+    ),  # fmt: skip
     "run": ("warmup_steps", "weight_decay", "grad_clip", "seed"),
 }
 _CHOICES = {
     ("model", "ffn"): FFN_KINDS,
     ("model", "dispatch"): DISPATCH_MODES,
+    ("model", "qk_norm"): QK_NORMS,
+    ("model", "router_score"): ROUTER_SCORES,
     ("layout", "remat"): REMAT_POLICIES,
     ("layout", "schedule"): SCHEDULES,
     ("run", "dtype"): DTYPES,
@@ -156,23 +212,35 @@ def check_config(cfg: Config) -> Config:
         _fail(
             "model.capacity_factor", m.capacity_factor, "must be > 0 in capacity mode (or use model.dispatch=dropless)"
         )
+    _check_architecture(m)
     if m.experts % lay.ep:
         _fail("layout.ep", lay.ep, f"must divide model.experts={m.experts}; valid: {_divisors(m.experts)}")
-    if m.layers % (lay.pp * lay.repeats):
+    if m.units % (lay.pp * lay.repeats):
+        what = "model.layers" if m.units == m.layers else "the pipelined units"
+        unit = "" if m.units == m.layers else (
+            f" (model.layers={m.layers} less model.dense_layers={m.dense_layers}, in units of model.moe_every="
+            f"{m.moe_every} layers)"
+        )  # fmt: skip
         _fail(
             "layout.pp",
             lay.pp,
-            f"layout.pp x layout.repeats = {lay.pp} x {lay.repeats} must divide model.layers={m.layers}; "
-            f"valid pp x repeats: {_divisors(m.layers)}",
+            f"layout.pp x layout.repeats = {lay.pp} x {lay.repeats} must divide {what}={m.units}{unit}, or a stage "
+            f"would hold a different layer pattern; valid pp x repeats: {_divisors(m.units)}",
         )
     if m.heads % lay.tp:
         _fail("layout.tp", lay.tp, f"must divide model.heads={m.heads}; valid: {_divisors(m.heads)}")
-    if m.expert_hidden % lay.tp:
+    kvh = m.n_kv_heads
+    if kvh % lay.tp and lay.tp % kvh:
         _fail(
             "layout.tp",
             lay.tp,
-            f"must divide model.expert_hidden={m.expert_hidden}; valid: {_divisors(m.expert_hidden)}",
+            f"must divide model.kv_heads={kvh} (K/V heads split) or be a multiple of it (K/V heads replicated); "
+            f"valid: {', '.join(str(t) for t in range(1, m.heads + 1) if m.heads % t == 0 and (kvh % t == 0 or t % kvh == 0))}",
         )
+    for name in ("expert_hidden", "shared_hidden", "dense_hidden"):
+        width = getattr(m, name)
+        if width and width % lay.tp:
+            _fail("layout.tp", lay.tp, f"must divide model.{name}={width}; valid: {_divisors(width)}")
     if run.seq_len % lay.tp:
         _fail("run.seq_len", run.seq_len, f"must be divisible by layout.tp={lay.tp} (sequence parallelism)")
     if run.seq_len > m.max_seq_len:
@@ -192,6 +260,44 @@ def check_config(cfg: Config) -> Config:
             f"a circular schedule (layout.repeats={lay.repeats}) needs a multiple of layout.pp={lay.pp}",
         )
     return cfg
+
+
+def _check_architecture(m: ModelConfig) -> None:
+    """The model's own cross-field rules (no layout involved)."""
+    if m.kv_heads and m.heads % m.kv_heads:
+        _fail("model.kv_heads", m.kv_heads, f"must divide model.heads={m.heads}; valid: {_divisors(m.heads)}")
+    if m.dense_layers >= m.layers:
+        _fail("model.dense_layers", m.dense_layers, f"must be < model.layers={m.layers} (at least one MoE layer)")
+    if (m.layers - m.dense_layers) % m.moe_every:
+        _fail(
+            "model.moe_every",
+            m.moe_every,
+            f"must divide model.layers - model.dense_layers = {m.layers} - {m.dense_layers} = "
+            f"{m.layers - m.dense_layers} (the stack repeats units of moe_every - 1 dense layers and one MoE layer); "
+            f"valid: {_divisors(m.layers - m.dense_layers)}",
+        )
+    if (m.dense_layers or m.moe_every > 1) and not m.dense_hidden:
+        _fail(
+            "model.dense_hidden", m.dense_hidden, "must be > 0: the model has dense layers (dense_layers or moe_every)"
+        )
+    if m.shared_gate and not m.shared_hidden:
+        _fail("model.shared_gate", m.shared_gate, "needs a shared expert (model.shared_hidden > 0)")
+    if m.experts % m.expert_groups:
+        _fail(
+            "model.expert_groups",
+            m.expert_groups,
+            f"must divide model.experts={m.experts}; valid: {_divisors(m.experts)}",
+        )
+    if m.group_top_k > m.expert_groups:
+        _fail("model.group_top_k", m.group_top_k, f"must be in 1..model.expert_groups={m.expert_groups}")
+    reachable = m.group_top_k * (m.experts // m.expert_groups)
+    if m.top_k > reachable:
+        _fail(
+            "model.top_k",
+            m.top_k,
+            f"must be <= model.group_top_k x experts per group = {m.group_top_k} x {m.experts // m.expert_groups} "
+            f"= {reachable} (the experts a token can reach)",
+        )
 
 
 def check_devices(layout: LayoutConfig, devices: int) -> None:

@@ -92,9 +92,29 @@ def _in_host_shape(shape: tuple[int, ...], per_host: int) -> tuple[int, ...] | N
 
 
 def stage_layers(layers: int, pp: int, repeats: int, stage: int) -> list[int]:
-    """The global layer ids a stage holds: pp x v chunks of L / (pp v) layers, chunk c on stage c mod pp."""
+    """The unit ids (stack positions: one per layer when every layer is MoE) a stage holds: pp x v chunks of
+    U / (pp v) units, chunk c on stage c mod pp."""
     per_chunk = layers // (pp * repeats)
     return [c * per_chunk + j for c in range(stage, pp * repeats, pp) for j in range(per_chunk)]
+
+
+def stage_model_layers(m, pp: int, repeats: int, stage: int) -> list[int]:
+    """The global layer ids (0 .. model.layers - 1) a stage computes: the dense first layers on stage 0 (they are
+    held by every stage, see docs/design-notes.md), then each unit's moe_every layers."""
+    first = list(range(m.dense_layers)) if stage == 0 else []
+    units = stage_layers(m.units, pp, repeats, stage)
+    return first + [m.dense_layers + u * m.moe_every + j for u in units for j in range(m.moe_every)]
+
+
+def kv_heads_held(m, tp: int, rank: int) -> tuple[list[int], list[int], str]:
+    """(K/V heads a tp rank holds, the ones it computes, how): split over tp when tp divides kv_heads; else whole on
+    every rank, each computing the one head its query heads read."""
+    kv = m.n_kv_heads
+    if kv % tp == 0:
+        held = list(range(rank * kv // tp, (rank + 1) * kv // tp))
+        return held, held, "split over tp"
+    group = m.heads // kv
+    return list(range(kv)), [(rank * (m.heads // tp)) // group], "replicated over tp (each rank computes its own)"
 
 
 def layer_storage_order(layers: int, pp: int, repeats: int) -> list[int]:
@@ -174,6 +194,7 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
             for r in range(j * rows_mb + shard * rows_shard, j * rows_mb + (shard + 1) * rows_shard)
         ]
         host = int(procs[pp, dp, ep, tp]) if multi else pos // lay.devices_per_host
+        kv_held, kv_used, kv_how = kv_heads_held(m, lay.tp, tp)
         devices.append(
             {
                 "id": int(ids[pp, dp, ep, tp]),
@@ -181,10 +202,16 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
                 "process": int(procs[pp, dp, ep, tp]),
                 "host": host,
                 "coords": {"pp": pp, "dp": dp, "ep": ep, "tp": tp},
-                "layers": stage_layers(m.layers, lay.pp, lay.repeats, pp),
+                "layers": stage_model_layers(m, lay.pp, lay.repeats, pp),
+                "units": stage_layers(m.units, lay.pp, lay.repeats, pp),
+                "prologue_layers": list(range(m.dense_layers)),  # held by every stage, computed on stage 0
                 "experts": list(range(ep * e_local, (ep + 1) * e_local)),
                 "heads": list(range(tp * h_local, (tp + 1) * h_local)),
+                "kv_heads": kv_held,
+                "kv_heads_computed": kv_used,
                 "expert_hidden": [tp * f_local, (tp + 1) * f_local],
+                "shared_hidden": [tp * m.shared_hidden // lay.tp, (tp + 1) * m.shared_hidden // lay.tp],
+                "dense_hidden": [tp * m.dense_hidden // lay.tp, (tp + 1) * m.dense_hidden // lay.tp],
                 "batch_rows": _ranges(rows),
                 "seq": [tp * s_local, (tp + 1) * s_local],
             }
@@ -207,9 +234,16 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
         },
         "model": {
             "layers": m.layers,
+            "dense_layers": m.dense_layers,
+            "moe_every": m.moe_every,
+            "units": m.units,
             "experts": m.experts,
             "heads": m.heads,
+            "kv_heads": m.n_kv_heads,
+            "kv_heads_placement": kv_heads_held(m, lay.tp, 0)[2],
             "expert_hidden": m.expert_hidden,
+            "shared_hidden": m.shared_hidden,
+            "dense_hidden": m.dense_hidden,
             "batch": run.batch,
             "seq_len": run.seq_len,
         },
@@ -226,18 +260,24 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
 
 
 # What each logical axis of a parameter must hold on a device, read from its assignment row (half-open ranges).
-def _expected_range(name: str | None, row: dict[str, Any], size: int, storage: list[int]) -> list[int] | None:
+def _expected_range(name: str | None, row: dict[str, Any], size: int, storage: list[int], tp: int) -> list[int] | None:
     if name == "layers":
-        if not set(row["layers"]) <= set(storage):
+        if not set(row["units"]) <= set(storage):
             return None
-        held = sorted(storage.index(layer) for layer in row["layers"])
+        held = sorted(storage.index(unit) for unit in row["units"])
         return [held[0], held[-1] + 1] if held == list(range(held[0], held[-1] + 1)) else None
     if name == "experts":
         return [row["experts"][0], row["experts"][-1] + 1]
     if name == "heads":
         return [row["heads"][0], row["heads"][-1] + 1]
-    if name == "mlp":
-        return list(row["expert_hidden"])
+    if name == "kv_heads":
+        return [row["kv_heads"][0], row["kv_heads"][-1] + 1]
+    if name == "mlp":  # an expert's, the shared expert's or a dense layer's hidden dimension
+        for key in ("expert_hidden", "shared_hidden", "dense_hidden"):
+            lo, hi = row[key]
+            if (hi - lo) * tp == size:
+                return [lo, hi]
+        return None
     return [0, size]
 
 
@@ -257,16 +297,17 @@ def check_placement(
 
     table = assignment(cfg, mesh) if table is None else table
     rows = {d["id"]: d for d in table["devices"]}
-    storage = layer_storage_order(cfg.model.layers, cfg.layout.pp, cfg.layout.repeats)
+    storage = layer_storage_order(cfg.model.units, cfg.layout.pp, cfg.layout.repeats)
+    sizes = dict(mesh.shape)
     checked = 0
     for path, names in param_names.items():
         shape = param_shapes[path]
-        sharding = NamedSharding(mesh, logical_to_mesh(names))
+        sharding = NamedSharding(mesh, logical_to_mesh(names, sizes, shape))
         for device, index in sharding.devices_indices_map(shape).items():
             row = rows[device.id]
             for dim, (name, sl) in enumerate(zip(names, index, strict=True)):
                 got = [sl.start or 0, shape[dim] if sl.stop is None else sl.stop]
-                want = _expected_range(name, row, shape[dim], storage)
+                want = _expected_range(name, row, shape[dim], storage, cfg.layout.tp)
                 if got != want:
                     raise AssertionError(
                         f"{path} dim {dim} ({name}) on device {device.id} {row['coords']}: JAX places {got}, "

@@ -21,10 +21,13 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": "pp",  # the stacked layer axis: contiguous stages (circular repeats reorder the stack, see pipeline)
     "experts": "ep",  # expert ids: E / ep contiguous experts per ep rank
     "heads": "tp",  # attention heads: H / tp per tp rank
+    "kv_heads": "tp",  # K/V heads: split when tp divides them, else whole on every tp rank (see SPLIT_IF_DIVISIBLE)
     "mlp": "tp",  # the expert hidden dimension: first matrix column-split, second row-split
     "embed": None,
     "vocab": None,
     "head_dim": None,
+    "sublayers": None,  # the dense layers inside one stacked unit (model.moe_every > 1)
+    "prologue": None,  # the first model.dense_layers layers: before the pipeline, on every stage (design-notes)
     "router_experts": None,  # the router's output (all E scores): replicated
     # activations
     "batch": ("dp", "ep"),  # everything that is not an expert splits the batch over (dp, ep)
@@ -33,21 +36,32 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "microbatch": None,
 }
 
+# Names whose dimension is split only where the mesh axis divides it, and otherwise kept whole (replicated): K/V
+# heads when tp > kv_heads. Megatron-Core and MaxText replicate them the same way; each tp rank then computes only the
+# K/V head its query heads read (`Attention.kv_weights`).
+SPLIT_IF_DIVISIBLE = frozenset({"kv_heads"})
+
 # The axes a token can be split over; router statistics and the loss are summed over all of them.
 TOKEN_AXES: tuple[str, ...] = ("dp", "ep", "tp")
 
 
-def logical_to_mesh(names: Sequence[str | None], sizes: Mapping[str, int] | None = None) -> P:
+def logical_to_mesh(
+    names: Sequence[str | None], sizes: Mapping[str, int] | None = None, shape: Sequence[int] | None = None
+) -> P:
     """('layers', 'experts', 'embed', 'mlp') -> P('pp', 'ep', None, 'tp').
 
     With the mesh's axis sizes, axes of size 1 are left out (P('pp', 'ep', ...) on a pp=1 mesh is P(None, 'ep', ...)):
     the same placement, but no value is then 'varying' over a one-device axis, so no collective over a single device
     can arise (XLA:CPU keeps such all-reduces in the compiled program)."""
     out = []
-    for name in names:
+    for i, name in enumerate(names):
         if name is not None and name not in RULES:
             raise KeyError(f"logical axis {name!r} has no rule in moe_jax.sharding.RULES; known: {', '.join(RULES)}")
-        out.append(_active(RULES[name], sizes) if name is not None else None)
+        axis = _active(RULES[name], sizes) if name is not None else None
+        if name in SPLIT_IF_DIVISIBLE and axis is not None and sizes is not None and shape is not None:
+            if shape[i] % math.prod(sizes[a] for a in ((axis,) if isinstance(axis, str) else axis)):
+                axis = None
+        out.append(axis)
     return P(*out)
 
 
@@ -72,7 +86,7 @@ def state_specs(state, sizes: Mapping[str, int] | None = None):
 
     def spec(v):
         names = v.get_metadata().get("out_sharding")
-        return v.replace(logical_to_mesh(names, sizes) if names is not None else P())
+        return v.replace(logical_to_mesh(names, sizes, v.shape) if names is not None else P())
 
     return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -142,6 +156,13 @@ class Axes:
 
     def from_experts(self, x_ECD):
         return x_ECD if self.ep is None else lax.all_to_all(x_ECD, self.ep, split_axis=1, concat_axis=0, tiled=True)
+
+    def sum_heads(self, x):
+        """Sums a statistic over the heads every tp rank holds a share of (QK-norm over the whole projection)."""
+        return x if self.tp is None else lax.psum(x, self.tp)
+
+    def tp_index(self):
+        return 0 if self.tp is None else lax.axis_index(self.tp)
 
     def sum_tokens(self, x):
         """Sums a per-shard statistic over every axis the tokens are split over: the whole-batch value."""

@@ -32,7 +32,7 @@ def onehot_moe(x_TD, router_DE, w_in, w_out, cfg: ModelConfig, dtype):
     t = x_TD.shape[0]
     e, k = cfg.experts, cfg.top_k
     cap = capacity(cfg, t)
-    r = route(x_TD[None], router_DE, None, k)
+    r = route(x_TD[None], router_DE, None, cfg)
     experts_TR, gates_TR = r.experts_GTR[0], r.gates_GTR[0]
     mask_RTE = jax.nn.one_hot(experts_TR.T, e, dtype=jnp.int32)  # choice-major priority
     pos_RTE = (jnp.cumsum(mask_RTE.reshape(k * t, e), axis=0).reshape(k, t, e) - 1) * mask_RTE

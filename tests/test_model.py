@@ -103,7 +103,7 @@ def test_capacity_mode_drops_exactly_the_overflow_and_matches_reference():
     cap = capacity(cfg.model, 40)
     assert cap == 10  # ceil(2 x 40 / 8 x 1.0)
 
-    r = route(x, state["router"][...], None, cfg.model.top_k)
+    r = route(x, state["router"][...], None, cfg.model)
     plan = jax.vmap(plan_dispatch, in_axes=(0, None, None))(r.experts_GTR, cfg.model.experts, cap)
     y, stats = model_fn(state, x)
     keep = keep_mask(state, x)
@@ -142,7 +142,7 @@ def test_causality_dropless():
     x = jax.random.normal(jax.random.key(0), (2, 12, cfg.model.d_model))
 
     def logits_per_position(x):
-        h, _ = run_blocks(model.blocks, x, ONE_DEVICE, jnp.float32)
+        h, _ = run_blocks(model, x, ONE_DEVICE, jnp.float32)
         return jnp.sum(model.logits(h, jnp.float32), axis=(0, 2))  # [S]
 
     jac_SBSD = np.asarray(jax.jit(jax.jacrev(logits_per_position))(x))  # d out[t] / d x[b, s, :]
@@ -246,9 +246,9 @@ def test_expert_bias_changes_choice_not_gates():
     cfg = tiny("model.expert_bias=true")
     x = jax.random.normal(jax.random.key(0), (1, 20, cfg.model.d_model))
     w = jax.random.normal(jax.random.key(1), (cfg.model.d_model, cfg.model.experts))
-    plain = route(x, w, None, 2)
+    plain = route(x, w, None, cfg.model)
     bias = jnp.zeros(cfg.model.experts).at[7].set(10.0)
-    biased = route(x, w, bias, 2)
+    biased = route(x, w, bias, cfg.model)
     assert (np.asarray(biased.experts_GTR)[..., 0] == 7).all()
     np.testing.assert_allclose(np.asarray(biased.probs_GTE), np.asarray(plain.probs_GTE))
     g7 = np.asarray(plain.probs_GTE)[0, :, 7]

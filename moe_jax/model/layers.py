@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax.config import ModelConfig
 from moe_jax.sharding import Axes
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
@@ -26,8 +27,8 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: f
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, d: int, eps: float):
-        self.scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
+    def __init__(self, d: int, eps: float, names: tuple[str, ...] = ("embed",)):
+        self.scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=names)
         self.eps = eps
 
     def __call__(self, x_BSD):
@@ -35,6 +36,21 @@ class RMSNorm(nnx.Module):
         x = x_BSD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
         return x * self.scale[...]
+
+
+def rms_norm_heads(x_BSHK, scale, eps: float, heads_total: int, axes: Axes | None):
+    """RMSNorm of q or k in fp32. scale [K]: each head on its own (Qwen3). scale [H, K]: over the whole projection
+    (OLMoE), whose statistics span all heads: with heads split over tp the local sums of squares are summed over tp
+    (`axes`; None where this rank holds every head)."""
+    x = x_BSHK.astype(jnp.float32)
+    if scale.ndim == 1:
+        ms = jnp.mean(x * x, axis=-1, keepdims=True)
+    else:
+        ss_BS = jnp.sum(x * x, axis=(-2, -1))
+        if axes is not None:
+            ss_BS = axes.sum_heads(ss_BS)
+        ms = (ss_BS / (heads_total * x.shape[-1]))[..., None, None]
+    return x * jax.lax.rsqrt(ms + eps) * scale
 
 
 def rope(x_BSHK, positions_S, theta: float):
@@ -49,24 +65,28 @@ def rope(x_BSHK, positions_S, theta: float):
     return out.astype(x_BSHK.dtype)
 
 
-def causal_attention(q_BQHK, k_BSHK, v_BSHK, q_offset: int = 0, block: int = 512):
-    """Softmax(q k^T / sqrt(K)) v with a causal mask, scores and softmax in fp32.
+def causal_attention(q_BQHK, k_BSGK, v_BSGK, q_offset: int = 0, block: int = 512):
+    """Softmax(q k^T / sqrt(K)) v with a causal mask, scores and softmax in fp32. G = H / g K/V heads, each read by g
+    consecutive query heads (grouped-query attention; G = H is multi-head, G = 1 multi-query).
 
     Queries are processed in blocks of `block` rows (each rematerialised in the backward pass), so memory holds
     [B, H, block, S] scores rather than [B, H, Q, S]: sequences of 10240 fit. Query i sits at position q_offset + i.
     """
     b, q_len, h, k = q_BQHK.shape
-    s_len = k_BSHK.shape[1]
+    s_len, kv = k_BSGK.shape[1], k_BSGK.shape[2]
+    g = h // kv
     scale = 1.0 / jnp.sqrt(jnp.float32(k))
     kv_pos_S = jnp.arange(s_len)
 
     def one_block(q_blk, start):
-        scores_BHQS = jnp.einsum("BQHK,BSHK->BHQS", q_blk, k_BSHK, preferred_element_type=jnp.float32) * scale
+        q_BQGgK = q_blk.reshape(b, q_blk.shape[1], kv, g, k)
+        scores = jnp.einsum("BQGgK,BSGK->BGgQS", q_BQGgK, k_BSGK, preferred_element_type=jnp.float32) * scale
         q_pos = q_offset + start + jnp.arange(q_blk.shape[1])
         mask_QS = kv_pos_S[None, :] <= q_pos[:, None]
-        scores_BHQS = jnp.where(mask_QS[None, None], scores_BHQS, -jnp.inf)
-        probs_BHQS = jax.nn.softmax(scores_BHQS, axis=-1).astype(v_BSHK.dtype)
-        return jnp.einsum("BHQS,BSHK->BQHK", probs_BHQS, v_BSHK, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask_QS[None, None, None], scores, -jnp.inf)
+        probs_BGgQS = jax.nn.softmax(scores, axis=-1).astype(v_BSGK.dtype)
+        out = jnp.einsum("BGgQS,BSGK->BQGgK", probs_BGgQS, v_BSGK, preferred_element_type=jnp.float32)
+        return out.reshape(b, q_blk.shape[1], h, k)
 
     if q_len <= block or q_len % block or not isinstance(q_offset, int):
         return one_block(q_BQHK, 0).astype(q_BQHK.dtype)
@@ -77,47 +97,117 @@ def causal_attention(q_BQHK, k_BSHK, v_BSHK, q_offset: int = 0, block: int = 512
 
 
 class Attention(nnx.Module):
-    """Causal multi-head attention with RoPE and no biases; heads split over tp.
+    """Causal attention with RoPE: multi-head, grouped-query (kv_heads < heads) or multi-query; optional biases on
+    q, k, v and optional RMSNorm of q and k (per head, or over the whole projection). Heads split over tp; K/V heads
+    too where tp divides them, else each tp rank computes the one K/V head its query heads read from the whole K/V
+    weights it holds (`kv_weights`).
 
     The output projection returns fp32 and its tp partial sums are reduce-scattered in fp32: a one-device matmul sums
     over all heads in fp32 and rounds once, and so does this. Rounding each partial sum to bf16 first changed the
     residual by an ulp, which flipped near-tie top-k routing choices and moved expert gradients by 17% (bf16, tp 2).
     """
 
-    def __init__(self, d: int, heads: int, head_dim: int, theta: float, std: float, out_std: float, *, rngs: nnx.Rngs):
-        self.wq = param(rngs, (d, heads, head_dim), ("embed", "heads", "head_dim"), std)
-        self.wk = param(rngs, (d, heads, head_dim), ("embed", "heads", "head_dim"), std)
-        self.wv = param(rngs, (d, heads, head_dim), ("embed", "heads", "head_dim"), std)
-        self.wo = param(rngs, (heads, head_dim, d), ("heads", "head_dim", "embed"), out_std)
-        self.theta = theta
+    def __init__(self, cfg: ModelConfig, out_std: float, *, rngs: nnx.Rngs):
+        d, h, kv, k, std = cfg.d_model, cfg.heads, cfg.n_kv_heads, cfg.head_dim, cfg.init_std
+        self.wq = param(rngs, (d, h, k), ("embed", "heads", "head_dim"), std)
+        self.wk = param(rngs, (d, kv, k), ("embed", "kv_heads", "head_dim"), std)
+        self.wv = param(rngs, (d, kv, k), ("embed", "kv_heads", "head_dim"), std)
+        self.wo = param(rngs, (h, k, d), ("heads", "head_dim", "embed"), out_std)
+        if cfg.qkv_bias:
+            self.bq = param(rngs, (h, k), ("heads", "head_dim"), std)
+            self.bk = param(rngs, (kv, k), ("kv_heads", "head_dim"), std)
+            self.bv = param(rngs, (kv, k), ("kv_heads", "head_dim"), std)
+        if cfg.qk_norm != "none":
+            q_shape, k_shape = ((k,), (k,)) if cfg.qk_norm == "head" else ((h, k), (kv, k))
+            q_names, k_names = (
+                (("head_dim",), ("head_dim",)) if cfg.qk_norm == "head" else
+                (("heads", "head_dim"), ("kv_heads", "head_dim"))
+            )  # fmt: skip
+            self.q_norm = nnx.Param(jnp.ones(q_shape, jnp.float32), out_sharding=q_names)
+            self.k_norm = nnx.Param(jnp.ones(k_shape, jnp.float32), out_sharding=k_names)
+        self.heads, self.kv_heads, self.theta, self.eps = h, kv, cfg.rope_theta, cfg.norm_eps
+        self.qkv_bias, self.qk_norm = cfg.qkv_bias, cfg.qk_norm
 
-    def qkv(self, x_BSD, positions_S, dtype):
+    def kv_replicated(self) -> bool:
+        """This rank holds every K/V head but not every query head: tp > kv_heads, K/V weights whole on each rank."""
+        return self.wk.shape[1] == self.kv_heads and self.wq.shape[1] < self.heads
+
+    def select_kv(self, x, axis: int, axes: Axes):
+        """Where K/V heads are whole on every tp rank, the one this rank's H / tp query heads read: head
+        (rank x H / tp) // (H / kv_heads), kept as an axis of size 1."""
+        head = (axes.tp_index() * self.wq.shape[1]) // (self.heads // self.kv_heads)
+        return jax.lax.dynamic_slice_in_dim(x, head, 1, axis=axis)
+
+    def qkv(self, x_BSD, positions_S, axes: Axes, dtype):
         x = x_BSD.astype(dtype)
+        wk, wv = self.wk[...], self.wv[...]
+        bk, bv = (self.bk[...], self.bv[...]) if self.qkv_bias else (None, None)
+        replicated = self.kv_replicated()
+        # With QK-norm over the projection every K/V head is computed (the norm's statistics span them all) and this
+        # rank's head is picked after the norm; otherwise only that head is computed.
+        pick_first = replicated and self.qk_norm != "projection"
+        if pick_first:
+            wk, wv = self.select_kv(wk, 1, axes), self.select_kv(wv, 1, axes)
+            bk, bv = (None, None) if bk is None else (self.select_kv(bk, 0, axes), self.select_kv(bv, 0, axes))
         q = jnp.einsum("BSD,DHK->BSHK", x, self.wq[...].astype(dtype))
-        k = jnp.einsum("BSD,DHK->BSHK", x, self.wk[...].astype(dtype))
-        v = jnp.einsum("BSD,DHK->BSHK", x, self.wv[...].astype(dtype))
+        k = jnp.einsum("BSD,DGK->BSGK", x, wk.astype(dtype))
+        v = jnp.einsum("BSD,DGK->BSGK", x, wv.astype(dtype))
+        if self.qkv_bias:
+            q, k, v = q + self.bq[...].astype(dtype), k + bk.astype(dtype), v + bv.astype(dtype)
+        if self.qk_norm != "none":
+            q = rms_norm_heads(q, self.q_norm[...], self.eps, self.heads, axes).astype(dtype)
+            k = rms_norm_heads(k, self.k_norm[...], self.eps, self.kv_heads, None if replicated else axes)
+            k = k.astype(dtype)
+        if replicated and not pick_first:
+            k, v = self.select_kv(k, 2, axes), self.select_kv(v, 2, axes)
         return rope(q, positions_S, self.theta), rope(k, positions_S, self.theta), v
 
     def out(self, o_BSHK, dtype):
         """fp32 output: with heads split over tp these are partial sums, reduced in fp32 (see `Attention`)."""
         return jnp.einsum("BSHK,HKD->BSD", o_BSHK, self.wo[...].astype(dtype), preferred_element_type=jnp.float32)
 
-    def cached(self, x_BSD, cache_k_BTHK, cache_v_BTHK, pos, axes: Axes, dtype):
+    def cached(self, x_BSD, cache_k_BTGK, cache_v_BTGK, pos, axes: Axes, dtype):
         """Serving: the S new tokens at positions pos .. pos + S - 1 attend to the cache and themselves. Writes their
-        keys and values into the [B, T_max, H, K] caches; returns (fp32 update, new k cache, new v cache)."""
+        keys and values into the [B, T_max, G, K] caches (G: this rank's K/V heads); returns (fp32 update, new k
+        cache, new v cache)."""
         x = x_BSD.astype(dtype)
         positions_S = pos + jnp.arange(x.shape[1])
-        q, k, v = self.qkv(x, positions_S, dtype)
-        cache_k_BTHK = jax.lax.dynamic_update_slice_in_dim(cache_k_BTHK, k.astype(cache_k_BTHK.dtype), pos, axis=1)
-        cache_v_BTHK = jax.lax.dynamic_update_slice_in_dim(cache_v_BTHK, v.astype(cache_v_BTHK.dtype), pos, axis=1)
-        o = causal_attention(q, cache_k_BTHK.astype(dtype), cache_v_BTHK.astype(dtype), q_offset=pos)
-        return axes.scatter_seq(self.out(o, dtype), axis=1), cache_k_BTHK, cache_v_BTHK
+        q, k, v = self.qkv(x, positions_S, axes, dtype)
+        cache_k_BTGK = jax.lax.dynamic_update_slice_in_dim(cache_k_BTGK, k.astype(cache_k_BTGK.dtype), pos, axis=1)
+        cache_v_BTGK = jax.lax.dynamic_update_slice_in_dim(cache_v_BTGK, v.astype(cache_v_BTGK.dtype), pos, axis=1)
+        o = causal_attention(q, cache_k_BTGK.astype(dtype), cache_v_BTGK.astype(dtype), q_offset=pos)
+        return axes.scatter_seq(self.out(o, dtype), axis=1), cache_k_BTGK, cache_v_BTGK
 
     def __call__(self, x_BSD, axes: Axes, dtype):
         """x_BSD: normed fp32 input, the local S / tp slice of the sequence. Returns the compute-dtype update, same
         shape; its tp partial sums are reduce-scattered back to S / tp."""
         x_full = axes.gather_seq(x_BSD.astype(dtype), axis=1)
         positions_S = jnp.arange(x_full.shape[1])
-        q, k, v = self.qkv(x_full, positions_S, dtype)
+        q, k, v = self.qkv(x_full, positions_S, axes, dtype)
         o = causal_attention(q, k, v)
         return axes.scatter_seq(self.out(o, dtype), axis=1)  # fp32
+
+
+class MLP(nnx.Module):
+    """A dense FFN of its own width: a dense layer's FFN, or the shared expert beside the routed ones (optionally
+    times sigmoid(x . w_gate_out), Qwen2-MoE). Its hidden dimension is split over tp like an expert's."""
+
+    def __init__(self, cfg: ModelConfig, hidden: int, out_std: float, gated_output: bool, *, rngs: nnx.Rngs):
+        d, std = cfg.d_model, cfg.init_std
+        self.w_in = param(rngs, (d, hidden), ("embed", "mlp"), std)
+        self.w_gate = param(rngs, (d, hidden), ("embed", "mlp"), std) if cfg.ffn == "swiglu" else None
+        self.w_out = param(rngs, (hidden, d), ("mlp", "embed"), out_std)
+        self.output_gate = param(rngs, (d,), ("embed",), std) if gated_output else None
+
+    def __call__(self, x_BSD, axes: Axes, dtype):
+        """x_BSD: normed fp32, the local sequence slice. Returns fp32, same shape (tp partial sums reduce-scattered)."""
+        from moe_jax.model.moe import expert_ffn
+
+        b, s, d = x_BSD.shape
+        x_full = axes.gather_seq(x_BSD.astype(dtype), axis=1)
+        w_gate = None if self.w_gate is None else self.w_gate[...][None]
+        y = expert_ffn(x_full.reshape(1, -1, d), self.w_in[...][None], w_gate, self.w_out[...][None], dtype)
+        y_BSD = axes.scatter_seq(y.reshape(b, x_full.shape[1], d), axis=1)
+        if self.output_gate is not None:
+            y_BSD = y_BSD * jax.nn.sigmoid(jnp.einsum("BSD,D->BS", x_BSD, self.output_gate[...]))[..., None]
+        return y_BSD

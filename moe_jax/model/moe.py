@@ -26,21 +26,33 @@ class ExpertBias(nnx.Variable):
 
 
 class Routing(NamedTuple):
-    experts_GTR: jax.Array  # int32 expert ids, top-1 first
-    gates_GTR: jax.Array  # fp32 gates, renormalised over the k chosen
-    probs_GTE: jax.Array  # fp32 softmax over all experts
+    experts_GTR: jax.Array  # int32 expert ids, best first
+    gates_GTR: jax.Array  # fp32 gates (renormalised over the k chosen when norm_topk, times routed_scale)
+    probs_GTE: jax.Array  # fp32 scores of every expert: softmax over experts, or a sigmoid each
     logits_GTE: jax.Array  # fp32 router logits
 
 
-def route(x_GTD, w_DE, bias_E, top_k: int) -> Routing:
-    """fp32 softmax over E experts, top-k (on probs + bias when the bias is on), gates renormalised."""
+def route(x_GTD, w_DE, bias_E, cfg: ModelConfig) -> Routing:
+    """fp32 scores (softmax over E experts, or a sigmoid per expert); top-k on scores + bias when the aux-free bias is
+    on; grouped top-k keeps each token to the best group_top_k of expert_groups groups (a group's score: the sum of
+    its two best scores, DeepSeek-V3's rule); gates are the chosen scores, renormalised over the k when norm_topk,
+    times routed_scale."""
     logits = jnp.einsum("GTD,DE->GTE", x_GTD.astype(jnp.float32), w_DE.astype(jnp.float32))
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jax.nn.softmax(logits, axis=-1) if cfg.router_score == "softmax" else jax.nn.sigmoid(logits)
     scores = probs if bias_E is None else probs + jax.lax.stop_gradient(bias_E)
-    _, experts = jax.lax.top_k(scores, top_k)
+    if cfg.expert_groups > 1:
+        n = cfg.expert_groups
+        g, t, e = scores.shape
+        per_group = scores.reshape(g, t, n, e // n)
+        group_score = jnp.sum(jax.lax.top_k(per_group, min(2, e // n))[0], axis=-1)  # [G, T, n]
+        _, best = jax.lax.top_k(group_score, cfg.group_top_k)
+        allowed = jnp.sum(jax.nn.one_hot(best, n, dtype=jnp.bool_), axis=-2, dtype=jnp.bool_)  # [G, T, n]
+        scores = jnp.where(jnp.repeat(allowed, e // n, axis=-1), scores, -jnp.inf)
+    _, experts = jax.lax.top_k(scores, cfg.top_k)
     gates = jnp.take_along_axis(probs, experts, axis=-1)
-    gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
-    return Routing(experts.astype(jnp.int32), gates, probs, logits)
+    if cfg.norm_topk:
+        gates = gates / (jnp.sum(gates, axis=-1, keepdims=True) + 1e-20)
+    return Routing(experts.astype(jnp.int32), gates * cfg.routed_scale, probs, logits)
 
 
 def capacity(cfg: ModelConfig, tokens: int) -> int:
@@ -104,14 +116,16 @@ def expert_ffn(x_ECD, w_in_EDF, w_gate_EDF, w_out_EFD, dtype):
     return jnp.einsum("ECF,EFD->ECD", h, w_out_EFD.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def router_stats(r: Routing, keep_GTR, num_experts: int, axes: Axes) -> dict[str, jax.Array]:
+def router_stats(r: Routing, keep_GTR, num_experts: int, axes: Axes, softmax: bool = True) -> dict[str, jax.Array]:
     """Whole-batch router statistics: every sum is taken over all shards before any ratio, in one all-reduce of
-    [counts (E), probability sums (E), z sum, drops]."""
+    [counts (E), probability sums (E), z sum, drops]. Sigmoid scores enter the load-balancing loss normalised to sum
+    1 per token (DeepSeek-V3's sequence-wise balance loss does the same)."""
     e = num_experts
+    probs = r.probs_GTE if softmax else r.probs_GTE / jnp.sum(r.probs_GTE, axis=-1, keepdims=True)
     local = jnp.concatenate(
         [
             jnp.sum(jax.nn.one_hot(r.experts_GTR, e, dtype=jnp.float32), axis=(0, 1, 2)),
-            jnp.sum(r.probs_GTE, axis=(0, 1)),
+            jnp.sum(probs, axis=(0, 1)),
             jnp.sum(jnp.square(jax.nn.logsumexp(r.logits_GTE, axis=-1)))[None],
             jnp.sum(~keep_GTR).astype(jnp.float32)[None],
         ]
@@ -149,7 +163,7 @@ class MoE(nnx.Module):
         g, t, d = x_GTD.shape
         e = cfg.experts
         cap = t if dropless else capacity(cfg, t)
-        r = route(x_GTD, self.router[...], None if self.bias is None else self.bias[...], cfg.top_k)
+        r = route(x_GTD, self.router[...], None if self.bias is None else self.bias[...], cfg)
         plan = jax.vmap(plan_dispatch, in_axes=(0, None, None))(r.experts_GTR, e, cap)
         x_GECD = jax.vmap(gather_to_buffers, in_axes=(0, 0, None))(x_GTD.astype(dtype), plan, e)
 
@@ -163,7 +177,7 @@ class MoE(nnx.Module):
         y_GECD = y_ECD.reshape(e, g, cap, d).swapaxes(0, 1)
 
         y_GTD = jax.vmap(combine_from_buffers)(y_GECD, plan, r.gates_GTR)
-        return y_GTD, router_stats(r, plan.keep_TR, e, axes)
+        return y_GTD, router_stats(r, plan.keep_TR, e, axes, cfg.router_score == "softmax")
 
 
 def update_expert_bias(bias_E, tokens_per_expert_E, rate: float):

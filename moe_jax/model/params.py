@@ -8,17 +8,24 @@ SEED_CLAIMED_PARAMS = 30_000_000_000  # the seed's "30B parameters"
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Per kind, summed over layers. With the seed's sizes: 4,428,694,528."""
+    """Per kind, summed over layers. With the seed's sizes: 4,428,694,528.
+
+    attention: q, k, v (d x H K, d x G K twice; G the K/V heads), o (H K x d), biases and QK-norm weights; norms: two
+    per layer and the final one; router, experts, shared: per MoE layer; dense: the dense layers' FFNs."""
     d, l, e, f = cfg.d_model, cfg.layers, cfg.experts, cfg.expert_hidden
-    hk = cfg.heads * cfg.head_dim
+    hk, gk = cfg.heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     mats = 3 if cfg.ffn == "swiglu" else 2
+    moe, dense = cfg.moe_layers, cfg.layers - cfg.moe_layers
+    qk_norm = {"none": 0, "head": 2 * cfg.head_dim, "projection": hk + gk}[cfg.qk_norm]
     return {
         "embedding": cfg.vocab * d,
-        "attention": l * 4 * d * hk,  # q, k, v: d x H K each; o: H K x d
-        "norms": l * 2 * d + d,  # two per block, one final
-        "router": l * d * e,
-        "experts": l * e * mats * d * f,
-        "head": d * cfg.vocab,
+        "attention": l * (2 * d * hk + 2 * d * gk + (hk + 2 * gk if cfg.qkv_bias else 0) + qk_norm),
+        "norms": l * 2 * d + d,
+        "router": moe * d * e,
+        "experts": moe * e * mats * d * f,
+        "shared": moe * (mats * d * cfg.shared_hidden + (d if cfg.shared_gate else 0)),
+        "dense": dense * mats * d * cfg.dense_hidden,
+        "head": 0 if cfg.tie_embeddings else d * cfg.vocab,
     }
 
 
@@ -27,13 +34,22 @@ def total_params(cfg: ModelConfig) -> int:
 
 
 def active_params_per_token(cfg: ModelConfig) -> int:
-    """Parameters a token touches: everything but the experts it was not routed to (k of E experts per layer)."""
+    """Parameters a token touches: everything but the routed experts it was not sent to (k of E per MoE layer).
+    Embedding and head are counted (the convention of the published active counts: Mixtral's 12.9B, Qwen3's 3.3B)."""
     c = param_counts(cfg)
     return total_params(cfg) - c["experts"] + c["experts"] * cfg.top_k // cfg.experts
 
 
 def param_formula(cfg: ModelConfig) -> str:
-    """The count as a formula with the config's numbers in it, for the CLI and the seed audit."""
+    """The count as a formula with the config's numbers in it, for the CLI and the seed audit (the seed's plain
+    structure; other models get the sum by kind)."""
+    plain = (
+        cfg.n_kv_heads == cfg.heads and cfg.qk_norm == "none" and not cfg.qkv_bias and not cfg.shared_hidden
+        and cfg.moe_layers == cfg.layers and not cfg.tie_embeddings
+    )  # fmt: skip
+    if not plain:
+        c = param_counts(cfg)
+        return " + ".join(f"{k} {v:,}" for k, v in c.items() if v) + f" = {total_params(cfg):,}"
     mats = 3 if cfg.ffn == "swiglu" else 2
     d, l, e, f, v = cfg.d_model, cfg.layers, cfg.experts, cfg.expert_hidden, cfg.vocab
     hk = cfg.heads * cfg.head_dim

@@ -1,5 +1,6 @@
-"""The decoder-only MoE transformer: embedding; L scanned blocks of (RMSNorm, attention, residual; RMSNorm, MoE,
-residual); final norm; head. The same module runs on one device (`Axes()`) and as a shard inside shard_map.
+"""The decoder-only MoE transformer: embedding; optional dense first layers; scanned units of blocks (RMSNorm,
+attention, residual; RMSNorm, FFN, residual), the FFN routed experts (plus a shared expert) or dense; final norm;
+head. The same module runs on one device (`Axes()`) and as a shard inside shard_map.
 
 The residual stream is fp32 (the branches compute in the compute dtype and add back in fp32): with fp16 compute a
 16-layer residual in fp16 loses precision and can overflow, while everything that crosses the network (the branches'
@@ -16,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.config import Config, ConfigError, ModelConfig
-from moe_jax.model.layers import Attention, RMSNorm, compute_dtype, param
+from moe_jax.model.layers import MLP, Attention, RMSNorm, compute_dtype, param
 from moe_jax.model.moe import MoE
 from moe_jax.sharding import Axes
 
@@ -24,28 +25,49 @@ ONE_DEVICE = Axes()
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """One layer: x + attention(norm(x)), then x + FFN(norm(x)). The FFN is the routed experts (plus the shared
+    expert when model.shared_hidden > 0) in an MoE layer, or a dense FFN of width model.dense_hidden in a dense one."""
+
+    def __init__(self, cfg: ModelConfig, kind: str = "moe", *, rngs: nnx.Rngs):
         out_std = cfg.init_std / math.sqrt(2 * cfg.layers)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.heads, cfg.head_dim, cfg.rope_theta, cfg.init_std, out_std, rngs=rngs)
-        self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.moe = MoE(cfg, out_std, rngs=rngs)
+        self.attn = Attention(cfg, out_std, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if kind == "moe":
+            self.moe = MoE(cfg, out_std, rngs=rngs)
+            if cfg.shared_hidden:
+                self.shared = MLP(cfg, cfg.shared_hidden, out_std, cfg.shared_gate, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg, cfg.dense_hidden, out_std, False, rngs=rngs)
+        self.kind = kind
 
     def __call__(self, x_BSD, axes: Axes, dtype, groups: tuple[int, int] = (1, 1)):
-        """x_BSD: the fp32 residual (local sequence slice). groups = (batch groups, sequence groups) for dispatch."""
+        """x_BSD: the fp32 residual (local sequence slice). groups = (batch groups, sequence groups) for dispatch.
+        Returns (x, router statistics); a dense layer has none."""
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), axes, dtype).astype(jnp.float32)
-        h_GTD = to_groups(self.moe_norm(x_BSD), groups)
-        y_GTD, stats = self.moe(h_GTD, axes, dtype)
-        return x_BSD + from_groups(y_GTD, x_BSD.shape, groups).astype(jnp.float32), stats
+        h_BSD = self.ffn_norm(x_BSD)
+        if self.kind != "moe":
+            return x_BSD + self.mlp(h_BSD, axes, dtype), None
+        y_GTD, stats = self.moe(to_groups(h_BSD, groups), axes, dtype)
+        y_BSD = from_groups(y_GTD, x_BSD.shape, groups).astype(jnp.float32)
+        if hasattr(self, "shared"):
+            y_BSD = y_BSD + self.shared(h_BSD, axes, dtype)
+        return x_BSD + y_BSD, stats
 
 
 def block_cached(block: Block, x_BSD, cache_k, cache_v, pos, axes: Axes, dtype):
     """Serving: one block over the S new tokens with its KV cache; dropless routing. Returns (x, k, v)."""
     h, cache_k, cache_v = block.attn.cached(block.attn_norm(x_BSD), cache_k, cache_v, pos, axes, dtype)
     x_BSD = x_BSD + h.astype(jnp.float32)
+    h_BSD = block.ffn_norm(x_BSD)
+    if block.kind != "moe":
+        return x_BSD + block.mlp(h_BSD, axes, dtype), cache_k, cache_v
     b, s, d = x_BSD.shape
-    y, _ = block.moe(block.moe_norm(x_BSD).reshape(1, b * s, d), axes, dtype, dropless=True)
-    return x_BSD + y.reshape(b, s, d).astype(jnp.float32), cache_k, cache_v
+    y, _ = block.moe(h_BSD.reshape(1, b * s, d), axes, dtype, dropless=True)
+    y_BSD = y.reshape(b, s, d).astype(jnp.float32)
+    if hasattr(block, "shared"):
+        y_BSD = y_BSD + block.shared(h_BSD, axes, dtype)
+    return x_BSD + y_BSD, cache_k, cache_v
 
 
 def to_groups(x_BSD, groups: tuple[int, int]):
@@ -63,45 +85,99 @@ def from_groups(x_GTD, shape, groups: tuple[int, int]):
     return x.reshape(b, s, d)
 
 
+def _stacked(n: int, axis_name: str, make):
+    """n layers made by make(rngs), stacked on a leading axis carrying the logical name axis_name."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: axis_name})
+    def make_all(rngs: nnx.Rngs):
+        return make(rngs)
+
+    return make_all
+
+
 class Transformer(nnx.Module):
+    """Embedding; the first model.dense_layers dense layers (`prologue`); the stack of units the pipeline splits,
+    each moe_every - 1 dense layers (`dense_blocks`, [U, moe_every - 1]) then one MoE layer (`blocks`, [U]); final
+    norm; head (the embedding's transpose when tied). Why a prologue and units: docs/design-notes.md."""
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = param(rngs, (cfg.vocab, cfg.d_model), ("vocab", "embed"), cfg.init_std)
-
-        @nnx.split_rngs(splits=cfg.layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(rngs: nnx.Rngs):
-            return Block(cfg, rngs=rngs)
-
-        self.blocks = make_blocks(rngs)
+        if cfg.dense_layers:
+            self.prologue = _stacked(cfg.dense_layers, "prologue", lambda r: Block(cfg, "dense", rngs=r))(rngs)
+        self.blocks = _stacked(cfg.units, "layers", lambda r: Block(cfg, "moe", rngs=r))(rngs)
+        if cfg.moe_every > 1:
+            dense = _stacked(cfg.moe_every - 1, "sublayers", lambda r: Block(cfg, "dense", rngs=r))
+            self.dense_blocks = _stacked(cfg.units, "layers", dense)(rngs)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = param(rngs, (cfg.d_model, cfg.vocab), ("embed", "vocab"), cfg.init_std)
+        if not cfg.tie_embeddings:
+            self.head = param(rngs, (cfg.d_model, cfg.vocab), ("embed", "vocab"), cfg.init_std)
 
     def embed_tokens(self, tokens_BS):
         return jnp.take(self.embed[...], tokens_BS, axis=0)
 
     def logits(self, x_BSD, dtype):
-        return jnp.einsum("...D,DV->...V", self.final_norm(x_BSD).astype(dtype), self.head[...].astype(dtype)).astype(
-            jnp.float32
-        )
+        x = self.final_norm(x_BSD).astype(dtype)
+        if self.cfg.tie_embeddings:
+            return jnp.einsum("...D,VD->...V", x, self.embed[...].astype(dtype)).astype(jnp.float32)
+        return jnp.einsum("...D,DV->...V", x, self.head[...].astype(dtype)).astype(jnp.float32)
 
     def __call__(self, tokens_BS, axes: Axes = ONE_DEVICE, dtype=jnp.float32, groups=(1, 1), remat: str = "layer"):
-        """Returns (fp32 logits [B, S, V], per-layer router statistics stacked on a leading L axis)."""
-        x = self.embed_tokens(tokens_BS)
-        x, stats = run_blocks(self.blocks, x, axes, dtype, groups, remat)
+        """Returns (fp32 logits [B, S, V], per-MoE-layer router statistics stacked on a leading axis)."""
+        x = run_prologue(self, self.embed_tokens(tokens_BS), axes, dtype, remat)
+        x, stats = run_blocks(self, x, axes, dtype, groups, remat)
         return self.logits(x, dtype), stats
 
 
-def run_blocks(blocks: Block, x, axes: Axes, dtype, groups=(1, 1), remat: str = "layer"):
-    """A scan over a stack of blocks (any number of layers); remat 'layer' rematerialises each block's activations."""
-    graphdef, state = nnx.split(blocks)
+class Stack:
+    """The pipelined stack split once into graphs and states; `unit(x, i)` runs unit i (its dense layers, then its
+    MoE layer), picking the unit's weights inside, so a checkpoint around it saves the activation and the index, never
+    a copy of the weights."""
+
+    def __init__(self, model: Transformer):
+        self.moe = nnx.split(model.blocks)
+        self.dense = nnx.split(model.dense_blocks) if hasattr(model, "dense_blocks") else None
+
+    def unit(self, x, i, axes: Axes, dtype, groups=(1, 1)):
+        def take(state):
+            return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), state)
+
+        if self.dense is not None:
+            graph, state = self.dense
+
+            def dense_layer(x, layer_state):
+                return nnx.merge(graph, layer_state)(x, axes, dtype)[0], None
+
+            x, _ = jax.lax.scan(dense_layer, x, take(state))
+        graph, state = self.moe
+        return nnx.merge(graph, take(state))(x, axes, dtype, groups)
+
+
+def run_prologue(model: Transformer, x, axes: Axes, dtype, remat: str = "layer"):
+    """The first model.dense_layers dense layers (a scan; remat 'layer' rematerialises each)."""
+    if not hasattr(model, "prologue"):
+        return x
+    graph, state = nnx.split(model.prologue)
 
     def body(x, layer_state):
-        return nnx.merge(graphdef, layer_state)(x, axes, dtype, groups)
+        return nnx.merge(graph, layer_state)(x, axes, dtype)[0], None
 
     if remat == "layer":
         body = jax.checkpoint(body)
-    return jax.lax.scan(body, x, state)
+    return jax.lax.scan(body, x, state)[0]
+
+
+def run_blocks(model: Transformer, x, axes: Axes, dtype, groups=(1, 1), remat: str = "layer"):
+    """A scan over the stack's units; remat 'layer' rematerialises each unit's activations."""
+    stack = Stack(model)
+
+    def body(x, i):
+        return stack.unit(x, i, axes, dtype, groups)
+
+    if remat == "layer":
+        body = jax.checkpoint(body)
+    return jax.lax.scan(body, x, jnp.arange(model.cfg.units))
 
 
 def cross_entropy(logits_BSV, targets_BS):
@@ -111,7 +187,7 @@ def cross_entropy(logits_BSV, targets_BS):
 
 
 def aux_losses(cfg: ModelConfig, stats) -> dict[str, jax.Array]:
-    """Router terms averaged over layers, weighted as the config says."""
+    """Router terms averaged over MoE layers, weighted as the config says."""
     lb = jnp.mean(stats["lb_loss"])
     z = jnp.mean(stats["z_loss"])
     return {"lb_loss": lb, "z_loss": z, "router_loss": cfg.lb_loss_weight * lb + cfg.z_loss_weight * z}
@@ -183,6 +259,8 @@ __all__ = [
     "init_model",
     "loss_fn",
     "run_blocks",
+    "run_prologue",
+    "Stack",
 ]
 
 

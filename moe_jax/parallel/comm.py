@@ -19,6 +19,8 @@ run once per step each, outside every loop.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -28,12 +30,6 @@ from moe_jax.parallel.schedule import Schedule
 from moe_jax.sharding import MESH_AXES, TOKEN_AXES, active_axes
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-GRAD_AXES = {
-    "attention": ("dp", "ep"),
-    "replicated": ("dp", "ep", "tp"),
-    "embedding": MESH_AXES,
-    "experts": ("dp",),
-}
 
 
 def local_sizes(cfg: Config) -> dict[str, int]:
@@ -45,11 +41,39 @@ def local_sizes(cfg: Config) -> dict[str, int]:
         "seq": s,
         "tokens": b * s,
         "capacity": capacity(m, b * s),
-        "layers": m.layers // lay.pp,
+        "layers": m.units // lay.pp,
         "experts": m.experts // lay.ep,
         "heads": m.heads // lay.tp,
         "hidden": m.expert_hidden // lay.tp,
     }
+
+
+@functools.lru_cache(maxsize=64)
+def _param_table(model_cfg) -> tuple[tuple[str, tuple[str, ...], tuple[int, ...]], ...]:
+    from moe_jax.model.transformer import param_table
+
+    names, shapes = param_table(model_cfg)
+    return tuple((path, names[path], shapes[path]) for path in sorted(names))
+
+
+def param_shards(cfg: Config) -> list[dict[str, Any]]:
+    """Every parameter with the mesh axes it is split over (mesh order, size-1 axes left out), its local shape and
+    its local element count, from the abstract model and the one rules table (nothing allocated)."""
+    from moe_jax.sharding import logical_to_mesh
+
+    sizes = dict(zip(MESH_AXES, cfg.layout.shape, strict=True))
+    out = []
+    for path, names, shape in _param_table(cfg.model):
+        spec = logical_to_mesh(names, sizes, shape)
+        used: list[str] = []
+        local = []
+        for dim, part in zip(shape, spec, strict=True):
+            axes = () if part is None else (part,) if isinstance(part, str) else tuple(part)
+            used += axes
+            local.append(dim // math.prod(sizes[a] for a in axes))
+        split = tuple(a for a in MESH_AXES if a in used)
+        out.append({"path": path, "split": split, "local_shape": tuple(local), "local": math.prod(local)})
+    return out
 
 
 def expected_collectives(cfg: Config, step: str = "grad") -> list[dict[str, Any]]:
@@ -59,48 +83,65 @@ def expected_collectives(cfg: Config, step: str = "grad") -> list[dict[str, Any]
     'prefill' and 'decode' are serving's (`expected_serving_collectives`)."""
     if step in ("prefill", "decode"):
         return expected_serving_collectives(cfg, step)
-    m, lay = cfg.model, cfg.layout
+    m, lay, run = cfg.model, cfg.layout, cfg.run
     sizes = dict(zip(MESH_AXES, lay.shape, strict=True))
     loc = local_sizes(cfg)
-    db = DTYPE_BYTES[cfg.run.dtype]
-    d, e, l_loc, c = m.d_model, m.experts, loc["layers"], loc["capacity"]
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers, lay.remat)
-    # Every tick every stage runs one chunk of L / (pp v) layers, bubble ticks included: that many layer executions.
+    db = DTYPE_BYTES[run.dtype]
+    d, e, c = m.d_model, m.experts, loc["capacity"]
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.units, lay.remat)
+    # Every tick every stage runs one chunk of U / (pp v) units, bubble ticks included: that many MoE layer runs,
+    # each after its unit's moe_every - 1 dense layers. The dense first layers run once per microbatch on every stage.
     runs = sched.ticks * sched.layers_per_chunk
+    dense_runs = runs * (m.moe_every - 1)
+    prologue_runs = lay.microbatches * m.dense_layers
     remat = lay.remat != "none"
     r = 3 if remat else 2
+    fwd = r - 1  # forward, and its recomputation under remat
+    fwd_prologue = 2 if lay.remat == "layer" else 1  # the dense first layers are rematerialised per layer only
     rows: list[dict[str, Any]] = []
     add = _adder(rows, sizes)
-
     tp, ep = lay.tp, lay.ep
-    fwd = r - 1  # forward, and its recomputation under remat
+
+    def seq_parallel(name, n, forwards, backwards):
+        """A tp-split matmul between a sequence all-gather and a reduce-scatter of fp32 partial sums."""
+        add("all-gather", ("tp",), n * db, forwards, f"{name} input, tokens over tp")
+        add("reduce-scatter", ("tp",), n * tp * 4, forwards, f"{name} output partial sums, fp32")
+        add("all-gather", ("tp",), n * 4, backwards, f"backward of the {name} reduce-scatter, fp32")
+        add("reduce-scatter", ("tp",), n * tp * db, backwards, f"backward of the {name} all-gather")
+
     attn_in = loc["batch"] * loc["seq"] * d  # elements one device gathers from
-    moe_in = loc["experts"] * ep * c * d
-    for name, n in (("attention", attn_in), ("expert", moe_in)):
-        add("all-gather", ("tp",), n * db, fwd * runs, f"{name} input, tokens over tp")
-        add("reduce-scatter", ("tp",), n * tp * 4, fwd * runs, f"{name} output partial sums, fp32")
-        add("all-gather", ("tp",), n * 4, runs, f"backward of the {name} reduce-scatter, fp32")
-        add("reduce-scatter", ("tp",), n * tp * db, runs, f"backward of the {name} all-gather")
+    layer_runs = [(runs + dense_runs, fwd), (prologue_runs, fwd_prologue)]  # (runs, forwards per run)
+    for n_runs, f in layer_runs:
+        seq_parallel("attention", attn_in, f * n_runs, n_runs)
+        if m.qk_norm == "projection":  # the norm's sum of squares over every head: [B/(dp ep), S] fp32
+            kv_split = m.n_kv_heads % tp == 0
+            for _ in range(2 if kv_split else 1):
+                add("all-reduce", ("tp",), loc["batch"] * run.seq_len * 4, (f + 1) * n_runs,
+                    "QK-norm statistics over the heads (forward and backward)")  # fmt: skip
+    # A recomputed forward skips what only feeds the end of its checkpoint (a residual add whose backward needs no
+    # value): under remat 'layer', the dense FFN output reduce-scatter of a first layer and an ungated shared
+    # expert's output reduce-scatter (a 'tick' checkpoint ends with the stage's send, which still needs them).
+    seq_parallel("dense FFN", attn_in, fwd * dense_runs + prologue_runs, dense_runs + prologue_runs)
+    if fwd_prologue > 1:
+        add("all-gather", ("tp",), attn_in * db, prologue_runs, "dense FFN input, tokens over tp (recomputed)")
+    if m.shared_hidden:
+        seq_parallel("shared expert", attn_in, 0, runs)
+        add("all-gather", ("tp",), attn_in * db, fwd * runs, "shared expert input, tokens over tp")
+        skipped = runs if lay.remat == "layer" and not m.shared_gate else 0
+        add("reduce-scatter", ("tp",), attn_in * tp * 4, fwd * runs - skipped, "shared expert output partial sums")
+    seq_parallel("expert", loc["experts"] * ep * c * d, fwd * runs, runs)
     add("all-to-all", ("ep",), e * c * d * db, 2 * r * runs, "expert dispatch and combine")
     add("all-reduce", TOKEN_AXES, (2 * e + 2) * 4, (2 if remat else 1) * runs, "router statistics")
     add("collective-permute", ("pp",), attn_in * 4, 2 * sched.ticks, "stage to stage, fp32 residual (fwd and bwd)")
     add("all-reduce", ("pp",), 4 * 4, 1, "router terms from every stage")
     add("all-reduce", MESH_AXES, 4, 1, "loss")
 
-    hk = loc["heads"] * m.head_dim
-    for _ in range(4):
-        add("all-reduce", GRAD_AXES["attention"], l_loc * d * hk * 4, 1, "gradient sum: q, k, v, o")
-    add("all-reduce", GRAD_AXES["replicated"], l_loc * d * e * 4, 1, "gradient sum: router")
-    for _ in range(2):
-        add("all-reduce", GRAD_AXES["replicated"], l_loc * d * 4, 1, "gradient sum: block norms")
-    add("all-reduce", GRAD_AXES["embedding"], d * 4, 1, "gradient sum: final norm")
-    for _ in range(2):
-        add("all-reduce", GRAD_AXES["embedding"], m.vocab * d * 4, 1, "gradient sum: embedding, head")
-    for _ in range(3 if m.ffn == "swiglu" else 2):
-        add("all-reduce", GRAD_AXES["experts"], l_loc * loc["experts"] * d * loc["hidden"] * 4, 1,
-            "gradient sum: expert matrices")  # fmt: skip
+    # Gradient sums: every parameter's gradient is summed over the mesh axes it is replicated over, once per step.
+    for p in param_shards(cfg):
+        over = tuple(a for a in MESH_AXES if a not in p["split"])
+        add("all-reduce", over, p["local"] * 4, 1, f"gradient sum: {p['path']}")
     if step == "train":
-        for split in {tuple(active_axes(a, sizes)) for a in (("pp", "ep", "tp"), ("pp", "tp"), ("pp",))}:
+        for split in {p["split"] for p in param_shards(cfg)}:
             add("all-reduce", split, 4, 1, "gradient norm (its finiteness is the overflow check)")
     return rows
 
@@ -132,13 +173,19 @@ def expected_serving_collectives(cfg: Config, step: str) -> list[dict[str, Any]]
     s = run.seq_len if step == "prefill" else 1
     b = run.batch // (lay.dp * lay.ep * lay.microbatches)
     tokens = b * s
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers)
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.units)
     runs = sched.ticks * sched.layers_per_chunk
     d, e = m.d_model, m.experts
     rows: list[dict[str, Any]] = []
     add = _adder(rows, sizes)
 
-    add("all-reduce", ("tp",), tokens * d * 4, runs, "attention output partial sums, fp32")
+    dense_runs = runs * (m.moe_every - 1) + lay.microbatches * m.dense_layers  # units' dense layers, the first ones
+    add("all-reduce", ("tp",), tokens * d * 4, runs + dense_runs, "attention output partial sums, fp32")
+    if m.qk_norm == "projection":
+        for _ in range(2 if m.n_kv_heads % lay.tp == 0 else 1):
+            add("all-reduce", ("tp",), tokens * 4, runs + dense_runs, "QK-norm statistics over the heads")
+    add("all-reduce", ("tp",), tokens * d * 4, dense_runs + (runs if m.shared_hidden else 0),
+        "dense FFN and shared expert output partial sums, fp32")  # fmt: skip
     add("all-reduce", ("tp",), e * tokens * d * 4, runs, "expert output partial sums, fp32")
     add("all-to-all", ("ep",), e * tokens * d * db, 2 * runs, "expert dispatch and combine (dropless)")
     add("collective-permute", ("pp",), tokens * d * 4, sched.ticks, "stage to stage, fp32 residual")

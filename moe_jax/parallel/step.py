@@ -25,7 +25,15 @@ from jax.sharding import PartitionSpec as P
 from moe_jax.config import Config
 from moe_jax.mesh import layer_storage_order
 from moe_jax.model.layers import compute_dtype
-from moe_jax.model.transformer import Transformer, abstract_model, aux_losses, check_tokens, cross_entropy
+from moe_jax.model.transformer import (
+    Stack,
+    Transformer,
+    abstract_model,
+    aux_losses,
+    check_tokens,
+    cross_entropy,
+    run_prologue,
+)
 from moe_jax.parallel.schedule import Schedule
 from moe_jax.sharding import MESH_AXES, TOKEN_AXES, Axes, active_axes, logical_to_mesh, state_specs
 
@@ -86,7 +94,7 @@ class ShardedModel:
 
     def layer_order(self, inverse: bool = False) -> np.ndarray:
         """Position in the stacked storage -> global layer id; inverse: global layer id -> storage position."""
-        order = np.array(layer_storage_order(self.cfg.model.layers, self.cfg.layout.pp, self.cfg.layout.repeats))
+        order = np.array(layer_storage_order(self.cfg.model.units, self.cfg.layout.pp, self.cfg.layout.repeats))
         return np.argsort(order) if inverse else order
 
     def _permute_layers(self, state, order):
@@ -97,7 +105,7 @@ class ShardedModel:
             return a.at[order].get(out_sharding=jax.typeof(a).sharding)
 
         def permute(path, x):
-            if not any(getattr(k, "key", None) == "blocks" for k in path):
+            if not any(getattr(k, "key", None) in ("blocks", "dense_blocks") for k in path):
                 return x
             if isinstance(x, jax.core.Tracer):
                 return take(x)
@@ -212,7 +220,7 @@ def loss_fn(sm: ShardedModel) -> Callable:
     n_tokens = cfg.run.batch * cfg.run.seq_len
     sizes = sm.sizes
     axes = Axes.sharded(sizes)
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers, lay.remat)
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.units, lay.remat)
     pp, v, mb = lay.pp, lay.repeats, lay.microbatches
     all_tokens = active_axes((*TOKEN_AXES, "pp"), sizes)
     pp_axes = active_axes(("pp",), sizes)
@@ -227,16 +235,18 @@ def loss_fn(sm: ShardedModel) -> Callable:
         assert tokens_local.shape == (mb, b_loc, s_loc), (tokens_local.shape, (mb, b_loc, s_loc))
         params = _to_varying(params, sm.param_specs, sizes)
         model = nnx.merge(sm.graphdef, params, rest, copy=True)
-        blocks_graph, blocks_state = nnx.split(model.blocks)  # this stage's [v x Lc] layers, its chunks in order
+        stack = Stack(model)  # this stage's [v x Lc] units, its chunks in order
         stage = lax.axis_index("pp") if pp_axes else 0
-        x_MBSD = model.embed_tokens(tokens_local)  # every stage embeds (cheap); only stage 0 uses it
-        l_c = m.layers // (pp * v)
+        # Every stage embeds and runs the dense first layers (cheap, replicated over pp); only stage 0 uses them.
+        x_MBSD = model.embed_tokens(tokens_local)
+        if m.dense_layers:
+            x_MBSD = lax.map(lambda x: run_prologue(model, x, axes, dtype, remat_layer), x_MBSD)
+        l_c = m.units // (pp * v)
 
-        # Layer i of the stage's stack is picked inside the (checkpointed) layer, so what a checkpoint saves for the
+        # Unit i of the stage's stack is picked inside the (checkpointed) unit, so what a checkpoint saves for the
         # backward pass is the activation and the index, never a per-tick copy of the stage's weights.
         def layer(x, i):
-            layer_state = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), blocks_state)
-            return nnx.merge(blocks_graph, layer_state)(x, axes, dtype, (1, 1))
+            return stack.unit(x, i, axes, dtype, (1, 1))
 
         if remat_layer == "layer":
             layer = jax.checkpoint(layer)
@@ -290,7 +300,7 @@ def loss_fn(sm: ShardedModel) -> Callable:
         ce_local, _ = lax.scan(microbatch_ce, jnp.zeros((), jnp.float32) * zero_act[0, 0, 0], (out, targets_local))
         ce = psum(jnp.where(last, ce_local, 0.0), all_tokens) / n_tokens
         totals = psum(jnp.stack([acc["lb_loss"], acc["z_loss"], acc["dropped"], acc["routed"]]), pp_axes)
-        lb, z = totals[0] / (m.layers * mb), totals[1] / (m.layers * mb)  # per layer and per microbatch
+        lb, z = totals[0] / (m.moe_layers * mb), totals[1] / (m.moe_layers * mb)  # per MoE layer and microbatch
         aux = aux_losses(m, {"lb_loss": lb, "z_loss": z})
         metrics = {
             "ce": ce,

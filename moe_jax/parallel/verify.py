@@ -15,12 +15,15 @@ from moe_jax.parallel.step import ShardedModel, grad_step, one_device_params, re
 # Written-down tolerances: relative to each leaf's largest element (fp32 about 1e-5; bf16 / fp16 about 1e-2).
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 2e-2}
 
+# First match wins: the shared expert's and the dense layers' w_in / w_out are theirs, not the routed experts'.
 GRAD_GROUPS = {
     "embedding": ("embed",),
     "head": ("head", "final_norm"),
-    "attention": ("wq", "wk", "wv", "wo"),
-    "norms": ("attn_norm", "moe_norm"),
+    "attention": ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "q_norm", "k_norm"),
+    "norms": ("attn_norm", "ffn_norm"),
     "router": ("router",),
+    "shared": ("shared",),
+    "dense": ("mlp",),
     "experts": ("w_in", "w_gate", "w_out"),
 }
 

@@ -1,5 +1,5 @@
 """Prefill and decode on the mesh: one shard_map step that runs S new tokens per sequence through the pipeline,
-reading and writing a KV cache sharded like the model (layers over pp, batch over (dp, ep), heads over tp).
+reading and writing a KV cache sharded like the model (units over pp, batch over (dp, ep), K/V heads over tp).
 
 Serving does not split the sequence over tp (a decode step has one token): tp partial sums are all-reduced
 (`Axes.serving`). Routing is dropless. Microbatches rotate through the stages exactly as in training (the same
@@ -23,15 +23,33 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax.config import Config, ConfigError
 from moe_jax.model.layers import compute_dtype
-from moe_jax.model.transformer import block_cached, check_tokens
+from moe_jax.model.transformer import Stack, block_cached, check_tokens
 from moe_jax.parallel.schedule import Schedule
 from moe_jax.parallel.step import ShardedModel, ring, tick_input
 from moe_jax.sharding import Axes, active_axes, logical_to_mesh
 
 
-def cache_spec(sizes) -> P:
-    """KV cache [L, M, B / M, T_max, H, K]."""
-    return logical_to_mesh(("layers", "microbatch", "batch", None, "heads", "head_dim"), sizes)
+def cache_specs(cfg: Config, sizes) -> dict[str, P]:
+    """KV cache per stack: units [U, M, B / M, T_max, G, K], the units' dense layers [U, n - 1, ...], the dense
+    first layers [k, ...] (every stage, like their weights). G: K/V heads, split over tp; where tp > kv_heads each tp
+    rank caches the one head it reads, so G = tp."""
+    shapes = cache_shapes(cfg, 1)
+    tail = ("microbatch", "batch", None, "kv_heads", "head_dim")
+    lead = {"blocks": ("layers",), "dense_blocks": ("layers", "sublayers"), "prologue": ("prologue",)}
+    return {k: logical_to_mesh((*lead[k], *tail), sizes, shape) for k, shape in shapes.items()}
+
+
+def cache_shapes(cfg: Config, max_len: int) -> dict[str, tuple[int, ...]]:
+    m, lay = cfg.model, cfg.layout
+    mb = lay.microbatches
+    kv = m.n_kv_heads if m.n_kv_heads % lay.tp == 0 else lay.tp
+    tail = (mb, cfg.run.batch // mb, max_len, kv, m.head_dim)
+    shapes = {"blocks": (m.units, *tail)}
+    if m.moe_every > 1:
+        shapes["dense_blocks"] = (m.units, m.moe_every - 1, *tail)
+    if m.dense_layers:
+        shapes["prologue"] = (m.dense_layers, *tail)
+    return shapes
 
 
 def tokens_spec(sizes) -> P:
@@ -52,16 +70,17 @@ class ServeModel:
         return cls(ShardedModel.build(cfg, mesh), max_len)
 
     @property
-    def cache_shape(self) -> tuple[int, ...]:
-        cfg = self.sm.cfg
-        m = cfg.model
-        mb = cfg.layout.microbatches
-        return (m.layers, mb, cfg.run.batch // mb, self.max_len, m.heads, m.head_dim)
+    def cache_shape(self) -> dict[str, tuple[int, ...]]:
+        return cache_shapes(self.sm.cfg, self.max_len)
 
     def init_cache(self):
+        """(k caches, v caches): zeros, each a dict of arrays by stack (see `cache_specs`)."""
         cfg = self.sm.cfg
-        sh = NamedSharding(self.sm.mesh, cache_spec(self.sm.sizes))
-        zeros = jax.jit(lambda: jnp.zeros(self.cache_shape, compute_dtype(cfg.run.dtype)), out_shardings=sh)
+        specs = cache_specs(cfg, self.sm.sizes)
+        shapes = self.cache_shape
+        dtype = compute_dtype(cfg.run.dtype)
+        sh = {k: NamedSharding(self.sm.mesh, specs[k]) for k in shapes}
+        zeros = jax.jit(lambda: {k: jnp.zeros(shape, dtype) for k, shape in shapes.items()}, out_shardings=sh)
         return zeros(), zeros()
 
     def put_tokens(self, tokens_BS) -> jax.Array:
@@ -98,28 +117,59 @@ def _serve_step(srv: ServeModel) -> Callable:
     sizes = sm.sizes
     axes = Axes.serving(sizes)
     pp, v, mb = lay.pp, lay.repeats, lay.microbatches
-    sched = Schedule(pp, mb, v, m.layers)
+    sched = Schedule(pp, mb, v, m.units)
     pp_axes = active_axes(("pp",), sizes)
-    l_c = m.layers // (pp * v)
+    l_c = m.units // (pp * v)
     perm = ring(pp, v)
 
     def body(params, rest, ck, cv, tokens_local, pos):
         # No pcast of the replicated weights here: nothing is differentiated, so they stay invariant and so do
         # the logits (over tp every partial sum is all-reduced).
         model = nnx.merge(sm.graphdef, params, rest, copy=True)
-        graph, blocks_state = nnx.split(model.blocks)
+        stack = Stack(model)
         stage = lax.axis_index("pp") if pp_axes else 0
         x_MBSD = model.embed_tokens(tokens_local)
 
-        def layer(carry, i):
-            x, ck, cv, j, valid = carry
-            blk = nnx.merge(graph, jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False),
-                                                blocks_state))  # fmt: skip
-            k_old, v_old = ck[i, j], cv[i, j]
+        ck, cv = dict(ck), dict(cv)
+
+        def cached(graph, state, layer, mb_j, x, ck_, cv_, valid):
+            """The block at index `layer` of a stack (weights `state`) on microbatch mb_j, with its cache entries."""
+            blk = nnx.merge(graph, jax.tree.map(lambda a: a[layer], state))
+            index = (*layer, mb_j)
+            k_old, v_old = ck_[index], cv_[index]
             y, k_new, v_new = block_cached(blk, x, k_old, v_old, pos, axes, dtype)
-            ck = ck.at[i, j].set(jnp.where(valid, k_new, k_old))
-            cv = cv.at[i, j].set(jnp.where(valid, v_new, v_old))
-            return (y, ck, cv, j, valid), None
+            return (
+                y,
+                ck_.at[index].set(jnp.where(valid, k_new, k_old)),
+                cv_.at[index].set(jnp.where(valid, v_new, v_old)),
+            )
+
+        if m.dense_layers:  # every stage, every microbatch, before the pipeline (as in training)
+            graph, state = nnx.split(model.prologue)
+
+            def prologue(carry, j):
+                x_MBSD, ck_, cv_ = carry
+                x = x_MBSD[j]
+                for i in range(m.dense_layers):
+                    x, ck_, cv_ = cached(graph, state, (i,), j, x, ck_, cv_, True)
+                return (x_MBSD.at[j].set(x), ck_, cv_), None
+
+            (x_MBSD, ck["prologue"], cv["prologue"]), _ = lax.scan(
+                prologue, (x_MBSD, ck["prologue"], cv["prologue"]), jnp.arange(mb)
+            )
+
+        def unit(carry, i):
+            x, ck, cv, j, valid = carry
+            ck, cv = dict(ck), dict(cv)
+            if stack.dense is not None:
+                graph, state = stack.dense
+                for sub in range(m.moe_every - 1):
+                    x, ck["dense_blocks"], cv["dense_blocks"] = cached(
+                        graph, state, (i, sub), j, x, ck["dense_blocks"], cv["dense_blocks"], valid
+                    )
+            graph, state = stack.moe
+            x, ck["blocks"], cv["blocks"] = cached(graph, state, (i,), j, x, ck["blocks"], cv["blocks"], valid)
+            return (x, ck, cv, j, valid), None
 
         zero_act = x_MBSD[0] * 0.0
         if pp_axes:  # activations differ by stage once they pass through a stage's layers
@@ -128,7 +178,7 @@ def _serve_step(srv: ServeModel) -> Callable:
         def tick(carry, t):
             recv, buf, out, ck, cv = carry
             valid, j, r, buf, x_in = tick_input(t, stage, recv, buf, x_MBSD, pp, v, mb)
-            (y, ck, cv, _, _), _ = lax.scan(layer, (x_in, ck, cv, j, valid), r * l_c + jnp.arange(l_c))
+            (y, ck, cv, _, _), _ = lax.scan(unit, (x_in, ck, cv, j, valid), r * l_c + jnp.arange(l_c))
             out = out.at[j].set(jnp.where(valid & (stage == pp - 1) & (r == v - 1), y, out[j]))
             send = lax.ppermute(y, "pp", perm) if pp_axes else y
             return (send, buf, out, ck, cv), None
@@ -141,7 +191,7 @@ def _serve_step(srv: ServeModel) -> Callable:
             logits = lax.psum(jnp.where(stage == pp - 1, logits, 0.0), pp_axes)
         return logits, ck, cv
 
-    cspec = cache_spec(sizes)
+    cspec = cache_specs(cfg, sizes)
     f = jax.shard_map(
         body,
         mesh=sm.mesh,

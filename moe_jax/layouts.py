@@ -12,8 +12,14 @@ CONFIGS = os.path.join(ROOT, "configs")
 
 
 def config_for(layout_name: str) -> str:
-    """seed-* layouts carry the seed's model; cpu8-* layouts the tiny one."""
-    return os.path.join(CONFIGS, "seed.yaml" if layout_name.startswith("seed") else "tiny.yaml")
+    """seed-* layouts carry the seed's model; <preset>-<devices> layouts the preset of configs/models/; cpu8-*
+    layouts the tiny one."""
+    if layout_name.startswith("seed"):
+        return os.path.join(CONFIGS, "seed.yaml")
+    preset = layout_name.rsplit("-", 1)[0]
+    if os.path.isfile(os.path.join(CONFIGS, "models", f"{preset}.yaml")):
+        return os.path.join(CONFIGS, "models", f"{preset}.yaml")
+    return os.path.join(CONFIGS, "tiny.yaml")
 
 
 def committed_layouts() -> list[str]:

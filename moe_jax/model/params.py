@@ -29,6 +29,18 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
+def param_kind(path: str) -> str:
+    """A parameter's kind (the keys of `param_counts`) from its path in the model tree."""
+    parts = path.split("/")
+    if parts[0] in ("embed", "head"):
+        return "embedding" if parts[0] == "embed" else "head"
+    for key, kind in (("attn", "attention"), ("router", "router"), ("shared", "shared"), ("mlp", "dense"),
+                      ("moe", "experts")):  # fmt: skip
+        if key in parts:
+            return kind
+    return "norms"  # attn_norm, ffn_norm, final_norm
+
+
 def total_params(cfg: ModelConfig) -> int:
     return sum(param_counts(cfg).values())
 

@@ -32,7 +32,7 @@ def classify(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]]) -> st
     """The planner's part a temporary buffer at the peak stands for, from what made it and its shape."""
     m, lay = cfg.model, cfg.layout
     loc = local_sizes(cfg)
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers, lay.remat)
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.units, lay.remat)
     dtype, shape = array_dims(buf.shape)
     if buf.opcode == "copy" and any(o.startswith("param") for o in buf.operands) and shape in param_shapes:
         return "head_copy_or_gradient"  # pp > 1: the head's gradient lives in the head's argument buffer
@@ -40,6 +40,9 @@ def classify(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]]) -> st
         return "head_copy_or_gradient"  # pp = 1: no copy; the loss scan's finished head gradient is a temporary
     if shape and shape[0] == sched.ticks and len(shape) > 1:
         return "saved_for_backward"
+    bsd = (loc["batch"], loc["seq"], m.d_model)
+    if sched.ticks == 1 and len(shape) == 4 and shape == (sched.layers_per_chunk, *bsd):
+        return "saved_for_backward"  # one tick (no pipeline, one microbatch): the layer scan's stacked inputs
     if m.vocab in shape and "_take" in buf.op_name:
         return "gradients"  # the embedding's gradient (the transpose of its gather)
     if m.vocab in shape:

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from moe_jax.config import Config
-from moe_jax.model.params import active_params_per_token, param_counts, total_params
-from moe_jax.parallel.comm import DTYPE_BYTES, bytes_by_kind, expected_collectives, local_sizes
+from moe_jax.model.params import active_params_per_token, param_kind, total_params
+from moe_jax.parallel.comm import DTYPE_BYTES, bytes_by_kind, expected_collectives, local_sizes, param_shards
 from moe_jax.parallel.schedule import Schedule
 from moe_jax.plan.hardware import Hardware
 from moe_jax.sharding import MESH_AXES
@@ -25,19 +25,22 @@ GIB = 2**30
 
 
 def local_params(cfg: Config) -> dict[str, int]:
-    """Parameters one device holds, by kind (layers split over pp, experts over ep, heads and expert hidden over tp;
-    embedding, head and final norm on every device)."""
-    lay = cfg.layout
-    c = param_counts(cfg.model)
-    d = cfg.model.d_model
-    return {
-        "experts": c["experts"] // (lay.pp * lay.ep * lay.tp),
-        "attention": c["attention"] // (lay.pp * lay.tp),
-        "router": c["router"] // lay.pp,
-        "norms": (c["norms"] - d) // lay.pp + d,
-        "embedding": c["embedding"],
-        "head": c["head"],
-    }
+    """Parameters one device holds, by kind, from the parameter tree and the rules table (units split over pp,
+    experts over ep, heads, K/V heads where tp divides them and every FFN hidden dimension over tp; the dense first
+    layers, embedding, head and final norm on every stage)."""
+    out = dict.fromkeys(("experts", "attention", "router", "norms", "shared", "dense", "embedding", "head"), 0)
+    for p in param_shards(cfg):
+        out[param_kind(p["path"])] += p["local"]
+    return out
+
+
+def stacked_local_params(cfg: Config) -> int:
+    """The stage's stacked units (`blocks`, `dense_blocks`): what its layer scan reads and differentiates."""
+    return sum(p["local"] for p in param_shards(cfg) if p["path"].split("/")[0] in ("blocks", "dense_blocks"))
+
+
+def prologue_local_params(cfg: Config) -> int:
+    return sum(p["local"] for p in param_shards(cfg) if p["path"].startswith("prologue/"))
 
 
 def compiled_dtype_bytes(dtype: str, backend: str) -> int:
@@ -61,16 +64,62 @@ def layer_residuals(cfg: Config, backend: str = "accelerator") -> dict[str, int]
     mats = 3 if m.ffn == "swiglu" else 2
     hidden_copies = 6 if m.ffn == "gelu" else 7  # the hidden and the activation's intermediates (gelu: measured)
     single_block = big_s <= 512 or big_s % 512
-    return {
-        "expert_rows": e_loc * rows * (d + hidden_copies * f_loc) * db,  # the gathered input, the hidden's terms
+    g_loc = kv_heads_computed(cfg)
+    attn_weights = (2 * h_loc + 2 * g_loc) * d * hd
+    shared_loc, dense_loc = m.shared_hidden // lay.tp, m.dense_hidden // lay.tp
+    attention_part = {
         "residual_stream": 5 * t * d * 4,  # fp32: the block's input, the norms' inputs and outputs
-        "weights_in_compute_dtype": (mats * e_loc * d * f_loc + 4 * d * h_loc * hd) * db,
-        "q_k_v_o": 4 * b * big_s * h_loc * hd * db,
+        "q_k_v_o": (2 * h_loc + 2 * g_loc) * b * big_s * hd * db,
         "gathered_sequence": b * big_s * d * db,
-        "combine": t * m.top_k * d * db,
-        "router": 2 * t * m.experts * 4 + d * m.experts * 4,
         "scores": b * h_loc * big_s * big_s * (4 + db) if single_block else 0,
     }
+    # A unit's dense layers (moe_every - 1 of them), each as `dense_layer_residuals`.
+    dense = (m.moe_every - 1) * dense_layer_residuals(cfg, backend)
+    return {
+        "expert_rows": e_loc * rows * (d + hidden_copies * f_loc) * db,  # the gathered input, the hidden's terms
+        **attention_part,
+        "weights_in_compute_dtype": (mats * e_loc * d * f_loc + attn_weights + mats * d * shared_loc) * db,
+        "combine": t * m.top_k * d * db,
+        "router": 2 * t * m.experts * 4 + d * m.experts * 4,
+        "shared_expert": b * big_s * hidden_copies * shared_loc * db,
+        "dense_layers_of_the_unit": dense,
+    }
+
+
+def dense_layer_residuals(cfg: Config, backend: str = "accelerator") -> int:
+    """One dense layer's residuals when it is not rematerialised: attention's (as a MoE layer's) and a dense FFN's
+    on the gathered sequence (its input, the hidden's terms, its weights in the compute dtype)."""
+    m, lay, run = cfg.model, cfg.layout, cfg.run
+    loc = local_sizes(cfg)
+    db = compiled_dtype_bytes(run.dtype, backend)
+    b, s, big_s, d, hd = loc["batch"], loc["seq"], run.seq_len, m.d_model, m.head_dim
+    h_loc, g_loc, f_loc = loc["heads"], kv_heads_computed(cfg), m.dense_hidden // lay.tp
+    mats = 3 if m.ffn == "swiglu" else 2
+    hidden_copies = 6 if m.ffn == "gelu" else 7
+    single_block = big_s <= 512 or big_s % 512
+    attention = (
+        5 * b * s * d * 4 + (2 * h_loc + 2 * g_loc) * b * big_s * hd * db + b * big_s * d * db
+        + (b * h_loc * big_s * big_s * (4 + db) if single_block else 0)
+    )  # fmt: skip
+    ffn = b * big_s * (d + hidden_copies * f_loc) * db
+    weights = ((2 * h_loc + 2 * g_loc) * d * hd + mats * d * f_loc) * db
+    return attention + ffn + weights
+
+
+def stage_cached_layers(cfg: Config) -> int:
+    """Layers whose KV cache one stage holds: its units' layers, and the dense first layers (every stage)."""
+    m, lay = cfg.model, cfg.layout
+    return m.units // lay.pp * m.moe_every + m.dense_layers
+
+
+def kv_heads_computed(cfg: Config) -> int:
+    """K/V heads one device projects: kv_heads / tp when tp divides them; else one (all of them where QK-norm spans
+    the projection)."""
+    m, tp = cfg.model, cfg.layout.tp
+    kv = m.n_kv_heads
+    if kv % tp == 0:
+        return kv // tp
+    return kv if m.qk_norm == "projection" else 1
 
 
 def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> dict[str, Any]:
@@ -84,19 +133,26 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
     m, lay, run = cfg.model, cfg.layout, cfg.run
     loc = local_sizes(cfg)
     p_loc = sum(local_params(cfg).values())
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers, lay.remat)
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.units, lay.remat)
     runs = sched.ticks * sched.layers_per_chunk
     bsd = loc["batch"] * loc["seq"] * m.d_model * 4  # one microbatch's fp32 residual stream on one device
     res = sum(layer_residuals(cfg, backend).values())
     saved = {"layer": runs * bsd, "tick": sched.ticks * bsd, "none": runs * res}[lay.remat]
-    lp = local_params(cfg)
-    p_layers = lp["experts"] + lp["attention"] + lp["router"] + lp["norms"] - m.d_model  # the stage's stacked layers
+    # The dense first layers, every microbatch on every stage: a checkpointed layer's input each, or (not
+    # rematerialised) each layer's residuals, taken as a dense unit layer's.
+    first = lay.microbatches * m.dense_layers
+    if first:
+        saved += first * (bsd if lay.remat == "layer" else dense_layer_residuals(cfg, backend))
+    p_layers = stacked_local_params(cfg)  # the stage's stacked units
     head = m.d_model * m.vocab
 
     # Phase 1, the loss head (its backward, one microbatch at a time): one microbatch's fp32 logits, their log-softmax
     # and their gradient, the head in the compute dtype (fp32 on CPU, which upcasts fp16 dots) and the head's
     # gradient being made (counted here, not under gradients).
-    head_ws = 3 * loc["batch"] * loc["seq"] * m.vocab * 4 + 2 * 4 * head
+    # With one microbatch the loss scan is a single trip and XLA keeps two logits-sized buffers, not three
+    # (measured: OLMoE-1B-7B on 64 devices, capacity factor 0.25, where the head's backward is the peak).
+    logit_copies = 2 if lay.microbatches == 1 else 3
+    head_ws = logit_copies * loc["batch"] * loc["seq"] * m.vocab * 4 + 2 * 4 * head
     head_grads = 4 * p_loc - 4 * head
     # Phase 2, a layer's backward: what the layers being differentiated keep (the tick's chunk of L / (pp v) layers
     # when it is recomputed whole or was never rematerialised; remat 'layer' recomputes one layer and frees as it
@@ -106,15 +162,24 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
     rows = lay.tp * lay.ep * loc["capacity"]
     e_loc, f_loc, d = loc["experts"], loc["hidden"], m.d_model
     db = compiled_dtype_bytes(run.dtype, backend)
-    expert_bwd = e_loc * rows * (2 * f_loc + 2 * d) * 4 + 2 * e_loc * d * f_loc * 4
+    # SwiGLU's backward keeps one more fp32 [E, rows, d] buffer than GELU's (its two input matrices' gradients).
+    d_rows = 3 if m.ffn == "swiglu" else 2
+    expert_bwd = e_loc * rows * (2 * f_loc + d_rows * d) * 4 + 2 * e_loc * d * f_loc * 4
     if lay.remat == "layer":  # one more fp32 row buffer; with one local expert (2-D buffers, fused differently) XLA
         # also keeps the recomputed activation's tanh in the compute dtype
         expert_bwd += e_loc * rows * (d * 4 + (f_loc * db if e_loc == 1 else 0))
     blk = min(512, run.seq_len) if run.seq_len % 512 == 0 else run.seq_len
     attn_bwd = loc["batch"] * loc["heads"] * run.seq_len * (4 * blk * 4 + (run.seq_len if blk < run.seq_len else 0))
-    base = {"layer": 0, "tick": sched.layers_per_chunk * res, "none": sched.layers_per_chunk * res}[lay.remat]
+    # Under remat 'layer' the recomputed layer's own residuals other than the expert rows (the residual stream, q, k,
+    # v, o, the gathered sequence, the shared expert's hidden) stay alive through its backward, beside the expert FFN's.
+    lr = layer_residuals(cfg, backend)
+    recomputed = sum(lr[k] for k in ("residual_stream", "q_k_v_o", "gathered_sequence", "shared_expert"))
+    base = {"layer": recomputed, "tick": sched.layers_per_chunk * res, "none": sched.layers_per_chunk * res}[lay.remat]
     layer_ws = base + max(expert_bwd, attn_bwd)
-    layer_grads = 4 * p_loc + 4 * p_layers - 4 * head
+    # One tick (no pipeline, one microbatch): XLA drops the one-trip tick loop, and with it the second copy of the
+    # stacked gradients and the pipeline's buffers.
+    one_tick = sched.ticks == 1
+    layer_grads = 4 * p_loc + (0 if one_tick else 4 * p_layers) - 4 * head
     head_peak = head_ws + head_grads >= layer_ws + layer_grads
     out: dict[str, Any] = {
         "parameters": 4 * p_loc,
@@ -127,7 +192,7 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
         "gradients": head_grads if head_peak else layer_grads,
         "saved_for_backward": saved,
         # the last stage's outputs [M, b, s, d], their gradient and the stage input (fp32); circular: the wrap-around
-        "pipeline_buffers": (3 + (2 if lay.repeats > 1 else 0)) * lay.microbatches * bsd,
+        "pipeline_buffers": 0 if one_tick else (3 + (2 if lay.repeats > 1 else 0)) * lay.microbatches * bsd,
         "logits": head_ws if head_peak else 0,
         "layer_working_set": 0 if head_peak else layer_ws,
     }
@@ -143,27 +208,45 @@ def flops(cfg: Config) -> dict[str, float]:
     the routed tokens' expert work, the causal half of attention)."""
     m, lay, run = cfg.model, cfg.layout, cfg.run
     loc = local_sizes(cfg)
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers, lay.remat)
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.units, lay.remat)
     rows = loc["batch"] * run.seq_len  # after the tp all-gather
-    hk = loc["heads"] * m.head_dim
+    hk, gk = loc["heads"] * m.head_dim, kv_heads_computed(cfg) * m.head_dim
     mats = 3 if m.ffn == "swiglu" else 2
     t, d = loc["tokens"], m.d_model
-    proj = 2 * rows * d * hk * 4  # q, k, v, o
+    proj = 2 * rows * d * (2 * hk + 2 * gk)  # q and o over the local heads, k and v over the K/V heads computed
     scores = 4 * loc["batch"] * loc["heads"] * run.seq_len * run.seq_len * m.head_dim  # scores, weighted values
     router = 2 * t * d * m.experts
     experts = 2 * mats * loc["experts"] * lay.tp * lay.ep * loc["capacity"] * d * loc["hidden"]  # every buffer row
     combine = 2 * t * m.top_k * d  # the gate-weighted sum of each token's expert outputs
+    shared = 2 * mats * rows * d * (m.shared_hidden // lay.tp) + (2 * t * d if m.shared_gate else 0)
+    dense_ffn = 2 * mats * rows * d * (m.dense_hidden // lay.tp)
     passes = 4 if lay.remat != "none" else 3  # forward, backward (2x), and the recomputed forward
     # Blockwise attention checkpoints each query block: its backward recomputes the block's q k^T once more (the
     # weighted values are not needed there).
     blockwise = run.seq_len > 512 and run.seq_len % 512 == 0
-    per_run = passes * (proj + scores + router + experts + combine) + (scores // 2 if blockwise else 0)
+    attention = passes * (proj + scores) + (scores // 2 if blockwise else 0)
+    dense_layer = attention + passes * dense_ffn
+    # A unit: its MoE layer and its moe_every - 1 dense layers.
+    per_run = attention + passes * (router + experts + combine + shared) + (m.moe_every - 1) * dense_layer
+    # The dense first layers: every microbatch on every stage, rematerialised only under remat 'layer'.
+    first_passes = 4 if lay.remat == "layer" else 3
+    first = lay.microbatches * m.dense_layers * (
+        first_passes * (proj + scores + dense_ffn) + (scores // 2 if blockwise else 0)
+    )  # fmt: skip
     runs = sched.ticks * sched.layers_per_chunk
     head = 2 * t * d * m.vocab * lay.microbatches * 4  # per microbatch, checkpointed: forward twice, backward
-    total = per_run * runs + head
-    scheduled = per_run * sched.useful_ticks * sched.layers_per_chunk + head
-    useful_layer = proj + scores / 2 + router + 2 * mats * m.top_k * t * d * loc["hidden"] * lay.tp
-    useful = 3 * useful_layer * sched.useful_ticks * sched.layers_per_chunk + 3 * 2 * t * d * m.vocab * lay.microbatches
+    total = per_run * runs + head + first
+    scheduled = per_run * sched.useful_ticks * sched.layers_per_chunk + head + first
+    useful_unit = (
+        proj + scores / 2 + router + 2 * mats * m.top_k * t * d * loc["hidden"] * lay.tp + shared
+        + (m.moe_every - 1) * (proj + scores / 2 + dense_ffn)
+    )  # fmt: skip
+    # Useful work counts the dense first layers once per token (on stage 0), not on every stage.
+    useful_first = lay.microbatches * m.dense_layers * (proj + scores / 2 + dense_ffn) / lay.pp
+    useful = (
+        3 * useful_unit * sched.useful_ticks * sched.layers_per_chunk + 3 * useful_first
+        + 3 * 2 * t * d * m.vocab * lay.microbatches
+    )  # fmt: skip
     return {"total": float(total), "scheduled": float(scheduled), "useful": float(useful)}
 
 
@@ -257,12 +340,12 @@ def serve_memory(cfg: Config, step: str) -> dict[str, int]:
     m, lay, run = cfg.model, cfg.layout, cfg.run
     db = DTYPE_BYTES[run.dtype]
     lp = local_params(cfg)
-    p_layers = lp["experts"] + lp["attention"] + lp["router"] + lp["norms"] - m.d_model
+    p_layers = stacked_local_params(cfg) + prologue_local_params(cfg)
     b_loc = run.batch // (lay.dp * lay.ep)
     bm = b_loc // lay.microbatches
-    h_loc = m.heads // lay.tp
-    cache = 2 * (m.layers // lay.pp) * b_loc * run.seq_len * h_loc * m.head_dim * db
-    slice_ = bm * run.seq_len * h_loc * m.head_dim  # one layer's cache for one microbatch
+    g_cache = m.n_kv_heads // lay.tp if m.n_kv_heads % lay.tp == 0 else 1  # the K/V heads a device caches
+    cache = 2 * stage_cached_layers(cfg) * b_loc * run.seq_len * g_cache * m.head_dim * db
+    slice_ = bm * run.seq_len * g_cache * m.head_dim  # one layer's cache for one microbatch
     out = {
         "parameters": 4 * sum(lp.values()),
         "kv_cache": cache,
@@ -286,23 +369,30 @@ def serve_plan(cfg: Config, hw: Hardware, step: str = "decode") -> dict[str, Any
     """Prefill or one decode step: memory, time (the larger of compute and memory traffic, plus communication)."""
     m, lay, run = cfg.model, cfg.layout, cfg.run
     db = DTYPE_BYTES[run.dtype]
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.layers)
-    runs = sched.ticks * sched.layers_per_chunk
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.units)
+    runs = sched.ticks * sched.layers_per_chunk  # unit runs
+    layer_runs = runs * m.moe_every + lay.microbatches * m.dense_layers  # every layer run, the first ones included
     s = run.seq_len if step == "prefill" else 1
     bm = run.batch // (lay.dp * lay.ep * lay.microbatches)
     tokens = bm * s  # per device and tick
-    lp = local_params(cfg)
-    p_layers = lp["experts"] + lp["attention"] + lp["router"] + lp["norms"] - m.d_model
+    p_layers = stacked_local_params(cfg)
     mem = serve_memory(cfg, step)
-    # Traffic: every tick reads the stage's fp32 weights for its chunk; every layer run reads its cache slice.
+    # Traffic: every tick reads the stage's fp32 weights for its chunk, each microbatch the dense first layers'; every
+    # layer run reads its cache slice.
     chunk_weights = 4 * p_layers // lay.repeats
-    cache_per_run = 2 * bm * run.seq_len * (m.heads // lay.tp) * m.head_dim * db
-    traffic = sched.ticks * chunk_weights + runs * cache_per_run + 4 * m.d_model * m.vocab * lay.microbatches
-    hk = (m.heads // lay.tp) * m.head_dim
+    g_cache = m.n_kv_heads // lay.tp if m.n_kv_heads % lay.tp == 0 else 1
+    cache_per_run = 2 * bm * run.seq_len * g_cache * m.head_dim * db
+    traffic = (
+        sched.ticks * chunk_weights + lay.microbatches * 4 * prologue_local_params(cfg) + layer_runs * cache_per_run
+        + 4 * m.d_model * m.vocab * lay.microbatches
+    )  # fmt: skip
+    hk, gk = (m.heads // lay.tp) * m.head_dim, kv_heads_computed(cfg) * m.head_dim
     f_loc = m.expert_hidden // lay.tp
     mats = 3 if m.ffn == "swiglu" else 2
-    flops = runs * (2 * tokens * m.d_model * hk * 4 + 4 * bm * (m.heads // lay.tp) * s * run.seq_len * m.head_dim
-                    + 2 * mats * m.top_k * tokens * m.d_model * f_loc)  # fmt: skip
+    attention = 2 * tokens * m.d_model * (2 * hk + 2 * gk) + 4 * bm * (m.heads // lay.tp) * s * run.seq_len * m.head_dim
+    ffn_dense = 2 * mats * tokens * m.d_model * (m.dense_hidden // lay.tp)
+    ffn_moe = 2 * mats * tokens * m.d_model * (m.top_k * f_loc + m.shared_hidden // lay.tp)
+    flops = layer_runs * attention + runs * ffn_moe + (layer_runs - runs) * ffn_dense
     flops += 2 * bm * lay.microbatches * m.d_model * m.vocab
     rows = collectives(cfg, hw, step, latency=True)  # the serving audit's expected set (parallel/comm.py)
     compute = flops / (hw.peak_flops * hw.mfu)

@@ -48,8 +48,12 @@ def layout_counts(cfg: Config) -> list[int]:
     """Every device count that has a layout under the rules `candidates` applies (from divisors alone: cheap)."""
     m, run = cfg.model, cfg.run
     counts = set()
-    for pp in _divisors(m.layers):
-        for tp in _divisors(math.gcd(m.heads, m.expert_hidden, run.seq_len)):
+    widths = [w for w in (m.shared_hidden, m.dense_hidden) if w]
+    kv = m.n_kv_heads
+    for pp in _divisors(m.units):
+        for tp in _divisors(math.gcd(m.heads, m.expert_hidden, run.seq_len, *widths)):
+            if kv % tp and tp % kv:
+                continue
             for ep in _divisors(m.experts):
                 for shards in _divisors(run.batch):  # dp x ep
                     if shards % ep == 0 and (pp == 1 or run.batch // shards >= pp):
@@ -61,8 +65,9 @@ def no_layout_reason(cfg: Config, devices: int) -> str:
     """One line: why no layout of `devices` exists, and the nearest device counts that have one."""
     m, run = cfg.model, cfg.run
     rules = (
-        f"pp must divide model.layers={m.layers}, tp must divide model.heads={m.heads}, model.expert_hidden="
-        f"{m.expert_hidden} and run.seq_len={run.seq_len}, ep must divide model.experts={m.experts}, and dp x ep must "
+        f"pp must divide the pipelined units={m.units}, tp must divide model.heads={m.heads}, model.expert_hidden="
+        f"{m.expert_hidden}, every FFN width and run.seq_len={run.seq_len} and divide or be a multiple of "
+        f"model.kv_heads={m.n_kv_heads}, ep must divide model.experts={m.experts}, and dp x ep must "
         f"divide run.batch={run.batch} (with at least pp microbatches)"
     )
     counts = layout_counts(cfg)

@@ -66,7 +66,7 @@ def layer_residuals(cfg: Config, backend: str = "accelerator") -> dict[str, int]
     single_block = big_s <= 512 or big_s % 512
     g_loc = kv_heads_computed(cfg)
     attn_weights = (2 * h_loc + 2 * g_loc) * d * hd
-    shared_loc, dense_loc = m.shared_hidden // lay.tp, m.dense_hidden // lay.tp
+    shared_loc = m.shared_hidden // lay.tp
     attention_part = {
         "residual_stream": 5 * t * d * 4,  # fp32: the block's input, the norms' inputs and outputs
         "q_k_v_o": (2 * h_loc + 2 * g_loc) * b * big_s * hd * db,

@@ -372,8 +372,12 @@ def cmd_plan(args) -> int:
         f"plan: {lay.name or 'layout'} (pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp {lay.tp}, m {lay.microbatches}, "
         f"v {lay.repeats}, remat {lay.remat}) on {hw.name}: {hw.notes}"
     )
-    console.print(f"parameters: {p['params']['total']:,} total (the seed claims 30B: {escape(param_formula(cfg.model))}),"
-                  f" {p['params']['active_per_token']:,} active per token, {p['params']['per_device']:,} per device")  # fmt: skip
+    claim = "the seed claims 30B: " if cfg.model == load_config(None, None).model else ""
+    active = p["params"]["active_per_token"]
+    console.print(f"parameters: {p['params']['total']:,} total ({claim}{escape(param_formula(cfg.model))}), {active:,} "
+                  f"active per token (embedding and head counted), {p['params']['per_device']:,} per device; per token "
+                  f"from the active ones: {2 * active / 1e9:.1f} GFLOP forward, {6 * active / 1e9:.1f} GFLOP to train "
+                  "(attention scores not included)")  # fmt: skip
     parts = ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in mem.items() if k not in ("total", "peak_phase") and v)
     console.print(f"memory per device at the peak ({mem['peak_phase']}): {parts}; [bold]total {mem['total'] / 1e9:.2f} "
                   f"GB[/bold] of {hw.hbm_bytes / 1e9:.0f} GB (docs/planner.md; `--check` compiles it and compares)")  # fmt: skip

@@ -1,6 +1,8 @@
-"""Compile time of the seed's full train step (AdamW included) on fake CPU devices, compile-only, nothing allocated.
+"""Compile time of a full train step (AdamW included) on fake CPU devices, compile-only, nothing allocated: the seed's
+layouts, or the model families' presets on theirs (meshes/<preset>-64.yaml).
 
     python scripts/bench_compile.py [--layouts seed-128,seed-512] [--reps 3] [--json PATH]
+    python scripts/bench_compile.py --layouts mixtral-8x7b-64,qwen3-30b-a3b-64,olmoe-1b-7b-64,qwen1.5-moe-a2.7b-64
 
 Each measurement runs in a fresh process (the device count is fixed per process); medians of --reps.
 """
@@ -24,8 +26,6 @@ report, _, _ = compile_report(cfg, make_mesh(cfg.layout))
 print(json.dumps({{k: report[k] for k in ("lower_seconds", "compile_seconds", "memory_per_device_bytes", "audit_ok")}}))
 """
 
-DEVICES = {"seed-128": 128, "seed-512": 512, "seed-32": 32}
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,8 +34,10 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     out = {"cores": os.cpu_count()}
+    from moe_jax.layouts import load_pair
+
     for name in args.layouts.split(","):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(DEVICES[name]))
+        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(load_pair(name).layout.devices))
         runs = []
         for _ in range(args.reps):
             proc = subprocess.run([sys.executable, "-c", CODE.format(name=name)], env=env, capture_output=True,

@@ -1,6 +1,6 @@
 """The suite's full-size, compile-only checks for one fake device count, run in ONE process per count by
 tests/test_full_size.py: JAX starts its devices once and every program compiles once, then the test reads the JSON
-this prints. Usage: python tests/compile_checks.py N (N = 32, 128 or 512; JAX_NUM_CPU_DEVICES=N)."""
+this prints. Usage: python tests/compile_checks.py N (N = 32, 64, 128 or 512; JAX_NUM_CPU_DEVICES=N)."""
 
 import copy
 import json
@@ -115,8 +115,24 @@ def grad_audit(layout: str, overrides: list[str]) -> dict:
             "in_table": in_table, "capacity": capacity(cfg.model, tokens)}  # fmt: skip
 
 
+def preset(name: str) -> dict:
+    """A model family's preset on its layout of meshes/: every parameter's shards against the assignment, and the
+    train step compiled and compared with the plan (`moe-jax plan --check`'s comparison, 5%)."""
+    from moe_jax.plan.check import compare, compiled_figures
+
+    cfg = load_pair(name)
+    mesh = make_mesh(cfg.layout)
+    names, shapes = param_table(cfg)
+    checked = check_placement(cfg, mesh, names, shapes)
+    result = compare(cfg, compiled_figures(cfg, mesh), 0.05)
+    return dict(result, checked=checked, parameters=len(names))
+
+
+PRESETS = ("mixtral-8x7b-64", "qwen3-30b-a3b-64", "olmoe-1b-7b-64", "qwen1.5-moe-a2.7b-64")
+
 CHECKS = {
     32: {"audit_seed32": lambda: grad_audit("meshes/seed-32.yaml", [])},
+    64: {name: (lambda name=name: preset(name)) for name in PRESETS},
     128: {
         "placement_seed128": lambda: placement("seed-128"),
         "plan_seed128_v4": lambda: planned_vs_compiled("seed-128", 2048, extra=["layout.repeats=4"]),

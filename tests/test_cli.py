@@ -177,3 +177,27 @@ def test_the_demo_and_every_command_it_and_the_readme_print_run_as_printed(tmp_p
     gib = re.search(r"total \(argument \+ output \+ temp - alias\) ([\d.]+) GiB", compiled).group(1)
     assert f"{float(gib):.2f} GiB per device" in readme  # the figure the README states
     assert (user_dir / "docs/seed-audit.md").read_text() == open(os.path.join(ROOT, "docs/seed-audit.md")).read()
+
+
+def test_the_readme_family_commands(cli):
+    """The README's three Mixtral commands: the plan prints the published counts and the figure the README states;
+    the tiny Mixtral verifies against one device (in this process's 8 devices). The middle one, `plan --check` of
+    the preset on its 64 devices, is test_full_size.py's test_presets_on_64_fake_devices (the same config and
+    layout, compiled once there)."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = text.split("<!-- family commands checked by tests/test_cli.py -->", 1)[1].split("```bash\n", 1)[1]
+    lines = [line for line in block.split("```")[0].splitlines() if line.strip()]
+    plan, check, verify = (shlex.split(line.split("#")[0]) for line in lines)
+    out = cli(*plan[1:])
+    assert out.returncode == 0, out.stderr
+    assert "46,702,792,704 total" in out.stdout and "12,879,925,248 active per token" in out.stdout
+    gb = re.search(r"total ([\d.]+) GB", out.stdout).group(1)
+    assert f"{gb} GB/device" in lines[0]  # the figure the README states
+    assert check[1:] == ["plan", "--config", "configs/models/mixtral-8x7b.yaml", "--check"]
+    from moe_jax.layouts import config_for, load_pair
+
+    assert config_for("mixtral-8x7b-64").endswith(check[3])  # the preset test_full_size compiles on its layout
+    pair = load_pair("mixtral-8x7b-64").layout
+    assert load_config(check[3]).layout.shape == pair.shape and load_config(check[3]).layout.repeats == pair.repeats
+    out = cli(*verify[1:])
+    assert out.returncode == 0, out.stdout + out.stderr

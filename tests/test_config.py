@@ -54,6 +54,41 @@ BAD_OVERRIDES = [
     (["model.capacity_factor=0"], "model.capacity_factor=0.0", "must be > 0 in capacity mode"),
     (["model.top_k=two"], "model.top_k='two'", "expected an integer"),
     (["top_k"], "override 'top_k'", "section.key=value"),
+    # The families' options (issue 14): each names the field, the value and what would be valid.
+    (["model.kv_heads=3"], "model.kv_heads=3", "must divide model.heads=16; valid: 1, 2, 4, 8, 16"),
+    (
+        ["model.heads=12", "model.kv_heads=6", "layout.tp=4", "model.head_dim=64"],
+        "layout.tp=4",
+        "must divide model.kv_heads=6 (K/V heads split) or be a multiple of it (K/V heads replicated); valid: 1, 2, 3, 6, 12",
+    ),
+    (["model.expert_groups=5"], "model.expert_groups=5", "must divide model.experts=64; valid: 1, 2, 4, 8, 16, 32, 64"),
+    (["model.expert_groups=8", "model.group_top_k=9"], "model.group_top_k=9", "must be in 1..model.expert_groups=8"),
+    (
+        ["model.expert_groups=8", "model.group_top_k=1", "model.top_k=9"],
+        "model.top_k=9",
+        "group_top_k x experts per group = 1 x 8 = 8",
+    ),
+    (["model.dense_layers=16", "model.dense_hidden=64"], "model.dense_layers=16", "must be < model.layers=16"),
+    (
+        ["model.moe_every=3", "model.dense_hidden=64"],
+        "model.moe_every=3",
+        "must divide model.layers - model.dense_layers = 16 - 0 = 16",
+    ),
+    (["model.dense_layers=1"], "model.dense_hidden=0", "must be > 0: the model has dense layers"),
+    (
+        ["model.dense_layers=2", "model.dense_hidden=64", "layout.pp=4"],
+        "layout.pp=4",
+        "must divide the pipelined units=14 (model.layers=16 less model.dense_layers=2, in units of model.moe_every=1",
+    ),
+    (
+        ["model.moe_every=2", "model.dense_hidden=64", "layout.pp=4", "layout.repeats=4"],
+        "layout.pp=4",
+        "a stage would hold a different layer pattern; valid pp x repeats: 1, 2, 4, 8",
+    ),
+    (["model.shared_gate=true"], "model.shared_gate=True", "needs a shared expert"),
+    (["model.shared_hidden=100", "layout.tp=8"], "layout.tp=8", "must divide model.shared_hidden=100"),
+    (["model.router_score=relu"], "model.router_score='relu'", "valid: softmax, sigmoid"),
+    (["model.qk_norm=layer"], "model.qk_norm='layer'", "valid: none, head, projection"),
 ]
 
 

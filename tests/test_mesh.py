@@ -78,7 +78,7 @@ def test_cpu8_layout_matches_jax_placement_and_mesh_groups(name):
         lambda d: d.update(experts=[e + 1 for e in d["experts"]]),
         lambda d: d.update(heads=d["heads"][:-1]),
         lambda d: d.update(expert_hidden=[0, d["expert_hidden"][1] + 1]),
-        lambda d: d.update(layers=[x + 2 for x in d["layers"]]),
+        lambda d: d.update(units=[x + 2 for x in d["units"]]),
     ],
 )
 def test_placement_check_fails_on_a_single_wrong_row(corrupt):

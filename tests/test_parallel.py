@@ -38,14 +38,16 @@ def run_verify(cfg):
     return result
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+# ep4-tp2 and dp2-ep2-tp2 are checked for every model family in tests/test_families.py (four models, the same code
+# path with more options); the seed's tiny model keeps the other six.
+@pytest.mark.parametrize("name", [n for n in LAYOUTS if n not in ("ep4-tp2", "dp2-ep2-tp2")])
 def test_dropless_fp32_equals_one_device(name):
     result = run_verify(tiny(*LAYOUTS[name], "model.dispatch=dropless", "run.dtype=fp32"))
     assert result["tolerance"] == 1e-5
     assert {"grad/experts", "grad/attention", "grad/router", "grad_norm", "lb_loss", "z_loss"} <= set(result["errors"])
 
 
-@pytest.mark.parametrize("name", ["ep4-tp2", "dp2-ep2-tp2", "ep2-tp4"])
+@pytest.mark.parametrize("name", ["ep2-tp4"])  # bf16 on ep4-tp2 and pp2-ep2-tp2: tests/test_families.py
 def test_dropless_bf16_equals_one_device(name):
     assert run_verify(tiny(*LAYOUTS[name], "model.dispatch=dropless", "run.dtype=bf16"))["tolerance"] == 2e-2
 

@@ -68,15 +68,23 @@ def compare(sharded, reference) -> dict[str, float]:
     return errors
 
 
-def verify(cfg: Config, mesh, seed: int = 0, perturb: Callable | None = None) -> dict[str, Any]:
-    """Runs the step both ways on the same weights and batch. `perturb` (for tests) edits the sharded gradients."""
+def verify(cfg: Config, mesh, seed: int = 0, perturb: Callable | None = None, programs: bool = False) -> dict[str, Any]:
+    """Runs the step both ways on the same weights and batch. `perturb` (for tests) edits the sharded gradients.
+    `programs`: the sharded step is lowered and compiled explicitly and returned as result["programs"] = (lowered,
+    compiled), so a caller can audit the very program that was checked without compiling it again."""
     sm = ShardedModel.build(cfg, mesh)
     # One set of weights for both runs: made on one device (the reference needs them whole anyway), then sharded.
     host_params, host_rest = one_device_params(cfg, seed)
     params, rest = sm.put(host_params, host_rest)
     tokens, targets = synthetic_batch(cfg, seed)
     with jax.set_mesh(mesh):
-        sharded = grad_step(sm)(params, rest, *sm.put_batch(tokens, targets))
+        args = (params, rest, *sm.put_batch(tokens, targets))
+        if programs:
+            lowered = grad_step(sm).lower(*args)
+            compiled = lowered.compile()
+            sharded = compiled(*args)
+        else:
+            sharded = grad_step(sm)(*args)
     (loss, met), grads = to_host(sharded)
     met["tokens_per_expert"] = met["tokens_per_expert"][sm.layer_order(inverse=True)]
     sharded = ((loss, met), sm.to_global(grads))
@@ -85,7 +93,7 @@ def verify(cfg: Config, mesh, seed: int = 0, perturb: Callable | None = None) ->
     reference = to_host(reference_grad_step(cfg, sm.graphdef)(host_params, host_rest, tokens, targets))
     errors = compare(sharded, reference)
     tol = TOLERANCE[cfg.run.dtype]
-    return {
+    out = {
         "tolerance": tol,
         "dtype": cfg.run.dtype,
         "loss": float(sharded[0][0]),
@@ -96,3 +104,6 @@ def verify(cfg: Config, mesh, seed: int = 0, perturb: Callable | None = None) ->
         "failed": sorted(k for k, v in errors.items() if not v <= tol),
         "ok": all(v <= tol for v in errors.values()),
     }
+    if programs:
+        out["programs"] = (lowered, compiled)
+    return out

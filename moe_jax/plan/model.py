@@ -315,6 +315,12 @@ def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
             "total": total_params(cfg.model),
             "active_per_token": active_params_per_token(cfg.model),
             "per_device": sum(local_params(cfg).values()),
+            "by_kind_per_device": local_params(cfg),
+        },
+        # From the active parameters alone (2 per multiply-add; training: forward and backward, 3 passes).
+        "flops_per_token": {
+            "forward": 2 * active_params_per_token(cfg.model),
+            "train": 6 * active_params_per_token(cfg.model),
         },
         "memory_per_device_bytes": mem,
         "fits": mem["total"] <= hw.hbm_bytes,

@@ -64,8 +64,9 @@ def layout_counts(cfg: Config) -> list[int]:
 def no_layout_reason(cfg: Config, devices: int) -> str:
     """One line: why no layout of `devices` exists, and the nearest device counts that have one."""
     m, run = cfg.model, cfg.run
+    pipelined = f"model.layers={m.layers}" if m.units == m.layers else f"the pipelined units={m.units}"
     rules = (
-        f"pp must divide the pipelined units={m.units}, tp must divide model.heads={m.heads}, model.expert_hidden="
+        f"pp must divide {pipelined}, tp must divide model.heads={m.heads}, model.expert_hidden="
         f"{m.expert_hidden}, every FFN width and run.seq_len={run.seq_len} and divide or be a multiple of "
         f"model.kv_heads={m.n_kv_heads}, ep must divide model.experts={m.experts}, and dp x ep must "
         f"divide run.batch={run.batch} (with at least pp microbatches)"

@@ -35,6 +35,11 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
         f" {lay['microbatches']}; model: {model['layers']} layers, {model['experts']} experts, {model['heads']} heads,"
         f" expert hidden {model['expert_hidden']}; batch {model['batch']} x seq {model['seq_len']}"
     )
+    if model.get("kv_heads", model["heads"]) != model["heads"]:
+        console.print(f"K/V heads: {model['kv_heads']} for {model['heads']} query heads, {model['kv_heads_placement']}")
+    if model.get("dense_layers") or model.get("moe_every", 1) > 1:
+        console.print(f"layers: the first {model['dense_layers']} dense (held by every stage, run by stage 0), then "
+                      f"{model['units']} units of {model['moe_every'] - 1} dense + 1 MoE layer split over the stages")  # fmt: skip
     stages = sorted({d["coords"]["pp"] for d in table["devices"]})
     for s in stages:
         devs = [d for d in table["devices"] if d["coords"]["pp"] == s]
@@ -44,7 +49,10 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
             show_lines=False,
             pad_edge=False,
         )
-        for col in ("host", "dev", "proc", "dp,ep,tp", "experts", "heads", "F slice", "batch rows", "seq"):
+        kv = model.get("kv_heads", model["heads"]) != model["heads"]
+        cols = ("host", "dev", "proc", "dp,ep,tp", "experts", "heads", *(("K/V heads",) if kv else ()), "F slice",
+                "batch rows", "seq")  # fmt: skip
+        for col in cols:
             t.add_column(col, no_wrap=True)
         host = None
         for d in devs:
@@ -58,6 +66,14 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
                 f"{c['dp']},{c['ep']},{c['tp']}",
                 ranges_text(d["experts"]),
                 ranges_text(d["heads"]),
+                *(
+                    (
+                        ranges_text(d["kv_heads_computed"])
+                        + ("" if d["kv_heads"] == d["kv_heads_computed"] else f" (holds {ranges_text(d['kv_heads'])})"),
+                    )
+                    if kv
+                    else ()
+                ),  # fmt: skip
                 f"{d['expert_hidden'][0]}:{d['expert_hidden'][1]}",
                 rows_text(d["batch_rows"]),
                 f"{d['seq'][0]}:{d['seq'][1]}",

@@ -87,6 +87,11 @@ def mesh_figure(table: dict[str, Any]):
         f"{lay.get('name') or 'layout'}: pp {pp} x dp {dp} x ep {ep} x tp {tp} = {lay['devices']} devices, "
         f"{lay['hosts']} host{'s' if lay['hosts'] > 1 else ''} of {lay['devices_per_host']} (outlined); colour = pipeline stage, shade = tp rank"
     )
+    model = table["model"]
+    if model.get("kv_heads", model["heads"]) != model["heads"]:
+        title += f"; {model['heads']} query heads, {model['kv_heads']} K/V heads {model['kv_heads_placement']}"
+    if model.get("dense_layers"):
+        title += f"; dense layers 0-{model['dense_layers'] - 1} on every stage, run by pp0"
     ax.set_title(_wrap(title, fig_w, 9), fontsize=9)
     fig.tight_layout()
     return fig

@@ -79,10 +79,15 @@ def causal_attention(q_BQHK, k_BSGK, v_BSGK, q_offset: int = 0, block: int = 512
     kv_pos_S = jnp.arange(s_len)
 
     def one_block(q_blk, start):
-        q_BQGgK = q_blk.reshape(b, q_blk.shape[1], kv, g, k)
-        scores = jnp.einsum("BQGgK,BSGK->BGgQS", q_BQGgK, k_BSGK, preferred_element_type=jnp.float32) * scale
         q_pos = q_offset + start + jnp.arange(q_blk.shape[1])
         mask_QS = kv_pos_S[None, :] <= q_pos[:, None]
+        if g == 1:  # multi-head: no group axis (the grouped einsums' extra transposes cost a third more on XLA:CPU)
+            scores = jnp.einsum("BQHK,BSHK->BHQS", q_blk, k_BSGK, preferred_element_type=jnp.float32) * scale
+            scores = jnp.where(mask_QS[None, None], scores, -jnp.inf)
+            probs_BHQS = jax.nn.softmax(scores, axis=-1).astype(v_BSGK.dtype)
+            return jnp.einsum("BHQS,BSHK->BQHK", probs_BHQS, v_BSGK, preferred_element_type=jnp.float32)
+        q_BQGgK = q_blk.reshape(b, q_blk.shape[1], kv, g, k)
+        scores = jnp.einsum("BQGgK,BSGK->BGgQS", q_BQGgK, k_BSGK, preferred_element_type=jnp.float32) * scale
         scores = jnp.where(mask_QS[None, None, None], scores, -jnp.inf)
         probs_BGgQS = jax.nn.softmax(scores, axis=-1).astype(v_BSGK.dtype)
         out = jnp.einsum("BGgQS,BSGK->BQGgK", probs_BGgQS, v_BSGK, preferred_element_type=jnp.float32)

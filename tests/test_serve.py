@@ -9,15 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT
-from flax import nnx
 
 from moe_jax.compile import lower
 from moe_jax.config import ConfigError, load_config
 from moe_jax.hlo import audit
 from moe_jax.mesh import assignment, make_mesh
-from moe_jax.parallel.step import ShardedModel, to_host
+from moe_jax.parallel.matrix import decode_against_forward
+from moe_jax.parallel.step import ShardedModel
 from moe_jax.serve.generate import check_lengths, sample
-from moe_jax.serve.step import ServeModel
 from moe_jax.train.checkpoint import Checkpoints
 from moe_jax.train.step import init_train_state, make_optimizer
 
@@ -36,26 +35,11 @@ FP32_RTOL = 1e-5
 )
 def test_decode_after_prefill_equals_full_forward(layout):
     cfg = load_config("configs/tiny.yaml", None, ["model.dispatch=dropless", "run.dtype=fp32", *layout])
-    mesh = make_mesh(cfg.layout)
-    srv = ServeModel.build(cfg, mesh, max_len=16)
-    params, rest = srv.sm.init(0)
-    ck, cv = srv.init_cache()
     prompt, n = 5, 6
-    full = np.random.default_rng(0).integers(0, cfg.model.vocab, (cfg.run.batch, prompt + n)).astype(np.int32)
-    step = srv.step_fn()
-    outs = []
-    with jax.set_mesh(mesh):
-        lg, ck, cv = step(params, rest, ck, cv, srv.put_tokens(full[:, :prompt]), jnp.int32(0))
-        outs.append(srv.logits_to_host(lg))
-        for i in range(n - 1):
-            tok = srv.put_tokens(full[:, prompt + i : prompt + i + 1])
-            lg, ck, cv = step(params, rest, ck, cv, tok, jnp.int32(prompt + i))
-            outs.append(srv.logits_to_host(lg))
-    got = np.stack(outs, 1)  # positions prompt - 1 .. prompt + n - 2
-    model = nnx.merge(srv.sm.graphdef, srv.sm.to_global(to_host(params)), srv.sm.to_global(to_host(rest)))
-    ref, _ = jax.jit(lambda m, t: m(t))(model, jnp.asarray(full))
-    want = np.asarray(ref)[:, prompt - 1 : prompt + n - 1]
-    np.testing.assert_allclose(got, want, rtol=FP32_RTOL, atol=FP32_RTOL * np.abs(want).max())
+    d = decode_against_forward(cfg, prompt, n)  # logits of positions prompt - 1 .. prompt + n - 2, both ways
+    np.testing.assert_allclose(d["got"], d["want"], rtol=FP32_RTOL, atol=FP32_RTOL * np.abs(d["want"]).max())
+    mesh, srv, step, full = d["mesh"], d["srv"], d["step"], d["tokens"]
+    params, rest, ck, cv = d["params"], d["rest"], d["ck"], d["cv"]
 
     # The same two compiled programs (prefill of 5 tokens, decode of 1) run exactly the expected collectives.
     table = assignment(cfg, mesh)

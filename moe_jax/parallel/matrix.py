@@ -100,9 +100,10 @@ def run_train(cfg) -> dict[str, Any]:
     }
 
 
-def run_decode(cfg) -> dict[str, Any]:
-    """A prefill of 5 tokens, then 3 decode steps, against the one-device full forward's logits (fp32 1e-5 of the
-    largest logit)."""
+def decode_against_forward(cfg, prompt: int = 5, n: int = 4) -> dict[str, Any]:
+    """A prefill of `prompt` tokens, then n - 1 decode steps on the mesh, beside the one-device full forward: the
+    logits of positions prompt - 1 .. prompt + n - 2 both ways ("got", "want"), with what ran them (srv, mesh, step,
+    params, rest, the final caches ck / cv, the tokens) for callers that audit the same programs."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -116,7 +117,6 @@ def run_decode(cfg) -> dict[str, Any]:
     srv = ServeModel.build(cfg, mesh, max_len=16)
     params, rest = srv.sm.init(0)
     ck, cv = srv.init_cache()
-    prompt, n = 5, 4
     full = np.random.default_rng(0).integers(0, cfg.model.vocab, (cfg.run.batch, prompt + n)).astype(np.int32)
     step = srv.step_fn()
     outs = []
@@ -127,11 +127,20 @@ def run_decode(cfg) -> dict[str, Any]:
             tok = srv.put_tokens(full[:, prompt + i : prompt + i + 1])
             lg, ck, cv = step(params, rest, ck, cv, tok, jnp.int32(prompt + i))
             outs.append(srv.logits_to_host(lg))
-    got = np.stack(outs, 1)
     model = nnx.merge(srv.sm.graphdef, srv.sm.to_global(to_host(params)), srv.sm.to_global(to_host(rest)))
     ref, _ = jax.jit(lambda m, t: m(t))(model, jnp.asarray(full))
     want = np.asarray(ref)[:, prompt - 1 : prompt + n - 1]
-    err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-    caches = {k: {"shape": list(v.shape), "local": list(v.sharding.shard_shape(v.shape))} for k, v in ck.items()}
+    return {"got": np.stack(outs, 1), "want": want, "srv": srv, "mesh": mesh, "step": step, "params": params,
+            "rest": rest, "ck": ck, "cv": cv, "tokens": full}  # fmt: skip
+
+
+def run_decode(cfg) -> dict[str, Any]:
+    """A prefill of 5 tokens, then 3 decode steps, against the one-device full forward's logits (fp32 1e-5 of the
+    largest logit)."""
+    import numpy as np
+
+    d = decode_against_forward(cfg)
+    err = float(np.max(np.abs(d["got"] - d["want"])) / np.max(np.abs(d["want"])))
+    caches = {k: {"shape": list(v.shape), "local": list(v.sharding.shard_shape(v.shape))} for k, v in d["ck"].items()}
     return {"ok": err <= 1e-5, "tolerance": 1e-5, "errors": {"logits": err}, "failed": [] if err <= 1e-5 else ["logits"],
             "caches": caches}  # fmt: skip

@@ -5,13 +5,21 @@ XLA:CPU compiles with LLVM's optimisation level 0 here (inherited by every subpr
 compilation of programs that then run once on tiny shapes. It leaves the HLO, its buffer assignment and so every
 memory figure and collective unchanged (measured: the compiled seed-128 train step's text is identical, byte for
 byte; test_plan.py checks the same on a pipelined tiny layout) and halves compile times; results agree within the
-written tolerances. Benchmarks and users keep the default."""
+written tolerances. Benchmarks and users keep the default.
+
+XLA:CPU's Eigen thread pool is off too (`--xla_cpu_multi_thread_eigen=false`): the suite runs two workers on two
+cores, and each worker's intra-op threads spinning against the other's cost more than they gave (test_parallel.py
+under `-n 2`: 100 s -> 86 s). The 8 fake devices still run in parallel; only one op's inner loops stay on one thread."""
 
 import os
 import subprocess
 import sys
 
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
+os.environ["XLA_FLAGS"] = " ".join(
+    filter(
+        None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0", "--xla_cpu_multi_thread_eigen=false"]
+    )
+)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -210,8 +210,9 @@ def test_loss_is_cross_entropy_plus_weighted_router_terms():
 
 
 def test_fp16_forward_at_sequence_10240_is_finite():
-    """Two layers: the second sees the first's fp16 output at every one of 10240 positions (more only costs time)."""
-    cfg = tiny("model.dispatch=dropless", "run.dtype=fp16", "run.seq_len=10240", "model.layers=2")
+    """Two layers: the second sees the first's fp16 output at every one of 10240 positions (more only costs time).
+    Capacity dispatch, the seed's: dropless gives each of the 8 experts a buffer of all 20480 routed rows."""
+    cfg = tiny("model.dispatch=capacity", "run.dtype=fp16", "run.seq_len=10240", "model.layers=2")
     model = init_model(cfg)
     tok = jax.random.randint(jax.random.key(0), (1, 10240), 0, cfg.model.vocab)
     logits, stats = jax.jit(lambda m, t: m(t, ONE_DEVICE, jnp.float16))(model, tok)

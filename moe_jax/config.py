@@ -324,6 +324,11 @@ def _coerce(field: str, value: Any, typ: Any) -> Any:
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         _fail(field, value, "expected a number")
     if typ is str:
         if isinstance(value, str):
@@ -393,9 +398,14 @@ def load_config(
     layout: str | os.PathLike | None = None,
     overrides: Iterable[str] = (),
     check: bool = True,
+    base: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Config:
-    """Defaults <- config YAML (sections model/run/layout) <- layout YAML (flat layout keys) <- key=value overrides."""
-    cfg = Config() if config is not None or layout is not None else EMBEDDED_DEFAULT
+    """Defaults <- config YAML (sections model/run/layout) <- layout YAML (flat layout keys) <- key=value overrides.
+    `base`: sections that replace the defaults first (a Hugging Face config.json's model, a checkpoint's saved
+    config); a layout it does not give is one device."""
+    cfg = Config() if config is not None or layout is not None or base is not None else EMBEDDED_DEFAULT
+    if base is not None:
+        cfg = _apply_sections(cfg, base, "saved config")
     if config is not None:
         cfg = _apply_sections(cfg, _read_yaml(config, "--config"), os.fspath(config))
     if layout is not None:

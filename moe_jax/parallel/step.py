@@ -73,6 +73,16 @@ class ShardedModel:
         """Initialises parameters directly into their shards (each device computes only its own slices)."""
         return self._init_fn(jnp.uint32(seed))
 
+    def init_rest(self, seed: int = 0):
+        """The state that is not a parameter (the experts' routing bias) alone, for imported parameters: the
+        parameters' initialisation is traced but unused, so XLA drops it and nothing of their size is made."""
+        cfg = self.cfg
+
+        def rest_fn(seed):
+            return self.to_storage(init_state(cfg.model, seed)[1])
+
+        return jax.jit(rest_fn, out_shardings=self.shardings(self.rest_specs))(jnp.uint32(seed))
+
     @functools.cached_property
     def _init_fn(self):
         """The jitted initialiser, compiled once per layout (the seed is an argument)."""

@@ -38,34 +38,48 @@ def check_lengths(prompt_len: int, max_new: int, max_len: int) -> None:
 
 
 def generate(srv: ServeModel, params, rest, prompts_BP: np.ndarray, max_new: int, temperature: float = 0.0,
-             top_k: int = 0, seed: int = 0) -> tuple[np.ndarray, dict]:  # fmt: skip
-    """Returns (new tokens [B, max_new], timings). One prefill of the prompt, then max_new - 1 decode steps."""
+             top_k: int = 0, seed: int = 0, every_position: bool = False) -> tuple[np.ndarray, dict]:  # fmt: skip
+    """Returns (new tokens [B, max_new], timings). One prefill of the prompt, then max_new - 1 decode steps.
+    every_position: the steps return the logits of every new position, and timings["logits"] holds them all,
+    [B, P + max_new - 1, V] (what a check against another implementation's forward compares)."""
     import time
 
     b, p = prompts_BP.shape
     check_lengths(p, max_new, srv.max_len)
     rng = np.random.default_rng(seed)
-    step = srv.step_fn()
+    step = srv.step_fn(every_position)
     ck, cv = srv.init_cache()
     out = np.zeros((b, max_new), np.int32)
+    kept = []
+
+    def next_tokens(logits):
+        x = srv.logits_to_host(logits)
+        if every_position:
+            kept.append(x)
+            x = x[:, -1]
+        return sample(x, rng, temperature, top_k)
+
     with jax.set_mesh(srv.sm.mesh):
         t0 = time.perf_counter()
         logits, ck, cv = step(params, rest, ck, cv, srv.put_tokens(prompts_BP), jnp.int32(0))
-        out[:, 0] = sample(srv.logits_to_host(logits), rng, temperature, top_k)
+        out[:, 0] = next_tokens(logits)
         t1 = t2 = time.perf_counter()
         for n in range(1, max_new):
             logits, ck, cv = step(params, rest, ck, cv, srv.put_tokens(out[:, n - 1 : n]), jnp.int32(p + n - 1))
-            out[:, n] = sample(srv.logits_to_host(logits), rng, temperature, top_k)
+            out[:, n] = next_tokens(logits)
             if n == 1:  # the first decode step compiles the one-token step: time the rest
                 t2 = time.perf_counter()
         t3 = time.perf_counter()
     timed = max_new - 2
-    return out, {
+    info = {
         "prefill_s": t1 - t0,
         "first_decode_s": t2 - t1,
         "decode_steps": max_new - 1,
         "decode_tokens_per_s": b * timed / (t3 - t2) if timed > 0 else 0.0,
     }
+    if every_position:
+        info["logits"] = np.concatenate(kept, axis=1)
+    return out, info
 
 
 def continue_sequences(srv: ServeModel, params, rest, tokens_BS: np.ndarray, prompt_len: int):

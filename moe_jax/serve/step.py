@@ -96,19 +96,20 @@ class ServeModel:
         sh = NamedSharding(self.sm.mesh, tokens_spec(self.sm.sizes))
         return jax.device_put(jnp.asarray(tokens.reshape(mb, tokens.shape[0] // mb, -1), jnp.int32), sh)
 
-    def step_fn(self) -> Callable:
-        """(params, rest, cache_k, cache_v, tokens [M, B/M, S], pos) -> (logits [M, B/M, V], cache_k, cache_v).
+    def step_fn(self, every_position: bool = False) -> Callable:
+        """(params, rest, cache_k, cache_v, tokens [M, B/M, S], pos) -> (logits [M, B/M, V], cache_k, cache_v): the
+        logits of the last new position, or of every new one ([M, B/M, S, V]: scoring a text, checking a model).
         One jitted function per (layout, cache length) in a process, so repeated generation reuses its programs."""
-        return _serve_step(self)
+        return _serve_step(self, every_position)
 
     def logits_to_host(self, logits) -> np.ndarray:
-        """[M, B/M, V] -> [B, V]."""
+        """[M, B/M, V] -> [B, V], or [M, B/M, S, V] -> [B, S, V]."""
         x = np.asarray(jax.device_get(logits))
-        return x.reshape(-1, x.shape[-1])
+        return x.reshape(-1, *x.shape[2:])
 
 
 @functools.lru_cache(maxsize=16)
-def _serve_step(srv: ServeModel) -> Callable:
+def _serve_step(srv: ServeModel, every_position: bool = False) -> Callable:
     """The jitted prefill/decode step of `ServeModel.step_fn`."""
     sm = srv.sm
     cfg = sm.cfg
@@ -186,7 +187,7 @@ def _serve_step(srv: ServeModel) -> Callable:
         buf0 = jnp.broadcast_to(zero_act, (mb if v > 1 else 1, *zero_act.shape))
         out0 = jnp.broadcast_to(zero_act, (mb, *zero_act.shape))
         (_, _, out, ck, cv), _ = lax.scan(tick, (zero_act, buf0, out0, ck, cv), jnp.arange(sched.ticks))
-        logits = model.logits(out[:, :, -1, :], dtype)  # [M, B/M, V]: the last new position
+        logits = model.logits(out if every_position else out[:, :, -1, :], dtype)  # [M, B/M, (S,) V]
         if pp_axes:
             logits = lax.psum(jnp.where(stage == pp - 1, logits, 0.0), pp_axes)
         return logits, ck, cv
@@ -196,7 +197,11 @@ def _serve_step(srv: ServeModel) -> Callable:
         body,
         mesh=sm.mesh,
         in_specs=(sm.param_specs, sm.rest_specs, cspec, cspec, tokens_spec(sizes), P()),
-        out_specs=(logical_to_mesh(("microbatch", "batch", None), sizes), cspec, cspec),
+        out_specs=(
+            logical_to_mesh(("microbatch", "batch", None, None)[: 4 if every_position else 3], sizes),
+            cspec,
+            cspec,
+        ),  # fmt: skip
         check_vma=True,
     )
     return jax.jit(f, donate_argnums=(2, 3))

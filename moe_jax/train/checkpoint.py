@@ -42,6 +42,24 @@ class Checkpoints:
         self.manager.wait_until_finished()
         return bool(saved)
 
+    def save_weights(self, sm: ShardedModel, cfg: Config, params, rest, extra_meta: dict | None = None) -> None:
+        """A weights-only checkpoint at step 0 (what `moe-jax import-hf` writes): parameters and the model's other
+        state, no optimizer moments. It restores like any checkpoint, with a fresh optimizer state."""
+        tree = {"params": sm.to_global(params), "rest": sm.to_global(rest)}
+        meta = {"config": to_dict(cfg), "shapes": _shapes(tree), "step": 0, "weights_only": True, **(extra_meta or {})}
+        self.manager.save(
+            0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True
+        )
+        self.manager.wait_until_finished()
+
+    def meta(self, step: int | None = None) -> dict[str, Any]:
+        """What the checkpoint of `step` (default: the latest) was saved with: config, shapes, step, and for an
+        imported one its Hugging Face config.json and tokenizer files."""
+        step = self.latest() if step is None else step
+        if step is None:
+            raise ConfigError(f"--checkpoint={self.directory}: no checkpoint there")
+        return self._meta(step)
+
     def saved_config(self, step: int) -> dict[str, dict[str, Any]]:
         """The config (as `to_dict` writes it) the checkpoint of `step` was saved with."""
         return self._meta(step)["config"]
@@ -57,6 +75,8 @@ class Checkpoints:
             raise ConfigError(f"--resume: no checkpoint in {self.directory}; train without --resume to start one")
         meta = self._meta(step)
         target = self._to_global(sm, template)
+        if meta.get("weights_only"):
+            target = {k: target[k] for k in ("params", "rest")}
         want = _shapes(target)
         diff = [(k, meta["shapes"].get(k), v) for k, v in want.items() if meta["shapes"].get(k) != v]
         diff.sort(key=lambda d: not d[0].startswith("['params']"))  # name a parameter before an optimizer moment
@@ -69,6 +89,9 @@ class Checkpoints:
             )
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
         tree = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        if meta.get("weights_only"):  # imported weights: the template's fresh optimizer state and loss scale
+            return TrainState(sm.to_storage(tree["params"]), sm.to_storage(tree["rest"]), template.opt_state,
+                              template.loss_scale, 0)  # fmt: skip
         return self._from_global(sm, tree, int(meta["step"]))
 
     @staticmethod

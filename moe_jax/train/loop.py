@@ -14,7 +14,7 @@ from moe_jax.config import Config, ConfigError, to_dict
 from moe_jax.model.moe import update_expert_bias
 from moe_jax.parallel.step import ShardedModel
 from moe_jax.train.checkpoint import Checkpoints
-from moe_jax.train.step import TrainState, init_train_state, make_optimizer, train_step
+from moe_jax.train.step import TrainState, init_train_state, make_optimizer, train_state_from_params, train_step
 
 
 def step_record(step: int, metrics: dict[str, Any], seconds: float, tokens: int) -> dict[str, Any]:
@@ -52,16 +52,21 @@ def train(
     inject_overflow_at: int | None = None,
     stop_at: int | None = None,
     allow_config_change: bool = False,
+    init_params: Callable[[ShardedModel], Any] | None = None,
 ) -> tuple[TrainState, list[dict[str, Any]]]:
     """Trains until `steps` (counting from the restored step when resuming), or until `stop_at` when given: that ends
     this call early without changing the run (the learning-rate schedule is run.steps long either way), and a
     checkpoint is written there. Resuming from a checkpoint of another model or run config is refused unless
-    `allow_config_change`. Returns the state and the records."""
+    `allow_config_change`. `init_params(sm)` gives the starting parameters (imported weights) instead of the
+    random initialisation. Returns the state and the records."""
     if stop_at is not None and not 1 <= stop_at <= steps:
         raise ConfigError(f"--stop-at={stop_at}: must be in 1..{steps} (the run's last step, run.steps)")
     sm = ShardedModel.build(cfg, mesh)
     tx = make_optimizer(cfg.run)
-    state = init_train_state(sm, tx, cfg.run.seed)
+    if init_params is not None and not resume:
+        state = train_state_from_params(sm, tx, init_params(sm), cfg.run.seed)
+    else:
+        state = init_train_state(sm, tx, cfg.run.seed)
     ckpt = Checkpoints(checkpoint_dir, checkpoint_every, keep) if checkpoint_dir else None
     if resume:
         if ckpt is None:

@@ -5,6 +5,7 @@ Mistakes in configs and inputs end as one line on stderr and exit status 2."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -512,7 +513,17 @@ def cmd_train(args) -> int:
     from moe_jax.train.loop import train
 
     steps = [f"run.steps={args.steps}"] if args.steps is not None else []
-    cfg = load_config(args.config, args.layout, [*args.overrides, *steps])
+    init_params = None
+    if args.init_from_hf:
+        from moe_jax.hf import config_from_hf
+        from moe_jax.hf.checkpoint import import_params
+
+        cfg, _ = config_from_hf(args.init_from_hf, args.config, args.layout, [*args.overrides, *steps])
+
+        def init_params(sm):
+            return import_params(sm, args.init_from_hf)[0]
+    else:
+        cfg = load_config(args.config, args.layout, [*args.overrides, *steps])
     mesh = _setup_devices(args, cfg)
     source = make_source(args.data, cfg.model.vocab, cfg.run.seq_len, cfg.run.seed, args.data_dtype)
     quiet = jax.process_index() != 0
@@ -527,6 +538,7 @@ def cmd_train(args) -> int:
                 cfg, mesh, source, cfg.run.steps, metrics_path=args.metrics, checkpoint_dir=args.checkpoint_dir,
                 checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume, profile_dir=args.profile,
                 on_step=on_step, stop_at=args.stop_at, allow_config_change=args.allow_config_change,
+                init_params=init_params,
             )  # fmt: skip
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
@@ -643,52 +655,163 @@ def cmd_generate(args) -> int:
     import numpy as np
     from rich.console import Console
 
+    from moe_jax.layouts import CONFIGS, MESHES
     from moe_jax.serve.generate import check_lengths, generate
     from moe_jax.serve.step import ServeModel
     from moe_jax.train.checkpoint import Checkpoints
     from moe_jax.train.step import init_train_state, make_optimizer
 
-    try:
-        prompt = [int(x) for x in args.prompt_tokens.replace(",", " ").split()]
-    except ValueError:
-        raise ConfigError(f"--prompt-tokens={args.prompt_tokens!r}: expected token ids like 3,14,15") from None
-    if not prompt:
-        raise ConfigError("--prompt-tokens='': give at least one token id")
-    from moe_jax.layouts import CONFIGS, MESHES
+    if args.hf and args.checkpoint:
+        raise ConfigError("--hf and --checkpoint: give one source of weights")
+    if (args.prompt is None) == (args.prompt_tokens is None):
+        raise ConfigError("give the prompt as text (--prompt) or as token ids (--prompt-tokens), one of the two")
+    directory = args.checkpoint
+    if directory is None and not args.hf and os.path.isdir(DEMO_CHECKPOINT) and args.config is None:
+        directory = DEMO_CHECKPOINT  # the demo's tiny model; it restores onto any layout
+    saved = Checkpoints(directory).meta() if directory and os.path.isdir(directory) else None
+    tokenizer_text = None
+    if args.hf:
+        from moe_jax.hf import config_from_hf, read_tokenizer_files
 
-    # Defaults: the demo's tiny model and layout (and its trained weights when the demo has run).
-    config = args.config or os.path.join(CONFIGS, "tiny.yaml")
-    layout = args.layout or os.path.join(MESHES, "cpu8-pp2-ep2-tp2.yaml")
-    cfg = load_config(config, layout, args.overrides)
-    lay_min = cfg.layout.dp * cfg.layout.ep * cfg.layout.microbatches
+        cfg, _ = config_from_hf(args.hf, args.config, args.layout, args.overrides)
+        tokenizer_text, where = read_tokenizer_files(args.hf).get("tokenizer.json"), args.hf
+    elif saved is not None and args.config is None and directory != DEMO_CHECKPOINT:
+        # a checkpoint's own model (an imported one, or any other): no --config needed
+        cfg = load_config(None, args.layout, args.overrides, base=saved["config"])
+        tokenizer_text, where = saved.get("hf_files", {}).get("tokenizer.json"), directory
+    else:
+        # Defaults: the demo's tiny model and layout (and its trained weights when the demo has run).
+        config = args.config or os.path.join(CONFIGS, "tiny.yaml")
+        layout = args.layout or os.path.join(MESHES, "cpu8-pp2-ep2-tp2.yaml")
+        cfg = load_config(config, layout, args.overrides)
+        where = directory or "this model"
+    tokenizer = None
+    if args.prompt is not None:
+        from moe_jax.hf import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_text, where)
+        prompt = tokenizer.encode(args.prompt).ids
+        if not prompt:
+            raise ConfigError(f"--prompt={args.prompt!r}: the tokenizer makes no tokens of it")
+    else:
+        try:
+            prompt = [int(x) for x in args.prompt_tokens.replace(",", " ").split()]
+        except ValueError:
+            raise ConfigError(f"--prompt-tokens={args.prompt_tokens!r}: expected token ids like 3,14,15") from None
+        if not prompt:
+            raise ConfigError("--prompt-tokens='': give at least one token id")
+    lay = cfg.layout
+    lay_min = lay.dp * lay.ep * lay.microbatches
     batch = args.batch if args.batch is not None else lay_min
     if batch < 1 or batch % lay_min:
         raise ConfigError(f"--batch={batch}: must be a positive multiple of layout.dp x layout.ep x "
                           f"layout.microbatches = {lay_min}")  # fmt: skip
-    cfg = load_config(config, layout, [*args.overrides, f"run.batch={batch}"])
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, batch=batch))
     check_lengths(len(prompt), args.max_new, cfg.model.max_seq_len)
     mesh = _setup_devices(args, cfg)
     srv = ServeModel.build(cfg, mesh, max_len=len(prompt) + args.max_new)
     sm = srv.sm
     console = Console(quiet=jax.process_index() != 0)
-    directory = args.checkpoint
-    if directory is None and os.path.isdir(DEMO_CHECKPOINT) and args.config is None:
-        directory = DEMO_CHECKPOINT  # the demo's tiny model; it restores onto any layout
-    template = init_train_state(sm, make_optimizer(cfg.run), cfg.run.seed)
-    if directory:
-        state = Checkpoints(directory).restore(sm, template)
-        console.print(f"weights: checkpoint {directory} at step {state.step}")
+    if args.hf:
+        from moe_jax.hf.checkpoint import import_params
+
+        params, _ = import_params(sm, args.hf)
+        rest = sm.init_rest(cfg.run.seed)
+        console.print(f"weights: Hugging Face checkpoint {args.hf}")
     else:
-        state = template
-        why = "--config given" if args.config else f"no demo checkpoint at {DEMO_CHECKPOINT}"
-        console.print(f"weights: fresh (no --checkpoint given; {why})")
+        template = init_train_state(sm, make_optimizer(cfg.run), cfg.run.seed)
+        if directory:
+            state = Checkpoints(directory).restore(sm, template)
+            console.print(f"weights: checkpoint {directory} at step {state.step}")
+        else:
+            state = template
+            why = "--config given" if args.config else f"no demo checkpoint at {DEMO_CHECKPOINT}"
+            console.print(f"weights: fresh (no --checkpoint given; {why})")
+        params, rest = state.params, state.rest
     prompts = np.tile(np.asarray(prompt, np.int32), (batch, 1))
-    tokens, timing = generate(srv, state.params, state.rest, prompts, args.max_new, args.temperature, args.top_k,
-                              args.seed)  # fmt: skip
+    tokens, timing = generate(srv, params, rest, prompts, args.max_new, args.temperature, args.top_k, args.seed)
     for row in tokens[: args.show]:
-        console.print(f"{prompt} -> {row.tolist()}")
+        if tokenizer is not None:
+            console.print(f"{args.prompt} -> {tokenizer.decode(row.tolist(), skip_special_tokens=True)}", markup=False)
+        else:
+            console.print(f"{prompt} -> {row.tolist()}")
     console.print(f"prefill {timing['prefill_s'] * 1e3:.0f} ms (compile included); {timing['decode_steps']} decode "
                   f"steps, after the first (compile): {timing['decode_tokens_per_s']:,.0f} tokens/s (batch {batch})")  # fmt: skip
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    import jax
+    from rich.console import Console
+
+    from moe_jax.hf import config_from_hf, read_tokenizer_files
+    from moe_jax.hf.checkpoint import import_params, prepare_out, replace_dir
+    from moe_jax.model.params import total_params
+    from moe_jax.parallel.step import ShardedModel
+    from moe_jax.train.checkpoint import Checkpoints
+
+    cfg, hf = config_from_hf(args.dir, args.config, args.layout, args.overrides)
+    prepare_out(args.out, args.force)
+    mesh = _setup_devices(args, cfg)
+    console = Console(quiet=jax.process_index() != 0)
+    sm = ShardedModel.build(cfg, mesh)
+    params, tensors = import_params(sm, args.dir)
+    counted = total_params(cfg.model)
+    if counted != tensors.total_elements():  # the tables and the config agree on every tensor; this is the sum
+        raise ConfigError(f"{args.dir}: {tensors.total_elements():,} elements in the safetensors, the model has "
+                          f"{counted:,} parameters")  # fmt: skip
+    out = os.path.abspath(args.out.rstrip("/"))
+    tmp = f"{out}.partial"
+    if jax.process_index() == 0 and os.path.exists(tmp):
+        import shutil
+
+        shutil.rmtree(tmp)
+    Checkpoints(tmp, every=1, keep=1).save_weights(
+        sm, cfg, params, sm.init_rest(cfg.run.seed), {"hf_config": hf, "hf_files": read_tokenizer_files(args.dir)}
+    )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("import-hf written")
+    if jax.process_index() == 0:
+        replace_dir(tmp, out)
+    lay = cfg.layout
+    console.print(f"import-hf: {hf['model_type']} from {args.dir}: {len(tensors.shapes)} tensors, {counted:,} "
+                  f"parameters, read into the shards of pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp {lay.tp} "
+                  f"({lay.devices} devices)")  # fmt: skip
+    console.print(f"wrote {args.out}: a weights-only checkpoint (step 0) that restores onto any layout")
+    console.print(f"  next: moe-jax generate --checkpoint {args.out} --prompt-tokens 1,2,3", soft_wrap=True)
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    from rich.console import Console
+
+    from moe_jax.hf.checkpoint import export, parse_size, prepare_out
+    from moe_jax.hf.families import FAMILIES, family_for_model
+    from moe_jax.parallel.step import ShardedModel
+    from moe_jax.train.checkpoint import Checkpoints
+    from moe_jax.train.step import init_train_state, make_optimizer
+
+    max_bytes = parse_size(args.max_shard_size)
+    prepare_out(args.out, args.force)
+    if not os.path.isdir(args.checkpoint):
+        raise ConfigError(f"{args.checkpoint}: no such checkpoint directory")
+    ckpt = Checkpoints(args.checkpoint)
+    saved = ckpt.meta()
+    cfg = load_config(None, args.layout, args.overrides, base=saved["config"])
+    base = saved.get("hf_config")
+    family = FAMILIES[args.model_type] if args.model_type else (
+        FAMILIES[base["model_type"]] if base else family_for_model(cfg.model)
+    )  # fmt: skip
+    mesh = _setup_devices(args, cfg)
+    sm = ShardedModel.build(cfg, mesh)
+    state = ckpt.restore(sm, init_train_state(sm, make_optimizer(cfg.run), cfg.run.seed))
+    summary = export(sm, state.params, args.out, family, args.dtype, max_bytes, base, saved.get("hf_files"),
+                     args.force)  # fmt: skip
+    Console().print(f"export-hf: {family.model_type} ({family.architecture}) from {args.checkpoint} step "
+                    f"{state.step}: {summary['tensors']} tensors, {summary['bytes'] / 1e6:,.1f} MB of {args.dtype} "
+                    f"in {len(summary['files'])} file(s) -> {args.out}")  # fmt: skip
     return 0
 
 
@@ -742,6 +865,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    p.add_argument("--init-from-hf", metavar="DIR",
+                   help="start from a Hugging Face checkpoint's weights (its config.json is the model)")  # fmt: skip
     p.add_argument("--profile", help="write a jax.profiler trace of steps 3-5 here")
     _add_distributed_args(p)
     p.set_defaults(func=cmd_train, outputs={"metrics": False, "checkpoint_dir": True, "profile": True})
@@ -758,12 +883,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo, outputs={"out": True})
 
     p = sub.add_parser("generate", help="prefill a prompt and decode on the mesh, greedy or sampled")
-    p.add_argument("--config", help="default: the tiny config's model when the demo checkpoint is used")
-    p.add_argument("--layout")
+    p.add_argument("--config", help="default: the weights' own model (the tiny config's for the demo checkpoint)")
+    p.add_argument("--layout", help="default: one device with --hf, the checkpoint's own, else the demo's layout")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     _add_device_args(p)
-    p.add_argument("--checkpoint", help="a checkpoint directory of `moe-jax train` (default: the demo's, if any)")
-    p.add_argument("--prompt-tokens", required=True, help="token ids, e.g. 3,14,15")
+    p.add_argument("--checkpoint", help="a checkpoint directory of `moe-jax train` or `import-hf` (default: the "
+                                        "demo's, if any)")  # fmt: skip
+    p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint directory, read straight into the shards")
+    p.add_argument("--prompt", help="text, tokenized with the checkpoint's tokenizer.json; the output is text")
+    p.add_argument("--prompt-tokens", help="token ids, e.g. 3,14,15")
     p.add_argument("--max-new", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -772,6 +900,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_distributed_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("import-hf", help="a Hugging Face checkpoint (Mixtral, Qwen3-MoE, OLMoE, Qwen1.5/2-MoE) -> a "
+                                         "moe_jax checkpoint, each device reading only its own slices")  # fmt: skip
+    p.add_argument("dir", help="the Hugging Face directory: config.json and *.safetensors (an index if sharded)")
+    p.add_argument("--out", required=True, help="the checkpoint directory to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--config", help="a run section to keep with the weights (default: config.json's dtype)")
+    p.add_argument("--layout", help="the layout whose shards are read (default: one device)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_device_args(p)
+    _add_distributed_args(p)
+    p.set_defaults(func=cmd_import_hf, outputs={"out": True})
+
+    p = sub.add_parser("export-hf", help="a moe_jax checkpoint -> a Hugging Face directory that transformers loads")
+    p.add_argument("checkpoint", help="a checkpoint directory of `moe-jax train` or `import-hf`")
+    p.add_argument("--out", required=True, help="the directory to write: config.json, safetensors (+ index)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--max-shard-size", default="5GB", help="split the safetensors above this size (default 5GB)")
+    p.add_argument("--model-type", choices=("mixtral", "qwen3_moe", "olmoe", "qwen2_moe"),
+                   help="the family to write (default: the imported one, else the one the architecture matches)")  # fmt: skip
+    p.add_argument("--layout", help="the layout to restore onto (default: the checkpoint's own)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_device_args(p)
+    p.set_defaults(func=cmd_export_hf, outputs={"out": True})
 
     p = sub.add_parser("compile", help="compile a step for the layout on fake devices: memory, FLOPs, collectives")
     _add_config_args(p)
@@ -819,7 +972,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after an option that follows a positional (import-hf DIR --out X key=value)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         _check_outputs(args)
         return args.func(args)

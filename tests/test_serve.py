@@ -99,7 +99,8 @@ def test_generate_cli_and_its_bad_input(tmp_path, monkeypatch, cli):
     cfg = load_config(f"{ROOT}/configs/tiny.yaml", f"{ROOT}/meshes/cpu8-pp2-ep2-tp2.yaml", ["model.expert_hidden=80"])
     sm = ShardedModel.build(cfg, make_mesh(cfg.layout))
     Checkpoints(str(ck)).save(sm, cfg, init_train_state(sm, make_optimizer(cfg.run))._replace(step=1))
-    other = cli("generate", "--prompt-tokens", "1,2", "--checkpoint", str(ck))
+    # without --config generate takes the checkpoint's own model (test_hf.py); with one, they must agree
+    other = cli("generate", "--prompt-tokens", "1,2", "--checkpoint", str(ck), "--config", f"{ROOT}/configs/tiny.yaml")
     assert other.returncode == 2 and other.stderr.count("\n") == 1
     assert (
         "was written for another model" in other.stderr

@@ -658,7 +658,7 @@ def cmd_generate(args) -> int:
     from moe_jax.layouts import CONFIGS, MESHES
     from moe_jax.serve.generate import check_lengths, generate
     from moe_jax.serve.step import ServeModel
-    from moe_jax.train.checkpoint import Checkpoints
+    from moe_jax.train.checkpoint import Checkpoints, read_meta
     from moe_jax.train.step import init_train_state, make_optimizer
 
     if args.hf and args.checkpoint:
@@ -668,7 +668,7 @@ def cmd_generate(args) -> int:
     directory = args.checkpoint
     if directory is None and not args.hf and os.path.isdir(DEMO_CHECKPOINT) and args.config is None:
         directory = DEMO_CHECKPOINT  # the demo's tiny model; it restores onto any layout
-    saved = Checkpoints(directory).meta() if directory and os.path.isdir(directory) else None
+    saved = read_meta(directory) if directory else None
     tokenizer_text = None
     if args.hf:
         from moe_jax.hf import config_from_hf, read_tokenizer_files
@@ -790,15 +790,14 @@ def cmd_export_hf(args) -> int:
     from moe_jax.hf.checkpoint import export, parse_size, prepare_out
     from moe_jax.hf.families import FAMILIES, family_for_model
     from moe_jax.parallel.step import ShardedModel
-    from moe_jax.train.checkpoint import Checkpoints
+    from moe_jax.train.checkpoint import Checkpoints, read_meta
     from moe_jax.train.step import init_train_state, make_optimizer
 
     max_bytes = parse_size(args.max_shard_size)
     prepare_out(args.out, args.force)
-    if not os.path.isdir(args.checkpoint):
-        raise ConfigError(f"{args.checkpoint}: no such checkpoint directory")
-    ckpt = Checkpoints(args.checkpoint)
-    saved = ckpt.meta()
+    saved = read_meta(args.checkpoint)  # before JAX starts: the saved layout sets the device count
+    if saved is None:
+        raise ConfigError(f"{args.checkpoint}: no such checkpoint directory, or no complete checkpoint in it")
     cfg = load_config(None, args.layout, args.overrides, base=saved["config"])
     base = saved.get("hf_config")
     family = FAMILIES[args.model_type] if args.model_type else (
@@ -806,7 +805,7 @@ def cmd_export_hf(args) -> int:
     )  # fmt: skip
     mesh = _setup_devices(args, cfg)
     sm = ShardedModel.build(cfg, mesh)
-    state = ckpt.restore(sm, init_train_state(sm, make_optimizer(cfg.run), cfg.run.seed))
+    state = Checkpoints(args.checkpoint).restore(sm, init_train_state(sm, make_optimizer(cfg.run), cfg.run.seed))
     summary = export(sm, state.params, args.out, family, args.dtype, max_bytes, base, saved.get("hf_files"),
                      args.force)  # fmt: skip
     Console().print(f"export-hf: {family.model_type} ({family.architecture}) from {args.checkpoint} step "

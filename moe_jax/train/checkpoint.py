@@ -4,6 +4,7 @@ layout: Orbax reshards into the new layout's shardings, and circular layouts per
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -18,6 +19,20 @@ from moe_jax.train.step import TrainState
 
 def _shapes(tree) -> dict[str, list[int]]:
     return {jax.tree_util.keystr(p): list(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def read_meta(directory: str) -> dict[str, Any] | None:
+    """The metadata of the latest complete checkpoint in `directory` (config, shapes, step; an imported one's
+    Hugging Face files), read from its JSON file without starting JAX: a command needs the saved config, and so its
+    device count, before JAX makes its devices. None where there is no checkpoint."""
+    if not os.path.isdir(directory):
+        return None
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
+    steps = [s for s in steps if os.path.isfile(os.path.join(directory, str(s), "meta", "metadata"))]
+    if not steps:
+        return None
+    with open(os.path.join(directory, str(max(steps)), "meta", "metadata")) as f:
+        return json.load(f)
 
 
 class Checkpoints:
@@ -51,14 +66,6 @@ class Checkpoints:
             0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True
         )
         self.manager.wait_until_finished()
-
-    def meta(self, step: int | None = None) -> dict[str, Any]:
-        """What the checkpoint of `step` (default: the latest) was saved with: config, shapes, step, and for an
-        imported one its Hugging Face config.json and tokenizer files."""
-        step = self.latest() if step is None else step
-        if step is None:
-            raise ConfigError(f"--checkpoint={self.directory}: no checkpoint there")
-        return self._meta(step)
 
     def saved_config(self, step: int) -> dict[str, dict[str, Any]]:
         """The config (as `to_dict` writes it) the checkpoint of `step` was saved with."""

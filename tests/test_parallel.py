@@ -12,7 +12,6 @@ import pytest
 from moe_jax.config import load_config
 from moe_jax.hlo import _iota_groups, audit, group_axes, replica_groups
 from moe_jax.mesh import assignment, make_mesh
-from moe_jax.parallel.step import ShardedModel, lower_step
 from moe_jax.parallel.verify import verify
 
 # (dp, ep, tp) layouts of 8 devices that the tiny config admits (4 heads, expert hidden 40, sequence 12, 8 experts).
@@ -44,9 +43,20 @@ def run_verify(cfg):
 # cases do not, were dropped to keep the suite's time).
 @pytest.mark.parametrize("name", ["ep8", "ep2-tp4", "dp4-ep2"])  # dp8's pure data parallelism: dp4-ep2's dp
 def test_dropless_fp32_equals_one_device(name):
-    result = run_verify(tiny(*LAYOUTS[name], "model.dispatch=dropless", "run.dtype=fp32"))
+    """And the HLO audit of the very program that was checked: its collectives equal the expected set."""
+    cfg = tiny(*LAYOUTS[name], "model.dispatch=dropless", "run.dtype=fp32")
+    mesh = make_mesh(cfg.layout)
+    result = verify(cfg, mesh, programs=True)
+    assert result["ok"], result
     assert result["tolerance"] == 1e-5
     assert {"grad/experts", "grad/attention", "grad/router", "grad_norm", "lb_loss", "z_loss"} <= set(result["errors"])
+    lowered, compiled = result["programs"]
+    before, after = lowered.as_text(dialect="hlo"), compiled.as_text()
+    table = assignment(cfg, mesh)
+    audited = audit(before, after, cfg, table)
+    assert audited["ok"], audited["unexpected"]
+    if name == "ep8":
+        check_the_audit_can_fail(cfg, before, after, table)
 
 
 @pytest.mark.parametrize("name", ["ep2-tp4"])  # bf16 on ep4-tp2 and pp2-ep2-tp2: docs/families.md
@@ -74,20 +84,12 @@ def test_verify_cli_fails_on_a_perturbed_gradient(tmp_path, cli):
     assert out["ok"] is False and out["failed"] == ["grad/experts"]
 
 
-def test_audit_tiny_layouts_and_that_it_can_fail():
-    for dp, ep, tp in [(1, 4, 2), (2, 2, 2), (1, 8, 1)]:
-        cfg = tiny(dp, ep, tp)
-        mesh = make_mesh(cfg.layout)
-        lowered = lower_step(ShardedModel.build(cfg, mesh))
-        before, after = lowered.as_text(dialect="hlo"), lowered.compile().as_text()
-        table = assignment(cfg, mesh)
-        result = audit(before, after, cfg, table)
-        assert result["ok"], result["unexpected"]
-    # The same program audited against a config without remat must fail: its forward collectives run once fewer.
-    wrong = load_config("configs/tiny.yaml", None, ["layout.dp=1", "layout.ep=8", "layout.tp=1", "layout.remat=none"])
+def check_the_audit_can_fail(cfg, before: str, after: str, table) -> None:
+    """The ep8 program audited against a config without remat must fail (its forward collectives run once fewer),
+    and a stray all-gather over ep (as if expert weights were gathered) inserted into it is caught."""
+    wrong = tiny(1, 8, 1, "model.dispatch=dropless", "run.dtype=fp32", "layout.remat=none")
     bad = audit(before, after, wrong, table)
     assert not bad["ok"] and any(u["kind"] == "all-to-all" for u in bad["unexpected"])
-    # A stray all-gather over ep (as if expert weights were gathered) in the compiled program is caught.
     lines = after.splitlines()
     entry = next(i for i, ln in enumerate(lines) if ln.startswith("ENTRY"))
     lines.insert(entry + 1, "  %stray = f32[4,32]{1,0} all-gather(f32[4,4]{1,0} %p), channel_id=99, "

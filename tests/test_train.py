@@ -39,14 +39,6 @@ def losses(records):
     return [r["loss"] for r in records]
 
 
-def test_synthetic_task_is_learned():
-    """Chance is log 97 = 4.57; within 40 steps the loss must fall below 2.5."""
-    cfg = cfg_for("cpu8-ep4-tp2", "run.steps=40")
-    _, records = run(cfg, 40)
-    assert records[0]["loss"] > 4.0
-    assert records[-1]["loss"] < 2.5, losses(records)
-
-
 def test_resume_same_layout_is_exact_and_other_layouts_within_fp32(tmp_path):
     """Also: the same seed and layout give identical losses (the first three steps of the checkpointed run are the
     straight run's, exactly)."""

@@ -180,6 +180,16 @@ def layer_ids(m: ModelConfig, stack: str, index: tuple[int, ...]) -> int:
     return first + (m.moe_every - 1 if stack == "blocks" else index[1])
 
 
+def hf_name(m: ModelConfig, name: str, stack: str | None, pos: tuple[int, ...]) -> str:
+    """The HF name pattern of a row at a stack position (global order): {L} filled, {e} left for the expert."""
+    return name.replace("{L}", str(layer_ids(m, stack, pos))) if stack else name
+
+
+def one_expert(rule: str) -> str:
+    """The rule of one expert's tensor: the stacked E (indexed by the name) taken out of our side."""
+    return rule.replace("E", "", 1)
+
+
 def rule_for(family: Family, path: str) -> tuple[str, str, str | None, int]:
     """(HF name pattern, shape rule, stack, stacked axes) of our parameter `path`."""
     stack = path.split("/")[0]
@@ -207,12 +217,11 @@ def expected_tensors(m: ModelConfig, family: Family, shapes: dict[str, tuple[int
         name, rule, stack, n = rule_for(family, path)
         sizes = letter_sizes(rule, shape[n:])
         for pos in np.ndindex(*shape[:n]):
-            layer = layer_ids(m, stack, pos) if stack else None
-            base = name.replace("{L}", str(layer)) if stack else name
-            experts = range(sizes["E"]) if "{e}" in base else [None]
-            for e in experts:
-                full = base if e is None else base.format(e=e)
-                out[full] = (hf_shape(rule.replace("E", "", 1) if e is not None else rule, sizes), path)
+            base = hf_name(m, name, stack, pos)
+            if "{e}" in base:
+                out.update({base.format(e=e): (hf_shape(one_expert(rule), sizes), path) for e in range(sizes["E"])})
+            else:
+                out[base] = (hf_shape(rule, sizes), path)
     return out
 
 
@@ -253,11 +262,8 @@ def load_params(sm, family: Family, tensors: HFTensors):
                 box = {c: (r.start, r.stop) for c, r in zip(ours, ranges[n:], strict=True)}
 
                 def one(pos):
-                    if stack is None:
-                        return read_box(tensors.read, name, rule, sizes, box)
-                    gpos = pos if stack == "prologue" else (int(order[pos[0]]), *pos[1:])
-                    layer_name = name.replace("{L}", str(layer_ids(m, stack, gpos)))
-                    return read_box(tensors.read, layer_name, rule, sizes, box)
+                    gpos = pos if stack in (None, "prologue") else (int(order[pos[0]]), *pos[1:])
+                    return read_box(tensors.read, hf_name(m, name, stack, gpos), rule, sizes, box)
 
                 if n == 0:
                     x = one(())
@@ -319,12 +325,12 @@ def hf_tensors_of(sm, params, family: Family, dtype) -> Iterator[tuple[str, np.n
         for gpos in np.ndindex(*arr.shape[:n]):
             spos = gpos if stack in (None, "prologue") else (int(inverse[gpos[0]]), *gpos[1:])
             x = host_slice(arr, spos)
-            base = name.replace("{L}", str(layer_ids(m, stack, gpos))) if stack else name
+            base = hf_name(m, name, stack, gpos)
             if "{e}" in base:
                 axis = ours.index("E")
                 for e in range(x.shape[axis]):
                     one = np.take(x, e, axis=axis)
-                    yield base.format(e=e), write_form(one, rule.replace("E", "", 1), sizes).astype(dtype)
+                    yield base.format(e=e), write_form(one, one_expert(rule), sizes).astype(dtype)
             else:
                 yield base, write_form(x, rule, sizes).astype(dtype)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -516,12 +517,12 @@ def cmd_train(args) -> int:
     init_params = None
     if args.init_from_hf:
         from moe_jax.hf import config_from_hf
-        from moe_jax.hf.checkpoint import import_params
+        from moe_jax.hf.checkpoint import import_state
 
         cfg, _ = config_from_hf(args.init_from_hf, args.config, args.layout, [*args.overrides, *steps])
 
         def init_params(sm):
-            return import_params(sm, args.init_from_hf)[0]
+            return import_state(sm, args.init_from_hf, cfg.run.seed)[:2]  # the weights, and V3's routing bias
     else:
         cfg = load_config(args.config, args.layout, [*args.overrides, *steps])
     mesh = _setup_devices(args, cfg)
@@ -713,10 +714,9 @@ def cmd_generate(args) -> int:
     sm = srv.sm
     console = Console(quiet=jax.process_index() != 0)
     if args.hf:
-        from moe_jax.hf.checkpoint import import_params
+        from moe_jax.hf.checkpoint import import_state
 
-        params, _ = import_params(sm, args.hf)
-        rest = sm.init_rest(cfg.run.seed)
+        params, rest, _ = import_state(sm, args.hf, cfg.run.seed)
         console.print(f"weights: Hugging Face checkpoint {args.hf}")
     else:
         template = init_train_state(sm, make_optimizer(cfg.run), cfg.run.seed)
@@ -745,7 +745,8 @@ def cmd_import_hf(args) -> int:
     from rich.console import Console
 
     from moe_jax.hf import config_from_hf, read_tokenizer_files
-    from moe_jax.hf.checkpoint import import_params, prepare_out, replace_dir
+    from moe_jax.hf.checkpoint import import_state, prepare_out, replace_dir, rest_shapes
+    from moe_jax.hf.families import family_of
     from moe_jax.model.params import total_params
     from moe_jax.parallel.step import ShardedModel
     from moe_jax.train.checkpoint import Checkpoints
@@ -755,10 +756,12 @@ def cmd_import_hf(args) -> int:
     mesh = _setup_devices(args, cfg)
     console = Console(quiet=jax.process_index() != 0)
     sm = ShardedModel.build(cfg, mesh)
-    params, tensors = import_params(sm, args.dir)
-    counted = total_params(cfg.model)
-    if counted != tensors.total_elements():  # the tables and the config agree on every tensor; this is the sum
-        raise ConfigError(f"{args.dir}: {tensors.total_elements():,} elements in the safetensors, the model has "
+    params, rest, tensors = import_state(sm, args.dir, cfg.run.seed)
+    family = family_of(hf, args.dir)
+    counted = total_params(cfg.model) + (sum(math.prod(s) for s in rest_shapes(cfg).values()) if family.rest else 0)
+    below = cfg.model.layers if family.extra_layers_ok else None
+    if counted != tensors.total_elements(below):  # the tables and the config agree on every tensor; this is the sum
+        raise ConfigError(f"{args.dir}: {tensors.total_elements(below):,} elements in the safetensors, the model has "
                           f"{counted:,} parameters")  # fmt: skip
     out = os.path.abspath(args.out.rstrip("/"))
     tmp = f"{out}.partial"
@@ -767,7 +770,7 @@ def cmd_import_hf(args) -> int:
 
         shutil.rmtree(tmp)
     Checkpoints(tmp, every=1, keep=1).save_weights(
-        sm, cfg, params, sm.init_rest(cfg.run.seed), {"hf_config": hf, "hf_files": read_tokenizer_files(args.dir)}
+        sm, cfg, params, rest, {"hf_config": hf, "hf_files": read_tokenizer_files(args.dir)}
     )
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -807,7 +810,7 @@ def cmd_export_hf(args) -> int:
     sm = ShardedModel.build(cfg, mesh)
     state = Checkpoints(args.checkpoint).restore(sm, init_train_state(sm, make_optimizer(cfg.run), cfg.run.seed))
     summary = export(sm, state.params, args.out, family, args.dtype, max_bytes, base, saved.get("hf_files"),
-                     args.force)  # fmt: skip
+                     args.force, rest=state.rest)  # fmt: skip
     Console().print(f"export-hf: {family.model_type} ({family.architecture}) from {args.checkpoint} step "
                     f"{state.step}: {summary['tensors']} tensors, {summary['bytes'] / 1e6:,.1f} MB of {args.dtype} "
                     f"in {len(summary['files'])} file(s) -> {args.out}")  # fmt: skip

@@ -34,16 +34,19 @@ def _lower_serve(cfg: Config, mesh, step: str):
 
     from moe_jax.model.layers import compute_dtype
     from moe_jax.parallel.step import abstract_inputs
-    from moe_jax.serve.step import ServeModel, cache_specs, tokens_spec
+    from moe_jax.serve.step import ServeModel, cache_shapes, cache_specs, tokens_spec
 
     srv = ServeModel.build(cfg, mesh, max_len=cfg.run.seq_len)
     params, rest, _, _ = abstract_inputs(srv.sm)
     sizes = srv.sm.sizes
     specs = cache_specs(cfg, sizes)
-    cache = {
-        k: jax.ShapeDtypeStruct(shape, compute_dtype(cfg.run.dtype), sharding=NamedSharding(mesh, specs[k]))
-        for k, shape in srv.cache_shape.items()
-    }
+
+    def cache(which):
+        return {
+            k: jax.ShapeDtypeStruct(shape, compute_dtype(cfg.run.dtype), sharding=NamedSharding(mesh, specs[k]))
+            for k, shape in cache_shapes(cfg, cfg.run.seq_len, which).items()
+        }
+
     mb = cfg.layout.microbatches
     s = cfg.run.seq_len if step == "prefill" else 1
     tokens = jax.ShapeDtypeStruct(
@@ -51,7 +54,7 @@ def _lower_serve(cfg: Config, mesh, step: str):
     )
     pos = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
     with jax.set_mesh(mesh):
-        return srv.step_fn().lower(params, rest, cache, cache, tokens, pos)
+        return srv.step_fn().lower(params, rest, cache("k"), cache("v"), tokens, pos)
 
 
 def compile_report(cfg: Config, mesh, step: str = "train", dump_buffers: bool = False

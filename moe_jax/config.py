@@ -21,6 +21,9 @@ REMAT_POLICIES = ("none", "tick", "layer")
 QK_NORMS = ("none", "head", "projection")
 ROUTER_SCORES = ("softmax", "sigmoid")
 SCHEDULES = ("gpipe",)
+ATTENTION_KINDS = ("mha", "mla")
+# DeepSeek's latent RMSNorms (q_a_layernorm, kv_a_layernorm) use their class default, not the model's norm_eps.
+LATENT_NORM_EPS = 1e-6
 
 
 class ConfigError(ValueError):
@@ -36,6 +39,14 @@ class ModelConfig:
     layers: int = 16
     heads: int = 16
     head_dim: int = 64
+    attention: str = (
+        "mha"  # mha: multi-head, grouped-query or multi-query (kv_heads); mla: multi-head latent (DeepSeek)
+    )
+    q_lora_rank: int = 0  # MLA: queries through a rank-r projection and its RMSNorm; 0: one full projection (V2-Lite)
+    kv_lora_rank: int = 0  # MLA: the shared latent keys and values are made from (and what serving caches)
+    qk_nope_head_dim: int = 0  # MLA: the per-head query/key part without RoPE
+    qk_rope_head_dim: int = 0  # MLA: the RoPE part, its key shared by all heads (cached beside the latent)
+    v_head_dim: int = 0  # MLA: the value heads' width (the output projection reads heads x v_head_dim)
     kv_heads: int = 0  # K/V heads (grouped-query attention): 1 = MQA; 0 means `heads` (MHA, the seed's).
     qk_norm: str = "none"  # RMSNorm on q and k before RoPE: per head (Qwen3) or over the whole projection (OLMoE).
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen1.5-MoE / Qwen2-MoE).
@@ -70,6 +81,16 @@ class ModelConfig:
         return self.kv_heads or self.heads
 
     @property
+    def qk_head_dim(self) -> int:
+        """The width q and k are scored at: head_dim, or with MLA the no-RoPE and RoPE parts together."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def v_dim(self) -> int:
+        """The width of a value head (and of the output projection's input per head)."""
+        return self.v_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
     def moe_layers(self) -> int:
         """MoE layers: one per scanned unit of the pipelined stack (each unit: moe_every - 1 dense layers, then MoE)."""
         return (self.layers - self.dense_layers) // self.moe_every
@@ -97,6 +118,9 @@ class LayoutConfig:
     devices_per_host: int = 8
     remat: str = "layer"
     schedule: str = "gpipe"
+    # Uneven pipeline stages: the pipelined layers each stage holds (pp numbers summing to model.layers less
+    # model.dense_layers; the dense first layers run on every stage before the pipeline). Empty: equal stages.
+    stage_layers: tuple[int, ...] = ()
     name: str = ""
     description: str = ""
 
@@ -161,6 +185,11 @@ _NON_NEGATIVE = {
         "shared_hidden",
         "dense_layers",
         "dense_hidden",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
     ),  # fmt: skip
     "run": ("warmup_steps", "weight_decay", "grad_clip", "seed"),
 }
@@ -169,6 +198,7 @@ _CHOICES = {
     ("model", "dispatch"): DISPATCH_MODES,
     ("model", "qk_norm"): QK_NORMS,
     ("model", "router_score"): ROUTER_SCORES,
+    ("model", "attention"): ATTENTION_KINDS,
     ("layout", "remat"): REMAT_POLICIES,
     ("layout", "schedule"): SCHEDULES,
     ("run", "dtype"): DTYPES,
@@ -215,12 +245,14 @@ def check_config(cfg: Config) -> Config:
     _check_architecture(m)
     if m.experts % lay.ep:
         _fail("layout.ep", lay.ep, f"must divide model.experts={m.experts}; valid: {_divisors(m.experts)}")
-    if m.units % (lay.pp * lay.repeats):
+    if lay.stage_layers:
+        _check_stage_layers(m, lay)
+    elif m.units % (lay.pp * lay.repeats):
         what = "model.layers" if m.units == m.layers else "the pipelined units"
         unit = "" if m.units == m.layers else (
-            f" (model.layers={m.layers} less model.dense_layers={m.dense_layers}, in units of model.moe_every="
-            f"{m.moe_every} layers)"
-        )  # fmt: skip
+                f" (model.layers={m.layers} less model.dense_layers={m.dense_layers}, in units of model.moe_every="
+                f"{m.moe_every} layers)"
+            )  # fmt: skip
         _fail(
             "layout.pp",
             lay.pp,
@@ -262,8 +294,61 @@ def check_config(cfg: Config) -> Config:
     return cfg
 
 
+def _check_stage_layers(m: ModelConfig, lay: LayoutConfig) -> None:
+    counts = lay.stage_layers
+    pipelined = m.layers - m.dense_layers
+    if len(counts) != lay.pp:
+        _fail("layout.stage_layers", list(counts), f"needs one count per stage: {lay.pp} numbers (layout.pp={lay.pp})")
+    if lay.repeats > 1:
+        _fail("layout.stage_layers", list(counts), f"uneven stages need layout.repeats=1, not {lay.repeats}")
+    if any(c < 1 or c % m.moe_every for c in counts):
+        unit = f" multiples of model.moe_every={m.moe_every}" if m.moe_every > 1 else ""
+        _fail("layout.stage_layers", list(counts), f"every stage needs a positive layer count{unit}")
+    if sum(counts) != pipelined:
+        _fail(
+            "layout.stage_layers",
+            list(counts),
+            f"sums to {sum(counts)}; the pipelined layers are model.layers - model.dense_layers = {m.layers} - "
+            f"{m.dense_layers} = {pipelined}",
+        )
+
+
+def stage_units(cfg: Config) -> tuple[int, ...]:
+    """The units each pipeline stage holds: layout.stage_layers in units, or U / pp each."""
+    m, lay = cfg.model, cfg.layout
+    if lay.stage_layers:
+        return tuple(c // m.moe_every for c in lay.stage_layers)
+    return (m.units // lay.pp,) * lay.pp
+
+
+def storage_model(cfg: Config) -> ModelConfig:
+    """The model as the mesh stores it: with uneven stages every stage holds as many units as the largest (the others
+    padded with units that are never applied: their output is their input), so the stacked units are pp x max."""
+    m, lay = cfg.model, cfg.layout
+    if not lay.stage_layers:
+        return m
+    return dataclasses.replace(m, layers=m.dense_layers + lay.pp * max(stage_units(cfg)) * m.moe_every)
+
+
 def _check_architecture(m: ModelConfig) -> None:
     """The model's own cross-field rules (no layout involved)."""
+    if m.attention == "mla":
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(m, name) < 1:
+                _fail(f"model.{name}", getattr(m, name), "must be a positive integer with model.attention=mla")
+        if m.qk_rope_head_dim % 2:
+            _fail("model.qk_rope_head_dim", m.qk_rope_head_dim, "must be even (RoPE rotates pairs of dimensions)")
+        if m.kv_heads or m.qk_norm != "none" or m.qkv_bias:
+            name, v = next((n, getattr(m, n)) for n in ("kv_heads", "qk_norm", "qkv_bias") if getattr(m, n))
+            _fail(f"model.{name}", v, "is a multi-head attention option; with model.attention=mla leave it unset")
+    else:
+        for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(m, name):
+                _fail(
+                    f"model.{name}", getattr(m, name), "is a latent-attention size; set model.attention=mla to use it"
+                )
+    if m.head_dim % 2 and m.attention == "mha":
+        _fail("model.head_dim", m.head_dim, "must be even (RoPE rotates pairs of dimensions)")
     if m.kv_heads and m.heads % m.kv_heads:
         _fail("model.kv_heads", m.kv_heads, f"must divide model.heads={m.heads}; valid: {_divisors(m.heads)}")
     if m.dense_layers >= m.layers:
@@ -334,6 +419,15 @@ def _coerce(field: str, value: Any, typ: Any) -> Any:
         if isinstance(value, str):
             return value
         _fail(field, value, "expected a string")
+    if typ == tuple[int, ...]:
+        if isinstance(value, str):  # "2,2,2,1" on a command line
+            try:
+                value = [int(v) for v in value.replace(" ", "").strip("[]()").split(",") if v]
+            except ValueError:
+                _fail(field, value, "expected a list of integers, e.g. [2, 2, 2, 1]")
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        _fail(field, value, "expected a list of integers, e.g. [2, 2, 2, 1]")
     return value
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_jax.config import Config, ConfigError, LayoutConfig, check_devices
+from moe_jax.config import Config, ConfigError, LayoutConfig, check_devices, stage_units
 from moe_jax.sharding import MESH_AXES, RULES
 
 # ------------------------------------------------------------------------------------------------------- devices
@@ -91,18 +91,22 @@ def _in_host_shape(shape: tuple[int, ...], per_host: int) -> tuple[int, ...] | N
 # ---------------------------------------------------------------------------------------------------- assignment
 
 
-def stage_layers(layers: int, pp: int, repeats: int, stage: int) -> list[int]:
+def stage_layers(layers: int, pp: int, repeats: int, stage: int, counts: Sequence[int] = ()) -> list[int]:
     """The unit ids (stack positions: one per layer when every layer is MoE) a stage holds: pp x v chunks of
-    U / (pp v) units, chunk c on stage c mod pp."""
+    U / (pp v) units, chunk c on stage c mod pp; or, uneven (`counts`: units per stage, v = 1), stage s the next
+    counts[s] units."""
+    if counts:
+        start = sum(counts[:stage])
+        return list(range(start, start + counts[stage]))
     per_chunk = layers // (pp * repeats)
     return [c * per_chunk + j for c in range(stage, pp * repeats, pp) for j in range(per_chunk)]
 
 
-def stage_model_layers(m, pp: int, repeats: int, stage: int) -> list[int]:
+def stage_model_layers(m, pp: int, repeats: int, stage: int, counts: Sequence[int] = ()) -> list[int]:
     """The global layer ids (0 .. model.layers - 1) a stage computes: the dense first layers on stage 0 (they are
     held by every stage, see docs/design-notes.md), then each unit's moe_every layers."""
     first = list(range(m.dense_layers)) if stage == 0 else []
-    units = stage_layers(m.units, pp, repeats, stage)
+    units = stage_layers(m.units, pp, repeats, stage, counts)
     return first + [m.dense_layers + u * m.moe_every + j for u in units for j in range(m.moe_every)]
 
 
@@ -117,13 +121,19 @@ def kv_heads_held(m, tp: int, rank: int) -> tuple[list[int], list[int], str]:
     return list(range(kv)), [(rank * (m.heads // tp)) // group], "replicated over tp (each rank computes its own)"
 
 
-def layer_storage_order(layers: int, pp: int, repeats: int) -> list[int]:
+def layer_storage_order(layers: int, pp: int, repeats: int, counts: Sequence[int] = ()) -> list[int]:
     """Global layer id at each position of the stacked layer axis: stage s's contiguous block is its chunks in order.
 
     With one repeat this is the identity; with v > 1 the stack is stored permuted so that a plain split of the
-    'layers' axis over pp gives every stage its circular chunks.
+    'layers' axis over pp gives every stage its circular chunks. Uneven stages (`counts`): every stage's block is
+    max(counts) long, its units first, then -1 for each padding position (a unit never applied).
     """
-    return [layer for s in range(pp) for layer in stage_layers(layers, pp, repeats, s)]
+    width = max(counts) if counts else 0
+    out = []
+    for s in range(pp):
+        ids = stage_layers(layers, pp, repeats, s, counts)
+        out += ids + [-1] * (width - len(ids) if counts else 0)
+    return out
 
 
 def _ranges(ids: list[int]) -> list[list[int]]:
@@ -179,6 +189,7 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
         multi = False
 
     e_local, h_local, f_local = m.experts // lay.ep, m.heads // lay.tp, m.expert_hidden // lay.tp
+    counts = stage_units(cfg) if lay.stage_layers else ()
     shards = lay.dp * lay.ep
     rows_mb = run.batch // lay.microbatches
     rows_shard = rows_mb // shards
@@ -202,8 +213,10 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
                 "process": int(procs[pp, dp, ep, tp]),
                 "host": host,
                 "coords": {"pp": pp, "dp": dp, "ep": ep, "tp": tp},
-                "layers": stage_model_layers(m, lay.pp, lay.repeats, pp),
-                "units": stage_layers(m.units, lay.pp, lay.repeats, pp),
+                "layers": stage_model_layers(m, lay.pp, lay.repeats, pp, counts),
+                "units": stage_layers(m.units, lay.pp, lay.repeats, pp, counts),
+                # uneven stages: the stage's stack is padded to the largest stage's with units never applied
+                "padding_units": (max(counts) - counts[pp]) if counts else 0,
                 "prologue_layers": list(range(m.dense_layers)),  # held by every stage, computed on stage 0
                 "experts": list(range(ep * e_local, (ep + 1) * e_local)),
                 "heads": list(range(tp * h_local, (tp + 1) * h_local)),
@@ -227,6 +240,7 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
             "ep": lay.ep,
             "tp": lay.tp,
             "repeats": lay.repeats,
+            "stage_layers": list(lay.stage_layers),
             "microbatches": lay.microbatches,
             "devices_per_host": lay.devices_per_host,
             "devices": n,
@@ -264,6 +278,10 @@ def _expected_range(name: str | None, row: dict[str, Any], size: int, storage: l
     if name == "layers":
         if not set(row["units"]) <= set(storage):
             return None
+        if -1 in storage:  # uneven stages: each stage's block is as wide as the largest stage, pads included
+            block = [storage.index(u) for u in row["units"]]
+            width = block[-1] - block[0] + 1 + row.get("padding_units", 0)
+            return [block[0], block[0] + width] if block == list(range(block[0], block[-1] + 1)) else None
         held = sorted(storage.index(unit) for unit in row["units"])
         return [held[0], held[-1] + 1] if held == list(range(held[0], held[-1] + 1)) else None
     if name == "experts":
@@ -297,7 +315,9 @@ def check_placement(
 
     table = assignment(cfg, mesh) if table is None else table
     rows = {d["id"]: d for d in table["devices"]}
-    storage = layer_storage_order(cfg.model.units, cfg.layout.pp, cfg.layout.repeats)
+    storage = layer_storage_order(
+        cfg.model.units, cfg.layout.pp, cfg.layout.repeats, stage_units(cfg) if cfg.layout.stage_layers else ()
+    )
     sizes = dict(mesh.shape)
     checked = 0
     for path, names in param_names.items():

@@ -26,6 +26,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "embed": None,
     "vocab": None,
     "head_dim": None,
+    "q_lora": None,  # latent attention's query rank (its projection and norm whole on every device)
+    "kv_lora": None,  # latent attention's shared K/V latent (+ the RoPE key): whole on every device
     "sublayers": None,  # the dense layers inside one stacked unit (model.moe_every > 1)
     "prologue": None,  # the first model.dense_layers layers: before the pipeline, on every stage (design-notes)
     "router_experts": None,  # the router's output (all E scores): replicated

@@ -104,6 +104,59 @@ FAMILIES = {
         ),  # fmt: skip
         dtype="bfloat16",
     ),
+    "deepseek_v2": dict(  # DeepSeek-V2-Lite's structure: latent attention with one full query projection, a dense
+        # first layer, two shared experts, softmax top-3 greedy routing not renormalised
+        cls=("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+        config=dict(
+            COMMON,
+            num_hidden_layers=3,
+            first_k_dense_replace=1,
+            intermediate_size=80,
+            q_lora_rank=None,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+            n_routed_experts=8,
+            n_shared_experts=2,
+            moe_intermediate_size=24,
+            num_experts_per_tok=3,
+            topk_method="greedy",
+            n_group=1,
+            topk_group=1,
+            routed_scaling_factor=1.0,
+            tie_word_embeddings=False,
+        ),  # fmt: skip
+        dtype="float32",
+    ),
+    "deepseek_v3": dict(  # DeepSeek-V3's: latent attention with a query projection of rank 24, a dense first layer,
+        # one shared expert, sigmoid scores, the best 2 of 4 groups, top-3 renormalised and scaled by 2.5, and a
+        # random aux-free routing bias (e_score_correction_bias) so that its import is checked too
+        cls=("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+        config=dict(
+            COMMON,
+            num_hidden_layers=5,
+            num_key_value_heads=4,  # the class defaults to V3's 128
+            first_k_dense_replace=1,
+            intermediate_size=80,
+            q_lora_rank=24,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            moe_intermediate_size=24,
+            num_experts_per_tok=3,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            tie_word_embeddings=False,
+        ),  # fmt: skip
+        dtype="bfloat16",
+        random_bias=True,
+    ),
 }
 
 
@@ -146,6 +199,11 @@ def make(family: str, spec: dict, out: str) -> dict:
     cfg = config_cls(vocab_size=vocab, bos_token_id=1, eos_token_id=2, **spec["config"])
     torch.manual_seed(SEED)
     model = model_cls(cfg).eval()
+    if spec.get("random_bias"):  # transformers initialises the routing bias to zero; a zero bias would check nothing
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buf.copy_(0.05 * torch.randn(buf.shape))
     d = os.path.join(out, family)
     shutil.rmtree(d, ignore_errors=True)
     model.to(getattr(torch, spec["dtype"])).save_pretrained(d, safe_serialization=True)
@@ -188,7 +246,7 @@ def check_export(family: str, made: dict) -> float:
     import torch
 
     from moe_jax.hf import config_from_hf
-    from moe_jax.hf.checkpoint import export, import_params
+    from moe_jax.hf.checkpoint import export, import_state
     from moe_jax.hf.families import FAMILIES as TABLES
     from moe_jax.mesh import make_mesh
     from moe_jax.parallel.step import ShardedModel
@@ -196,10 +254,10 @@ def check_export(family: str, made: dict) -> float:
     cfg, hf = config_from_hf(made["dir"], layout=os.path.join(ROOT, "meshes", "cpu8-pp2-ep2-tp2.yaml"),
                              overrides=["run.dtype=fp32", "run.seq_len=16", "run.batch=8"])  # fmt: skip
     sm = ShardedModel.build(cfg, make_mesh(cfg.layout))
-    params, _ = import_params(sm, made["dir"])
+    params, rest, _ = import_state(sm, made["dir"])
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "export")
-        summary = export(sm, params, out, TABLES[family], "float32", max_shard_bytes=200_000, base_config=hf)
+        summary = export(sm, params, out, TABLES[family], "float32", max_shard_bytes=200_000, base_config=hf, rest=rest)
         assert len(summary["files"]) > 1, summary  # the sharded form, with its index, is what transformers reads
         back = made["model_cls"].from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
         got = logits_of(back, made["tokens"])

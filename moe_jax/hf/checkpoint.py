@@ -14,6 +14,7 @@ Export: the parameters in global layer order, one layer's slice at a time fetche
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import re
@@ -156,8 +157,14 @@ class HFTensors:
         with safe_open(self.where[name], "np") as f:
             return f.get_slice(name)[index]
 
-    def total_elements(self) -> int:
-        return sum(int(np.prod(s)) for s in self.shapes.values())
+    def total_elements(self, below_layer: int | None = None) -> int:
+        """Elements of every tensor, or of those not in layers from `below_layer` on (an MTP module left unread)."""
+
+        def kept(name):
+            m = re.match(r"model\.layers\.(\d+)\.", name)
+            return below_layer is None or not m or int(m.group(1)) < below_layer
+
+        return sum(int(np.prod(s)) for n, s in self.shapes.items() if kept(n))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -190,14 +197,16 @@ def one_expert(rule: str) -> str:
     return rule.replace("E", "", 1)
 
 
-def rule_for(family: Family, path: str) -> tuple[str, str, str | None, int]:
-    """(HF name pattern, shape rule, stack, stacked axes) of our parameter `path`."""
+def rule_for(family: Family, path: str, rows: dict | None = None) -> tuple[str, str, str | None, int]:
+    """(HF name pattern, shape rule, stack, stacked axes) of our parameter `path` (or, `rows` = family.rest, of a
+    state that is not a parameter: DeepSeek-V3's routing bias)."""
     stack = path.split("/")[0]
+    table = family.layer if rows is None else rows
     if stack in STACKS:
         rel = path.split("/", 1)[1]
-        if rel not in family.layer:
+        if rel not in table:
             raise ConfigError(f"the {family.model_type} table has no row for {path}: this model is not that family")
-        name, rule = family.layer[rel]
+        name, rule = table[rel]
         return "model.layers.{L}." + name, rule, stack, (2 if stack == "dense_blocks" else 1)
     if path not in GLOBAL:
         raise ConfigError(f"the {family.model_type} table has no row for {path}: this model is not that family")
@@ -210,11 +219,12 @@ def letter_sizes(rule: str, shape: tuple[int, ...]) -> dict[str, int]:
     return dict(zip(ours, shape, strict=True))
 
 
-def expected_tensors(m: ModelConfig, family: Family, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
+def expected_tensors(m: ModelConfig, family: Family, shapes: dict[str, tuple[int, ...]],
+                     rows: dict | None = None) -> dict[str, tuple]:  # fmt: skip
     """Every HF tensor the model needs -> (its shape, our path). shapes: our paths -> global shapes."""
     out = {}
     for path, shape in shapes.items():
-        name, rule, stack, n = rule_for(family, path)
+        name, rule, stack, n = rule_for(family, path, rows)
         sizes = letter_sizes(rule, shape[n:])
         for pos in np.ndindex(*shape[:n]):
             base = hf_name(m, name, stack, pos)
@@ -225,8 +235,9 @@ def expected_tensors(m: ModelConfig, family: Family, shapes: dict[str, tuple[int
     return out
 
 
-def check_tensors(tensors: HFTensors, expected: dict[str, tuple]) -> None:
-    """Missing, extra or misshapen tensors: the first of each named, with both shapes."""
+def check_tensors(tensors: HFTensors, expected: dict[str, tuple], beyond_layers: int | None = None) -> None:
+    """Missing, extra or misshapen tensors: the first of each named, with both shapes. `beyond_layers`: tensors of
+    layers from this index on are a multi-token-prediction module (DeepSeek-V3's layer 61) and are left unread."""
     for name, (shape, path) in expected.items():
         if name not in tensors.shapes:
             raise ConfigError(f"{tensors.directory}: tensor {name} missing (needed for {path}, shape {shape})")
@@ -234,23 +245,29 @@ def check_tensors(tensors: HFTensors, expected: dict[str, tuple]) -> None:
             raise ConfigError(f"{tensors.directory}: tensor {name} has shape {tensors.shapes[name]}, the config "
                               f"needs {shape} (for {path})")  # fmt: skip
     extra = sorted(set(tensors.shapes) - set(expected))
+    if beyond_layers is not None:
+        extra = [
+            n for n in extra if not (m := re.match(r"model\.layers\.(\d+)\.", n)) or int(m.group(1)) < beyond_layers
+        ]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise ConfigError(f"{tensors.directory}: tensor {extra[0]}{more} is not part of this model; moe_jax would "
                           "drop it (rotary inv_freq buffers and MTP layers are not read: remove them)")  # fmt: skip
 
 
-def load_params(sm, family: Family, tensors: HFTensors):
-    """The model's parameters read from `tensors` into their shards on sm's mesh, in the layout's storage order."""
+def load_params(sm, family: Family, tensors: HFTensors, rest: bool = False):
+    """The model's parameters (or, `rest`, the family's non-parameter state) read from `tensors` into their shards
+    on sm's mesh, in the layout's storage order."""
     import jax
 
     m = sm.cfg.model
     order = sm.layer_order()  # storage position -> global unit
-    shardings = sm.shardings(sm.param_specs)
+    shardings = sm.shardings(sm.rest_specs if rest else sm.param_specs)
+    rows = family.rest if rest else None
 
     def build(key_path, leaf, sharding):
         path = path_of(key_path)
-        name, rule, stack, n = rule_for(family, path)
+        name, rule, stack, n = rule_for(family, path, rows)
         sizes = letter_sizes(rule, leaf.shape[n:])
         _, ours = parse_rule(rule)
         seen: dict[tuple, np.ndarray] = {}  # replicated slices are read once for all the devices that hold them
@@ -276,19 +293,41 @@ def load_params(sm, family: Family, tensors: HFTensors):
 
         return jax.make_array_from_callback(leaf.shape, sharding, block)
 
-    return jax.tree_util.tree_map_with_path(build, sm.abstract_params, shardings)
+    return jax.tree_util.tree_map_with_path(build, sm.abstract_rest if rest else sm.abstract_params, shardings)
+
+
+def rest_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """The model's non-parameter state (the routing bias) by path, global shapes."""
+    from flax import nnx
+
+    from moe_jax.model.transformer import abstract_model
+
+    _, _, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)
+    return {"/".join(map(str, k)): tuple(v.shape) for k, v in nnx.to_flat_state(rest)}
 
 
 def import_params(sm, directory: str):
     """config.json's family and the safetensors of `directory`, checked against sm's model, then read into shards."""
+    params, _, tensors = import_state(sm, directory)
+    return params, tensors
+
+
+def import_state(sm, directory: str, seed: int = 0):
+    """(params, rest, tensors): the parameters and, where the family stores it (DeepSeek-V3's
+    e_score_correction_bias), the routing bias; otherwise the rest is freshly initialised (zero bias)."""
     from moe_jax.hf.families import family_of
     from moe_jax.model.transformer import param_table
 
     family = family_of(read_hf_config(directory), os.path.join(directory, "config.json"))
     tensors = HFTensors(directory)
     _, shapes = param_table(sm.cfg)
-    check_tensors(tensors, expected_tensors(sm.cfg.model, family, shapes))
-    return load_params(sm, family, tensors), tensors
+    expected = expected_tensors(sm.cfg.model, family, shapes)
+    with_rest = bool(family.rest) and bool(rest_shapes(sm.cfg))
+    if with_rest:
+        expected.update(expected_tensors(sm.cfg.model, family, rest_shapes(sm.cfg), family.rest))
+    check_tensors(tensors, expected, sm.cfg.model.layers if family.extra_layers_ok else None)
+    rest = load_params(sm, family, tensors, rest=True) if with_rest else sm.init_rest(seed)
+    return load_params(sm, family, tensors), rest, tensors
 
 
 def host_slice(arr, lead: tuple[int, ...]) -> np.ndarray:
@@ -311,7 +350,7 @@ def host_slice(arr, lead: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def hf_tensors_of(sm, params, family: Family, dtype) -> Iterator[tuple[str, np.ndarray]]:
+def hf_tensors_of(sm, params, family: Family, dtype, rows: dict | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, host array) for every tensor, one stack position's slice of a parameter fetched at a time."""
     import jax
 
@@ -319,7 +358,7 @@ def hf_tensors_of(sm, params, family: Family, dtype) -> Iterator[tuple[str, np.n
     inverse = sm.layer_order(inverse=True)  # global unit -> storage position
     for key_path, arr in jax.tree_util.tree_leaves_with_path(params):
         path = path_of(key_path)
-        name, rule, stack, n = rule_for(family, path)
+        name, rule, stack, n = rule_for(family, path, rows)
         sizes = letter_sizes(rule, arr.shape[n:])
         _, ours = parse_rule(rule)
         for gpos in np.ndindex(*arr.shape[:n]):
@@ -333,6 +372,12 @@ def hf_tensors_of(sm, params, family: Family, dtype) -> Iterator[tuple[str, np.n
                     yield base.format(e=e), write_form(one, one_expert(rule), sizes).astype(dtype)
             else:
                 yield base, write_form(x, rule, sizes).astype(dtype)
+
+
+def jax_leaves(tree) -> list:
+    import jax
+
+    return jax.tree.leaves(tree)
 
 
 def parse_size(text: str) -> int:
@@ -372,6 +417,7 @@ def export(
     base_config: dict | None = None,
     extra_files: dict[str, str] | None = None,
     force: bool = False,
+    rest=None,
 ) -> dict:
     """Writes config.json and the safetensors (sharded above max_shard_bytes, with the index) into `out`, atomically:
     a temporary directory beside it, renamed into place when complete. Returns a summary."""
@@ -404,7 +450,10 @@ def export(
             files.append(name)
             shard.clear()
 
-        for name, x in hf_tensors_of(sm, params, family, np_dtype):
+        tensors = hf_tensors_of(sm, params, family, np_dtype)
+        if family.rest and rest is not None and jax_leaves(rest):  # the routing bias (V3's e_score_correction_bias)
+            tensors = itertools.chain(tensors, hf_tensors_of(sm, rest, family, np_dtype, family.rest))
+        for name, x in tensors:
             if shard and shard_bytes + x.nbytes > max_shard_bytes:
                 flush()
                 shard_bytes = 0

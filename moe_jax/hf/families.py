@@ -57,6 +57,26 @@ SHARED_EXPERT = {  # Qwen2-MoE: the shared expert and the sigmoid gate on its ou
 }
 
 
+LATENT_ATTENTION = {  # DeepSeek-V2/V3's multi-head latent attention (R: a rank; K: the per-head width of that row)
+    "attn_norm/scale": ("input_layernorm.weight", "D -> D"),
+    "ffn_norm/scale": ("post_attention_layernorm.weight", "D -> D"),
+    "attn/wq": ("self_attn.q_proj.weight", "HK,D -> DHK"),
+    "attn/wq_a": ("self_attn.q_a_proj.weight", "R,D -> DR"),
+    "attn/q_a_norm/scale": ("self_attn.q_a_layernorm.weight", "R -> R"),
+    "attn/wq_b": ("self_attn.q_b_proj.weight", "HK,R -> RHK"),
+    "attn/wkv_a": ("self_attn.kv_a_proj_with_mqa.weight", "R,D -> DR"),
+    "attn/kv_a_norm/scale": ("self_attn.kv_a_layernorm.weight", "R -> R"),
+    "attn/wkv_b": ("self_attn.kv_b_proj.weight", "HK,R -> RHK"),
+    "attn/wo": ("self_attn.o_proj.weight", "D,HK -> HKD"),
+}
+DEEPSEEK_SHARED = {  # n_shared_experts x moe_intermediate_size as one SwiGLU FFN, ungated
+    "shared/w_gate": ("mlp.shared_experts.gate_proj.weight", "F,D -> DF"),
+    "shared/w_in": ("mlp.shared_experts.up_proj.weight", "F,D -> DF"),
+    "shared/w_out": ("mlp.shared_experts.down_proj.weight", "D,F -> FD"),
+}
+DEEPSEEK_BIAS = {"moe/bias": ("mlp.gate.e_score_correction_bias", "E -> E")}  # V3's aux-free bias (a buffer)
+
+
 def experts(block: str, gate: str, up: str, down: str) -> dict[str, tuple[str, str]]:
     """The router and the routed SwiGLU experts, one HF tensor per expert."""
     return {
@@ -74,6 +94,8 @@ class Family:
     layer: dict[str, tuple[str, str]]  # per-layer rows
     model_fields: Callable[[dict[str, Any], str], dict[str, Any]]  # config.json -> ModelConfig fields
     hf_fields: Callable[[ModelConfig], dict[str, Any]]  # ModelConfig -> the family's config.json fields
+    rest: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # per-layer state that is no Param
+    extra_layers_ok: bool = False  # tensors of layers past num_hidden_layers are the MTP module: left unread
 
 
 def _get(hf: dict[str, Any], key: str, where: str, default: Any = ...) -> Any:
@@ -253,6 +275,103 @@ def _hf_qwen2_moe(m: ModelConfig) -> dict[str, Any]:
                 sliding_window=None, qkv_bias=True, **_hf_qwen_dense_layers(m))  # fmt: skip
 
 
+def _deepseek(hf: dict[str, Any], where: str, v3: bool) -> dict[str, Any]:
+    """DeepSeek-V2 / V3: MLA, dense first layers, routed + shared experts; V3 sigmoid scores, grouped top-k and the
+    aux-free bias. What moe_jax does not build is refused by name."""
+    _refuse(hf, "attention_bias", where, (False, None), "a bias on the attention projections is not supported")
+    _refuse(hf, "mlp_bias", where, (False, None), "biases in the FFNs are not supported")
+    if v3:
+        _refuse(hf, "rope_interleave", where, (True, None), "only DeepSeek's interleaved RoPE layout is built")
+    heads = int(_get(hf, "num_attention_heads", where))
+    kv = int(_get(hf, "num_key_value_heads", where, heads))
+    if kv != heads:
+        raise ConfigError(f"{where}: num_key_value_heads={kv}: latent attention has one K/V head per query head "
+                          f"(num_attention_heads={heads})")  # fmt: skip
+    if int(hf.get("moe_layer_freq") or 1) != 1:
+        raise ConfigError(f"{where}: moe_layer_freq={hf['moe_layer_freq']!r}: only every layer after "
+                          "first_k_dense_replace MoE (1) is supported")  # fmt: skip
+    common = _common(hf, where)
+    for key in ("head_dim", "kv_heads"):
+        common.pop(key)
+    groups = int(hf.get("n_group") or 1)
+    out = dict(
+        common,
+        attention="mla",
+        q_lora_rank=int(hf.get("q_lora_rank") or 0),
+        kv_lora_rank=int(_get(hf, "kv_lora_rank", where)),
+        qk_nope_head_dim=int(_get(hf, "qk_nope_head_dim", where)),
+        qk_rope_head_dim=int(_get(hf, "qk_rope_head_dim", where)),
+        v_head_dim=int(_get(hf, "v_head_dim", where)),
+        experts=int(_get(hf, "n_routed_experts|num_local_experts|num_experts", where)),
+        top_k=int(_get(hf, "num_experts_per_tok", where)),
+        expert_hidden=int(_get(hf, "moe_intermediate_size", where)),
+        shared_hidden=int(hf.get("n_shared_experts") or 0) * int(_get(hf, "moe_intermediate_size", where)),
+        dense_layers=int(hf.get("first_k_dense_replace") or 0),
+        routed_scale=float(hf.get("routed_scaling_factor") or 1.0),
+    )
+    if out["dense_layers"]:
+        out["dense_hidden"] = int(_get(hf, "intermediate_size", where))
+    if v3:  # sigmoid scores, the best topk_group of n_group groups (scored by their two best), the aux-free bias
+        out.update(router_score="sigmoid", expert_groups=groups, group_top_k=int(hf.get("topk_group") or 1),
+                   norm_topk=bool(hf.get("norm_topk_prob", True)), expert_bias=True)  # fmt: skip
+    else:  # softmax scores, never renormalised; grouped top-k is V2's other rule, not V3's: refused unless trivial
+        method = hf.get("topk_method") or "greedy"
+        top_group = int(hf.get("topk_group") or groups)
+        if method not in ("greedy", "group_limited_greedy") or (method != "greedy" and top_group < groups):
+            raise ConfigError(f"{where}: topk_method={method!r} (n_group={groups}, topk_group={top_group}): only "
+                              "'greedy' routing is built for DeepSeek-V2 (group-limited greedy with topk_group < "
+                              "n_group is not)")  # fmt: skip
+        out.update(norm_topk=False)
+    if "aux_loss_alpha" in hf:
+        out["lb_loss_weight"] = float(hf["aux_loss_alpha"])
+    return out
+
+
+def _hf_deepseek(m: ModelConfig, v3: bool) -> dict[str, Any]:
+    out = _hf_common(m)
+    out.pop("head_dim")
+    out.update(n_routed_experts=m.experts, moe_intermediate_size=m.expert_hidden,
+               n_shared_experts=m.shared_hidden // m.expert_hidden, first_k_dense_replace=m.dense_layers,
+               routed_scaling_factor=m.routed_scale, q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank,
+               qk_nope_head_dim=m.qk_nope_head_dim, qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim,
+               attention_bias=False, mlp_bias=False, aux_loss_alpha=m.lb_loss_weight)  # fmt: skip
+    if m.dense_hidden:
+        out["intermediate_size"] = m.dense_hidden
+    if v3:
+        out.update(n_group=m.expert_groups, topk_group=m.group_top_k, norm_topk_prob=m.norm_topk,
+                   rope_interleave=True)  # fmt: skip
+    else:
+        out.update(topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False)
+    return out
+
+
+def _check_deepseek_model(m: ModelConfig, v3: bool) -> None:
+    """What a DeepSeek family can express of a ModelConfig (for export)."""
+    want = {"attention": "mla", "ffn": "swiglu", "moe_every": 1, "shared_gate": False, "tie_embeddings": False}
+    want.update({"router_score": "sigmoid", "expert_bias": True} if v3 else
+                {"router_score": "softmax", "norm_topk": False, "expert_groups": 1})  # fmt: skip
+    for field, value in want.items():
+        if getattr(m, field) != value:
+            raise ConfigError(f"export-hf: model.{field}={getattr(m, field)!r}: the deepseek_v{3 if v3 else 2} "
+                              f"family needs {value!r}")  # fmt: skip
+    if m.shared_hidden % m.expert_hidden:
+        raise ConfigError(f"export-hf: model.shared_hidden={m.shared_hidden}: DeepSeek's shared experts are "
+                          f"n x moe_intermediate_size={m.expert_hidden}")  # fmt: skip
+
+
+def _hf_deepseek_v2(m: ModelConfig) -> dict[str, Any]:
+    _check_deepseek_model(m, False)
+    return _hf_deepseek(m, False)
+
+
+def _hf_deepseek_v3(m: ModelConfig) -> dict[str, Any]:
+    _check_deepseek_model(m, True)
+    return _hf_deepseek(m, True)
+
+
+DEEPSEEK_LAYER = {**LATENT_ATTENTION, **experts("mlp", "gate_proj", "up_proj", "down_proj"), **DEEPSEEK_SHARED,
+                  **DENSE_FFN}  # fmt: skip
+
 FAMILIES: dict[str, Family] = {
     "mixtral": Family(
         "mixtral", "MixtralForCausalLM", {**ATTENTION, **experts("block_sparse_moe", "w1", "w3", "w2")},
@@ -274,6 +393,14 @@ FAMILIES: dict[str, Family] = {
          **DENSE_FFN},
         _qwen2_moe, _hf_qwen2_moe,
     ),
+    "deepseek_v2": Family(
+        "deepseek_v2", "DeepseekV2ForCausalLM", DEEPSEEK_LAYER,
+        lambda hf, where: _deepseek(hf, where, False), _hf_deepseek_v2, extra_layers_ok=True,
+    ),
+    "deepseek_v3": Family(
+        "deepseek_v3", "DeepseekV3ForCausalLM", DEEPSEEK_LAYER,
+        lambda hf, where: _deepseek(hf, where, True), _hf_deepseek_v3, rest=DEEPSEEK_BIAS, extra_layers_ok=True,
+    ),
 }  # fmt: skip
 
 
@@ -291,6 +418,8 @@ def model_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
 
 def family_for_model(m: ModelConfig) -> Family:
     """The family whose architecture this ModelConfig is (for exporting a model that was not imported)."""
+    if m.attention == "mla":
+        return FAMILIES["deepseek_v3" if m.router_score == "sigmoid" else "deepseek_v2"]
     if m.ffn != "swiglu" or m.router_score != "softmax" or m.expert_groups > 1 or m.routed_scale != 1.0:
         raise ConfigError(
             "export-hf: this model has no Hugging Face family here (families need SwiGLU experts and plain softmax "

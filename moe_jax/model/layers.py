@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.config import ModelConfig
+from moe_jax.config import LATENT_NORM_EPS, ModelConfig
 from moe_jax.sharding import Axes
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
@@ -65,17 +65,24 @@ def rope(x_BSHK, positions_S, theta: float):
     return out.astype(x_BSHK.dtype)
 
 
-def causal_attention(q_BQHK, k_BSGK, v_BSGK, q_offset: int = 0, block: int = 512):
+def deinterleave(x):
+    """DeepSeek's rotary layout, pairs (x0, x1), (x2, x3), ..., to ours, (first half, second half): the same rotation
+    of the same pairs, so q . k is unchanged (transformers' apply_rotary_pos_emb_interleave does the same)."""
+    return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+
+
+def causal_attention(q_BQHK, k_BSGK, v_BSGK, q_offset: int = 0, block: int = 512, scale=None):
     """Softmax(q k^T / sqrt(K)) v with a causal mask, scores and softmax in fp32. G = H / g K/V heads, each read by g
-    consecutive query heads (grouped-query attention; G = H is multi-head, G = 1 multi-query).
+    consecutive query heads (grouped-query attention; G = H is multi-head, G = 1 multi-query). Values may be narrower
+    or wider than K (latent attention); `scale` replaces 1 / sqrt(K).
 
     Queries are processed in blocks of `block` rows (each rematerialised in the backward pass), so memory holds
     [B, H, block, S] scores rather than [B, H, Q, S]: sequences of 10240 fit. Query i sits at position q_offset + i.
     """
     b, q_len, h, k = q_BQHK.shape
-    s_len, kv = k_BSGK.shape[1], k_BSGK.shape[2]
+    s_len, kv, vk = k_BSGK.shape[1], k_BSGK.shape[2], v_BSGK.shape[-1]
     g = h // kv
-    scale = 1.0 / jnp.sqrt(jnp.float32(k))
+    scale = 1.0 / jnp.sqrt(jnp.float32(k)) if scale is None else jnp.float32(scale)
     kv_pos_S = jnp.arange(s_len)
 
     def one_block(q_blk, start):
@@ -91,14 +98,14 @@ def causal_attention(q_BQHK, k_BSGK, v_BSGK, q_offset: int = 0, block: int = 512
         scores = jnp.where(mask_QS[None, None, None], scores, -jnp.inf)
         probs_BGgQS = jax.nn.softmax(scores, axis=-1).astype(v_BSGK.dtype)
         out = jnp.einsum("BGgQS,BSGK->BQGgK", probs_BGgQS, v_BSGK, preferred_element_type=jnp.float32)
-        return out.reshape(b, q_blk.shape[1], h, k)
+        return out.reshape(b, q_blk.shape[1], h, vk)
 
     if q_len <= block or q_len % block or not isinstance(q_offset, int):
         return one_block(q_BQHK, 0).astype(q_BQHK.dtype)
     blocks = q_len // block
     q_NBQHK = q_BQHK.reshape(b, blocks, block, h, k).swapaxes(0, 1)
     out_NBQHK = jax.lax.map(lambda args: jax.checkpoint(one_block)(*args), (q_NBQHK, jnp.arange(blocks) * block))
-    return out_NBQHK.swapaxes(0, 1).reshape(b, q_len, h, k).astype(q_BQHK.dtype)
+    return out_NBQHK.swapaxes(0, 1).reshape(b, q_len, h, vk).astype(q_BQHK.dtype)
 
 
 class Attention(nnx.Module):
@@ -191,6 +198,88 @@ class Attention(nnx.Module):
         q, k, v = self.qkv(x_full, positions_S, axes, dtype)
         o = causal_attention(q, k, v)
         return axes.scatter_seq(self.out(o, dtype), axis=1)  # fp32
+
+
+class LatentAttention(nnx.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3). Queries: x W_q, or through a rank-q_lora_rank projection, its
+    RMSNorm and W_q_b. Keys and values: one shared latent c = RMSNorm(x W_kv_a[:, :r]) of kv_lora_rank, expanded per
+    head by W_kv_b into a no-RoPE key part (qk_nope_head_dim) and a value (v_head_dim), plus one RoPE key part
+    (qk_rope_head_dim, from x W_kv_a[:, r:]) shared by every head. Scores at 1 / sqrt(nope + rope). Heads split over
+    tp; the latent's projections are whole on every tp rank (each computes the latent its heads read).
+
+    Serving caches the latent and the RoPE key (kv_lora_rank + qk_rope_head_dim per token and layer), not K and V,
+    and attends in the latent space: q_nope W_kb^T against the cached latent, the weighted latents times W_vb (the
+    "absorbed" form; the same sums in another order)."""
+
+    def __init__(self, cfg: ModelConfig, out_std: float, *, rngs: nnx.Rngs):
+        d, h, std = cfg.d_model, cfg.heads, cfg.init_std
+        nope, rope_d, vd = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        r_q, r_kv = cfg.q_lora_rank, cfg.kv_lora_rank
+        if r_q:
+            self.wq_a = param(rngs, (d, r_q), ("embed", "q_lora"), std)
+            self.q_a_norm = RMSNorm(r_q, LATENT_NORM_EPS, ("q_lora",))
+            self.wq_b = param(rngs, (r_q, h, nope + rope_d), ("q_lora", "heads", "head_dim"), std)
+        else:
+            self.wq = param(rngs, (d, h, nope + rope_d), ("embed", "heads", "head_dim"), std)
+        self.wkv_a = param(rngs, (d, r_kv + rope_d), ("embed", "kv_lora"), std)
+        self.kv_a_norm = RMSNorm(r_kv, LATENT_NORM_EPS, ("kv_lora",))
+        self.wkv_b = param(rngs, (r_kv, h, nope + vd), ("kv_lora", "heads", "head_dim"), std)
+        self.wo = param(rngs, (h, vd, d), ("heads", "head_dim", "embed"), out_std)
+        self.nope, self.rope_dim, self.rank, self.theta = nope, rope_d, r_kv, cfg.rope_theta
+        self.scale = 1.0 / float(nope + rope_d) ** 0.5
+
+    def queries(self, x_BSD, positions_S, dtype):
+        """(q_nope [B, S, H, N], roped q_rope [B, S, H, P]) over this rank's heads."""
+        if hasattr(self, "wq_a"):
+            q_lat = jnp.einsum("BSD,DR->BSR", x_BSD, self.wq_a[...].astype(dtype))
+            q = jnp.einsum("BSR,RHK->BSHK", self.q_a_norm(q_lat).astype(dtype), self.wq_b[...].astype(dtype))
+        else:
+            q = jnp.einsum("BSD,DHK->BSHK", x_BSD, self.wq[...].astype(dtype))
+        return q[..., : self.nope], rope(deinterleave(q[..., self.nope :]), positions_S, self.theta)
+
+    def latent(self, x_BSD, positions_S, dtype):
+        """(normed latent c [B, S, R], roped shared key [B, S, P]): what serving caches."""
+        ckv = jnp.einsum("BSD,DR->BSR", x_BSD, self.wkv_a[...].astype(dtype))
+        c = self.kv_a_norm(ckv[..., : self.rank]).astype(dtype)
+        k_rope = rope(deinterleave(ckv[..., self.rank :])[:, :, None, :], positions_S, self.theta)[:, :, 0, :]
+        return c, k_rope
+
+    def out(self, o_BSHV, dtype):
+        """fp32 output (tp partial sums reduced in fp32, as `Attention.out`)."""
+        return jnp.einsum("BSHV,HVD->BSD", o_BSHV, self.wo[...].astype(dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, x_BSD, axes: Axes, dtype):
+        """Training: as `Attention.__call__` (the sequence gathered over tp, the output reduce-scattered)."""
+        x_full = axes.gather_seq(x_BSD.astype(dtype), axis=1)
+        positions_S = jnp.arange(x_full.shape[1])
+        q_nope, q_rope = self.queries(x_full, positions_S, dtype)
+        c, k_rope = self.latent(x_full, positions_S, dtype)
+        kv = jnp.einsum("BSR,RHK->BSHK", c, self.wkv_b[...].astype(dtype))
+        k_nope, v = kv[..., : self.nope], kv[..., self.nope :]
+        k_rope_BSHP = jnp.broadcast_to(k_rope[:, :, None, :], (*k_nope.shape[:3], self.rope_dim))
+        q = jnp.concatenate([q_nope, q_rope], axis=-1)
+        k = jnp.concatenate([k_nope, k_rope_BSHP], axis=-1)
+        o = causal_attention(q, k, v, scale=self.scale)
+        return axes.scatter_seq(self.out(o, dtype), axis=1)
+
+    def cached(self, x_BSD, cache_c_BT1R, cache_r_BT1P, pos, axes: Axes, dtype):
+        """Serving: writes the S new tokens' latents and RoPE keys into the [B, T_max, 1, R] and [B, T_max, 1, P]
+        caches (whole on every tp rank) and attends in the latent space. Returns (fp32 update, caches)."""
+        x = x_BSD.astype(dtype)
+        positions_S = pos + jnp.arange(x.shape[1])
+        q_nope, q_rope = self.queries(x, positions_S, dtype)
+        c, k_rope = self.latent(x, positions_S, dtype)
+        upd = jax.lax.dynamic_update_slice_in_dim
+        cache_c_BT1R = upd(cache_c_BT1R, c[:, :, None].astype(cache_c_BT1R.dtype), pos, axis=1)
+        cache_r_BT1P = upd(cache_r_BT1P, k_rope[:, :, None].astype(cache_r_BT1P.dtype), pos, axis=1)
+        w = self.wkv_b[...].astype(dtype)
+        q_lat = jnp.einsum("BSHN,RHN->BSHR", q_nope, w[..., : self.nope])
+        c_all = cache_c_BT1R.astype(dtype)
+        keys = jnp.concatenate([c_all, cache_r_BT1P.astype(dtype)], axis=-1)
+        o_lat = causal_attention(jnp.concatenate([q_lat, q_rope], axis=-1), keys, c_all, q_offset=pos,
+                                 scale=self.scale)  # fmt: skip
+        o = jnp.einsum("BSHR,RHV->BSHV", o_lat, w[..., self.nope :])
+        return axes.scatter_seq(self.out(o, dtype), axis=1), cache_c_BT1R, cache_r_BT1P
 
 
 class MLP(nnx.Module):

@@ -17,9 +17,12 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     mats = 3 if cfg.ffn == "swiglu" else 2
     moe, dense = cfg.moe_layers, cfg.layers - cfg.moe_layers
     qk_norm = {"none": 0, "head": 2 * cfg.head_dim, "projection": hk + gk}[cfg.qk_norm]
+    attention = 2 * d * hk + 2 * d * gk + (hk + 2 * gk if cfg.qkv_bias else 0) + qk_norm
+    if cfg.attention == "mla":
+        attention = mla_attention_params(cfg)
     return {
         "embedding": cfg.vocab * d,
-        "attention": l * (2 * d * hk + 2 * d * gk + (hk + 2 * gk if cfg.qkv_bias else 0) + qk_norm),
+        "attention": l * attention,
         "norms": l * 2 * d + d,
         "router": moe * d * e,
         "experts": moe * e * mats * d * f,
@@ -27,6 +30,21 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         "dense": dense * mats * d * cfg.dense_hidden,
         "head": 0 if cfg.tie_embeddings else d * cfg.vocab,
     }
+
+
+def mla_attention_params(cfg: ModelConfig) -> int:
+    """One layer's latent attention: queries (d x H (N + P), or d x r_q, its norm and r_q x H (N + P)), the latent
+    and RoPE key (d x (R + P)), the latent's norm (R), its expansion (R x H (N + V)) and the output (H V x d)."""
+    d, h, r_q, r = cfg.d_model, cfg.heads, cfg.q_lora_rank, cfg.kv_lora_rank
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    q = d * r_q + r_q + r_q * h * qk if r_q else d * h * qk
+    return (
+        q
+        + d * (r + cfg.qk_rope_head_dim)
+        + r
+        + r * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        + h * cfg.v_head_dim * d
+    )
 
 
 def param_kind(path: str) -> str:
@@ -57,7 +75,7 @@ def param_formula(cfg: ModelConfig) -> str:
     structure; other models get the sum by kind)."""
     plain = (
         cfg.n_kv_heads == cfg.heads and cfg.qk_norm == "none" and not cfg.qkv_bias and not cfg.shared_hidden
-        and cfg.moe_layers == cfg.layers and not cfg.tie_embeddings
+        and cfg.moe_layers == cfg.layers and not cfg.tie_embeddings and cfg.attention == "mha"
     )  # fmt: skip
     if not plain:
         c = param_counts(cfg)

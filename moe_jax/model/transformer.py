@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.config import Config, ConfigError, ModelConfig
-from moe_jax.model.layers import MLP, Attention, RMSNorm, compute_dtype, param
+from moe_jax.model.layers import MLP, Attention, LatentAttention, RMSNorm, compute_dtype, param
 from moe_jax.model.moe import MoE
 from moe_jax.sharding import Axes
 
@@ -31,7 +31,7 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, kind: str = "moe", *, rngs: nnx.Rngs):
         out_std = cfg.init_std / math.sqrt(2 * cfg.layers)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, out_std, rngs=rngs)
+        self.attn = (LatentAttention if cfg.attention == "mla" else Attention)(cfg, out_std, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if kind == "moe":
             self.moe = MoE(cfg, out_std, rngs=rngs)

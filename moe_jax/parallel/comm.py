@@ -24,7 +24,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from moe_jax.config import Config
+from moe_jax.config import Config, storage_model
 from moe_jax.model.moe import capacity
 from moe_jax.parallel.schedule import Schedule
 from moe_jax.sharding import MESH_AXES, TOKEN_AXES, active_axes
@@ -41,7 +41,7 @@ def local_sizes(cfg: Config) -> dict[str, int]:
         "seq": s,
         "tokens": b * s,
         "capacity": capacity(m, b * s),
-        "layers": m.units // lay.pp,
+        "layers": storage_model(cfg).units // lay.pp,
         "experts": m.experts // lay.ep,
         "heads": m.heads // lay.tp,
         "hidden": m.expert_hidden // lay.tp,
@@ -63,7 +63,7 @@ def param_shards(cfg: Config) -> list[dict[str, Any]]:
 
     sizes = dict(zip(MESH_AXES, cfg.layout.shape, strict=True))
     out = []
-    for path, names, shape in _param_table(cfg.model):
+    for path, names, shape in _param_table(storage_model(cfg)):
         spec = logical_to_mesh(names, sizes, shape)
         used: list[str] = []
         local = []
@@ -88,7 +88,7 @@ def expected_collectives(cfg: Config, step: str = "grad") -> list[dict[str, Any]
     loc = local_sizes(cfg)
     db = DTYPE_BYTES[run.dtype]
     d, e, c = m.d_model, m.experts, loc["capacity"]
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.units, lay.remat)
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat)
     # Every tick every stage runs one chunk of U / (pp v) units, bubble ticks included: that many MoE layer runs,
     # each after its unit's moe_every - 1 dense layers. The dense first layers run once per microbatch on every stage.
     runs = sched.ticks * sched.layers_per_chunk
@@ -173,7 +173,7 @@ def expected_serving_collectives(cfg: Config, step: str) -> list[dict[str, Any]]
     s = run.seq_len if step == "prefill" else 1
     b = run.batch // (lay.dp * lay.ep * lay.microbatches)
     tokens = b * s
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.units)
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units)
     runs = sched.ticks * sched.layers_per_chunk
     d, e = m.d_model, m.experts
     rows: list[dict[str, Any]] = []

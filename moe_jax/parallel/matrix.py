@@ -127,7 +127,7 @@ def decode_against_forward(cfg, prompt: int = 5, n: int = 4) -> dict[str, Any]:
             tok = srv.put_tokens(full[:, prompt + i : prompt + i + 1])
             lg, ck, cv = step(params, rest, ck, cv, tok, jnp.int32(prompt + i))
             outs.append(srv.logits_to_host(lg))
-    model = nnx.merge(srv.sm.graphdef, srv.sm.to_global(to_host(params)), srv.sm.to_global(to_host(rest)))
+    model = nnx.merge(srv.sm.global_graphdef, srv.sm.to_global(to_host(params)), srv.sm.to_global(to_host(rest)))
     ref, _ = jax.jit(lambda m, t: m(t))(model, jnp.asarray(full))
     want = np.asarray(ref)[:, prompt - 1 : prompt + n - 1]
     return {"got": np.stack(outs, 1), "want": want, "srv": srv, "mesh": mesh, "step": step, "params": params,

@@ -22,7 +22,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.config import Config
+from moe_jax.config import Config, stage_units, storage_model
 from moe_jax.mesh import layer_storage_order
 from moe_jax.model.layers import compute_dtype
 from moe_jax.model.transformer import (
@@ -66,6 +66,14 @@ class ShardedModel:
     def sizes(self) -> dict[str, int]:
         return dict(self.mesh.shape)
 
+    @functools.cached_property
+    def global_graphdef(self):
+        """The graph of the model in global layer order, for trees from `to_global` (the stored graph counts the
+        padding units of uneven stages; otherwise they are the same)."""
+        if not self.cfg.layout.stage_layers:
+            return self.graphdef
+        return nnx.split(abstract_model(self.cfg), nnx.Param, ...)[0]
+
     def shardings(self, specs):
         return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs)
 
@@ -103,12 +111,22 @@ class ShardedModel:
         )
 
     def layer_order(self, inverse: bool = False) -> np.ndarray:
-        """Position in the stacked storage -> global layer id; inverse: global layer id -> storage position."""
-        order = np.array(layer_storage_order(self.cfg.model.units, self.cfg.layout.pp, self.cfg.layout.repeats))
-        return np.argsort(order) if inverse else order
+        """Position in the stacked storage -> global layer id; inverse: global layer id -> storage position. With
+        uneven stages a padding position takes a copy of its stage's last unit (never applied: its output is its
+        input, so its gradient is zero), and the inverse reads the real positions only."""
+        cfg = self.cfg
+        counts = stage_units(cfg) if cfg.layout.stage_layers else ()
+        order = np.array(layer_storage_order(cfg.model.units, cfg.layout.pp, cfg.layout.repeats, counts))
+        if inverse:
+            real = np.flatnonzero(order >= 0)
+            return real[np.argsort(order[real])]
+        for i in range(len(order)):
+            if order[i] < 0:
+                order[i] = order[i - 1]
+        return order
 
     def _permute_layers(self, state, order):
-        if (order == np.arange(len(order))).all():
+        if not self.cfg.layout.stage_layers and (order == np.arange(len(order))).all():
             return state
 
         def take(a):  # the same sharding out as in (on an Explicit mesh the gather must be told)
@@ -176,7 +194,8 @@ class ShardedModel:
 
 @functools.lru_cache(maxsize=32)
 def _build_sharded_model(cls, cfg: Config, mesh) -> ShardedModel:
-    graphdef, params, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)
+    # Uneven stages: the stored stack is padded to pp x the largest stage (config.storage_model).
+    graphdef, params, rest = nnx.split(abstract_model(storage_model(cfg)), nnx.Param, ...)
     sizes = dict(mesh.shape)
     return cls(cfg, mesh, graphdef, state_specs(params, sizes), state_specs(rest, sizes), params, rest)
 
@@ -230,8 +249,10 @@ def loss_fn(sm: ShardedModel) -> Callable:
     n_tokens = cfg.run.batch * cfg.run.seq_len
     sizes = sm.sizes
     axes = Axes.sharded(sizes)
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.units, lay.remat)
+    stored = storage_model(cfg).units
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, stored, lay.remat)
     pp, v, mb = lay.pp, lay.repeats, lay.microbatches
+    uneven = np.array(stage_units(cfg), np.int32) if lay.stage_layers else None
     all_tokens = active_axes((*TOKEN_AXES, "pp"), sizes)
     pp_axes = active_axes(("pp",), sizes)
     remat_layer = "layer" if lay.remat == "layer" else "none"
@@ -251,12 +272,17 @@ def loss_fn(sm: ShardedModel) -> Callable:
         x_MBSD = model.embed_tokens(tokens_local)
         if m.dense_layers:
             x_MBSD = lax.map(lambda x: run_prologue(model, x, axes, dtype, remat_layer), x_MBSD)
-        l_c = m.units // (pp * v)
+        l_c = stored // (pp * v)
+        n_units = None if uneven is None else jnp.asarray(uneven)[stage]  # this stage's real units
 
         # Unit i of the stage's stack is picked inside the (checkpointed) unit, so what a checkpoint saves for the
         # backward pass is the activation and the index, never a per-tick copy of the stage's weights.
         def layer(x, i):
-            return stack.unit(x, i, axes, dtype, (1, 1))
+            y, stats = stack.unit(x, i, axes, dtype, (1, 1))
+            if n_units is None:
+                return y, stats
+            real = i < n_units  # uneven stages: a padding unit passes its input on and counts nothing
+            return jnp.where(real, y, x), jax.tree.map(lambda a: jnp.where(real, a, jnp.zeros_like(a)), stats)
 
         if remat_layer == "layer":
             layer = jax.checkpoint(layer)

@@ -19,7 +19,23 @@ TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 2e-2}
 GRAD_GROUPS = {
     "embedding": ("embed",),
     "head": ("head", "final_norm"),
-    "attention": ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "q_norm", "k_norm"),
+    "attention": (
+        "wq",
+        "wk",
+        "wv",
+        "wo",
+        "bq",
+        "bk",
+        "bv",
+        "q_norm",
+        "k_norm",
+        "wq_a",
+        "wq_b",
+        "wkv_a",
+        "wkv_b",
+        "q_a_norm",
+        "kv_a_norm",
+    ),
     "norms": ("attn_norm", "ffn_norm"),
     "router": ("router",),
     "shared": ("shared",),
@@ -90,7 +106,7 @@ def verify(cfg: Config, mesh, seed: int = 0, perturb: Callable | None = None, pr
     sharded = ((loss, met), sm.to_global(grads))
     if perturb is not None:
         sharded = perturb(sharded)
-    reference = to_host(reference_grad_step(cfg, sm.graphdef)(host_params, host_rest, tokens, targets))
+    reference = to_host(reference_grad_step(cfg, sm.global_graphdef)(host_params, host_rest, tokens, targets))
     errors = compare(sharded, reference)
     tol = TOLERANCE[cfg.run.dtype]
     out = {

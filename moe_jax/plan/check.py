@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from moe_jax.config import Config
+from moe_jax.config import Config, storage_model
 from moe_jax.hlo import array_dims
 from moe_jax.parallel.comm import bytes_by_kind, expected_collectives, local_sizes
 from moe_jax.parallel.schedule import Schedule
@@ -32,7 +32,7 @@ def classify(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]]) -> st
     """The planner's part a temporary buffer at the peak stands for, from what made it and its shape."""
     m, lay = cfg.model, cfg.layout
     loc = local_sizes(cfg)
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.units, lay.remat)
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat)
     dtype, shape = array_dims(buf.shape)
     if buf.opcode == "copy" and any(o.startswith("param") for o in buf.operands) and shape in param_shapes:
         return "head_copy_or_gradient"  # pp > 1: the head's gradient lives in the head's argument buffer

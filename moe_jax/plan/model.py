@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_jax.config import Config
+from moe_jax.config import Config, storage_model
 from moe_jax.model.params import active_params_per_token, param_kind, total_params
 from moe_jax.parallel.comm import DTYPE_BYTES, bytes_by_kind, expected_collectives, local_sizes, param_shards
 from moe_jax.parallel.schedule import Schedule
@@ -109,7 +109,7 @@ def dense_layer_residuals(cfg: Config, backend: str = "accelerator") -> int:
 def stage_cached_layers(cfg: Config) -> int:
     """Layers whose KV cache one stage holds: its units' layers, and the dense first layers (every stage)."""
     m, lay = cfg.model, cfg.layout
-    return m.units // lay.pp * m.moe_every + m.dense_layers
+    return storage_model(cfg).units // lay.pp * m.moe_every + m.dense_layers
 
 
 def kv_heads_computed(cfg: Config) -> int:
@@ -133,7 +133,7 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
     m, lay, run = cfg.model, cfg.layout, cfg.run
     loc = local_sizes(cfg)
     p_loc = sum(local_params(cfg).values())
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.units, lay.remat)
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat)
     runs = sched.ticks * sched.layers_per_chunk
     bsd = loc["batch"] * loc["seq"] * m.d_model * 4  # one microbatch's fp32 residual stream on one device
     res = sum(layer_residuals(cfg, backend).values())
@@ -208,7 +208,7 @@ def flops(cfg: Config) -> dict[str, float]:
     the routed tokens' expert work, the causal half of attention)."""
     m, lay, run = cfg.model, cfg.layout, cfg.run
     loc = local_sizes(cfg)
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.units, lay.remat)
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat)
     rows = loc["batch"] * run.seq_len  # after the tp all-gather
     hk, gk = loc["heads"] * m.head_dim, kv_heads_computed(cfg) * m.head_dim
     mats = 3 if m.ffn == "swiglu" else 2
@@ -292,13 +292,13 @@ def _wire_bytes(kind: str, operand: int, g: int) -> float:
 
 
 def _layout_row(lay) -> dict[str, Any]:
-    keys = ("pp", "dp", "ep", "tp", "microbatches", "repeats", "remat", "devices")
+    keys = ("pp", "dp", "ep", "tp", "microbatches", "repeats", "stage_layers", "remat", "devices")
     return {k: getattr(lay, k) for k in keys}
 
 
 def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
     lay = cfg.layout
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, cfg.model.layers, lay.remat)
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat)
     mem = memory(cfg)
     fl = flops(cfg)
     colls = collectives(cfg, hw)
@@ -375,7 +375,7 @@ def serve_plan(cfg: Config, hw: Hardware, step: str = "decode") -> dict[str, Any
     """Prefill or one decode step: memory, time (the larger of compute and memory traffic, plus communication)."""
     m, lay, run = cfg.model, cfg.layout, cfg.run
     db = DTYPE_BYTES[run.dtype]
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, m.units)
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units)
     runs = sched.ticks * sched.layers_per_chunk  # unit runs
     layer_runs = runs * m.moe_every + lay.microbatches * m.dense_layers  # every layer run, the first ones included
     s = run.seq_len if step == "prefill" else 1

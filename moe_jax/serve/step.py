@@ -21,7 +21,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.config import Config, ConfigError
+from moe_jax.config import Config, ConfigError, stage_units, storage_model
 from moe_jax.model.layers import compute_dtype
 from moe_jax.model.transformer import Stack, block_cached, check_tokens
 from moe_jax.parallel.schedule import Schedule
@@ -34,19 +34,27 @@ def cache_specs(cfg: Config, sizes) -> dict[str, P]:
     first layers [k, ...] (every stage, like their weights). G: K/V heads, split over tp; where tp > kv_heads each tp
     rank caches the one head it reads, so G = tp."""
     shapes = cache_shapes(cfg, 1)
-    tail = ("microbatch", "batch", None, "kv_heads", "head_dim")
+    # latent attention: the latent and the RoPE key, one "head" each, whole on every tp rank
+    tail = ("microbatch", "batch", None, "kv_heads", "head_dim") if cfg.model.attention == "mha" else (
+        "microbatch", "batch", None, None, None)  # fmt: skip
     lead = {"blocks": ("layers",), "dense_blocks": ("layers", "sublayers"), "prologue": ("prologue",)}
     return {k: logical_to_mesh((*lead[k], *tail), sizes, shape) for k, shape in shapes.items()}
 
 
-def cache_shapes(cfg: Config, max_len: int) -> dict[str, tuple[int, ...]]:
+def cache_shapes(cfg: Config, max_len: int, which: str = "k") -> dict[str, tuple[int, ...]]:
+    """The k (or v) caches' global shapes by stack. Latent attention: the k cache holds the latent [.., 1, R], the v
+    cache the RoPE key [.., 1, P]."""
     m, lay = cfg.model, cfg.layout
     mb = lay.microbatches
-    kv = m.n_kv_heads if m.n_kv_heads % lay.tp == 0 else lay.tp
-    tail = (mb, cfg.run.batch // mb, max_len, kv, m.head_dim)
-    shapes = {"blocks": (m.units, *tail)}
+    units = storage_model(cfg).units
+    if m.attention == "mla":
+        kv, width = 1, (m.kv_lora_rank if which == "k" else m.qk_rope_head_dim)
+    else:
+        kv, width = (m.n_kv_heads if m.n_kv_heads % lay.tp == 0 else lay.tp), m.head_dim
+    tail = (mb, cfg.run.batch // mb, max_len, kv, width)
+    shapes = {"blocks": (units, *tail)}
     if m.moe_every > 1:
-        shapes["dense_blocks"] = (m.units, m.moe_every - 1, *tail)
+        shapes["dense_blocks"] = (units, m.moe_every - 1, *tail)
     if m.dense_layers:
         shapes["prologue"] = (m.dense_layers, *tail)
     return shapes
@@ -77,11 +85,14 @@ class ServeModel:
         """(k caches, v caches): zeros, each a dict of arrays by stack (see `cache_specs`)."""
         cfg = self.sm.cfg
         specs = cache_specs(cfg, self.sm.sizes)
-        shapes = self.cache_shape
         dtype = compute_dtype(cfg.run.dtype)
-        sh = {k: NamedSharding(self.sm.mesh, specs[k]) for k in shapes}
-        zeros = jax.jit(lambda: {k: jnp.zeros(shape, dtype) for k, shape in shapes.items()}, out_shardings=sh)
-        return zeros(), zeros()
+        sh = {k: NamedSharding(self.sm.mesh, spec) for k, spec in specs.items()}
+
+        def zeros(which):
+            shapes = cache_shapes(cfg, self.max_len, which)
+            return jax.jit(lambda: {k: jnp.zeros(shape, dtype) for k, shape in shapes.items()}, out_shardings=sh)()
+
+        return zeros("k"), zeros("v")
 
     def put_tokens(self, tokens_BS) -> jax.Array:
         cfg = self.sm.cfg
@@ -118,9 +129,11 @@ def _serve_step(srv: ServeModel, every_position: bool = False) -> Callable:
     sizes = sm.sizes
     axes = Axes.serving(sizes)
     pp, v, mb = lay.pp, lay.repeats, lay.microbatches
-    sched = Schedule(pp, mb, v, m.units)
+    stored = storage_model(cfg).units
+    sched = Schedule(pp, mb, v, stored)
     pp_axes = active_axes(("pp",), sizes)
-    l_c = m.units // (pp * v)
+    l_c = stored // (pp * v)
+    uneven = np.array(stage_units(cfg), np.int32) if lay.stage_layers else None
     perm = ring(pp, v)
 
     def body(params, rest, ck, cv, tokens_local, pos):
@@ -159,8 +172,13 @@ def _serve_step(srv: ServeModel, every_position: bool = False) -> Callable:
                 prologue, (x_MBSD, ck["prologue"], cv["prologue"]), jnp.arange(mb)
             )
 
+        n_units = None if uneven is None else jnp.asarray(uneven)[stage]
+
         def unit(carry, i):
-            x, ck, cv, j, valid = carry
+            x_in, ck, cv, j, valid_tick = carry
+            x = x_in
+            # uneven stages: a padding unit (i past the stage's own) writes no cache and passes its input on
+            valid = valid_tick if n_units is None else valid_tick & (i - (i // l_c) * l_c < n_units)
             ck, cv = dict(ck), dict(cv)
             if stack.dense is not None:
                 graph, state = stack.dense
@@ -170,7 +188,9 @@ def _serve_step(srv: ServeModel, every_position: bool = False) -> Callable:
                     )
             graph, state = stack.moe
             x, ck["blocks"], cv["blocks"] = cached(graph, state, (i,), j, x, ck["blocks"], cv["blocks"], valid)
-            return (x, ck, cv, j, valid), None
+            if n_units is not None:
+                x = jnp.where(valid, x, x_in)
+            return (x, ck, cv, j, valid_tick), None
 
         zero_act = x_MBSD[0] * 0.0
         if pp_axes:  # activations differ by stage once they pass through a stage's layers

@@ -158,10 +158,12 @@ def init_train_state(sm: ShardedModel, tx: optax.GradientTransformation, seed: i
 
 
 def train_state_from_params(sm: ShardedModel, tx: optax.GradientTransformation, params, seed: int = 0) -> TrainState:
-    """A step-0 state around given parameters (imported weights): fresh optimizer moments and loss scale."""
+    """A step-0 state around given parameters (imported weights), or (params, rest) where the import carries the
+    routing bias too: fresh optimizer moments and loss scale."""
+    params, rest = params if isinstance(params, tuple) else (params, sm.init_rest(seed))
     opt_state = _opt_init(sm, tx)(params)
     loss_scale = jax.device_put(init_loss_scale(sm.cfg.run.dtype), NamedSharding(sm.mesh, P()))
-    return TrainState(params, sm.init_rest(seed), opt_state, loss_scale, 0)
+    return TrainState(params, rest, opt_state, loss_scale, 0)
 
 
 @functools.lru_cache(maxsize=32)

@@ -14,6 +14,7 @@ import tempfile
 from typing import Any
 
 from moe_jax.config import Config, ConfigError, check_devices, load_config
+from moe_jax.plan.hardware import PROFILES
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -938,7 +939,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="the analytic plan of a layout, or --search every layout of --devices N")
     _add_config_args(p)
-    p.add_argument("--hardware", default="seed", help="seed, h100, h200, tpu-v5p")
+    p.add_argument("--hardware", default="seed", help=", ".join(PROFILES))
     p.add_argument("--step", default="train", choices=("train", "prefill", "decode"))
     p.add_argument("--devices", type=int, help="the device count (checked against the layout; needed by --search)")
     p.add_argument("--search", action="store_true")

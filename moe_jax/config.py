@@ -257,7 +257,8 @@ def check_config(cfg: Config) -> Config:
             "layout.pp",
             lay.pp,
             f"layout.pp x layout.repeats = {lay.pp} x {lay.repeats} must divide {what}={m.units}{unit}, or a stage "
-            f"would hold a different layer pattern; valid pp x repeats: {_divisors(m.units)}",
+            f"would hold a different layer pattern; valid pp x repeats: {_divisors(m.units)} (or uneven stages: "
+            f"layout.stage_layers)",
         )
     if m.heads % lay.tp:
         _fail("layout.tp", lay.tp, f"must divide model.heads={m.heads}; valid: {_divisors(m.heads)}")

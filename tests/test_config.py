@@ -36,6 +36,9 @@ def test_config_is_frozen():
         cfg.model.top_k = 3  # type: ignore[misc]
 
 
+MLA = ["model.attention=mla", "model.kv_lora_rank=64", "model.qk_nope_head_dim=32", "model.qk_rope_head_dim=16",
+       "model.v_head_dim=32"]  # fmt: skip
+
 BAD_OVERRIDES = [
     (["layout.ep=3"], "layout.ep=3", "divide model.experts=64"),
     (["layout.pp=3"], "layout.pp=3", "must divide model.layers=16"),
@@ -89,6 +92,20 @@ BAD_OVERRIDES = [
     (["model.shared_hidden=100", "layout.tp=8"], "layout.tp=8", "must divide model.shared_hidden=100"),
     (["model.router_score=relu"], "model.router_score='relu'", "valid: softmax, sigmoid"),
     (["model.qk_norm=layer"], "model.qk_norm='layer'", "valid: none, head, projection"),
+    # DeepSeek (issue 16): latent attention's sizes and uneven stages.
+    ([*MLA, "model.kv_lora_rank=0"], "model.kv_lora_rank=0", "must be a positive integer with model.attention=mla"),
+    ([*MLA, "model.qk_nope_head_dim=-8"], "model.qk_nope_head_dim=-8", "must be >= 0"),
+    ([*MLA, "model.q_lora_rank=-1"], "model.q_lora_rank=-1", "must be >= 0"),
+    ([*MLA, "model.qk_rope_head_dim=15"], "model.qk_rope_head_dim=15", "must be even (RoPE rotates pairs"),
+    (["model.kv_lora_rank=512"], "model.kv_lora_rank=512", "is a latent-attention size; set model.attention=mla"),
+    ([*MLA, "model.kv_heads=4"], "model.kv_heads=4", "is a multi-head attention option; with model.attention=mla"),
+    (["model.attention=gqa"], "model.attention='gqa'", "valid: mha, mla"),
+    (["layout.stage_layers=[4,4,4]"], "layout.stage_layers=[4, 4, 4]", "needs one count per stage: 4 numbers"),
+    (["layout.stage_layers=[5,5,3,2]"], "layout.stage_layers=[5, 5, 3, 2]", "sums to 15; the pipelined layers are"),
+    (["layout.stage_layers=[8,8,0,0]"], "layout.stage_layers=[8, 8, 0, 0]", "every stage needs a positive layer count"),
+    (["layout.repeats=2", "layout.stage_layers=[4,4,4,4]"], "layout.stage_layers", "need layout.repeats=1, not 2"),
+    (["layout.stage_layers=[a]"], "layout.stage_layers=['a']", "expected a list of integers, e.g. [2, 2, 2, 1]"),
+    (["layout.pp=3"], "layout.pp=3", "(or uneven stages: layout.stage_layers)"),
 ]
 
 

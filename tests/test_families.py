@@ -122,7 +122,7 @@ def test_qk_norm_over_the_projection_spans_every_head():
 # summed over tp): the committed matrix (below). Their forward, prefill and decode on pp (dense layers first and
 # interleaved), tp 4 and ep 8 against transformers: test_hf.py.
 SUITE_CASES = [
-    "qwen1.5-moe dense-first pp2-ep2-tp2 fp32",
+    "deepseek uneven pp4-tp2 fp32",
 ]
 
 
@@ -135,8 +135,10 @@ def test_family_equals_one_device(case_id):
     assert groups <= set(row["errors"])
     if "dense-first" in case_id or "moe-every-2" in case_id:
         assert "grad/dense" in row["errors"]
-    if "qwen1.5" in case_id:
+    if "qwen1.5" in case_id or "deepseek" in case_id:
         assert "grad/shared" in row["errors"]
+    if "deepseek" in case_id:  # latent attention, a dense first layer, the padded last stage
+        assert "grad/dense" in row["errors"]
 
 
 def test_committed_results_cover_the_matrix_and_pass():
@@ -167,6 +169,51 @@ def test_dense_first_layers_run_on_stage_0_and_units_alternate_stages():
     from moe_jax.model.transformer import param_table
 
     assert "head" not in param_table(cfg)[0]  # tied: the embedding is the head
+
+
+# DeepSeek's published totals and active parameters, in billions (the V3 report, arXiv:2412.19437; the
+# DeepSeek-V2-Lite model card).
+DEEPSEEK = {"deepseek-v3": (671, 37), "deepseek-v2-lite": (15.7, 2.4)}
+
+
+@pytest.mark.parametrize("preset", list(DEEPSEEK))
+def test_deepseek_parameter_counts_equal_tree_and_published(preset):
+    """The analytic count equals the abstract tree's and the published total (V3: the main model, without the
+    14B-parameter MTP module). Active parameters: moe-jax counts the embedding and the head, as for every family
+    (V3 37.55B, V2-Lite 2.66B); DeepSeek's published figures count the head but not the embedding lookup: V3's
+    36.63B is its "37B", V2-Lite's 2.45B its "2.4B" (truncated, as Qwen3's card does)."""
+    from moe_jax.model.params import param_counts
+
+    cfg = load_config(f"configs/models/{preset}.yaml")
+    _, params, _ = nnx.split(abstract_model(cfg), nnx.Param, ...)
+    tree = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+    assert tree == total_params(cfg.model)
+    total, active = DEEPSEEK[preset]
+    without_lookup = (active_params_per_token(cfg.model) - param_counts(cfg.model)["embedding"]) / 1e9
+    if preset == "deepseek-v3":
+        assert round(tree / 1e9) == total and round(without_lookup) == active
+        assert round(active_params_per_token(cfg.model) / 1e9, 2) == 37.55
+    else:
+        assert round(tree / 1e9, 1) == total and math.floor(without_lookup * 10) / 10 == active
+
+
+def test_uneven_stages_in_the_assignment_and_the_latent_cache_in_the_plan():
+    """The assignment names each uneven stage's layers (and its padding unit); the planner's decode KV cache for
+    DeepSeek-V3 on its 2048-GPU layout is the latent and the RoPE key, 576 values per token and layer, not 128 heads
+    x (192 + 128) of K and V."""
+    from moe_jax.layouts import load_pair
+    from moe_jax.plan.model import serve_memory
+
+    cfg = matrix.config(matrix.case("deepseek uneven pp4-tp2 fp32"))
+    stages = {d["coords"]["pp"]: (d["layers"], d["units"], d["padding_units"]) for d in assignment(cfg)["devices"]}
+    assert stages == {0: ([0, 1, 2], [0, 1], 0), 1: ([3, 4], [2, 3], 0), 2: ([5, 6], [4, 5], 0),
+                      3: ([7], [6], 1)}  # fmt: skip
+    cfg = load_pair("deepseek-v3-2048")
+    m, lay = cfg.model, cfg.layout
+    assert m.kv_lora_rank + m.qk_rope_head_dim == 576
+    layers_per_stage = max(lay.stage_layers) + m.dense_layers  # the largest stage and the dense first layers
+    rows = cfg.run.batch // (lay.dp * lay.ep)
+    assert serve_memory(cfg, "decode")["kv_cache"] == layers_per_stage * rows * cfg.run.seq_len * 576 * 2  # bf16
 
 
 @pytest.mark.parametrize("preset", list(PUBLISHED))

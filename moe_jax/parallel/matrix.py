@@ -1,6 +1,7 @@
 """The model families against one device on 8 fake devices: every tiny family (configs/tiny-<family>.yaml) on five
-layouts in fp32, bf16 on two, the structure no preset has (dense first layers under pp, MoE every second layer under
-circular pp), tp 4, and prefill + decode against the full forward for each family.
+layouts in fp32, bf16 on three, the structure no preset has (dense first layers under pp, MoE every second layer under
+circular pp, uneven stages), tp 4, and prefill + decode against the full forward for each family (DeepSeek's with the
+latent cache).
 
 A train case is `verify` (loss, router terms, every gradient group, the gradient norm; fp32 1e-5, bf16 2e-2 relative
 to each leaf's largest element) and the HLO audit of the very program it checked. `scripts/verify_families.py` runs
@@ -12,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-FAMILIES = ("mixtral", "qwen3", "olmoe", "qwen1.5-moe")
+FAMILIES = ("mixtral", "qwen3", "olmoe", "qwen1.5-moe", "deepseek")
 
 # All with 4 microbatches, so one one-device reference per family serves every layout (the router terms are per
 # microbatch; pipelines with m = pp and m = 4 pp are tests/test_pipeline.py's, on the seed's tiny model).
@@ -34,6 +35,9 @@ DENSE_FIRST = [
     "model.shared_gate=false",
 ]  # fmt: skip
 INTERLEAVED = ["model.layers=8", "model.moe_every=2", "model.dense_hidden=36", "model.tie_embeddings=true"]
+# Uneven stages: the DeepSeek model with 7 pipelined layers on 4 stages of 2, 2, 2 and 1 (the last stage's stack padded
+# with a unit that is never applied).
+UNEVEN = ["layout.pp=4", "layout.ep=1", "layout.tp=2", M4, "model.layers=8", "layout.stage_layers=[2,2,2,1]"]
 
 
 def cases() -> list[dict[str, Any]]:
@@ -59,6 +63,12 @@ def cases() -> list[dict[str, Any]]:
         {"id": "olmoe pp2-ep2-tp2 decode", "family": "olmoe", "kind": "decode", "overrides": LAYOUTS["pp2-ep2-tp2"]},
         {"id": "qwen1.5-moe dense-first pp2-ep2-tp2 decode", "family": "qwen1.5-moe", "kind": "decode",
          "overrides": [*LAYOUTS["pp2-ep2-tp2"], *DENSE_FIRST]},
+        {"id": "deepseek uneven pp4-tp2 fp32", "family": "deepseek", "kind": "train", "overrides": UNEVEN},
+        {"id": "deepseek pp2-ep2-tp2 bf16", "family": "deepseek", "kind": "train",
+         "overrides": [*LAYOUTS["pp2-ep2-tp2"], "run.dtype=bf16"]},
+        {"id": "deepseek pp2-circular decode", "family": "deepseek", "kind": "decode",
+         "overrides": LAYOUTS["pp2-circular"]},
+        {"id": "deepseek uneven pp4-tp2 decode", "family": "deepseek", "kind": "decode", "overrides": UNEVEN},
     ]  # fmt: skip
     return out
 

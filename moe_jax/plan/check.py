@@ -43,6 +43,8 @@ def classify(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]]) -> st
     bsd = (loc["batch"], loc["seq"], m.d_model)
     if sched.ticks == 1 and len(shape) == 4 and shape == (sched.layers_per_chunk, *bsd):
         return "saved_for_backward"  # one tick (no pipeline, one microbatch): the layer scan's stacked inputs
+    if m.dense_layers and shape == (lay.microbatches, m.dense_layers, *bsd):
+        return "saved_for_backward"  # the dense first layers' inputs, every microbatch
     if m.vocab in shape and "_take" in buf.op_name:
         return "gradients"  # the embedding's gradient (the transpose of its gather)
     if m.vocab in shape:

@@ -64,6 +64,20 @@ PROFILES: dict[str, Hardware] = {
         "H200 SXM: 989 TFLOP/s bf16 dense, 141 GB HBM3e at 4.8 TB/s, NVLink 4 450 GB/s per direction, "
         "400 Gb/s InfiniBand per GPU; 50% MFU assumed",
     ),
+    "h800": Hardware(
+        "h800",
+        989e12,
+        0.50,
+        80e9,
+        3.35e12,
+        0.80,
+        160e9,
+        50e9,
+        8,
+        "H800 SXM (DeepSeek-V3's cluster): 989 TFLOP/s bf16 dense, 80 GB HBM3 at 3.35 TB/s; links as the DeepSeek-V3 "
+        "report measures them: NVLink about 160 GB/s per GPU inside a node of 8, InfiniBand 50 GB/s per GPU across "
+        "nodes; 50% MFU assumed",
+    ),
     "tpu-v5p": Hardware(
         "tpu-v5p",
         459e12,

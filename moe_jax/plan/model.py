@@ -52,6 +52,34 @@ def compiled_dtype_bytes(dtype: str, backend: str) -> int:
     return DTYPE_BYTES[dtype]
 
 
+def attention_dims(cfg: Config) -> dict[str, int]:
+    """Per device and attention layer: `weights`, the elements of its projections (so 2 x weights FLOPs per row of
+    the gathered sequence); `acts`, the elements per row its backward keeps (q, k, v and o over the local heads, and
+    with latent attention the latent, the query's latent and the expanded K/V); `qk` and `v`, the widths scores and
+    weighted values are taken at. Latent attention's latent projections are whole on every tp rank."""
+    m, lay = cfg.model, cfg.layout
+    h_loc, d = m.heads // lay.tp, m.d_model
+    if m.attention == "mla":
+        qk, vd, nope = m.qk_head_dim, m.v_head_dim, m.qk_nope_head_dim
+        r_q, r, p = m.q_lora_rank, m.kv_lora_rank, m.qk_rope_head_dim
+        query = d * r_q + r_q * h_loc * qk if r_q else d * h_loc * qk
+        weights = query + d * (r + p) + r * h_loc * (nope + vd) + h_loc * vd * d
+        acts = h_loc * (2 * qk + 2 * vd) + (r + p) + r_q + h_loc * (nope + vd)
+        return {"weights": weights, "acts": acts, "qk": qk, "v": vd}
+    hd, g = m.head_dim, kv_heads_computed(cfg)
+    return {"weights": (2 * h_loc + 2 * g) * d * hd, "acts": (2 * h_loc + 2 * g) * hd, "qk": hd, "v": hd}
+
+
+def cache_per_token_layer(cfg: Config) -> int:
+    """Cached values per token and layer on one device: k and v of the K/V heads it caches, or with latent
+    attention the latent and the RoPE key (kv_lora_rank + qk_rope_head_dim, whole on every tp rank)."""
+    m, lay = cfg.model, cfg.layout
+    if m.attention == "mla":
+        return m.kv_lora_rank + m.qk_rope_head_dim
+    g_cache = m.n_kv_heads // lay.tp if m.n_kv_heads % lay.tp == 0 else 1
+    return 2 * g_cache * m.head_dim
+
+
 def layer_residuals(cfg: Config, backend: str = "accelerator") -> dict[str, int]:
     """What the backward pass of one layer run needs from its forward (JAX's residuals, bytes per device), when the
     layer is not rematerialised: read off the compiled programs (docs/planner.md), one term per tensor kind."""
@@ -64,12 +92,12 @@ def layer_residuals(cfg: Config, backend: str = "accelerator") -> dict[str, int]
     mats = 3 if m.ffn == "swiglu" else 2
     hidden_copies = 6 if m.ffn == "gelu" else 7  # the hidden and the activation's intermediates (gelu: measured)
     single_block = big_s <= 512 or big_s % 512
-    g_loc = kv_heads_computed(cfg)
-    attn_weights = (2 * h_loc + 2 * g_loc) * d * hd
+    ad = attention_dims(cfg)
+    attn_weights = ad["weights"]
     shared_loc = m.shared_hidden // lay.tp
     attention_part = {
         "residual_stream": 5 * t * d * 4,  # fp32: the block's input, the norms' inputs and outputs
-        "q_k_v_o": (2 * h_loc + 2 * g_loc) * b * big_s * hd * db,
+        "q_k_v_o": b * big_s * ad["acts"] * db,
         "gathered_sequence": b * big_s * d * db,
         "scores": b * h_loc * big_s * big_s * (4 + db) if single_block else 0,
     }
@@ -93,16 +121,17 @@ def dense_layer_residuals(cfg: Config, backend: str = "accelerator") -> int:
     loc = local_sizes(cfg)
     db = compiled_dtype_bytes(run.dtype, backend)
     b, s, big_s, d, hd = loc["batch"], loc["seq"], run.seq_len, m.d_model, m.head_dim
-    h_loc, g_loc, f_loc = loc["heads"], kv_heads_computed(cfg), m.dense_hidden // lay.tp
+    h_loc, f_loc = loc["heads"], m.dense_hidden // lay.tp
+    ad = attention_dims(cfg)
     mats = 3 if m.ffn == "swiglu" else 2
     hidden_copies = 6 if m.ffn == "gelu" else 7
     single_block = big_s <= 512 or big_s % 512
     attention = (
-        5 * b * s * d * 4 + (2 * h_loc + 2 * g_loc) * b * big_s * hd * db + b * big_s * d * db
+        5 * b * s * d * 4 + ad["acts"] * b * big_s * db + b * big_s * d * db
         + (b * h_loc * big_s * big_s * (4 + db) if single_block else 0)
     )  # fmt: skip
     ffn = b * big_s * (d + hidden_copies * f_loc) * db
-    weights = ((2 * h_loc + 2 * g_loc) * d * hd + mats * d * f_loc) * db
+    weights = (ad["weights"] + mats * d * f_loc) * db
     return attention + ffn + weights
 
 
@@ -192,7 +221,11 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
         "gradients": head_grads if head_peak else layer_grads,
         "saved_for_backward": saved,
         # the last stage's outputs [M, b, s, d], their gradient and the stage input (fp32); circular: the wrap-around
-        "pipeline_buffers": 0 if one_tick else (3 + (2 if lay.repeats > 1 else 0)) * lay.microbatches * bsd,
+        # with dense first layers, two more: the embedding's output (their input) and the gradient of their output
+        # (measured: DeepSeek-V3 on 2048 fake devices, docs/planner.md)
+        "pipeline_buffers": 0
+        if one_tick
+        else (3 + (2 if lay.repeats > 1 else 0) + (2 if m.dense_layers else 0)) * lay.microbatches * bsd,
         "logits": head_ws if head_peak else 0,
         "layer_working_set": 0 if head_peak else layer_ws,
     }
@@ -210,11 +243,12 @@ def flops(cfg: Config) -> dict[str, float]:
     loc = local_sizes(cfg)
     sched = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat)
     rows = loc["batch"] * run.seq_len  # after the tp all-gather
-    hk, gk = loc["heads"] * m.head_dim, kv_heads_computed(cfg) * m.head_dim
+    ad = attention_dims(cfg)
     mats = 3 if m.ffn == "swiglu" else 2
     t, d = loc["tokens"], m.d_model
-    proj = 2 * rows * d * (2 * hk + 2 * gk)  # q and o over the local heads, k and v over the K/V heads computed
-    scores = 4 * loc["batch"] * loc["heads"] * run.seq_len * run.seq_len * m.head_dim  # scores, weighted values
+    proj = 2 * rows * ad["weights"]  # q and o over the local heads, k and v over the K/V heads computed (or MLA's)
+    # scores (at the q/k width) and weighted values (at the value width)
+    scores = 2 * loc["batch"] * loc["heads"] * run.seq_len * run.seq_len * (ad["qk"] + ad["v"])
     router = 2 * t * d * m.experts
     experts = 2 * mats * loc["experts"] * lay.tp * lay.ep * loc["capacity"] * d * loc["hidden"]  # every buffer row
     combine = 2 * t * m.top_k * d  # the gate-weighted sum of each token's expert outputs
@@ -296,6 +330,30 @@ def _layout_row(lay) -> dict[str, Any]:
     return {k: getattr(lay, k) for k in keys}
 
 
+def optimizer_sharding(cfg: Config) -> dict[str, dict[str, int]]:
+    """Per device, the weights' bytes as the train step keeps them (`replicated`: fp32 master weights 4, fp32
+    gradients 4 and AdamW's two fp32 moments 8 bytes per parameter held) and as ZeRO-1 over the batch axes would
+    (`zero1`: each weight's master copy and moments split over the (dp, ep) devices holding a replica of it, the
+    experts over dp; a compute-dtype copy of every weight kept whole; the gradients whole, as ZeRO-1 reduce-scatters
+    them only once they are made). moe_jax trains the first way (layout.zero is the layouts issue's); the second is
+    what the planner says ZeRO-1 would save."""
+    sizes = dict(zip(("pp", "dp", "ep", "tp"), cfg.layout.shape, strict=True))
+    db = DTYPE_BYTES[cfg.run.dtype]
+    out = {k: dict.fromkeys(("parameters", "gradients", "optimizer_state"), 0) for k in ("replicated", "zero1")}
+    for p in param_shards(cfg):
+        n = p["local"]
+        r = math.prod(sizes[a] for a in ("dp", "ep") if a not in p["split"])
+        out["replicated"]["parameters"] += 4 * n
+        out["replicated"]["gradients"] += 4 * n
+        out["replicated"]["optimizer_state"] += 8 * n
+        out["zero1"]["parameters"] += 4 * n // r + db * n
+        out["zero1"]["gradients"] += 4 * n
+        out["zero1"]["optimizer_state"] += 8 * n // r
+    for v in out.values():
+        v["total"] = sum(v.values())
+    return out
+
+
 def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
     lay = cfg.layout
     sched = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat)
@@ -323,6 +381,7 @@ def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
             "train": 6 * active_params_per_token(cfg.model),
         },
         "memory_per_device_bytes": mem,
+        "optimizer_sharding": optimizer_sharding(cfg),
         "fits": mem["total"] <= hw.hbm_bytes,
         "hbm_bytes": hw.hbm_bytes,
         "flops_per_step": fl["total"],
@@ -349,9 +408,9 @@ def serve_memory(cfg: Config, step: str) -> dict[str, int]:
     p_layers = stacked_local_params(cfg) + prologue_local_params(cfg)
     b_loc = run.batch // (lay.dp * lay.ep)
     bm = b_loc // lay.microbatches
-    g_cache = m.n_kv_heads // lay.tp if m.n_kv_heads % lay.tp == 0 else 1  # the K/V heads a device caches
-    cache = 2 * stage_cached_layers(cfg) * b_loc * run.seq_len * g_cache * m.head_dim * db
-    slice_ = bm * run.seq_len * g_cache * m.head_dim  # one layer's cache for one microbatch
+    per_token = cache_per_token_layer(cfg)  # k and v of the K/V heads a device caches, or MLA's latent + RoPE key
+    cache = stage_cached_layers(cfg) * b_loc * run.seq_len * per_token * db
+    slice_ = bm * run.seq_len * per_token // 2  # one layer's k (or v) cache for one microbatch
     out = {
         "parameters": 4 * sum(lp.values()),
         "kv_cache": cache,
@@ -386,16 +445,18 @@ def serve_plan(cfg: Config, hw: Hardware, step: str = "decode") -> dict[str, Any
     # Traffic: every tick reads the stage's fp32 weights for its chunk, each microbatch the dense first layers'; every
     # layer run reads its cache slice.
     chunk_weights = 4 * p_layers // lay.repeats
-    g_cache = m.n_kv_heads // lay.tp if m.n_kv_heads % lay.tp == 0 else 1
-    cache_per_run = 2 * bm * run.seq_len * g_cache * m.head_dim * db
+    cache_per_run = bm * run.seq_len * cache_per_token_layer(cfg) * db
     traffic = (
         sched.ticks * chunk_weights + lay.microbatches * 4 * prologue_local_params(cfg) + layer_runs * cache_per_run
         + 4 * m.d_model * m.vocab * lay.microbatches
     )  # fmt: skip
-    hk, gk = (m.heads // lay.tp) * m.head_dim, kv_heads_computed(cfg) * m.head_dim
+    ad = attention_dims(cfg)
     f_loc = m.expert_hidden // lay.tp
     mats = 3 if m.ffn == "swiglu" else 2
-    attention = 2 * tokens * m.d_model * (2 * hk + 2 * gk) + 4 * bm * (m.heads // lay.tp) * s * run.seq_len * m.head_dim
+    # scores and weighted values against the cache: MHA at the head width; MLA in the latent space (latent + RoPE
+    # key, then the latent), its per-head expansions absorbed into q and o (the same count as `weights`)
+    widths = ad["qk"] + ad["v"] if m.attention == "mha" else 2 * m.kv_lora_rank + m.qk_rope_head_dim
+    attention = 2 * tokens * ad["weights"] + 2 * bm * (m.heads // lay.tp) * s * run.seq_len * widths
     ffn_dense = 2 * mats * tokens * m.d_model * (m.dense_hidden // lay.tp)
     ffn_moe = 2 * mats * tokens * m.d_model * (m.top_k * f_loc + m.shared_hidden // lay.tp)
     flops = layer_runs * attention + runs * ffn_moe + (layer_runs - runs) * ffn_dense

@@ -15,9 +15,20 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def balanced_stages(cfg: Config, pp: int) -> tuple[int, ...]:
+    """Uneven stages for a pp that does not divide the pipelined units: the first U mod pp stages one unit more
+    (in layers: units x model.moe_every); () where pp divides them (equal stages)."""
+    m = cfg.model
+    if m.units % pp == 0 or pp > m.units:
+        return ()
+    base, extra = divmod(m.units, pp)
+    return tuple((base + (s < extra)) * m.moe_every for s in range(pp))
+
+
 def candidates(cfg: Config, devices: int, devices_per_host: int) -> list[Config]:
     """(pp, dp, ep, tp) with pp dp ep tp = devices; microbatches dividing the batch; repeats 1, 2, 4; remat layer or
-    tick. Only layouts that pass every config check."""
+    tick; where pp does not divide the pipelined units, uneven stages (`balanced_stages`, repeats 1). Only layouts
+    that pass every config check."""
     out = []
     for pp in _divisors(devices):
         for tp in _divisors(devices // pp):
@@ -31,10 +42,12 @@ def candidates(cfg: Config, devices: int, devices_per_host: int) -> list[Config]
                         continue  # without a pipeline, microbatches only trade speed for memory: left out
                     if pp > 1 and mb < pp:
                         continue  # fewer microbatches than stages leaves stages idle most of the step
-                    for v in (1, 2, 4) if pp > 1 else (1,):
+                    stages = balanced_stages(cfg, pp)
+                    for v in (1, 2, 4) if pp > 1 and not stages else (1,):
                         for remat in ("layer", "tick"):
                             lay = LayoutConfig(pp=pp, dp=dp, ep=ep, tp=tp, repeats=v, microbatches=mb,
-                                               devices_per_host=devices_per_host, remat=remat)  # fmt: skip
+                                               devices_per_host=devices_per_host, remat=remat,
+                                               stage_layers=stages)  # fmt: skip
                             c = dataclasses.replace(cfg, layout=lay)
                             try:
                                 check_config(c)
@@ -50,7 +63,7 @@ def layout_counts(cfg: Config) -> list[int]:
     counts = set()
     widths = [w for w in (m.shared_hidden, m.dense_hidden) if w]
     kv = m.n_kv_heads
-    for pp in _divisors(m.units):
+    for pp in range(1, m.units + 1):  # uneven stages where pp does not divide the units
         for tp in _divisors(math.gcd(m.heads, m.expert_hidden, run.seq_len, *widths)):
             if kv % tp and tp % kv:
                 continue
@@ -66,7 +79,7 @@ def no_layout_reason(cfg: Config, devices: int) -> str:
     m, run = cfg.model, cfg.run
     pipelined = f"model.layers={m.layers}" if m.units == m.layers else f"the pipelined units={m.units}"
     rules = (
-        f"pp must divide {pipelined}, tp must divide model.heads={m.heads}, model.expert_hidden="
+        f"pp must be at most {pipelined}, tp must divide model.heads={m.heads}, model.expert_hidden="
         f"{m.expert_hidden}, every FFN width and run.seq_len={run.seq_len} and divide or be a multiple of "
         f"model.kv_heads={m.n_kv_heads}, ep must divide model.experts={m.experts}, and dp x ep must "
         f"divide run.batch={run.batch} (with at least pp microbatches)"

@@ -40,11 +40,17 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
     if model.get("dense_layers") or model.get("moe_every", 1) > 1:
         console.print(f"layers: the first {model['dense_layers']} dense (held by every stage, run by stage 0), then "
                       f"{model['units']} units of {model['moe_every'] - 1} dense + 1 MoE layer split over the stages")  # fmt: skip
+    uneven = table["layout"].get("stage_layers")
+    if uneven:
+        console.print(f"uneven stages: {', '.join(map(str, uneven))} pipelined layers; each stage's stack is padded to "
+                      f"{max(uneven)} with units never applied")  # fmt: skip
     stages = sorted({d["coords"]["pp"] for d in table["devices"]})
     for s in stages:
         devs = [d for d in table["devices"] if d["coords"]["pp"] == s]
+        pad = devs[0].get("padding_units", 0)
         t = Table(
-            title=f"stage pp={s}: layers {ranges_text(devs[0]['layers'])}",
+            title=f"stage pp={s}: layers {ranges_text(devs[0]['layers'])}"
+            + (f" (+{pad} padding unit{'s' if pad > 1 else ''})" if pad else ""),
             title_justify="left",
             show_lines=False,
             pad_edge=False,

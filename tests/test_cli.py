@@ -179,6 +179,21 @@ def test_the_demo_and_every_command_it_and_the_readme_print_run_as_printed(tmp_p
     assert (user_dir / "docs/seed-audit.md").read_text() == open(os.path.join(ROOT, "docs/seed-audit.md")).read()
 
 
+def test_the_readme_deepseek_command(cli):
+    """The README's DeepSeek-V3 plan: the published architecture's count and the per-GPU figure it states, which does
+    not fit the H800's 80 GB: the plan is printed whole, then one line says so and the exit status is 2."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = text.split("<!-- deepseek command checked by tests/test_cli.py -->", 1)[1].split("```bash\n", 1)[1]
+    (line,) = [line for line in block.split("```")[0].splitlines() if line.strip()]
+    out = cli(*shlex.split(line.split("#")[0])[1:])
+    assert out.returncode == 2 and "671,026,404,352 total" in out.stdout
+    gb = re.search(r"total ([\d.]+) GB of 80 GB", out.stdout).group(1)
+    assert f"{gb} GB/GPU" in line and "exits 2, does not fit" in line  # what the README states
+    assert out.stderr.strip().splitlines() == [
+        f"moe-jax plan: error: does not fit: needs {float(gb):.1f} GB per device, has 80"
+    ]
+
+
 def test_the_readme_family_commands(cli):
     """The README's three Mixtral commands: the plan prints the published counts and the figure the README states;
     the tiny Mixtral verifies against one device (in this process's 8 devices). The middle one, `plan --check` of

@@ -236,3 +236,22 @@ def test_each_presets_layout_is_the_searchs_first_on_64_h100s_and_its_kv_cache_i
     rows = cfg.run.batch // (lay.dp * lay.ep)
     kv = 2 * layers_per_stage * rows * cfg.run.seq_len * (m.n_kv_heads // lay.tp) * m.head_dim * 2  # k and v, bf16
     assert serve_memory(cfg, "decode")["kv_cache"] == kv
+
+
+def test_uneven_stages_store_padding_and_checkpoints_stay_in_global_order():
+    """Uneven stages (2, 2, 2, 1): the stored stack is 4 x 2 units, the padding unit a copy of the last stage's own;
+    to_global gives back the global 7 units exactly (what checkpoints and exports hold), so a checkpoint of an uneven
+    run restores on any layout."""
+    from moe_jax.mesh import make_mesh
+    from moe_jax.parallel.step import ShardedModel, one_device_params
+
+    cfg = matrix.config(matrix.case("deepseek uneven pp4-tp2 fp32"))
+    sm = ShardedModel.build(cfg, make_mesh(cfg.layout))
+    assert list(sm.layer_order()) == [0, 1, 2, 3, 4, 5, 6, 6] and list(sm.layer_order(inverse=True)) == list(range(7))
+    params, _ = one_device_params(cfg)
+    stored = sm.to_storage(params)
+    wq = stored["blocks"]["attn"]["wq_a"][...]
+    assert wq.shape[0] == 8 and np.array_equal(wq[7], wq[6])
+    back = sm.to_global(stored)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        assert a.shape == b.shape and np.array_equal(a, b)

@@ -219,6 +219,14 @@ def _bad_inputs(tmp_path) -> list[tuple[list[str], str]]:
         f.truncate(os.path.getsize(path) // 2)
     window = _copy("mixtral", tmp_path / "t6")
     _edit_config(window, sliding_window=16)
+    # DeepSeek configs asking for what is not built: YaRN RoPE scaling (V3's published config), V2's group-limited
+    # greedy routing over a subset of groups, RoPE not interleaved
+    yarn = _copy("deepseek_v3", tmp_path / "t7")
+    _edit_config(yarn, rope_parameters={"rope_type": "yarn", "factor": 40, "rope_theta": 10000.0})
+    limited = _copy("deepseek_v2", tmp_path / "t8")
+    _edit_config(limited, topk_method="group_limited_greedy", n_group=4, topk_group=2)
+    halves = _copy("deepseek_v3", tmp_path / "t9")
+    _edit_config(halves, rope_interleave=False)
     return [
         ([str(tmp_path / "nowhere")], "no such directory"),
         ([str(empty)], "no config.json"),
@@ -228,6 +236,9 @@ def _bad_inputs(tmp_path) -> list[tuple[list[str], str]]:
         ([shape], "tensor model.layers.0.mlp.experts.0.gate_proj.weight has shape (32, 64), the config needs (40, 64)"),
         ([truncated], "model.safetensors: not a readable safetensors file"),
         ([window], "sliding_window=16: sliding-window attention is not supported"),
+        ([yarn], "rope_parameters.rope_type='yarn': only unscaled RoPE ('default') is supported"),
+        ([limited], "topk_method='group_limited_greedy' (n_group=4, topk_group=2): only 'greedy' routing is built"),
+        ([halves], "rope_interleave=False: only DeepSeek's interleaved RoPE layout is built"),
         ([fixture("mixtral"), "layout.pp=8", "layout.ep=1"], "layout.pp=8: layout.pp x layout.repeats = 8 x 1 must divide"),
     ]  # fmt: skip
 

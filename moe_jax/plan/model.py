@@ -87,7 +87,7 @@ def layer_residuals(cfg: Config, backend: str = "accelerator") -> dict[str, int]
     loc = local_sizes(cfg)
     db = compiled_dtype_bytes(run.dtype, backend)
     b, s, big_s, d = loc["batch"], loc["seq"], run.seq_len, m.d_model
-    t, e_loc, f_loc, h_loc, hd = b * s, loc["experts"], loc["hidden"], loc["heads"], m.head_dim
+    t, e_loc, f_loc, h_loc = b * s, loc["experts"], loc["hidden"], loc["heads"]
     rows = lay.tp * lay.ep * loc["capacity"]  # an expert's buffer rows after the all-to-all and the tp gather
     mats = 3 if m.ffn == "swiglu" else 2
     hidden_copies = 6 if m.ffn == "gelu" else 7  # the hidden and the activation's intermediates (gelu: measured)
@@ -120,7 +120,7 @@ def dense_layer_residuals(cfg: Config, backend: str = "accelerator") -> int:
     m, lay, run = cfg.model, cfg.layout, cfg.run
     loc = local_sizes(cfg)
     db = compiled_dtype_bytes(run.dtype, backend)
-    b, s, big_s, d, hd = loc["batch"], loc["seq"], run.seq_len, m.d_model, m.head_dim
+    b, s, big_s, d = loc["batch"], loc["seq"], run.seq_len, m.d_model
     h_loc, f_loc = loc["heads"], m.dense_hidden // lay.tp
     ad = attention_dims(cfg)
     mats = 3 if m.ffn == "swiglu" else 2

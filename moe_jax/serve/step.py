@@ -178,7 +178,7 @@ def _serve_step(srv: ServeModel, every_position: bool = False) -> Callable:
             x_in, ck, cv, j, valid_tick = carry
             x = x_in
             # uneven stages: a padding unit (i past the stage's own) writes no cache and passes its input on
-            valid = valid_tick if n_units is None else valid_tick & (i - (i // l_c) * l_c < n_units)
+            valid = valid_tick if n_units is None else valid_tick & (i < n_units)  # v = 1: i is the stage's index
             ck, cv = dict(ck), dict(cv)
             if stack.dense is not None:
                 graph, state = stack.dense

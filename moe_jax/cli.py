@@ -133,9 +133,10 @@ def cmd_mesh(args) -> int:
     console = Console(width=args.width or max(Console().width, 100), quiet=jax.process_index() != 0)
     print_assignment(console, table, full=args.full)
     if not args.no_check:
+        from moe_jax.config import storage_model
         from moe_jax.model.transformer import param_table
 
-        names, shapes = param_table(cfg)
+        names, shapes = param_table(storage_model(cfg))  # as stored: uneven stages' padding included
         n = check_placement(cfg, mesh, names, shapes)
         console.print(
             f"placement check: {len(names)} parameters x {cfg.layout.devices} devices = {n} shards, each equal to "

@@ -26,6 +26,17 @@ def committed_layouts() -> list[str]:
     return sorted(f[: -len(".yaml")] for f in os.listdir(MESHES) if f.endswith(".yaml"))
 
 
+# A golden assignment JSON lists every device's rows, ranges and groups: 0.5 MB at 512 devices, 10.7 MB for
+# DeepSeek-V3's 2048 (40 microbatches of row ranges each). Layouts above this size have none committed: `moe-jax mesh
+# --json` writes it on demand, and scripts/compile_deepseek.py checks every shard JAX places against it.
+GOLDEN_MAX_DEVICES = 512
+
+
+def golden_layouts() -> list[str]:
+    """The committed layouts whose assignment is committed as meshes/<name>.json."""
+    return [n for n in committed_layouts() if load_pair(n).layout.devices <= GOLDEN_MAX_DEVICES]
+
+
 def load_pair(name: str) -> Config:
     return load_config(config_for(name), os.path.join(MESHES, f"{name}.yaml"))
 

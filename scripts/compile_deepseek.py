@@ -1,5 +1,5 @@
 """DeepSeek-V3 on its report's layout (meshes/deepseek-v3-2048.yaml: pp 16 with uneven stages, dp 2, ep 64) compiled
-on 2048 fake CPU devices: the train step against the planner part by part (`moe-jax plan --check`'s comparison, 5%)
+on 2048 fake CPU devices: every parameter's shards against the assignment, the train step against the planner part by part (`moe-jax plan --check`'s comparison, 5%)
 with the HLO audit, and the decode step's memory (its cache the latent and the RoPE key) against the serving plan;
 with the planner's figures for the layout on the H800 profile (memory by part, the weights' bytes with and without
 ZeRO-1 over the batch axes, step time by part). Writes docs/results/deepseek_v3_2048.json. About 3 minutes and
@@ -28,8 +28,10 @@ def main() -> None:
     import jax
 
     from moe_jax.compile import compile_report
+    from moe_jax.config import storage_model
     from moe_jax.layouts import load_pair
-    from moe_jax.mesh import make_mesh
+    from moe_jax.mesh import check_placement, make_mesh
+    from moe_jax.model.transformer import param_table
     from moe_jax.plan.check import compare, compiled_figures
     from moe_jax.plan.hardware import get_hardware
     from moe_jax.plan.model import plan, serve_memory
@@ -39,6 +41,10 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_pair("deepseek-v3-2048")
     mesh = make_mesh(cfg.layout)
+    # every shard JAX places on each of the 2048 devices against the assignment (no golden JSON at this size)
+    names, shapes = param_table(storage_model(cfg))
+    placed = check_placement(cfg, mesh, names, shapes)
+    print(f"placement: {placed} (parameter, device) pairs equal the assignment", flush=True)
     t0 = time.perf_counter()
     train = compare(cfg, compiled_figures(cfg, mesh), 0.05)
     t1 = time.perf_counter()
@@ -60,6 +66,8 @@ def main() -> None:
             "train_compile_s": round(t1 - t0, 1),
             "decode_compile_s": round(t2 - t1, 1),
         },  # fmt: skip
+        "placement_checked": placed,
+        "parameters": len(names),
         "train": train,
         "decode": {
             "compiled": report["memory_per_device_bytes"],

@@ -2,10 +2,10 @@
 
 import json
 
-from moe_jax.layouts import committed_layouts, golden_path, load_pair
+from moe_jax.layouts import golden_layouts, golden_path, load_pair
 from moe_jax.mesh import assignment
 
-for name in committed_layouts():
+for name in golden_layouts():
     table = assignment(load_pair(name))
     with open(golden_path(name), "w") as f:
         json.dump(table, f, indent=1)

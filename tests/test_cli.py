@@ -64,9 +64,14 @@ def test_a_device_count_far_from_the_layouts_is_refused_at_once(capsys):
 
 
 def test_search_without_any_layout_says_why_and_which_counts_have_one(capsys):
-    err = one_line_error(["plan", "--devices", "7", "--search"], capsys)
-    assert "--devices=7: no layout of 7 devices exists for this model and batch: pp must divide model.layers=16" in err
-    assert "the nearest device counts with layouts: 4 and 8 (at most 2048)" in err
+    # 7 devices have one since uneven stages (pp 7: stages of 3, 3, 2, 2, 2, 2, 2 layers); 17 (prime, more than the
+    # 16 layers, and no other axis takes a factor of 17) has none
+    err = one_line_error(["plan", "--devices", "17", "--search"], capsys)
+    assert (
+        "--devices=17: no layout of 17 devices exists for this model and batch: pp must be at most model.layers=16"
+        in err
+    )
+    assert "the nearest device counts with layouts: 16 and 18 (at most 2048)" in err
     assert "--devices=0: must be a positive integer" in one_line_error(["plan", "--devices", "0", "--search"], capsys)
     err = one_line_error(["plan", "--devices", "4096", "--search"], capsys)
     assert "nearest device counts with layouts: 2048 (at most 2048)" in err

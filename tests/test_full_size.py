@@ -172,6 +172,7 @@ def test_deepseek_v3_on_2048_fake_devices():
         committed = json.load(f)
     cfg = load_pair("deepseek-v3-2048")
     assert cfg.layout.devices == 2048 and cfg.layout.stage_layers == (4,) * 10 + (3,) * 6
+    assert committed["placement_checked"] == committed["parameters"] * 2048  # every shard on every device
     row = compare(cfg, compiled_from_row(committed["train"]), 0.05)
     assert row["ok"], row["failures"]
     assert abs(row["memory"]["error"]) <= 0.05 and abs(row["flops"]["error"]) <= 0.02

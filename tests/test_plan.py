@@ -64,7 +64,7 @@ def test_seed_audit_document_regenerates():
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["plan", "--hardware", "a100"], "--hardware='a100': unknown hardware; valid: seed, h100, h200, tpu-v5p"),
+        (["plan", "--hardware", "a100"], "--hardware='a100': unknown hardware; valid: seed, h100, h200, h800, tpu-v5p"),
         (["plan", "--layout", "meshes/seed-128.yaml", "--devices", "64"],
          "devices=64: layout pp x dp x ep x tp = 4 x 1 x 16 x 2 = 128 devices"),
         (["plan", "--layout", "meshes/seed-32.yaml", "run.seq_len=10240", "model.dispatch=dropless", "layout.remat=none"],

@@ -16,12 +16,13 @@ import yaml
 
 DTYPES = ("fp32", "bf16", "fp16")
 FFN_KINDS = ("gelu", "swiglu")
-DISPATCH_MODES = ("capacity", "dropless")
+DISPATCH_MODES = ("capacity", "dropless", "ragged")
 REMAT_POLICIES = ("none", "tick", "layer")
 QK_NORMS = ("none", "head", "projection")
 ROUTER_SCORES = ("softmax", "sigmoid")
 SCHEDULES = ("gpipe",)
 ATTENTION_KINDS = ("mha", "mla")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blockwise")
 # DeepSeek's latent RMSNorms (q_a_layernorm, kv_a_layernorm) use their class default, not the model's norm_eps.
 LATENT_NORM_EPS = 1e-6
 
@@ -47,6 +48,10 @@ class ModelConfig:
     qk_nope_head_dim: int = 0  # MLA: the per-head query/key part without RoPE
     qk_rope_head_dim: int = 0  # MLA: the RoPE part, its key shared by all heads (cached beside the latent)
     v_head_dim: int = 0  # MLA: the value heads' width (the output projection reads heads x v_head_dim)
+    # training attention: blockwise (query blocks of 512, each rematerialised: long sequences fit), or
+    # jax.nn.dot_product_attention's xla (scores materialised whole) or cudnn (fused, GPU only); auto: cudnn on GPU,
+    # blockwise elsewhere. Serving attends blockwise (its queries start at the cache position).
+    attention_impl: str = "auto"
     kv_heads: int = 0  # K/V heads (grouped-query attention): 1 = MQA; 0 means `heads` (MHA, the seed's).
     qk_norm: str = "none"  # RMSNorm on q and k before RoPE: per head (Qwen3) or over the whole projection (OLMoE).
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen1.5-MoE / Qwen2-MoE).
@@ -64,7 +69,10 @@ class ModelConfig:
     routed_scale: float = 1.0  # gates times this factor (DeepSeek's routed_scaling_factor).
     expert_groups: int = 1  # grouped top-k: experts in n groups, a token picks from its best group_top_k groups.
     group_top_k: int = 1
-    dispatch: str = "capacity"  # capacity: C = ceil(k T / E * capacity_factor) per source shard; dropless: C = k T.
+    # capacity: C = ceil(k T / E * capacity_factor) rows per expert and source shard (overflow dropped); dropless: C = T
+    # (nothing dropped, every buffer row computed); ragged: nothing dropped, the routed rows sorted by expert and run
+    # as a grouped matmul (`lax.ragged_dot`) over exactly the rows each expert got. capacity_factor is ignored by both.
+    dispatch: str = "capacity"
     capacity_factor: float = 1.25
     lb_loss_weight: float = 1e-2  # Switch load-balancing loss.
     z_loss_weight: float = 1e-3  # Router z-loss.
@@ -199,6 +207,7 @@ _CHOICES = {
     ("model", "qk_norm"): QK_NORMS,
     ("model", "router_score"): ROUTER_SCORES,
     ("model", "attention"): ATTENTION_KINDS,
+    ("model", "attention_impl"): ATTENTION_IMPLS,
     ("layout", "remat"): REMAT_POLICIES,
     ("layout", "schedule"): SCHEDULES,
     ("run", "dtype"): DTYPES,

@@ -119,7 +119,10 @@ def test_bad_override_is_one_line_naming_field_and_valid(overrides, field, why):
 
 
 def test_dropless_accepts_any_capacity_factor():
+    """Dropless and ragged dispatch drop nothing, so they have no capacity: a capacity factor set with them is
+    ignored (accepted whatever its value, with no effect: tests/test_model.py), not refused."""
     assert load_config(SEED, None, ["model.dispatch=dropless", "model.capacity_factor=0"]).model.dispatch == "dropless"
+    assert load_config(SEED, None, ["model.dispatch=ragged", "model.capacity_factor=0"]).model.dispatch == "ragged"
 
 
 def test_device_count_mismatch():

@@ -5,6 +5,7 @@ Tolerances: fp32 relative 1e-5 (relative to each leaf's largest element, see con
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -74,9 +75,14 @@ def moe_and_reference(cfg, x_GTD):
     return state, model_fn, reference_fn, keep_mask
 
 
-@pytest.mark.parametrize("groups,ffn", [(1, "gelu"), (3, "swiglu")])
-def test_dropless_moe_equals_naive_loop_outputs_and_gradients(ffn, groups):
-    cfg = tiny("model.dispatch=dropless", f"model.ffn={ffn}")
+@pytest.mark.parametrize(
+    "groups,ffn,dispatch",
+    [(1, "gelu", "dropless"), (3, "swiglu", "dropless"), (1, "gelu", "ragged"), (3, "swiglu", "ragged")],
+)
+def test_dropless_moe_equals_naive_loop_outputs_and_gradients(ffn, groups, dispatch):
+    """Dropless buffers, and ragged dispatch (pairs sorted by expert, grouped matmuls: `lax.ragged_dot`), both equal
+    the naive loop over experts, so each other (fp32). Ragged's capacity factor is ignored: 0.5 changes nothing."""
+    cfg = tiny(f"model.dispatch={dispatch}", f"model.ffn={ffn}", "model.capacity_factor=0.5")
     x = jax.random.normal(jax.random.key(0), (groups, 37, cfg.model.d_model))
     state, model_fn, reference_fn, keep_mask = moe_and_reference(cfg, x)
     keep = keep_mask(state, x)
@@ -91,6 +97,38 @@ def test_dropless_moe_equals_naive_loop_outputs_and_gradients(ffn, groups):
     assert_tree_close(g_model, g_ref, FP32_RTOL, "grad")
     # The router gets a gradient through the gates: the test would pass vacuously if it were zero.
     assert float(jnp.max(jnp.abs(g_model[0]["router"][...]))) > 0
+
+
+@pytest.mark.parametrize("kv,vk", [(4, 12), (2, 7)])  # MHA; GQA with values narrower than keys (MLA's)
+def test_attention_implementations_equal_the_blockwise_reference(kv, vk):
+    """jax.nn.dot_product_attention (xla: the one implementation this CPU runs besides ours) and block skipping (key
+    blocks the causal mask hides are not scored) equal the blockwise reference at a sequence of 4 blocks (of 8 rows here: the
+    code path of 512-row blocks at 2048, at a cost a test can pay), outputs and gradients in fp32; cudnn is refused in
+    one line where there is no GPU."""
+    from moe_jax.model.layers import attend, causal_attention
+
+    r = np.random.default_rng(0)
+    q, k = (jnp.asarray(r.normal(size=(2, 32, n, 12)), jnp.float32) for n in (4, kv))
+    v = jnp.asarray(r.normal(size=(2, 32, kv, vk)), jnp.float32)
+    cot = jnp.asarray(r.normal(size=(2, 32, 4, vk)), jnp.float32)
+    blockwise = functools.partial(causal_attention, block=8)
+
+    def out_and_grads(f):  # one program per implementation: the output and its vjp
+        @jax.jit
+        def run(q, k, v):
+            out, vjp = jax.vjp(f, q, k, v)
+            return out, vjp(cot)
+
+        return run(q, k, v)
+
+    want = out_and_grads(blockwise)
+    for name, f in (("xla", lambda q, k, v: attend(q, k, v, "xla")),
+                    ("skip", lambda q, k, v: blockwise(q, k, v, skip=True))):  # fmt: skip
+        assert_tree_close(out_and_grads(f), want, FP32_RTOL, name)
+    with pytest.raises(ConfigError) as e:
+        attend(q, k, v, "cudnn")
+    assert str(e.value) == ("model.attention_impl='cudnn': cuDNN fused attention needs a GPU; this process runs on cpu; "
+                            "valid here: auto, xla, blockwise")  # fmt: skip
 
 
 def test_capacity_mode_drops_exactly_the_overflow_and_matches_reference():

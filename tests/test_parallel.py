@@ -72,6 +72,30 @@ def test_capacity_mode_equals_per_shard_reference(name):
     assert result["dropped"] > 0, "capacity 1.0 on a random router must drop some tokens, or the test shows nothing"
 
 
+@pytest.mark.parametrize("layout", ["cpu8-ep4-tp2", "cpu8-pp2-ep2-tp2"])
+def test_ragged_dispatch_equals_one_device_and_says_its_exchange_once(layout, capfd):
+    """Ragged dispatch sharded (the padded exchange over ep with the row counts beside it, grouped matmuls over the
+    filled rows) equals one device's (itself equal to dropless: tests/test_model.py) in fp32, and the audit of the very
+    program checked is clean (the counts' all-to-all and all-gather included). XLA:CPU cannot compile
+    ragged_all_to_all: the fallback is said once per process, however many programs trace the layer."""
+    from moe_jax.model import moe
+
+    moe._FALLBACK_SAID.clear()
+    cfg = load_config("configs/tiny.yaml", f"meshes/{layout}.yaml", ["model.dispatch=ragged", "run.dtype=fp32"])
+    mesh = make_mesh(cfg.layout)
+    result = verify(cfg, mesh, programs=True)
+    assert result["ok"] and result["tolerance"] == 1e-5, result["errors"]
+    assert result["dropped"] == 0
+    lowered, compiled = result["programs"]
+    audited = audit(lowered.as_text(dialect="hlo"), compiled.as_text(), cfg, assignment(cfg, mesh))
+    assert audited["ok"], audited["unexpected"]
+    lines = [line for line in capfd.readouterr().err.splitlines() if "padded all-to-all" in line]
+    assert lines == [
+        "moe_jax: ragged dispatch exchanges over ep with the padded all-to-all (the worst case, T rows per expert and "
+        "source; the experts still compute only their rows): XLA:CPU cannot compile ragged_all_to_all"
+    ]
+
+
 def test_verify_cli_fails_on_a_perturbed_gradient(tmp_path, cli):
     j = tmp_path / "v.json"
     args = ["verify", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-ep4-tp2.yaml", "--json", str(j)]

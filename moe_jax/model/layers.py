@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.config import LATENT_NORM_EPS, ModelConfig
+from moe_jax.config import LATENT_NORM_EPS, ConfigError, ModelConfig
 from moe_jax.sharding import Axes
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
@@ -71,21 +71,24 @@ def deinterleave(x):
     return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
 
 
-def causal_attention(q_BQHK, k_BSGK, v_BSGK, q_offset: int = 0, block: int = 512, scale=None):
+def causal_attention(q_BQHK, k_BSGK, v_BSGK, q_offset: int = 0, block: int = 512, scale=None, skip: bool = False):
     """Softmax(q k^T / sqrt(K)) v with a causal mask, scores and softmax in fp32. G = H / g K/V heads, each read by g
     consecutive query heads (grouped-query attention; G = H is multi-head, G = 1 multi-query). Values may be narrower
     or wider than K (latent attention); `scale` replaces 1 / sqrt(K).
 
     Queries are processed in blocks of `block` rows (each rematerialised in the backward pass), so memory holds
     [B, H, block, S] scores rather than [B, H, Q, S]: sequences of 10240 fit. Query i sits at position q_offset + i.
+    `skip` (a whole sequence, q_offset 0): query block i scores only the keys up to its own end, skipping the key
+    blocks the causal mask hides entirely (n(n+1)/2 of n^2 blocks: about half the score FLOPs at long sequences); the
+    blocks then differ in shape, so they are an unrolled loop instead of one `lax.map` body (docs/benchmarks.md).
     """
     b, q_len, h, k = q_BQHK.shape
     s_len, kv, vk = k_BSGK.shape[1], k_BSGK.shape[2], v_BSGK.shape[-1]
     g = h // kv
     scale = 1.0 / jnp.sqrt(jnp.float32(k)) if scale is None else jnp.float32(scale)
-    kv_pos_S = jnp.arange(s_len)
 
-    def one_block(q_blk, start):
+    def one_block(q_blk, start, k_BSGK, v_BSGK):
+        kv_pos_S = jnp.arange(k_BSGK.shape[1])
         q_pos = q_offset + start + jnp.arange(q_blk.shape[1])
         mask_QS = kv_pos_S[None, :] <= q_pos[:, None]
         if g == 1:  # multi-head: no group axis (the grouped einsums' extra transposes cost a third more on XLA:CPU)
@@ -101,11 +104,46 @@ def causal_attention(q_BQHK, k_BSGK, v_BSGK, q_offset: int = 0, block: int = 512
         return out.reshape(b, q_blk.shape[1], h, vk)
 
     if q_len <= block or q_len % block or not isinstance(q_offset, int):
-        return one_block(q_BQHK, 0).astype(q_BQHK.dtype)
+        return one_block(q_BQHK, 0, k_BSGK, v_BSGK).astype(q_BQHK.dtype)
     blocks = q_len // block
+    if skip and q_offset == 0 and s_len == q_len:
+        outs = [
+            jax.checkpoint(one_block, static_argnums=(1,))(
+                q_BQHK[:, i * block : (i + 1) * block], i * block, k_BSGK[:, : (i + 1) * block],
+                v_BSGK[:, : (i + 1) * block],
+            )
+            for i in range(blocks)
+        ]  # fmt: skip
+        return jnp.concatenate(outs, axis=1).astype(q_BQHK.dtype)
     q_NBQHK = q_BQHK.reshape(b, blocks, block, h, k).swapaxes(0, 1)
-    out_NBQHK = jax.lax.map(lambda args: jax.checkpoint(one_block)(*args), (q_NBQHK, jnp.arange(blocks) * block))
+    out_NBQHK = jax.lax.map(
+        lambda args: jax.checkpoint(one_block)(*args, k_BSGK, v_BSGK), (q_NBQHK, jnp.arange(blocks) * block)
+    )
     return out_NBQHK.swapaxes(0, 1).reshape(b, q_len, h, vk).astype(q_BQHK.dtype)
+
+
+def attention_impl(impl: str, backend: str | None = None) -> str:
+    """The implementation `model.attention_impl` names on this backend: auto is cudnn on GPU, blockwise elsewhere; cudnn
+    where there is no GPU is refused in one line."""
+    backend = backend or jax.default_backend()
+    if impl == "auto":
+        return "cudnn" if backend == "gpu" else "blockwise"
+    if impl == "cudnn" and backend != "gpu":
+        raise ConfigError(f"model.attention_impl='cudnn': cuDNN fused attention needs a GPU; this process runs on "
+                          f"{backend}; valid here: auto, xla, blockwise")  # fmt: skip
+    return impl
+
+
+def attend(q_BQHK, k_BSGK, v_BSGV, impl: str, scale=None):
+    """Causal attention of a whole sequence (training) by the chosen implementation. jax.nn.dot_product_attention
+    needs values as wide as keys: latent attention's narrower values are padded with zeros and the output cut back."""
+    impl = attention_impl(impl)
+    if impl == "blockwise":
+        return causal_attention(q_BQHK, k_BSGK, v_BSGV, scale=scale)
+    vk, qk = v_BSGV.shape[-1], q_BQHK.shape[-1]
+    v = v_BSGV if vk == qk else jnp.pad(v_BSGV, [(0, 0)] * 3 + [(0, qk - vk)])
+    out = jax.nn.dot_product_attention(q_BQHK, k_BSGK, v, scale=scale, is_causal=True, implementation=impl)
+    return out[..., :vk]
 
 
 class Attention(nnx.Module):
@@ -138,7 +176,7 @@ class Attention(nnx.Module):
             self.q_norm = nnx.Param(jnp.ones(q_shape, jnp.float32), out_sharding=q_names)
             self.k_norm = nnx.Param(jnp.ones(k_shape, jnp.float32), out_sharding=k_names)
         self.heads, self.kv_heads, self.theta, self.eps = h, kv, cfg.rope_theta, cfg.norm_eps
-        self.qkv_bias, self.qk_norm = cfg.qkv_bias, cfg.qk_norm
+        self.qkv_bias, self.qk_norm, self.impl = cfg.qkv_bias, cfg.qk_norm, cfg.attention_impl
 
     def kv_replicated(self) -> bool:
         """This rank holds every K/V head but not every query head: tp > kv_heads, K/V weights whole on each rank."""
@@ -196,7 +234,7 @@ class Attention(nnx.Module):
         x_full = axes.gather_seq(x_BSD.astype(dtype), axis=1)
         positions_S = jnp.arange(x_full.shape[1])
         q, k, v = self.qkv(x_full, positions_S, axes, dtype)
-        o = causal_attention(q, k, v)
+        o = attend(q, k, v, self.impl)
         return axes.scatter_seq(self.out(o, dtype), axis=1)  # fp32
 
 
@@ -226,6 +264,7 @@ class LatentAttention(nnx.Module):
         self.wkv_b = param(rngs, (r_kv, h, nope + vd), ("kv_lora", "heads", "head_dim"), std)
         self.wo = param(rngs, (h, vd, d), ("heads", "head_dim", "embed"), out_std)
         self.nope, self.rope_dim, self.rank, self.theta = nope, rope_d, r_kv, cfg.rope_theta
+        self.impl = cfg.attention_impl
         self.scale = 1.0 / float(nope + rope_d) ** 0.5
 
     def queries(self, x_BSD, positions_S, dtype):
@@ -259,7 +298,7 @@ class LatentAttention(nnx.Module):
         k_rope_BSHP = jnp.broadcast_to(k_rope[:, :, None, :], (*k_nope.shape[:3], self.rope_dim))
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, k_rope_BSHP], axis=-1)
-        o = causal_attention(q, k, v, scale=self.scale)
+        o = attend(q, k, v, self.impl, scale=self.scale)
         return axes.scatter_seq(self.out(o, dtype), axis=1)
 
     def cached(self, x_BSD, cache_c_BT1R, cache_r_BT1P, pos, axes: Axes, dtype):

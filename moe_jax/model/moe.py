@@ -9,6 +9,7 @@ cut the batch into the same groups to reproduce the sharded capacity rule exactl
 from __future__ import annotations
 
 import math
+import sys
 from typing import NamedTuple
 
 import jax
@@ -58,8 +59,8 @@ def route(x_GTD, w_DE, bias_E, cfg: ModelConfig) -> Routing:
 def capacity(cfg: ModelConfig, tokens: int) -> int:
     """Expert buffer rows per group. Capacity mode: ceil(k T / E x factor), at most T. Dropless: T, which is exact
     because a token's k choices are distinct experts, so no expert can receive more than T (k x fewer rows than the
-    k T of design.md, same result)."""
-    if cfg.dispatch == "dropless":
+    k T of design.md, same result). Ragged: T as well, the worst case its padded exchange over ep sends."""
+    if cfg.dispatch in ("dropless", "ragged"):
         return tokens
     return max(1, min(tokens, math.ceil(cfg.top_k * tokens / cfg.experts * cfg.capacity_factor)))
 
@@ -116,6 +117,32 @@ def expert_ffn(x_ECD, w_in_EDF, w_gate_EDF, w_out_EFD, dtype):
     return jnp.einsum("ECF,EFD->ECD", h, w_out_EFD.astype(dtype), preferred_element_type=jnp.float32)
 
 
+def ragged_ffn(x_RD, sizes_E, w_in_EDF, w_gate_EDF, w_out_EFD, dtype):
+    """The experts' FFN over rows sorted by expert (`sizes_E` rows each, in order; rows past their sum give zeros) as
+    grouped matmuls (`lax.ragged_dot`): each expert computes only its own rows. fp32 out, as `expert_ffn`."""
+    rd = jax.lax.ragged_dot
+    h = rd(x_RD, w_in_EDF.astype(dtype), sizes_E)
+    if w_gate_EDF is None:
+        h = jax.nn.gelu(h)
+    else:
+        h = jax.nn.silu(rd(x_RD, w_gate_EDF.astype(dtype), sizes_E)) * h
+    return rd(h, w_out_EFD.astype(dtype), sizes_E, preferred_element_type=jnp.float32)
+
+
+_FALLBACK_SAID: set[str] = set()
+
+
+def say_padded_exchange(backend: str) -> None:
+    """Once per process: the ragged dispatch's exchange over ep is the padded all-to-all."""
+    if backend in _FALLBACK_SAID:
+        return
+    _FALLBACK_SAID.add(backend)
+    why = ("XLA:CPU cannot compile ragged_all_to_all" if backend == "cpu" else
+           "moe_jax's ragged_all_to_all exchange is not built yet (it needs an accelerator to be checked on)")  # fmt: skip
+    print(f"moe_jax: ragged dispatch exchanges over ep with the padded all-to-all (the worst case, T rows per expert "
+          f"and source; the experts still compute only their rows): {why}", file=sys.stderr, flush=True)  # fmt: skip
+
+
 def router_stats(r: Routing, keep_GTR, num_experts: int, axes: Axes, softmax: bool = True) -> dict[str, jax.Array]:
     """Whole-batch router statistics: every sum is taken over all shards before any ratio, in one all-reduce of
     [counts (E), probability sums (E), z sum, drops]. Sigmoid scores enter the load-balancing loss normalised to sum
@@ -164,6 +191,8 @@ class MoE(nnx.Module):
         e = cfg.experts
         cap = t if dropless else capacity(cfg, t)
         r = route(x_GTD, self.router[...], None if self.bias is None else self.bias[...], cfg)
+        if cfg.dispatch == "ragged" and not dropless:
+            return self.ragged(x_GTD, r, axes, dtype)
         plan = jax.vmap(plan_dispatch, in_axes=(0, None, None))(r.experts_GTR, e, cap)
         x_GECD = jax.vmap(gather_to_buffers, in_axes=(0, 0, None))(x_GTD.astype(dtype), plan, e)
 
@@ -178,6 +207,60 @@ class MoE(nnx.Module):
 
         y_GTD = jax.vmap(combine_from_buffers)(y_GECD, plan, r.gates_GTR)
         return y_GTD, router_stats(r, plan.keep_TR, e, axes, cfg.router_score == "softmax")
+
+    def ragged(self, x_GTD, r: Routing, axes: Axes, dtype):
+        """dispatch 'ragged': (y in the compute dtype, router statistics); nothing is dropped."""
+        if axes.ep is None and axes.tp is None:
+            y = ragged_local(x_GTD, r, _weights(self), dtype)
+        else:
+            if axes.ep is not None:
+                say_padded_exchange(jax.default_backend())
+            y = ragged_sharded(x_GTD, r, _weights(self), self.cfg.experts, axes, dtype)
+        keep = jnp.ones(r.experts_GTR.shape, jnp.bool_)
+        return y, router_stats(r, keep, self.cfg.experts, axes, self.cfg.router_score == "softmax")
+
+
+def _weights(moe):
+    return moe.w_in[...], None if moe.w_gate is None else moe.w_gate[...], moe.w_out[...]
+
+
+def ragged_local(x_GTD, r: Routing, weights, dtype):
+    """One device (no ep, no tp): every (token, choice) pair sorted by expert, the experts as grouped matmuls over
+    exactly their rows, un-sorted and combined with the gates. Dispatch groups do not matter (nothing is dropped):
+    all G x T tokens go together."""
+    g, t, d = x_GTD.shape
+    k, e = r.experts_GTR.shape[-1], weights[0].shape[0]
+    e_flat = r.experts_GTR.reshape(-1)  # token-major: pair p is token p // k, choice p % k
+    order = jnp.argsort(e_flat, stable=True)
+    sizes = jnp.bincount(e_flat, length=e).astype(jnp.int32)
+    y = ragged_ffn(x_GTD.reshape(g * t, d).astype(dtype)[order // k], sizes, *weights, dtype)
+    y_PRD = jnp.zeros_like(y).at[order].set(y).reshape(g * t, k, d).astype(dtype)
+    y_TD = jnp.einsum("TR,TRD->TD", r.gates_GTR.reshape(g * t, k).astype(dtype), y_PRD)
+    return y_TD.reshape(g, t, d)
+
+
+def ragged_sharded(x_GTD, r: Routing, weights, num_experts: int, axes: Axes, dtype):
+    """Sharded: the dropless buffers (C = T per expert and source) exchanged over ep with the padded all-to-all and
+    gathered over tp as every mode is, with each source's row counts exchanged beside them; on the expert side the
+    filled rows are sorted to the front, expert by expert, and only they are computed (grouped matmuls); the outputs
+    go back the same way and are combined with the gates."""
+    g, t, d = x_GTD.shape
+    e = num_experts
+    plan = jax.vmap(plan_dispatch, in_axes=(0, None, None))(r.experts_GTR, e, t)
+    x_GECD = jax.vmap(gather_to_buffers, in_axes=(0, 0, None))(x_GTD.astype(dtype), plan, e)
+    counts_GE = jnp.sum(jax.nn.one_hot(r.experts_GTR, e, dtype=jnp.int32), axis=(1, 2))
+    x_ECD = axes.gather_seq(axes.to_experts(x_GECD.swapaxes(0, 1).reshape(e, g * t, d)), axis=1)
+    # the sizes, exchanged the same way: [E, G] -> [E / ep, ep G] -> [E / ep, tp ep G], one count per block of T rows
+    n_ES = axes.gather_seq(axes.to_experts(counts_GE.T), axis=1)
+    e_loc, rows = x_ECD.shape[0], x_ECD.shape[1]
+    valid_ER = (jnp.arange(t)[None, None, :] < n_ES[:, :, None]).reshape(e_loc, rows)
+    key = jnp.where(valid_ER, jnp.arange(e_loc)[:, None], e_loc).reshape(-1)
+    order = jnp.argsort(key, stable=True)  # the filled rows, expert by expert; the empty ones last (no group)
+    y = ragged_ffn(x_ECD.reshape(-1, d)[order], jnp.sum(valid_ER, axis=1).astype(jnp.int32), *weights, dtype)
+    y_ECD = jnp.zeros_like(y).at[order].set(y).reshape(e_loc, rows, d)
+    y_ECD = axes.from_experts(axes.scatter_seq(y_ECD, axis=1).astype(dtype))
+    y_GECD = y_ECD.reshape(e, g, t, d).swapaxes(0, 1)
+    return jax.vmap(combine_from_buffers)(y_GECD, plan, r.gates_GTR)
 
 
 def update_expert_bias(bias_E, tokens_per_expert_E, rate: float):

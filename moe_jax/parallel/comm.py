@@ -131,6 +131,9 @@ def expected_collectives(cfg: Config, step: str = "grad") -> list[dict[str, Any]
         add("reduce-scatter", ("tp",), attn_in * tp * 4, fwd * runs - skipped, "shared expert output partial sums")
     seq_parallel("expert", loc["experts"] * ep * c * d, fwd * runs, runs)
     add("all-to-all", ("ep",), e * c * d * db, 2 * r * runs, "expert dispatch and combine")
+    if m.dispatch == "ragged":  # the sizes, exchanged before the rows (int32 [E] per source), forward only
+        add("all-to-all", ("ep",), e * 4, fwd * runs, "ragged dispatch: each source's row count per expert")
+        add("all-gather", ("tp",), e * 4, fwd * runs, "ragged dispatch: the row counts over tp")
     add("all-reduce", TOKEN_AXES, (2 * e + 2) * 4, (2 if remat else 1) * runs, "router statistics")
     add("collective-permute", ("pp",), attn_in * 4, 2 * sched.ticks, "stage to stage, fp32 residual (fwd and bwd)")
     add("all-reduce", ("pp",), 4 * 4, 1, "router terms from every stage")

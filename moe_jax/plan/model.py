@@ -251,6 +251,9 @@ def flops(cfg: Config) -> dict[str, float]:
     scores = 2 * loc["batch"] * loc["heads"] * run.seq_len * run.seq_len * (ad["qk"] + ad["v"])
     router = 2 * t * d * m.experts
     experts = 2 * mats * loc["experts"] * lay.tp * lay.ep * loc["capacity"] * d * loc["hidden"]  # every buffer row
+    if m.dispatch == "ragged":  # grouped matmuls over the routed rows only: k T tp per device (all tokens routed; as
+        # balanced on average). XLA:CPU lowers ragged_dot dense (E-fold): a CPU compile counts more (docs/planner.md).
+        experts = 2 * mats * m.top_k * t * lay.tp * d * loc["hidden"]
     combine = 2 * t * m.top_k * d  # the gate-weighted sum of each token's expert outputs
     shared = 2 * mats * rows * d * (m.shared_hidden // lay.tp) + (2 * t * d if m.shared_gate else 0)
     dense_ffn = 2 * mats * rows * d * (m.dense_hidden // lay.tp)

@@ -362,7 +362,7 @@ def dot_flops(text: str) -> float:
     for comp, instrs in module.computations.items():
         shapes = {ins.name: ins.shape for ins in instrs}
         for ins in instrs:
-            if ins.opcode != "dot":
+            if ins.opcode not in ("dot", "ragged-dot"):  # a grouped matmul: each row in one group
                 continue
             lhs = re.match(r"\s*%?([\w.\-]+)", ins.rest).group(1)
             lhs_dims = array_dims(shapes[lhs])[1]

@@ -2,6 +2,10 @@
 limit) and (b) the one-hot einsum dispatch of GShard / DeepSpeed-MoE (the baseline), in one run.
 
     python scripts/bench_moe.py [--tokens 8192] [--reps 5] [--dtypes fp32,bf16] [--json PATH]
+    python scripts/bench_moe.py --dispatch --json docs/results/bench_moe_dispatch.json
+
+`--dispatch`: capacity, dropless and ragged dispatch of the same layer (fp32, 1024 and 8192 tokens) beside the dense
+FFN, and causal attention (batch 1, 16 heads of 64, fp32) blockwise with and without block skipping at 2048 and 10240.
 
 Medians of `--reps` timed runs after one compile-and-warm-up run; ratios are of medians from this same run.
 """
@@ -127,6 +131,58 @@ def bench(dtype_name: str, tokens: int, reps: int, cf: float) -> dict:
     }
 
 
+def dispatch_compare(reps: int) -> dict:
+    """The MoE layer's three dispatch modes and the dense FFN, forward + backward, fp32. Dropless and ragged run once,
+    compile included (XLA:CPU computes dropless's 64 x T buffer rows, and lowers ragged_dot dense over the 64 groups:
+    tens of seconds to minutes a run, or out of memory)."""
+    from moe_jax.model.layers import causal_attention
+
+    out: dict = {"moe": {}, "attention": {}}
+    d, f, k = 1024, 2048, 2
+    for tokens in (1024, 8192):
+        x = jax.random.normal(jax.random.key(1), (tokens, d), jnp.float32)
+        cot = jax.random.normal(jax.random.key(2), (tokens, d), jnp.float32)
+        w = (
+            0.02 * jax.random.normal(jax.random.key(3), (d, k * f)),
+            0.02 * jax.random.normal(jax.random.key(4), (k * f, d)),
+        )
+        row = {"dense_ms": 1e3 * timed(jax.jit(jax.value_and_grad(
+            lambda w, x, cot=cot: jnp.sum(dense_ffn(x, w[0], w[1], jnp.float32) * cot), argnums=(0, 1))), (w, x), reps)[0]}  # fmt: skip
+        for dispatch in ("capacity", "dropless", "ragged"):
+            cfg = ModelConfig(dispatch=dispatch)
+            graphdef, state = nnx.split(MoE(cfg, out_std=0.02, rngs=nnx.Rngs(0)))
+
+            def loss(state, x, graphdef=graphdef, cot=cot):
+                y, _ = nnx.merge(graphdef, state)(x[None], Axes(), jnp.float32)
+                return jnp.sum(y[0].astype(jnp.float32) * cot)
+
+            fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+            if dispatch != "capacity":  # tens of seconds to minutes a run on this CPU: one run, compile included
+                t0 = time.perf_counter()
+                try:
+                    jax.block_until_ready(fn(state, x))
+                    row[f"{dispatch}_ms"] = 1e3 * (time.perf_counter() - t0)
+                except jax.errors.JaxRuntimeError as e:  # XLA:CPU's dense ragged_dot at 8192 tokens: out of memory
+                    row[f"{dispatch}_ms"], row[f"{dispatch}_error"] = None, str(e).splitlines()[0][:200]
+                row[f"{dispatch}_reps"] = "1, compile included"
+            else:
+                row[f"{dispatch}_ms"], row[f"{dispatch}_reps"] = 1e3 * timed(fn, (state, x), reps)[0], reps
+            print(f"moe {tokens} tokens {dispatch}: {row[f'{dispatch}_ms']} ms (dense {row['dense_ms']:.0f})",
+                  flush=True)  # fmt: skip
+        out["moe"][str(tokens)] = row
+    for s in (2048, 10240):
+        q, kk, v = (jax.random.normal(jax.random.key(i), (1, s, 16, 64), jnp.float32) for i in range(3))
+        row = {}
+        for name, skip in (("blockwise", False), ("blockwise_skip", True)):
+            fn = jax.jit(jax.grad(lambda q, k, v, skip=skip: jnp.sum(causal_attention(q, k, v, skip=skip)),
+                                  argnums=(0, 1, 2)))  # fmt: skip
+            row[f"{name}_ms"] = 1e3 * timed(fn, (q, kk, v), reps)[0]
+        row["skip_over_blockwise"] = row["blockwise_skip_ms"] / row["blockwise_ms"]
+        print(f"attention {s}: {row}", flush=True)
+        out["attention"][str(s)] = row
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=8192)
@@ -134,7 +190,14 @@ def main() -> None:
     p.add_argument("--capacity-factor", type=float, default=1.25)
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--json")
+    p.add_argument("--dispatch", action="store_true", help="compare the dispatch modes and attention block skipping")
     args = p.parse_args()
+    if args.dispatch:
+        out = {"machine": machine(), "reps": args.reps, **dispatch_compare(args.reps)}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return
     out = {"machine": machine(), "what": "one MoE layer fwd+bwd: d 1024, F 2048, E 64, top-2"}
     for name in args.dtypes.split(","):
         r = bench(name, args.tokens, args.reps, args.capacity_factor)

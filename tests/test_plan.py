@@ -2,6 +2,7 @@
 kind equal to the HLO audit's exactly; the layout search; the seed audit document; bad input."""
 
 import json
+import os
 
 import pytest
 from conftest import ROOT
@@ -162,3 +163,27 @@ def test_llvm_o0_leaves_the_compiled_program_and_its_memory_unchanged():
     default, o0 = out.values()
     assert default == o0
     assert sum(default[1]) > 0
+
+
+def test_gpu_check_cpu_smoke_ran_every_part():
+    """No GPU was lent to the accelerator issue's session (DEVELOPERS.md): scripts/gpu_check.py was checked with
+    --cpu-smoke, every part at tiny sizes on CPU, and its JSON (docs/results/gpu_check_cpu_smoke.json, written by it)
+    has the script's keys, no part failed, and each part has its rows: three dispatch modes at two token counts, each
+    attention implementation this CPU runs at two lengths, the train step against the planner, the FLOPs of ragged
+    and capacity steps. The full run on a GPU writes the same keys."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "scripts", "gpu_check.py"))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    with open(os.path.join(ROOT, "docs", "results", "gpu_check_cpu_smoke.json")) as f:
+        out = json.load(f)
+    assert set(out) == set(gpu_check.KEYS) and out["errors"] == {} and out["machine"]["platform"] == "cpu"
+    smoke = gpu_check.SIZES["smoke"]
+    assert out["sizes"] == smoke
+    tokens, seqs = smoke["tokens"], smoke["seq"]
+    assert set(out["moe_layer"]) == {f"{d}/{t}" for d in ("capacity", "dropless", "ragged") for t in tokens}
+    assert all(r["ms"] > 0 and r["over_dense_tflops"] > 0 for r in out["moe_layer"].values())
+    assert set(out["attention"]) == {f"{i}/{s}" for i in ("blockwise", "blockwise_skip", "xla") for s in seqs}
+    assert out["train_step"]["measured_s"] > 0 and out["train_step"]["planned_s"] > 0
+    assert out["ragged_flops"]["capacity"] > 0 and out["ragged_flops"]["ragged"] > 0

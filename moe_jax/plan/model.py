@@ -357,6 +357,20 @@ def optimizer_sharding(cfg: Config) -> dict[str, dict[str, int]]:
     return out
 
 
+def ragged_rows(cfg: Config) -> dict[str, int]:
+    """Ragged dispatch's expert rows per device and MoE layer run: the worst case its padded exchange holds (every
+    token of every source to every local expert: E/ep x ep x tp x T, as dropless; the memory plan counts this) and the
+    expected case under balanced routing (k T tp: each device's experts get their share of the routed pairs), with the
+    bytes of the expert input rows in the compute dtype for each. A ragged all-to-all would move and hold the second."""
+    m, lay = cfg.model, cfg.layout
+    loc = local_sizes(cfg)
+    db = DTYPE_BYTES[cfg.run.dtype]
+    worst = loc["experts"] * lay.ep * lay.tp * loc["tokens"]
+    expected = m.top_k * loc["tokens"] * lay.tp
+    return {"worst_case_rows": worst, "expected_rows": expected, "worst_case_bytes": worst * m.d_model * db,
+            "expected_bytes": expected * m.d_model * db}  # fmt: skip
+
+
 def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
     lay = cfg.layout
     sched = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat)
@@ -385,6 +399,7 @@ def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
         },
         "memory_per_device_bytes": mem,
         "optimizer_sharding": optimizer_sharding(cfg),
+        **({"ragged_rows": ragged_rows(cfg)} if cfg.model.dispatch == "ragged" else {}),
         "fits": mem["total"] <= hw.hbm_bytes,
         "hbm_bytes": hw.hbm_bytes,
         "flops_per_step": fl["total"],

@@ -87,8 +87,10 @@ def causal_attention(q_BQHK, k_BSGK, v_BSGK, q_offset: int = 0, block: int = 512
     g = h // kv
     scale = 1.0 / jnp.sqrt(jnp.float32(k)) if scale is None else jnp.float32(scale)
 
+    kv_pos_all = jnp.arange(s_len)
+
     def one_block(q_blk, start, k_BSGK, v_BSGK):
-        kv_pos_S = jnp.arange(k_BSGK.shape[1])
+        kv_pos_S = kv_pos_all if k_BSGK.shape[1] == s_len else kv_pos_all[: k_BSGK.shape[1]]
         q_pos = q_offset + start + jnp.arange(q_blk.shape[1])
         mask_QS = kv_pos_S[None, :] <= q_pos[:, None]
         if g == 1:  # multi-head: no group axis (the grouped einsums' extra transposes cost a third more on XLA:CPU)
@@ -116,9 +118,11 @@ def causal_attention(q_BQHK, k_BSGK, v_BSGK, q_offset: int = 0, block: int = 512
         ]  # fmt: skip
         return jnp.concatenate(outs, axis=1).astype(q_BQHK.dtype)
     q_NBQHK = q_BQHK.reshape(b, blocks, block, h, k).swapaxes(0, 1)
-    out_NBQHK = jax.lax.map(
-        lambda args: jax.checkpoint(one_block)(*args, k_BSGK, v_BSGK), (q_NBQHK, jnp.arange(blocks) * block)
-    )
+
+    def closed_block(q_blk, start):  # k and v closed over, not arguments: what the planner's memory model was fitted on
+        return one_block(q_blk, start, k_BSGK, v_BSGK)
+
+    out_NBQHK = jax.lax.map(lambda args: jax.checkpoint(closed_block)(*args), (q_NBQHK, jnp.arange(blocks) * block))
     return out_NBQHK.swapaxes(0, 1).reshape(b, q_len, h, vk).astype(q_BQHK.dtype)
 
 

@@ -94,11 +94,6 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
     @property
-    def v_dim(self) -> int:
-        """The width of a value head (and of the output projection's input per head)."""
-        return self.v_head_dim if self.attention == "mla" else self.head_dim
-
-    @property
     def moe_layers(self) -> int:
         """MoE layers: one per scanned unit of the pipelined stack (each unit: moe_every - 1 dense layers, then MoE)."""
         return (self.layers - self.dense_layers) // self.moe_every
@@ -329,6 +324,11 @@ def stage_units(cfg: Config) -> tuple[int, ...]:
     if lay.stage_layers:
         return tuple(c // m.moe_every for c in lay.stage_layers)
     return (m.units // lay.pp,) * lay.pp
+
+
+def uneven_units(cfg: Config) -> tuple[int, ...]:
+    """The units each stage holds where the stages are uneven (layout.stage_layers); () for equal stages."""
+    return stage_units(cfg) if cfg.layout.stage_layers else ()
 
 
 def storage_model(cfg: Config) -> ModelConfig:

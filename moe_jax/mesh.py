@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_jax.config import Config, ConfigError, LayoutConfig, check_devices, stage_units
+from moe_jax.config import Config, ConfigError, LayoutConfig, check_devices, uneven_units
 from moe_jax.sharding import MESH_AXES, RULES
 
 # ------------------------------------------------------------------------------------------------------- devices
@@ -189,7 +189,7 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
         multi = False
 
     e_local, h_local, f_local = m.experts // lay.ep, m.heads // lay.tp, m.expert_hidden // lay.tp
-    counts = stage_units(cfg) if lay.stage_layers else ()
+    counts = uneven_units(cfg)
     shards = lay.dp * lay.ep
     rows_mb = run.batch // lay.microbatches
     rows_shard = rows_mb // shards
@@ -315,9 +315,7 @@ def check_placement(
 
     table = assignment(cfg, mesh) if table is None else table
     rows = {d["id"]: d for d in table["devices"]}
-    storage = layer_storage_order(
-        cfg.model.units, cfg.layout.pp, cfg.layout.repeats, stage_units(cfg) if cfg.layout.stage_layers else ()
-    )
+    storage = layer_storage_order(cfg.model.units, cfg.layout.pp, cfg.layout.repeats, uneven_units(cfg))
     sizes = dict(mesh.shape)
     checked = 0
     for path, names in param_names.items():

@@ -32,7 +32,7 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
 KEYS = ("machine", "sizes", "dense_matmul", "moe_layer", "attention", "train_step", "ragged_flops", "errors", "seconds")
 SIZES = {  # full: the seed's; smoke: every part at a size the CPU runs in seconds
@@ -44,15 +44,11 @@ SIZES = {  # full: the seed's; smoke: every part at a size the CPU runs in secon
 
 
 def timed(fn, args, reps):
-    import jax
+    """The median of `reps` runs after a warm-up (bench_moe's timer; imported late: JAX must not start before
+    --cpu-smoke has chosen the platform)."""
+    from bench_moe import timed as bench_timed
 
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return bench_timed(fn, args, reps)[0]
 
 
 def machine():

@@ -159,12 +159,13 @@ class HFTensors:
 
     def total_elements(self, below_layer: int | None = None) -> int:
         """Elements of every tensor, or of those not in layers from `below_layer` on (an MTP module left unread)."""
+        return sum(int(np.prod(s)) for n, s in self.shapes.items() if below(n, below_layer))
 
-        def kept(name):
-            m = re.match(r"model\.layers\.(\d+)\.", name)
-            return below_layer is None or not m or int(m.group(1)) < below_layer
 
-        return sum(int(np.prod(s)) for n, s in self.shapes.items() if kept(n))
+def below(name: str, layer: int | None) -> bool:
+    """Whether an HF tensor is read: every one when `layer` is None, else all but those of layers from `layer` on."""
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return layer is None or not m or int(m.group(1)) < layer
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -244,11 +245,7 @@ def check_tensors(tensors: HFTensors, expected: dict[str, tuple], beyond_layers:
         if tensors.shapes[name] != shape:
             raise ConfigError(f"{tensors.directory}: tensor {name} has shape {tensors.shapes[name]}, the config "
                               f"needs {shape} (for {path})")  # fmt: skip
-    extra = sorted(set(tensors.shapes) - set(expected))
-    if beyond_layers is not None:
-        extra = [
-            n for n in extra if not (m := re.match(r"model\.layers\.(\d+)\.", n)) or int(m.group(1)) < beyond_layers
-        ]
+    extra = [n for n in sorted(set(tensors.shapes) - set(expected)) if below(n, beyond_layers)]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise ConfigError(f"{tensors.directory}: tensor {extra[0]}{more} is not part of this model; moe_jax would "
@@ -322,9 +319,10 @@ def import_state(sm, directory: str, seed: int = 0):
     tensors = HFTensors(directory)
     _, shapes = param_table(sm.cfg)
     expected = expected_tensors(sm.cfg.model, family, shapes)
-    with_rest = bool(family.rest) and bool(rest_shapes(sm.cfg))
+    rest_rows = rest_shapes(sm.cfg) if family.rest else {}
+    with_rest = bool(rest_rows)
     if with_rest:
-        expected.update(expected_tensors(sm.cfg.model, family, rest_shapes(sm.cfg), family.rest))
+        expected.update(expected_tensors(sm.cfg.model, family, rest_rows, family.rest))
     check_tensors(tensors, expected, sm.cfg.model.layers if family.extra_layers_ok else None)
     rest = load_params(sm, family, tensors, rest=True) if with_rest else sm.init_rest(seed)
     return load_params(sm, family, tensors), rest, tensors
@@ -372,12 +370,6 @@ def hf_tensors_of(sm, params, family: Family, dtype, rows: dict | None = None) -
                     yield base.format(e=e), write_form(one, one_expert(rule), sizes).astype(dtype)
             else:
                 yield base, write_form(x, rule, sizes).astype(dtype)
-
-
-def jax_leaves(tree) -> list:
-    import jax
-
-    return jax.tree.leaves(tree)
 
 
 def parse_size(text: str) -> int:
@@ -451,7 +443,7 @@ def export(
             shard.clear()
 
         tensors = hf_tensors_of(sm, params, family, np_dtype)
-        if family.rest and rest is not None and jax_leaves(rest):  # the routing bias (V3's e_score_correction_bias)
+        if family.rest and rest is not None:  # the routing bias (V3's e_score_correction_bias); none: no tensor
             tensors = itertools.chain(tensors, hf_tensors_of(sm, rest, family, np_dtype, family.rest))
         for name, x in tensors:
             if shard and shard_bytes + x.nbytes > max_shard_bytes:

@@ -126,10 +126,10 @@ def causal_attention(q_BQHK, k_BSGK, v_BSGK, q_offset: int = 0, block: int = 512
     return out_NBQHK.swapaxes(0, 1).reshape(b, q_len, h, vk).astype(q_BQHK.dtype)
 
 
-def attention_impl(impl: str, backend: str | None = None) -> str:
-    """The implementation `model.attention_impl` names on this backend: auto is cudnn on GPU, blockwise elsewhere; cudnn
-    where there is no GPU is refused in one line."""
-    backend = backend or jax.default_backend()
+def attention_impl(impl: str) -> str:
+    """The implementation `model.attention_impl` names on this process's backend: auto is cudnn on GPU, blockwise
+    elsewhere; cudnn where there is no GPU is refused in one line."""
+    backend = jax.default_backend()
     if impl == "auto":
         return "cudnn" if backend == "gpu" else "blockwise"
     if impl == "cudnn" and backend != "gpu":

@@ -105,28 +105,48 @@ def combine_from_buffers(y_ECD, plan: DispatchPlan, gates_TR):
     return jnp.einsum("TR,TRD->TD", w_TR, y_TRD)
 
 
+def _ffn(matmul, x, w_in, w_gate, w_out, dtype):
+    """GELU(x W_in) W_out, or SwiGLU with W_gate, each product `matmul(x, w)`; fp32 out."""
+    h = matmul(x, w_in.astype(dtype))
+    if w_gate is None:
+        h = jax.nn.gelu(h)
+    else:
+        h = jax.nn.silu(matmul(x, w_gate.astype(dtype))) * h
+    return matmul(h, w_out.astype(dtype), preferred_element_type=jnp.float32)
+
+
 def expert_ffn(x_ECD, w_in_EDF, w_gate_EDF, w_out_EFD, dtype):
     """Each expert's FFN on its buffer: GELU(x W_in) W_out, or SwiGLU with W_gate. Batched over local experts.
 
     Returns fp32: with the hidden dimension split over tp these are partial sums, reduced in fp32 like attention's."""
-    h = jnp.einsum("ECD,EDF->ECF", x_ECD, w_in_EDF.astype(dtype))
-    if w_gate_EDF is None:
-        h = jax.nn.gelu(h)
-    else:
-        h = jax.nn.silu(jnp.einsum("ECD,EDF->ECF", x_ECD, w_gate_EDF.astype(dtype))) * h
-    return jnp.einsum("ECF,EFD->ECD", h, w_out_EFD.astype(dtype), preferred_element_type=jnp.float32)
+
+    def batched(a, w, **kw):  # [E, C, I] x [E, I, O] -> [E, C, O]
+        return jnp.einsum("ECI,EIO->ECO", a, w, **kw)
+
+    return _ffn(batched, x_ECD, w_in_EDF, w_gate_EDF, w_out_EFD, dtype)
 
 
 def ragged_ffn(x_RD, sizes_E, w_in_EDF, w_gate_EDF, w_out_EFD, dtype):
     """The experts' FFN over rows sorted by expert (`sizes_E` rows each, in order; rows past their sum give zeros) as
     grouped matmuls (`lax.ragged_dot`): each expert computes only its own rows. fp32 out, as `expert_ffn`."""
-    rd = jax.lax.ragged_dot
-    h = rd(x_RD, w_in_EDF.astype(dtype), sizes_E)
-    if w_gate_EDF is None:
-        h = jax.nn.gelu(h)
-    else:
-        h = jax.nn.silu(rd(x_RD, w_gate_EDF.astype(dtype), sizes_E)) * h
-    return rd(h, w_out_EFD.astype(dtype), sizes_E, preferred_element_type=jnp.float32)
+
+    def grouped(a, w, **kw):  # [R, I] x [E, I, O] -> [R, O], row r by its group's matrix
+        return jax.lax.ragged_dot(a, w, sizes_E, **kw)
+
+    return _ffn(grouped, x_RD, w_in_EDF, w_gate_EDF, w_out_EFD, dtype)
+
+
+def filled_rows_ffn(x_ECD, rows_ES, weights, dtype):
+    """Ragged dispatch on the expert side: buffers [E_loc, S x C, D] of S sources' blocks of C rows each, of which the
+    first rows_ES[e, s] are filled. The filled rows are sorted to the front, expert by expert, computed as grouped
+    matmuls, and put back (the empty rows give zeros)."""
+    e_loc, rows, d = x_ECD.shape
+    c = rows // rows_ES.shape[1]
+    filled_ER = (jnp.arange(c)[None, None, :] < rows_ES[:, :, None]).reshape(e_loc, rows)
+    key = jnp.where(filled_ER, jnp.arange(e_loc)[:, None], e_loc).reshape(-1)
+    order = jnp.argsort(key, stable=True)  # the filled rows, expert by expert; the empty ones last (no group)
+    y = ragged_ffn(x_ECD.reshape(-1, d)[order], jnp.sum(filled_ER, axis=1).astype(jnp.int32), *weights, dtype)
+    return jnp.zeros_like(y).at[order].set(y).reshape(e_loc, rows, d)
 
 
 _FALLBACK_SAID: set[str] = set()
@@ -191,37 +211,30 @@ class MoE(nnx.Module):
         e = cfg.experts
         cap = t if dropless else capacity(cfg, t)
         r = route(x_GTD, self.router[...], None if self.bias is None else self.bias[...], cfg)
-        if cfg.dispatch == "ragged" and not dropless:
-            return self.ragged(x_GTD, r, axes, dtype)
+        weights = self.w_in[...], None if self.w_gate is None else self.w_gate[...], self.w_out[...]
+        ragged = cfg.dispatch == "ragged" and not dropless  # serving's dropless=True keeps the buffers
+        if ragged and axes.ep is None and axes.tp is None:
+            y_GTD = ragged_local(x_GTD, r, weights, dtype)
+            keep = jnp.ones(r.experts_GTR.shape, jnp.bool_)
+            return y_GTD, router_stats(r, keep, e, axes, cfg.router_score == "softmax")
+        if ragged and axes.ep is not None:
+            say_padded_exchange(jax.default_backend())
         plan = jax.vmap(plan_dispatch, in_axes=(0, None, None))(r.experts_GTR, e, cap)
         x_GECD = jax.vmap(gather_to_buffers, in_axes=(0, 0, None))(x_GTD.astype(dtype), plan, e)
 
         # Source groups -> experts: [G, E, C, D] -> [E_local, ep x G x C, D], then the sequence over tp.
         x_ECD = axes.to_experts(x_GECD.swapaxes(0, 1).reshape(e, g * cap, d))
         x_ECD = axes.gather_seq(x_ECD, axis=1)
-        y_ECD = expert_ffn(
-            x_ECD, self.w_in[...], None if self.w_gate is None else self.w_gate[...], self.w_out[...], dtype
-        )
+        if ragged:  # each source's row counts, exchanged the same way: [E, G] -> [E_local, tp x ep x G]
+            counts_GE = jnp.sum(jax.nn.one_hot(r.experts_GTR, e, dtype=jnp.int32), axis=(1, 2))
+            y_ECD = filled_rows_ffn(x_ECD, axes.gather_seq(axes.to_experts(counts_GE.T), axis=1), weights, dtype)
+        else:
+            y_ECD = expert_ffn(x_ECD, *weights, dtype)
         y_ECD = axes.from_experts(axes.scatter_seq(y_ECD, axis=1).astype(dtype))
         y_GECD = y_ECD.reshape(e, g, cap, d).swapaxes(0, 1)
 
         y_GTD = jax.vmap(combine_from_buffers)(y_GECD, plan, r.gates_GTR)
         return y_GTD, router_stats(r, plan.keep_TR, e, axes, cfg.router_score == "softmax")
-
-    def ragged(self, x_GTD, r: Routing, axes: Axes, dtype):
-        """dispatch 'ragged': (y in the compute dtype, router statistics); nothing is dropped."""
-        if axes.ep is None and axes.tp is None:
-            y = ragged_local(x_GTD, r, _weights(self), dtype)
-        else:
-            if axes.ep is not None:
-                say_padded_exchange(jax.default_backend())
-            y = ragged_sharded(x_GTD, r, _weights(self), self.cfg.experts, axes, dtype)
-        keep = jnp.ones(r.experts_GTR.shape, jnp.bool_)
-        return y, router_stats(r, keep, self.cfg.experts, axes, self.cfg.router_score == "softmax")
-
-
-def _weights(moe):
-    return moe.w_in[...], None if moe.w_gate is None else moe.w_gate[...], moe.w_out[...]
 
 
 def ragged_local(x_GTD, r: Routing, weights, dtype):
@@ -237,30 +250,6 @@ def ragged_local(x_GTD, r: Routing, weights, dtype):
     y_PRD = jnp.zeros_like(y).at[order].set(y).reshape(g * t, k, d).astype(dtype)
     y_TD = jnp.einsum("TR,TRD->TD", r.gates_GTR.reshape(g * t, k).astype(dtype), y_PRD)
     return y_TD.reshape(g, t, d)
-
-
-def ragged_sharded(x_GTD, r: Routing, weights, num_experts: int, axes: Axes, dtype):
-    """Sharded: the dropless buffers (C = T per expert and source) exchanged over ep with the padded all-to-all and
-    gathered over tp as every mode is, with each source's row counts exchanged beside them; on the expert side the
-    filled rows are sorted to the front, expert by expert, and only they are computed (grouped matmuls); the outputs
-    go back the same way and are combined with the gates."""
-    g, t, d = x_GTD.shape
-    e = num_experts
-    plan = jax.vmap(plan_dispatch, in_axes=(0, None, None))(r.experts_GTR, e, t)
-    x_GECD = jax.vmap(gather_to_buffers, in_axes=(0, 0, None))(x_GTD.astype(dtype), plan, e)
-    counts_GE = jnp.sum(jax.nn.one_hot(r.experts_GTR, e, dtype=jnp.int32), axis=(1, 2))
-    x_ECD = axes.gather_seq(axes.to_experts(x_GECD.swapaxes(0, 1).reshape(e, g * t, d)), axis=1)
-    # the sizes, exchanged the same way: [E, G] -> [E / ep, ep G] -> [E / ep, tp ep G], one count per block of T rows
-    n_ES = axes.gather_seq(axes.to_experts(counts_GE.T), axis=1)
-    e_loc, rows = x_ECD.shape[0], x_ECD.shape[1]
-    valid_ER = (jnp.arange(t)[None, None, :] < n_ES[:, :, None]).reshape(e_loc, rows)
-    key = jnp.where(valid_ER, jnp.arange(e_loc)[:, None], e_loc).reshape(-1)
-    order = jnp.argsort(key, stable=True)  # the filled rows, expert by expert; the empty ones last (no group)
-    y = ragged_ffn(x_ECD.reshape(-1, d)[order], jnp.sum(valid_ER, axis=1).astype(jnp.int32), *weights, dtype)
-    y_ECD = jnp.zeros_like(y).at[order].set(y).reshape(e_loc, rows, d)
-    y_ECD = axes.from_experts(axes.scatter_seq(y_ECD, axis=1).astype(dtype))
-    y_GECD = y_ECD.reshape(e, g, t, d).swapaxes(0, 1)
-    return jax.vmap(combine_from_buffers)(y_GECD, plan, r.gates_GTR)
 
 
 def update_expert_bias(bias_E, tokens_per_expert_E, rate: float):

@@ -22,7 +22,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.config import Config, stage_units, storage_model
+from moe_jax.config import Config, storage_model, uneven_units
 from moe_jax.mesh import layer_storage_order
 from moe_jax.model.layers import compute_dtype
 from moe_jax.model.transformer import (
@@ -115,8 +115,7 @@ class ShardedModel:
         uneven stages a padding position takes a copy of its stage's last unit (never applied: its output is its
         input, so its gradient is zero), and the inverse reads the real positions only."""
         cfg = self.cfg
-        counts = stage_units(cfg) if cfg.layout.stage_layers else ()
-        order = np.array(layer_storage_order(cfg.model.units, cfg.layout.pp, cfg.layout.repeats, counts))
+        order = np.array(layer_storage_order(cfg.model.units, cfg.layout.pp, cfg.layout.repeats, uneven_units(cfg)))
         if inverse:
             real = np.flatnonzero(order >= 0)
             return real[np.argsort(order[real])]
@@ -252,7 +251,7 @@ def loss_fn(sm: ShardedModel) -> Callable:
     stored = storage_model(cfg).units
     sched = Schedule(lay.pp, lay.microbatches, lay.repeats, stored, lay.remat)
     pp, v, mb = lay.pp, lay.repeats, lay.microbatches
-    uneven = np.array(stage_units(cfg), np.int32) if lay.stage_layers else None
+    uneven = uneven_units(cfg)
     all_tokens = active_axes((*TOKEN_AXES, "pp"), sizes)
     pp_axes = active_axes(("pp",), sizes)
     remat_layer = "layer" if lay.remat == "layer" else "none"
@@ -273,7 +272,7 @@ def loss_fn(sm: ShardedModel) -> Callable:
         if m.dense_layers:
             x_MBSD = lax.map(lambda x: run_prologue(model, x, axes, dtype, remat_layer), x_MBSD)
         l_c = stored // (pp * v)
-        n_units = None if uneven is None else jnp.asarray(uneven)[stage]  # this stage's real units
+        n_units = jnp.asarray(uneven, jnp.int32)[stage] if uneven else None  # this stage's real units
 
         # Unit i of the stage's stack is picked inside the (checkpointed) unit, so what a checkpoint saves for the
         # backward pass is the activation and the index, never a per-tick copy of the stage's weights.

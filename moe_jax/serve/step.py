@@ -21,7 +21,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.config import Config, ConfigError, stage_units, storage_model
+from moe_jax.config import Config, ConfigError, storage_model, uneven_units
 from moe_jax.model.layers import compute_dtype
 from moe_jax.model.transformer import Stack, block_cached, check_tokens
 from moe_jax.parallel.schedule import Schedule
@@ -133,7 +133,7 @@ def _serve_step(srv: ServeModel, every_position: bool = False) -> Callable:
     sched = Schedule(pp, mb, v, stored)
     pp_axes = active_axes(("pp",), sizes)
     l_c = stored // (pp * v)
-    uneven = np.array(stage_units(cfg), np.int32) if lay.stage_layers else None
+    uneven = uneven_units(cfg)
     perm = ring(pp, v)
 
     def body(params, rest, ck, cv, tokens_local, pos):
@@ -172,13 +172,14 @@ def _serve_step(srv: ServeModel, every_position: bool = False) -> Callable:
                 prologue, (x_MBSD, ck["prologue"], cv["prologue"]), jnp.arange(mb)
             )
 
-        n_units = None if uneven is None else jnp.asarray(uneven)[stage]
+        n_units = jnp.asarray(uneven, jnp.int32)[stage] if uneven else None
 
         def unit(carry, i):
             x_in, ck, cv, j, valid_tick = carry
             x = x_in
-            # uneven stages: a padding unit (i past the stage's own) writes no cache and passes its input on
-            valid = valid_tick if n_units is None else valid_tick & (i < n_units)  # v = 1: i is the stage's index
+            # uneven stages (v = 1: i is the stage's own index): a padding unit writes no cache, passes its input on
+            real = True if n_units is None else i < n_units
+            valid = valid_tick & real
             ck, cv = dict(ck), dict(cv)
             if stack.dense is not None:
                 graph, state = stack.dense
@@ -189,7 +190,7 @@ def _serve_step(srv: ServeModel, every_position: bool = False) -> Callable:
             graph, state = stack.moe
             x, ck["blocks"], cv["blocks"] = cached(graph, state, (i,), j, x, ck["blocks"], cv["blocks"], valid)
             if n_units is not None:
-                x = jnp.where(valid, x, x_in)
+                x = jnp.where(real, x, x_in)
             return (x, ck, cv, j, valid_tick), None
 
         zero_act = x_MBSD[0] * 0.0

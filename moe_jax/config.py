@@ -20,7 +20,7 @@ DISPATCH_MODES = ("capacity", "dropless", "ragged")
 REMAT_POLICIES = ("none", "tick", "layer")
 QK_NORMS = ("none", "head", "projection")
 ROUTER_SCORES = ("softmax", "sigmoid")
-SCHEDULES = ("gpipe",)
+SCHEDULES = ("gpipe", "1f1b")
 ATTENTION_KINDS = ("mha", "mla")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blockwise")
 # DeepSeek's latent RMSNorms (q_a_layernorm, kv_a_layernorm) use their class default, not the model's norm_eps.
@@ -295,6 +295,19 @@ def check_config(cfg: Config) -> Config:
             "layout.microbatches",
             lay.microbatches,
             f"a circular schedule (layout.repeats={lay.repeats}) needs a multiple of layout.pp={lay.pp}",
+        )
+    if lay.schedule == "1f1b" and lay.microbatches < lay.pp:
+        _fail(
+            "layout.microbatches",
+            lay.microbatches,
+            f"a 1f1b schedule needs at least layout.pp={lay.pp} (with fewer it never reaches its steady state and "
+            f"stashes more than GPipe keeps); valid: >= {lay.pp}, or layout.schedule=gpipe",
+        )
+    if lay.schedule == "1f1b" and lay.remat == "none":
+        _fail(
+            "layout.remat",
+            lay.remat,
+            "a 1f1b schedule recomputes each chunk from its stashed input; valid: tick or layer",
         )
     return cfg
 

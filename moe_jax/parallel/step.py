@@ -346,22 +346,20 @@ def loss_fn(sm: ShardedModel) -> Callable:
         }
         return ce + aux["router_loss"], metrics
 
-    metric_specs = {
-        "ce": P(),
-        "lb_loss": P(),
-        "z_loss": P(),
-        "router_loss": P(),
-        "dropped": P(),
-        "routed": P(),
-        "tokens_per_expert": logical_to_mesh(("layers", None), sizes),
-    }
     return jax.shard_map(
         body,
         mesh=sm.mesh,
         in_specs=(sm.param_specs, sm.rest_specs, batch_spec(sizes), batch_spec(sizes)),
-        out_specs=(P(), metric_specs),
+        out_specs=(P(), metric_specs(sizes)),
         check_vma=True,
     )
+
+
+def metric_specs(sizes) -> dict[str, P]:
+    """The step's metrics: scalars replicated, the per-layer expert counts split over pp like the layers."""
+    return {k: P() for k in ("ce", "lb_loss", "z_loss", "router_loss", "dropped", "routed")} | {
+        "tokens_per_expert": logical_to_mesh(("layers", None), sizes)
+    }
 
 
 def abstract_inputs(sm: ShardedModel):
@@ -386,9 +384,38 @@ def lower_step(sm: ShardedModel):
         return grad_step(sm).lower(*abstract_inputs(sm))
 
 
+def value_and_grad_fn(sm: ShardedModel) -> Callable:
+    """(params, rest, tokens, targets, scale) -> ((loss, metrics), gradients of scale x loss), not jitted. GPipe:
+    autodiff of `loss_fn`'s scan. 1F1B: the schedule computes its own gradients (parallel/one_f_one_b.py), and the
+    loss scale seeds its cotangents (fp16 needs the scale inside the backward pass, not applied after it)."""
+    if sm.cfg.layout.schedule == "1f1b":
+        from moe_jax.parallel.one_f_one_b import grads_fn
+
+        return grads_fn(sm)
+    sharded_loss = loss_fn(sm)
+
+    def scaled_loss(params, rest, tokens, targets, scale):
+        loss, metrics = sharded_loss(params, rest, tokens, targets)
+        return loss * scale, (loss, metrics)
+
+    def f(params, rest, tokens, targets, scale):
+        (_, (loss, metrics)), grads = jax.value_and_grad(scaled_loss, has_aux=True)(
+            params, rest, tokens, targets, scale
+        )
+        return (loss, metrics), grads
+
+    return f
+
+
 @functools.lru_cache(maxsize=32)
 def grad_step(sm: ShardedModel) -> Callable:
-    """jit(value_and_grad(shard_mapped loss)): ((loss, metrics), grads), grads sharded like the parameters."""
+    """(params, rest, tokens, targets) -> ((loss, metrics), grads), jitted, grads sharded like the parameters: GPipe's
+    jit(value_and_grad(shard_mapped loss)), or the 1F1B schedule's own gradients."""
+    if sm.cfg.layout.schedule == "1f1b":
+        from moe_jax.parallel.one_f_one_b import grads_fn
+
+        f = grads_fn(sm)
+        return jax.jit(lambda params, rest, tokens, targets: f(params, rest, tokens, targets, jnp.float32(1.0)))
     return jax.jit(jax.value_and_grad(loss_fn(sm), has_aux=True))
 
 

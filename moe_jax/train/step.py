@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moe_jax.config import RunConfig
-from moe_jax.parallel.step import ShardedModel, loss_fn
+from moe_jax.parallel.step import ShardedModel, value_and_grad_fn
 
 GROWTH_INTERVAL = 1000  # good steps before the fp16 loss scale doubles
 INITIAL_SCALE = 2.0**15
@@ -102,17 +102,11 @@ def train_step(sm: ShardedModel, tx: optax.GradientTransformation, inject_overfl
     same layout and optimizer reuse one compiled step within a process."""
     fp16 = sm.cfg.run.dtype == "fp16"
     clip = sm.cfg.run.grad_clip
-    sharded_loss = loss_fn(sm)
+    loss_and_grads = value_and_grad_fn(sm)
     norm_and_overflow = grad_stats(sm)
 
-    def scaled_loss(params, rest, tokens, targets, scale):
-        loss, metrics = sharded_loss(params, rest, tokens, targets)
-        return loss * scale, (loss, metrics)
-
     def step(params, rest, opt_state, ls: LossScale, tokens, targets):
-        (_, (loss, metrics)), grads = jax.value_and_grad(scaled_loss, has_aux=True)(
-            params, rest, tokens, targets, ls.scale
-        )
+        (loss, metrics), grads = loss_and_grads(params, rest, tokens, targets, ls.scale)
         grads = jax.tree.map(lambda g: g / ls.scale, grads)
         if inject_overflow:
             grads = jax.tree.map(lambda g: g * jnp.inf, grads)  # elementwise: every shard overflows

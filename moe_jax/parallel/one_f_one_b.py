@@ -1,0 +1,237 @@
+"""1F1B and interleaved 1F1B inside the one shard_map: the step's gradient computed by the schedule itself.
+
+Each tick of one `lax.scan` a stage runs at most one chunk forward and one chunk backward (parallel/schedule.py says
+which, and why the step then costs GPipe's time). An empty slot is skipped by a `lax.cond` whose predicate depends
+on the tick and the stage only, so every member of a stage's dp, ep and tp groups takes the same branch and the
+collectives inside stay uniform. Forward slot: the chunk runs on what the previous stage sent (stage 0, first
+repeat: the microbatch's embedding), its input goes into the stash, its output to the next stage by `ppermute`.
+Backward slot: the chunk is recomputed from the stashed input under `jax.vjp`; its output cotangent arrives from the
+next stage by the reverse `ppermute`, or, on the last stage's last repeat, from the microbatch's own loss (head and
+cross-entropy, whose cotangent is scale / global tokens); the input cotangent goes to the previous stage, or into
+the embedding (and dense first layers) on stage 0. The router terms are per microbatch (see model/transformer.py
+`loss_fn`), so each chunk's share of the router loss has a known cotangent (its weight / (MoE layers x M)) in the
+tick its backward runs. Weight gradients accumulate in fp32 in the scan's carry and are summed over the axes each
+weight is replicated on once, at the end, as autodiff of the GPipe scan does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from moe_jax.config import storage_model, uneven_units
+from moe_jax.model.layers import compute_dtype
+from moe_jax.model.transformer import Stack, cross_entropy, run_prologue
+from moe_jax.parallel.schedule import Schedule
+from moe_jax.sharding import MESH_AXES, TOKEN_AXES, Axes, active_axes
+
+# The parameters each kind of slot differentiates (the rest enter as constants): the stack's units, and the edges
+# (embedding, dense first layers, final norm, head).
+STACK_KEYS = ("blocks", "dense_blocks")
+
+
+def schedule_of(cfg) -> Schedule:
+    lay = cfg.layout
+    return Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat, lay.schedule)
+
+
+def _split(state, keys):
+    inside = nnx.State({k: v for k, v in state.items() if k in keys})
+    outside = nnx.State({k: v for k, v in state.items() if k not in keys})
+    return inside, outside
+
+
+def _join(a, b):
+    return nnx.State({**a, **b})
+
+
+def _missing_axes(spec, sizes) -> tuple[str, ...]:
+    used = {a for part in spec if part is not None for a in ((part,) if isinstance(part, str) else part)}
+    return tuple(a for a in active_axes(MESH_AXES, sizes) if a not in used)
+
+
+def grads_fn(sm) -> Callable:
+    """(params, rest, tokens, targets, scale) -> ((loss, metrics), gradients of scale x loss), one shard_map, the
+    gradients sharded like the parameters. The same loss and metrics as `step.loss_fn` (GPipe)."""
+    from moe_jax.parallel.step import _to_varying, batch_spec, ring
+
+    cfg = sm.cfg
+    m, lay = cfg.model, cfg.layout
+    dtype = compute_dtype(cfg.run.dtype)
+    n_tokens = cfg.run.batch * cfg.run.seq_len
+    sizes = sm.sizes
+    axes = Axes.sharded(sizes)
+    sched = schedule_of(cfg)
+    pp, v, mb = lay.pp, lay.repeats, lay.microbatches
+    n_slots = sched.stash_slots
+    uneven = uneven_units(cfg)
+    all_tokens = active_axes((*TOKEN_AXES, "pp"), sizes)
+    pp_axes = active_axes(("pp",), sizes)
+    fwd_perm = ring(pp, v)
+    bwd_perm = [(b, a) for a, b in fwd_perm]
+    l_c = storage_model(cfg).units // (pp * v)
+    lb_w = m.lb_loss_weight / (m.moe_layers * mb)
+    z_w = m.z_loss_weight / (m.moe_layers * mb)
+
+    def body(params, rest, tokens_local, targets_local, scale):
+        structure = jax.tree.structure(params)
+        params = _to_varying(params, sm.param_specs, sizes)
+        stack_p, edge_p = _split(params, STACK_KEYS)
+        stage = lax.axis_index("pp") if pp_axes else 0
+        n_units = jnp.asarray(uneven, jnp.int32)[stage] if uneven else None
+
+        def model_of(p):
+            return nnx.merge(sm.graphdef, p, rest, copy=True)
+
+        def embed(edge, tokens):
+            model = model_of(_join(edge, stack_p))
+            x = model.embed_tokens(tokens)
+            return run_prologue(model, x, axes, dtype, "layer") if m.dense_layers else x
+
+        def layer_fn(stack):
+            units = Stack(model_of(_join(edge_p, stack)))
+
+            def layer(x, i):
+                y, stats = units.unit(x, i, axes, dtype, (1, 1))
+                if n_units is None:
+                    return y, stats
+                real = i < n_units  # uneven stages: a padding unit passes its input on and counts nothing
+                return jnp.where(real, y, x), jax.tree.map(lambda a: jnp.where(real, a, jnp.zeros_like(a)), stats)
+
+            return jax.checkpoint(layer) if lay.remat == "layer" else layer
+
+        def chunk(stack, x, r):
+            y, stats = lax.scan(layer_fn(stack), x, r * l_c + jnp.arange(l_c))
+            router = lb_w * jnp.sum(stats["lb_loss"]) + z_w * jnp.sum(stats["z_loss"])
+            return (y, router), stats
+
+        def head_ce(edge, y, targets):
+            return cross_entropy(model_of(_join(edge, stack_p)).logits(y, dtype), targets)
+
+        def add(a, b):
+            return jax.tree.map(jnp.add, a, b)
+
+        zero_act = embed(edge_p, tokens_local[0]) * 0.0  # the activations' varying type (every active axis)
+
+        def forward(t, recv, stash):
+            k = t - stage
+            valid = (k >= 0) & (k < v * mb)
+            j, r = _slot(jnp.clip(k, 0, v * mb - 1), pp, v, backward=False)
+            first = (stage == 0) & (r == 0)
+            x = lax.cond(valid & first, lambda: embed(edge_p, tokens_local[j]), lambda: recv)
+            stash = lax.cond(valid, lambda s: s.at[k % n_slots].set(x), lambda s: s, stash)
+            # The last stage's last repeat needs no output here: its backward slot, this same tick, recomputes it.
+            run = valid & ~((stage == pp - 1) & (r == v - 1))
+            y = lax.cond(run, lambda: chunk(stack_p, x, r)[0][0], lambda: zero_act)
+            return y, stash
+
+        def backward(t, recv, stash, acc):
+            k = t - sched.backward_offset - (pp - 1 - stage)
+            valid = (k >= 0) & (k < v * mb)
+            kc = jnp.clip(k, 0, v * mb - 1)
+            j, r = _slot(kc, pp, v, backward=True)
+            k_fwd = (kc // (v * pp)) * (v * pp) + r * pp + kc % pp
+            last = (stage == pp - 1) & (r == v - 1)
+            first = (stage == 0) & (r == 0)
+
+            def run(acc):
+                x = stash[k_fwd % n_slots]
+                (y, router), pull, stats = jax.vjp(lambda s, x: chunk(s, x, r), stack_p, x, has_aux=True)
+
+                def from_loss(acc):
+                    ce, pull_head = jax.vjp(lambda e, y: head_ce(e, y, targets_local[j]), edge_p, y)
+                    d_edge, dy = pull_head(ce * 0.0 + scale / n_tokens)
+                    return dict(acc, edge=add(acc["edge"], d_edge), ce=acc["ce"] + ce), dy
+
+                acc, dy = lax.cond(last, from_loss, lambda acc: (acc, recv), acc)
+                d_stack, dx = pull((dy, router * 0.0 + scale))
+
+                def into_embedding(acc):
+                    _, pull_embed = jax.vjp(lambda e: embed(e, tokens_local[j]), edge_p)
+                    return dict(acc, edge=add(acc["edge"], pull_embed(dx)[0]))
+
+                acc = lax.cond(first, into_embedding, lambda acc: acc, acc)
+                acc = dict(
+                    acc,
+                    stack=add(acc["stack"], d_stack),
+                    lb_loss=acc["lb_loss"] + jnp.sum(stats["lb_loss"]),
+                    z_loss=acc["z_loss"] + jnp.sum(stats["z_loss"]),
+                    dropped=acc["dropped"] + jnp.sum(stats["dropped"]),
+                    routed=acc["routed"] + jnp.sum(stats["routed"]),
+                    tokens_per_expert=acc["tokens_per_expert"].at[r].add(stats["tokens_per_expert"]),
+                )
+                return acc, dx
+
+            return lax.cond(valid, run, lambda acc: (acc, zero_act), acc)
+
+        def tick(carry, t):
+            recv_f, recv_b, stash, acc = carry
+            y, stash = forward(t, recv_f, stash)  # before the backward: the last stage reads this tick's input
+            acc, dx = backward(t, recv_b, stash, acc)
+            if pp_axes:
+                y, dx = lax.ppermute(y, "pp", fwd_perm), lax.ppermute(dx, "pp", bwd_perm)
+            return (y, dx, stash, acc), None
+
+        # The router statistics are summed over the token axes inside each layer: varying over pp only, as in GPipe.
+        zero_stat = jnp.zeros((), jnp.float32)
+        zero_tpe = jnp.zeros((v, l_c, m.experts), jnp.float32)
+        if pp_axes:
+            zero_stat, zero_tpe = (
+                lax.pcast(zero_stat, pp_axes, to="varying"),
+                lax.pcast(zero_tpe, pp_axes, to="varying"),
+            )
+        acc0 = {
+            "stack": jax.tree.map(lambda a: jnp.zeros_like(a, jnp.float32), stack_p),
+            "edge": jax.tree.map(lambda a: jnp.zeros_like(a, jnp.float32), edge_p),
+            "ce": jnp.zeros((), jnp.float32) * zero_act[0, 0, 0],
+            "tokens_per_expert": zero_tpe,
+        } | {k: zero_stat for k in ("lb_loss", "z_loss", "dropped", "routed")}
+        stash0 = jnp.broadcast_to(zero_act, (n_slots, *zero_act.shape))
+        (_, _, _, acc), _ = lax.scan(tick, (zero_act, zero_act, stash0, acc0), jnp.arange(sched.ticks))
+
+        ce = lax.psum(acc["ce"], all_tokens) / n_tokens if all_tokens else acc["ce"] / n_tokens
+        totals = jnp.stack([acc["lb_loss"], acc["z_loss"], acc["dropped"], acc["routed"]])
+        totals = lax.psum(totals, pp_axes) if pp_axes else totals
+        lb, z = totals[0] / (m.moe_layers * mb), totals[1] / (m.moe_layers * mb)
+        router_loss = m.lb_loss_weight * lb + m.z_loss_weight * z
+        tpe = acc["tokens_per_expert"]
+        metrics = {
+            "ce": ce,
+            "lb_loss": lb,
+            "z_loss": z,
+            "router_loss": router_loss,
+            "dropped": totals[2],
+            "routed": totals[3],
+            "tokens_per_expert": tpe.reshape(v * l_c, m.experts),
+        }
+        # The gradients in the parameters' own tree (both flatten in sorted key order).
+        grads = jax.tree.unflatten(structure, jax.tree.leaves(_join(acc["edge"], acc["stack"])))
+        # Each weight's gradient summed over the axes it is replicated on (the transpose of the pcast above).
+        grads = jax.tree.map(
+            lambda g, spec: lax.psum(g, _missing_axes(spec, sizes)) if _missing_axes(spec, sizes) else g,
+            grads,
+            sm.param_specs,
+        )
+        return (ce + router_loss, metrics), grads
+
+    from moe_jax.parallel.step import metric_specs
+
+    return jax.shard_map(
+        body,
+        mesh=sm.mesh,
+        in_specs=(sm.param_specs, sm.rest_specs, batch_spec(sizes), batch_spec(sizes), P()),
+        out_specs=((P(), metric_specs(sizes)), sm.param_specs),
+        check_vma=True,
+    )
+
+
+def _slot(k, pp: int, v: int, backward: bool):
+    """Slot k -> (microbatch, repeat), traced (Schedule.slot for 1F1B)."""
+    g, w = k // (v * pp), k % (v * pp)
+    r = w // pp
+    return g * pp + w % pp, (v - 1 - r if backward else r)

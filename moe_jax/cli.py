@@ -246,26 +246,48 @@ def cmd_schedule(args) -> int:
 
     from moe_jax.parallel.schedule import Schedule
 
-    sched = Schedule(args.pp, args.microbatches, args.repeats, args.layers, args.remat)
+    sched = Schedule(args.pp, args.microbatches, args.repeats, args.layers, args.remat, args.schedule)
     console = Console()
+    one_f_one_b = sched.kind == "1f1b"
+    name = ("interleaved 1F1B" if sched.repeats > 1 else "1F1B") if one_f_one_b else "GPipe"
     console.print(
-        f"pp {sched.pp}, microbatches {sched.microbatches}, repeats {sched.repeats}: {sched.ticks} ticks "
-        f"(v M + pp - 1), {sched.useful_ticks} useful per stage; utilisation {sched.useful_ticks}/{sched.ticks} = "
+        f"{name}: pp {sched.pp}, microbatches {sched.microbatches}, repeats {sched.repeats}: {sched.ticks} ticks"
+        + (f" in the program (v M + v pp + pp - 2, empty slots skipped), {sched.time_ticks} in time" if one_f_one_b
+           else " (v M + pp - 1)")
+        + f", {sched.useful_ticks} useful per stage; utilisation {sched.useful_ticks}/{sched.time_ticks} = "
         f"{sched.utilization:.1%}, bubble {1 - sched.utilization:.1%}"
-    )
+    )  # fmt: skip
     slots = sched.activation_slots()
-    console.print(
-        f"activation memory per stage, in microbatch activations [B/(M dp ep), S/tp, D]: {slots['saved']} saved for "
-        f"the backward pass ({slots['saved_per_tick']} per tick, remat {sched.remat}), {slots['outputs']} outputs, "
-        f"{slots['wrap_buffer']} in the wrap-around buffer"
-    )
+    unit = "microbatch activations [B/(M dp ep), S/tp, D]"
+    if one_f_one_b:
+        per = "each unit's input" if sched.remat == "layer" else "the chunk's input"
+        console.print(
+            f"activation memory per stage, in {unit}: a stash of {slots['stash']} slots ({per} per slot, remat "
+            f"{sched.remat}; the same array on every stage), of which stage s holds at its peak "
+            + ", ".join(f"{s}: {n}" for s, n in enumerate(slots["in_flight"]))
+            + " (2 v pp - 1 at most whatever M is)"
+        )
+    else:
+        console.print(
+            f"activation memory per stage, in {unit}: {slots['saved']} saved for the backward pass "
+            f"({slots['saved_per_tick']} per tick, remat {sched.remat}), {slots['outputs']} outputs, "
+            f"{slots['wrap_buffer']} in the wrap-around buffer"
+        )
     width = len(str(sched.microbatches - 1)) + (2 if sched.repeats > 1 else 0)
+
+    def cell(w, mark=""):
+        return "." if w is None else mark + (f"{w[0]}" if sched.repeats == 1 else f"{w[0]}.{w[1]}")
+
+    if one_f_one_b:
+        console.print("  forward slot / backward slot (b) per tick; '.' an empty slot, skipped")
     for s in range(sched.pp):
         cells = []
         for t in range(sched.ticks):
-            w = sched.work(s, t)
-            cell = "." if w is None else (f"{w[0]}" if sched.repeats == 1 else f"{w[0]}.{w[1]}")
-            cells.append(cell.rjust(width))
+            if one_f_one_b:
+                both = f"{cell(sched.work(s, t)).rjust(width)}/{cell(sched.backward_work(s, t), 'b').rjust(width + 1)}"
+                cells.append(both)
+            else:
+                cells.append(cell(sched.work(s, t)).rjust(width))
         console.print(f"  stage {s}: " + " ".join(cells), soft_wrap=True)
     if args.json:
         _write_json(args.json, sched.to_json())
@@ -962,6 +984,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="circular repeats v (default 1: contiguous stages)")
     p.add_argument("--layers", type=int, help="layers, for the per-tick memory figures")
     p.add_argument("--remat", default="layer", choices=("none", "tick", "layer"))
+    p.add_argument("--schedule", default="gpipe", choices=("gpipe", "1f1b"),
+                   help="gpipe, or 1f1b (interleaved with --repeats > 1)")  # fmt: skip
     p.add_argument("--json")
     p.add_argument("--png")
     p.set_defaults(func=cmd_schedule, outputs={"json": False, "png": False})

@@ -294,7 +294,7 @@ def audit(lowered_text: str, compiled_text: str, cfg, table: dict[str, Any], ste
     shape = cfg.layout.shape
     low, comp = collectives(lowered_text, shape), collectives(compiled_text, shape)
     expected_rows = expected_collectives(cfg, step)
-    expected = aggregate(expected_rows)
+    expected = aggregate(expected_collectives(cfg, step, lowered=True))
     found = aggregate(summarize(low))
     unexpected: list[dict[str, Any]] = []
     for key in sorted(set(found) | set(expected)):
@@ -305,7 +305,7 @@ def audit(lowered_text: str, compiled_text: str, cfg, table: dict[str, Any], ste
                  "expected": expected.get(key, 0), "where": "lowered"}
             )  # fmt: skip
 
-    allowed = {(k, a) for k, a, _ in expected}
+    allowed = {(k, a) for k, a, _ in expected}  # the same kinds and axes either way
     known_groups = assignment_groups(table)
     # Stage-to-stage pairs along each pp group of the assignment: a chain, closed into a ring when circular.
     ring = cfg.layout.repeats > 1
@@ -330,7 +330,7 @@ def audit(lowered_text: str, compiled_text: str, cfg, table: dict[str, Any], ste
             unexpected.append({"kind": c.kind, "axes": list(c.axes), "name": c.name, "shape": c.shape,
                                "count_per_step": c.count_per_step, "why": why, "where": "compiled"})  # fmt: skip
     want_counts: dict[tuple[str, tuple[str, ...]], int] = defaultdict(int)
-    for (k, a, _), n in expected.items():
+    for (k, a, _), n in aggregate(expected_rows).items():
         want_counts[(k, a)] += n
     for key, n in sorted(want_counts.items()):
         if key[0] != "all-reduce" and counts.get(key, 0) != n:

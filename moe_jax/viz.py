@@ -106,7 +106,10 @@ def _wrap(text: str, width_in: float, fontsize: float) -> str:
 
 
 def draw_schedule(sched, path: str) -> None:
-    """Stages against ticks: the forward pass, then the backward pass (the same scan in reverse); bubbles blank."""
+    """Stages against ticks: the forward pass, then the backward pass (the same scan in reverse); bubbles blank.
+    1F1B: each tick's forward slot above its backward slot, and each stage's stash at its peak."""
+    if sched.kind == "1f1b":
+        return _draw_1f1b(sched, path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,6 +144,49 @@ def draw_schedule(sched, path: str) -> None:
         f"pp {sched.pp}, {sched.microbatches} microbatches, {sched.repeats} repeat(s): {sched.ticks} ticks, "
         f"utilisation {sched.useful_ticks}/{sched.ticks} = {sched.utilization:.1%}; cell = microbatch"
         + (".repeat" if sched.repeats > 1 else "")
+    )
+    ax.set_title(_wrap(title, fig_w, 9), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _draw_1f1b(sched, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    t_all = sched.ticks
+    fig_w = min(40.0, 3.0 + 0.36 * t_all)
+    fig, ax = plt.subplots(figsize=(fig_w, 1.4 + 0.8 * sched.pp))
+    cmap = plt.get_cmap("tab20")
+    in_flight = sched.activation_slots()["in_flight"]
+    for s in range(sched.pp):
+        y0 = 2 * (sched.pp - 1 - s)
+        for t in range(t_all):
+            for dy, w, backward in ((1, sched.work(s, t), False), (0, sched.backward_work(s, t), True)):
+                if w is None:
+                    ax.add_patch(Rectangle((t, y0 + dy), 1, 1, facecolor="white", edgecolor="0.85", linewidth=0.5))
+                    continue
+                j, r = w
+                ax.add_patch(Rectangle((t, y0 + dy), 1, 1, facecolor=cmap(j % 20), edgecolor="white", linewidth=0.5,
+                                       hatch="//" if backward else None, alpha=0.6 if backward else 1.0))  # fmt: skip
+                label = f"{j}" if sched.repeats == 1 else f"{j}.{r}"
+                ax.text(t + 0.5, y0 + dy + 0.5, ("b" if backward else "") + label, ha="center", va="center",
+                        fontsize=6)  # fmt: skip
+        ax.text(-0.3, y0 + 1, f"stage {s}\nF / B", ha="right", va="center", fontsize=8)
+        ax.text(t_all + 0.3, y0 + 1, f"peak stash {in_flight[s]}", ha="left", va="center", fontsize=8)
+    ax.set_xlim(-2.5, t_all + 4)
+    ax.set_ylim(-0.2, 2 * sched.pp + 0.6)
+    ax.axis("off")
+    kind = "interleaved 1F1B" if sched.repeats > 1 else "1F1B"
+    title = (
+        f"{kind}: pp {sched.pp}, {sched.microbatches} microbatches, {sched.repeats} repeat(s): {t_all} ticks of a "
+        f"forward slot (top) and a backward slot (hatched), empty slots skipped, so {sched.time_ticks} ticks in "
+        f"time; utilisation {sched.useful_ticks}/{sched.time_ticks} = {sched.utilization:.1%}; stash ring "
+        f"{sched.stash_slots} slots; cell = microbatch" + (".repeat" if sched.repeats > 1 else "")
     )
     ax.set_title(_wrap(title, fig_w, 9), fontsize=9)
     fig.tight_layout()

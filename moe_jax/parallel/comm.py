@@ -76,11 +76,14 @@ def param_shards(cfg: Config) -> list[dict[str, Any]]:
     return out
 
 
-def expected_collectives(cfg: Config, step: str = "grad") -> list[dict[str, Any]]:
+def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False) -> list[dict[str, Any]]:
     """Rows {kind, axes, bytes_per_device, count_per_step, what}, axes of size 1 left out (no collective runs there).
     step 'grad' is the loss and gradients (verify, hlo); 'train' adds the optimizer's gradient norm and overflow check:
     one all-reduce of 1 fp32 per set of axes the parameters are split over (the update itself is elementwise);
-    'prefill' and 'decode' are serving's (`expected_serving_collectives`)."""
+    'prefill' and 'decode' are serving's (`expected_serving_collectives`). `lowered`: the program as JAX emits it,
+    before XLA removes what no result needs; it differs for 1F1B only, whose backward slot computes (under jax.vjp)
+    each segment's output, which nothing reads: XLA drops that output's last collectives, JAX's remat never emits
+    them."""
     if step in ("prefill", "decode"):
         return expected_serving_collectives(cfg, step)
     m, lay, run = cfg.model, cfg.layout, cfg.run
@@ -88,16 +91,20 @@ def expected_collectives(cfg: Config, step: str = "grad") -> list[dict[str, Any]
     loc = local_sizes(cfg)
     db = DTYPE_BYTES[run.dtype]
     d, e, c = m.d_model, m.experts, loc["capacity"]
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat)
+    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat, lay.schedule)
+    one_f_one_b = lay.schedule == "1f1b"
     # Every tick every stage runs one chunk of U / (pp v) units, bubble ticks included: that many MoE layer runs,
     # each after its unit's moe_every - 1 dense layers. The dense first layers run once per microbatch on every stage.
+    # 1F1B counts what its program holds: per tick a forward slot and a backward slot (the chunk's forward again under
+    # jax.vjp, then its backward), each inside a cond that skips it where the slot is empty, so a slot's collectives
+    # run at most once per tick; the embedding slot (the dense first layers) likewise, forward and backward.
     runs = sched.ticks * sched.layers_per_chunk
     dense_runs = runs * (m.moe_every - 1)
-    prologue_runs = lay.microbatches * m.dense_layers
+    prologue_runs = (sched.ticks if one_f_one_b else lay.microbatches) * m.dense_layers
     remat = lay.remat != "none"
     r = 3 if remat else 2
-    fwd = r - 1  # forward, and its recomputation under remat
-    fwd_prologue = 2 if lay.remat == "layer" else 1  # the dense first layers are rematerialised per layer only
+    fwd = r - 1  # forward, and its recomputation under remat (1F1B: the forward slot, and the backward slot's)
+    fwd_prologue = 2 if lay.remat == "layer" or one_f_one_b else 1  # rematerialised per layer only (GPipe)
     rows: list[dict[str, Any]] = []
     add = _adder(rows, sizes)
     tp, ep = lay.tp, lay.ep
@@ -122,19 +129,26 @@ def expected_collectives(cfg: Config, step: str = "grad") -> list[dict[str, Any]
     # value): under remat 'layer', the dense FFN output reduce-scatter of a first layer and an ungated shared
     # expert's output reduce-scatter (a 'tick' checkpoint ends with the stage's send, which still needs them).
     seq_parallel("dense FFN", attn_in, fwd * dense_runs + prologue_runs, dense_runs + prologue_runs)
+    if one_f_one_b and lowered:
+        add("reduce-scatter", ("tp",), attn_in * tp * 4, prologue_runs, "dense FFN output partial sums (unread)")
     if fwd_prologue > 1:
         add("all-gather", ("tp",), attn_in * db, prologue_runs, "dense FFN input, tokens over tp (recomputed)")
     if m.shared_hidden:
         seq_parallel("shared expert", attn_in, 0, runs)
         add("all-gather", ("tp",), attn_in * db, fwd * runs, "shared expert input, tokens over tp")
-        skipped = runs if lay.remat == "layer" and not m.shared_gate else 0
+        # 1F1B: a backward slot's recomputed segment (a unit under remat 'layer', the chunk under 'tick') never
+        # needs its own output, so its last unit skips it likewise.
+        segments = sched.ticks * (sched.layers_per_chunk if lay.remat == "layer" else 1)
+        skipped = 0 if m.shared_gate or lowered else segments if one_f_one_b else runs if lay.remat == "layer" else 0
         add("reduce-scatter", ("tp",), attn_in * tp * 4, fwd * runs - skipped, "shared expert output partial sums")
     seq_parallel("expert", loc["experts"] * ep * c * d, fwd * runs, runs)
     add("all-to-all", ("ep",), e * c * d * db, 2 * r * runs, "expert dispatch and combine")
     if m.dispatch == "ragged":  # the sizes, exchanged before the rows (int32 [E] per source), forward only
         add("all-to-all", ("ep",), e * 4, fwd * runs, "ragged dispatch: each source's row count per expert")
         add("all-gather", ("tp",), e * 4, fwd * runs, "ragged dispatch: the row counts over tp")
-    add("all-reduce", TOKEN_AXES, (2 * e + 2) * 4, (2 if remat else 1) * runs, "router statistics")
+    # The router statistics: in the forward and its recomputation; 1F1B's forward slot does not use them (the
+    # backward slot's recomputation gives the step's statistics and the load-balancing loss's gradient).
+    add("all-reduce", TOKEN_AXES, (2 * e + 2) * 4, (2 if remat and not one_f_one_b else 1) * runs, "router statistics")
     add("collective-permute", ("pp",), attn_in * 4, 2 * sched.ticks, "stage to stage, fp32 residual (fwd and bwd)")
     add("all-reduce", ("pp",), 4 * 4, 1, "router terms from every stage")
     add("all-reduce", MESH_AXES, 4, 1, "loss")

@@ -75,6 +75,10 @@ def grads_fn(sm) -> Callable:
     fwd_perm = ring(pp, v)
     bwd_perm = [(b, a) for a, b in fwd_perm]
     l_c = storage_model(cfg).units // (pp * v)
+    # What a stage stashes per microbatch and chunk: every unit's input (remat 'layer'; the backward slot then holds
+    # one unit's activations at a time) or the chunk's input ('tick'; the backward slot holds the chunk's).
+    seg = 1 if lay.remat == "layer" else l_c
+    n_seg = l_c // seg
     lb_w = m.lb_loss_weight / (m.moe_layers * mb)
     z_w = m.z_loss_weight / (m.moe_layers * mb)
 
@@ -88,12 +92,13 @@ def grads_fn(sm) -> Callable:
         def model_of(p):
             return nnx.merge(sm.graphdef, p, rest, copy=True)
 
-        def embed(edge, tokens):
+        def embed(edge, tokens, remat: str):
             model = model_of(_join(edge, stack_p))
             x = model.embed_tokens(tokens)
-            return run_prologue(model, x, axes, dtype, "layer") if m.dense_layers else x
+            return run_prologue(model, x, axes, dtype, remat) if m.dense_layers else x
 
-        def layer_fn(stack):
+        def segment(stack, x, i0):
+            """Units i0 .. i0 + seg - 1 of the stage's stack: ((output, its router loss share), statistics)."""
             units = Stack(model_of(_join(edge_p, stack)))
 
             def layer(x, i):
@@ -103,12 +108,8 @@ def grads_fn(sm) -> Callable:
                 real = i < n_units  # uneven stages: a padding unit passes its input on and counts nothing
                 return jnp.where(real, y, x), jax.tree.map(lambda a: jnp.where(real, a, jnp.zeros_like(a)), stats)
 
-            return jax.checkpoint(layer) if lay.remat == "layer" else layer
-
-        def chunk(stack, x, r):
-            y, stats = lax.scan(layer_fn(stack), x, r * l_c + jnp.arange(l_c))
-            router = lb_w * jnp.sum(stats["lb_loss"]) + z_w * jnp.sum(stats["z_loss"])
-            return (y, router), stats
+            y, stats = lax.scan(layer, x, i0 + jnp.arange(seg))
+            return (y, lb_w * jnp.sum(stats["lb_loss"]) + z_w * jnp.sum(stats["z_loss"])), stats
 
         def head_ce(edge, y, targets):
             return cross_entropy(model_of(_join(edge, stack_p)).logits(y, dtype), targets)
@@ -116,21 +117,30 @@ def grads_fn(sm) -> Callable:
         def add(a, b):
             return jax.tree.map(jnp.add, a, b)
 
-        zero_act = embed(edge_p, tokens_local[0]) * 0.0  # the activations' varying type (every active axis)
+        # A zero activation [B/(M dp ep), S/tp, D] of the activations' varying type (every active axis).
+        zero_act = jnp.zeros((*tokens_local.shape[1:], m.d_model), jnp.float32)
+        zero_act = (
+            lax.pcast(zero_act, active_axes(MESH_AXES, sizes), to="varying")
+            if active_axes(MESH_AXES, sizes)
+            else zero_act
+        )
 
         def forward(t, recv, stash):
+            """The forward slot: the chunk on its input, each segment's input stashed; returns (output, stash)."""
             k = t - stage
             valid = (k >= 0) & (k < v * mb)
             j, r = _slot(jnp.clip(k, 0, v * mb - 1), pp, v, backward=False)
             first = (stage == 0) & (r == 0)
-            x = lax.cond(valid & first, lambda: embed(edge_p, tokens_local[j]), lambda: recv)
-            stash = lax.cond(valid, lambda s: s.at[k % n_slots].set(x), lambda s: s, stash)
-            # The last stage's last repeat needs no output here: its backward slot, this same tick, recomputes it.
-            run = valid & ~((stage == pp - 1) & (r == v - 1))
-            y = lax.cond(run, lambda: chunk(stack_p, x, r)[0][0], lambda: zero_act)
-            return y, stash
 
-        def backward(t, recv, stash, acc):
+            def run(stash):
+                x = lax.cond(first, lambda: embed(edge_p, tokens_local[j], "none"), lambda: recv)
+                y, xs = lax.scan(lambda x, i: (segment(stack_p, x, r * l_c + i * seg)[0][0], x), x, jnp.arange(n_seg))
+                return y, stash.at[k % n_slots].set(xs)
+
+            return lax.cond(valid, run, lambda stash: (zero_act, stash), stash)
+
+        def backward(t, recv, y_now, stash, acc):
+            """The backward slot: each segment recomputed from its stashed input under jax.vjp, last to first."""
             k = t - sched.backward_offset - (pp - 1 - stage)
             valid = (k >= 0) & (k < v * mb)
             kc = jnp.clip(k, 0, v * mb - 1)
@@ -140,39 +150,50 @@ def grads_fn(sm) -> Callable:
             first = (stage == 0) & (r == 0)
 
             def run(acc):
-                x = stash[k_fwd % n_slots]
-                (y, router), pull, stats = jax.vjp(lambda s, x: chunk(s, x, r), stack_p, x, has_aux=True)
-
-                def from_loss(acc):
-                    ce, pull_head = jax.vjp(lambda e, y: head_ce(e, y, targets_local[j]), edge_p, y)
+                def from_loss(acc):  # this tick's forward slot ran the same microbatch: its output is y_now
+                    ce, pull_head = jax.vjp(lambda e, y: head_ce(e, y, targets_local[j]), edge_p, y_now)
                     d_edge, dy = pull_head(ce * 0.0 + scale / n_tokens)
                     return dict(acc, edge=add(acc["edge"], d_edge), ce=acc["ce"] + ce), dy
 
                 acc, dy = lax.cond(last, from_loss, lambda acc: (acc, recv), acc)
-                d_stack, dx = pull((dy, router * 0.0 + scale))
+
+                def back(carry, xs):
+                    dy, acc = carry
+                    i, x = xs
+                    (_, router), pull, stats = jax.vjp(
+                        lambda s, x: segment(s, x, r * l_c + i * seg), stack_p, x, has_aux=True
+                    )
+                    d_stack, dx = pull((dy, router * 0.0 + scale))
+                    acc = dict(
+                        acc,
+                        stack=add(acc["stack"], d_stack),
+                        lb_loss=acc["lb_loss"] + jnp.sum(stats["lb_loss"]),
+                        z_loss=acc["z_loss"] + jnp.sum(stats["z_loss"]),
+                        dropped=acc["dropped"] + jnp.sum(stats["dropped"]),
+                        routed=acc["routed"] + jnp.sum(stats["routed"]),
+                        tokens_per_expert=lax.dynamic_update_slice(
+                            acc["tokens_per_expert"],
+                            lax.dynamic_slice(acc["tokens_per_expert"], (r, i * seg, 0), (1, seg, m.experts))
+                            + stats["tokens_per_expert"][None],
+                            (r, i * seg, 0),
+                        ),
+                    )
+                    return (dx, acc), None
+
+                (dx, acc), _ = lax.scan(back, (dy, acc), (jnp.arange(n_seg), stash[k_fwd % n_slots]), reverse=True)
 
                 def into_embedding(acc):
-                    _, pull_embed = jax.vjp(lambda e: embed(e, tokens_local[j]), edge_p)
+                    _, pull_embed = jax.vjp(lambda e: embed(e, tokens_local[j], "none"), edge_p)
                     return dict(acc, edge=add(acc["edge"], pull_embed(dx)[0]))
 
-                acc = lax.cond(first, into_embedding, lambda acc: acc, acc)
-                acc = dict(
-                    acc,
-                    stack=add(acc["stack"], d_stack),
-                    lb_loss=acc["lb_loss"] + jnp.sum(stats["lb_loss"]),
-                    z_loss=acc["z_loss"] + jnp.sum(stats["z_loss"]),
-                    dropped=acc["dropped"] + jnp.sum(stats["dropped"]),
-                    routed=acc["routed"] + jnp.sum(stats["routed"]),
-                    tokens_per_expert=acc["tokens_per_expert"].at[r].add(stats["tokens_per_expert"]),
-                )
-                return acc, dx
+                return lax.cond(first, into_embedding, lambda acc: acc, acc), dx
 
             return lax.cond(valid, run, lambda acc: (acc, zero_act), acc)
 
         def tick(carry, t):
             recv_f, recv_b, stash, acc = carry
-            y, stash = forward(t, recv_f, stash)  # before the backward: the last stage reads this tick's input
-            acc, dx = backward(t, recv_b, stash, acc)
+            y, stash = forward(t, recv_f, stash)  # first: the last stage's backward reads this tick's input and output
+            acc, dx = backward(t, recv_b, y, stash, acc)
             if pp_axes:
                 y, dx = lax.ppermute(y, "pp", fwd_perm), lax.ppermute(dx, "pp", bwd_perm)
             return (y, dx, stash, acc), None
@@ -191,7 +212,7 @@ def grads_fn(sm) -> Callable:
             "ce": jnp.zeros((), jnp.float32) * zero_act[0, 0, 0],
             "tokens_per_expert": zero_tpe,
         } | {k: zero_stat for k in ("lb_loss", "z_loss", "dropped", "routed")}
-        stash0 = jnp.broadcast_to(zero_act, (n_slots, *zero_act.shape))
+        stash0 = jnp.broadcast_to(zero_act, (n_slots, n_seg, *zero_act.shape))
         (_, _, _, acc), _ = lax.scan(tick, (zero_act, zero_act, stash0, acc0), jnp.arange(sched.ticks))
 
         ce = lax.psum(acc["ce"], all_tokens) / n_tokens if all_tokens else acc["ce"] / n_tokens

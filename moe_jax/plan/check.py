@@ -34,6 +34,8 @@ def classify(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]]) -> st
     loc = local_sizes(cfg)
     sched = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat)
     dtype, shape = array_dims(buf.shape)
+    if lay.schedule == "1f1b":
+        return _classify_1f1b(buf, cfg, param_shapes, dtype, shape)
     if buf.opcode == "copy" and any(o.startswith("param") for o in buf.operands) and shape in param_shapes:
         return "head_copy_or_gradient"  # pp > 1: the head's gradient lives in the head's argument buffer
     if buf.opcode == "while" and buf.op_name.endswith("transpose(jvp())/shard_map/while") and shape in param_shapes:
@@ -58,6 +60,29 @@ def classify(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]]) -> st
         return "gradients"
     bsd = (loc["batch"], loc["seq"], m.d_model)
     if len(shape) == 4 and shape[1:] == bsd and shape[0] in (lay.microbatches, 1):
+        return "pipeline_buffers"
+    return "layer_working_set"
+
+
+def _classify_1f1b(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]], dtype: str, shape) -> str:
+    """1F1B's buffers: the gradient accumulators (the tick loop's carry, parameter-shaped fp32), the stash ring,
+    activations in flight, the loss head's working set (logits-sized, and the head's gradient being made)."""
+    from moe_jax.plan.model import schedule_of
+
+    m, lay = cfg.model, cfg.layout
+    loc = local_sizes(cfg)
+    sched = schedule_of(cfg)
+    bsd = (loc["batch"], loc["seq"], m.d_model)
+    segments = sched.layers_per_chunk if lay.remat == "layer" else 1
+    if shape == (sched.stash_slots, segments, *bsd):
+        return "saved_for_backward"
+    if dtype == "f32" and shape in param_shapes and buf.opcode == "parameter":
+        return "gradients"  # an accumulator, inside the tick loop
+    if m.vocab in shape:
+        return "logits"
+    if dtype == "f32" and shape in param_shapes and len(shape) > 1 and shape[0] == sched.layers_per_chunk * lay.repeats:
+        return "gradients"  # a segment's stacked gradient from jax.vjp, before it is added
+    if shape in (bsd, (bsd[0] * bsd[1], bsd[2])):
         return "pipeline_buffers"
     return "layer_working_set"
 
@@ -113,7 +138,7 @@ def compare(cfg: Config, compiled: dict[str, Any], tolerance: float, backend: st
     if abs(total_err) > tolerance:
         failures.append(f"memory total: planned {planned['total'] / 2**30:.3f} GiB, compiled {total_c / 2**30:.3f} GiB "
                         f"({total_err:+.1%})")  # fmt: skip
-    fl = flops(cfg)
+    fl = flops(cfg)  # 'total': what the program holds (1F1B: every slot, the skipped ones too), as the HLO is read
     flops_err = fl["total"] / compiled["flops"] - 1
     if abs(flops_err) > tolerance:
         failures.append(f"FLOPs: planned {fl['total']:.4g}, compiled {compiled['flops']:.4g} ({flops_err:+.1%})")

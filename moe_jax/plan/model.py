@@ -162,7 +162,7 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
     m, lay, run = cfg.model, cfg.layout, cfg.run
     loc = local_sizes(cfg)
     p_loc = sum(local_params(cfg).values())
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat)
+    sched = schedule_of(cfg)
     runs = sched.ticks * sched.layers_per_chunk
     bsd = loc["batch"] * loc["seq"] * m.d_model * 4  # one microbatch's fp32 residual stream on one device
     res = sum(layer_residuals(cfg, backend).values())
@@ -205,6 +205,8 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
     recomputed = sum(lr[k] for k in ("residual_stream", "q_k_v_o", "gathered_sequence", "shared_expert"))
     base = {"layer": recomputed, "tick": sched.layers_per_chunk * res, "none": sched.layers_per_chunk * res}[lay.remat]
     layer_ws = base + max(expert_bwd, attn_bwd)
+    if lay.schedule == "1f1b":
+        return _memory_1f1b(cfg, sched, p_loc, bsd, head, p_layers, layer_ws)
     # One tick (no pipeline, one microbatch): XLA drops the one-trip tick loop, and with it the second copy of the
     # stacked gradients and the pipeline's buffers.
     one_tick = sched.ticks == 1
@@ -234,14 +236,59 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
     return out
 
 
+def _memory_1f1b(cfg: Config, sched: Schedule, p_loc: int, bsd: int, head: int, p_layers: int, layer_ws: int):
+    """1F1B (parallel/one_f_one_b.py): nothing grows with M. Held all step: the fp32 gradient accumulators of every
+    weight (the scan's carry), the stash ring (S slots of each unit's input under remat 'layer', of the chunk's input
+    under 'tick'), the two activations in flight between stages and the slot outputs. At the peak, the larger of the
+    last stage's loss head (one microbatch's fp32 logits and the three logits-sized buffers of its backward, and the
+    head's gradient before it is added) and a backward slot's layer (the stage's stacked gradient that one segment's
+    jax.vjp returns before it is added, and the layer working set of GPipe's model). See docs/planner.md."""
+    m, lay, run = cfg.model, cfg.layout, cfg.run
+    loc = local_sizes(cfg)
+    segments = sched.layers_per_chunk if lay.remat == "layer" else 1
+    # the logits, their log-softmax and gradient (fp32); the head in the compute dtype and its gradient being made
+    head_ws = 3 * loc["batch"] * loc["seq"] * m.vocab * 4 + 2 * 4 * head
+    layer_peak = 4 * p_layers + layer_ws
+    # Under remat 'tick' the recomputed chunk's backward and the loss head's working set are alive together
+    # (measured on seed-128: XLA keeps the head's buffers through the slot); under 'layer' they are not.
+    head_peak = lay.remat == "tick" or head_ws >= layer_peak
+    layer_too = lay.remat == "tick" or not head_peak
+    blk = min(512, run.seq_len) if run.seq_len % 512 == 0 else run.seq_len
+    out: dict[str, Any] = {
+        "parameters": 4 * p_loc,
+        "optimizer_state": 8 * p_loc,
+        "batch": 2 * lay.microbatches * loc["batch"] * loc["seq"] * 4,
+        "head_copy_or_gradient": 0,
+        "gradients": 4 * p_loc + (4 * p_layers if layer_too else 0),
+        "saved_for_backward": sched.stash_slots * segments * bsd,
+        # received and sent activations and cotangents, the forward slot's input and output (measured: 6)
+        "pipeline_buffers": 6 * bsd,
+        "logits": head_ws if head_peak else 0,
+        # the causal mask of every score block, made once outside the tick loop (blockwise attention only)
+        "layer_working_set": (layer_ws if layer_too else 0)
+        + (loc["batch"] * loc["heads"] * run.seq_len * run.seq_len if blk < run.seq_len and not layer_too else 0),
+    }
+    out["peak_phase"] = "the loss head's backward" if head_peak else "a layer's backward"
+    out["total"] = sum(v for k, v in out.items() if k != "peak_phase")
+    return out
+
+
+def schedule_of(cfg: Config) -> Schedule:
+    lay = cfg.layout
+    return Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat, lay.schedule)
+
+
 def flops(cfg: Config) -> dict[str, float]:
     """Matmul FLOPs per device per step. `total`: what the compiled program computes (bubble ticks, recomputed
     forwards, padded expert buffer rows and the masked half of every causal score block included); `scheduled`: the
     same without the bubble ticks; `useful`: the model's own FLOPs, the ones MFU counts (forward and backward once,
-    the routed tokens' expert work, the causal half of attention)."""
+    the routed tokens' expert work, the causal half of attention); `lockstep`: what the step's time is made of, each
+    tick as long as its busiest stage (GPipe: `total`; 1F1B: `total` counts every slot of its program, the skipped
+    ones included, as the HLO holds them; its time is v M + pp - 1 ticks of one forward and one backward)."""
     m, lay, run = cfg.model, cfg.layout, cfg.run
     loc = local_sizes(cfg)
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat)
+    sched = schedule_of(cfg)
+    one_f_one_b = lay.schedule == "1f1b"
     rows = loc["batch"] * run.seq_len  # after the tp all-gather
     ad = attention_dims(cfg)
     mats = 3 if m.ffn == "swiglu" else 2
@@ -272,8 +319,16 @@ def flops(cfg: Config) -> dict[str, float]:
     )  # fmt: skip
     runs = sched.ticks * sched.layers_per_chunk
     head = 2 * t * d * m.vocab * lay.microbatches * 4  # per microbatch, checkpointed: forward twice, backward
-    total = per_run * runs + head + first
-    scheduled = per_run * sched.useful_ticks * sched.layers_per_chunk + head + first
+    if one_f_one_b:  # per slot: the head under jax.vjp (forward, backward), the first layers forward then under vjp
+        first = first // lay.microbatches
+        head = 2 * t * d * m.vocab * 3
+        total = per_run * runs + (head + first) * sched.ticks
+        lockstep = per_run * sched.time_ticks * sched.layers_per_chunk + (head + first) * lay.microbatches
+        scheduled = per_run * sched.useful_ticks * sched.layers_per_chunk + (head + first) * lay.microbatches
+        first, head = first * lay.microbatches, head * lay.microbatches  # for the useful count below
+    else:
+        total = lockstep = per_run * runs + head + first
+        scheduled = per_run * sched.useful_ticks * sched.layers_per_chunk + head + first
     useful_unit = (
         proj + scores / 2 + router + 2 * mats * m.top_k * t * d * loc["hidden"] * lay.tp + shared
         + (m.moe_every - 1) * (proj + scores / 2 + dense_ffn)
@@ -284,7 +339,7 @@ def flops(cfg: Config) -> dict[str, float]:
         3 * useful_unit * sched.useful_ticks * sched.layers_per_chunk + 3 * useful_first
         + 3 * 2 * t * d * m.vocab * lay.microbatches
     )  # fmt: skip
-    return {"total": float(total), "scheduled": float(scheduled), "useful": float(useful)}
+    return {"total": float(total), "scheduled": float(scheduled), "useful": float(useful), "lockstep": float(lockstep)}
 
 
 def collectives(cfg: Config, hw: Hardware | None = None, step: str = "train", latency: bool = False) -> list[dict]:
@@ -373,13 +428,13 @@ def ragged_rows(cfg: Config) -> dict[str, int]:
 
 def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
     lay = cfg.layout
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat)
+    sched = schedule_of(cfg)
     mem = memory(cfg)
     fl = flops(cfg)
     colls = collectives(cfg, hw)
     rate = hw.peak_flops * hw.mfu
     compute = fl["scheduled"] / rate
-    bubble = (fl["total"] - fl["scheduled"]) / rate
+    bubble = (fl["lockstep"] - fl["scheduled"]) / rate
     comm = sum(r["seconds"] for r in colls)
     total = compute + bubble + comm
     tokens = cfg.run.batch * cfg.run.seq_len
@@ -406,7 +461,13 @@ def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
         "flops_useful_per_step": fl["useful"],
         "collectives": colls,
         "bytes_by_kind": bytes_by_kind(colls),
-        "schedule": {"ticks": sched.ticks, "utilization": sched.utilization},
+        "schedule": {
+            "kind": lay.schedule,
+            "ticks": sched.ticks,
+            "time_ticks": sched.time_ticks,
+            "utilization": sched.utilization,
+            "activation_slots": sched.activation_slots(),
+        },  # fmt: skip
         "step_time_s": {"compute": compute, "comm": comm, "bubble": bubble, "total": total},
         "tokens_per_s": tokens / total,
         "mfu": fl["useful"] * lay.devices / total / (hw.peak_flops * lay.devices),

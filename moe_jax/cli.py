@@ -362,16 +362,16 @@ def cmd_plan(args) -> int:
         result = search(cfg, args.devices, hw)
         t = Table(title=f"layouts of {args.devices} devices that fit ({len(result['fitting'])} of "
                   f"{result['candidates']}), {hw.name}, ranked by estimated step time", title_justify="left")  # fmt: skip
-        for col in ("rank", "pp", "dp", "ep", "tp", "m", "v", "remat", "GB/dev", "step ms", "compute", "comm",
-                    "bubble", "MFU"):  # fmt: skip
+        for col in ("rank", "pp", "dp", "ep", "tp", "m", "v", "remat", "schedule", "GB/dev", "step ms", "compute",
+                    "comm", "bubble", "MFU"):  # fmt: skip
             t.add_column(col, justify="right")
         for r in result["fitting"][: args.top]:
             t.add_row(str(r["rank"]), str(r["pp"]), str(r["dp"]), str(r["ep"]), str(r["tp"]), str(r["microbatches"]),
-                      str(r["repeats"]), r["remat"], f"{r['memory_gb']:.2f}", f"{r['step_time_s'] * 1e3:.1f}",
+                      str(r["repeats"]), r["remat"], r["schedule"], f"{r['memory_gb']:.2f}", f"{r['step_time_s'] * 1e3:.1f}",
                       f"{r['compute_s'] * 1e3:.1f}", f"{r['comm_s'] * 1e3:.1f}", f"{r['bubble_s'] * 1e3:.1f}",
                       f"{r['mfu']:.1%}")  # fmt: skip
         console.print(t)
-        own = find(result, pp=4, dp=1, ep=16, tp=2, microbatches=8, repeats=1, remat="layer")
+        own = find(result, pp=4, dp=1, ep=16, tp=2, microbatches=8, repeats=1, remat="layer", schedule="gpipe")
         if own and args.devices == 128:
             best = result["fitting"][0]
             console.print(
@@ -396,7 +396,7 @@ def cmd_plan(args) -> int:
     lay = cfg.layout
     console.print(
         f"plan: {lay.name or 'layout'} (pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp {lay.tp}, m {lay.microbatches}, "
-        f"v {lay.repeats}, remat {lay.remat}) on {hw.name}: {hw.notes}"
+        f"v {lay.repeats}, remat {lay.remat}, {lay.schedule}) on {hw.name}: {hw.notes}"
     )
     claim = "the seed claims 30B: " if cfg.model == load_config(None, None).model else ""
     active = p["params"]["active_per_token"]
@@ -440,7 +440,8 @@ def _plan_check(args, cfg, console) -> int:
     mesh = _setup_devices(args, cfg, compile_only=True)
     lay = cfg.layout
     console.print(f"compiling the train step of {lay.name or 'the layout'} (pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp "
-                  f"{lay.tp}, m {lay.microbatches}, v {lay.repeats}, remat {lay.remat}) on {lay.devices} fake CPU "
+                  f"{lay.tp}, m {lay.microbatches}, v {lay.repeats}, remat {lay.remat}, {lay.schedule}) on "
+                  f"{lay.devices} fake CPU "
                   f"devices ...")  # fmt: skip
     result = compare(cfg, compiled_figures(cfg, mesh), args.tolerance / 100)
     mem = result["memory"]

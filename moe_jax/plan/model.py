@@ -8,6 +8,7 @@ train step (tests/test_plan.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -384,7 +385,7 @@ def _wire_bytes(kind: str, operand: int, g: int) -> float:
 
 
 def _layout_row(lay) -> dict[str, Any]:
-    keys = ("pp", "dp", "ep", "tp", "microbatches", "repeats", "stage_layers", "remat", "devices")
+    keys = ("pp", "dp", "ep", "tp", "microbatches", "repeats", "stage_layers", "remat", "schedule", "devices")
     return {k: getattr(lay, k) for k in keys}
 
 
@@ -436,6 +437,11 @@ def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
     compute = fl["scheduled"] / rate
     bubble = (fl["lockstep"] - fl["scheduled"]) / rate
     comm = sum(r["seconds"] for r in colls)
+    if lay.schedule == "1f1b":
+        # The rows are the program's (every slot, the skipped ones too: what the HLO holds); in time a 1F1B step
+        # runs GPipe's v M + pp - 1 ticks of a forward and a backward, so it communicates what GPipe's does.
+        twin = dataclasses.replace(cfg, layout=dataclasses.replace(lay, schedule="gpipe"))
+        comm = sum(r["seconds"] for r in collectives(twin, hw))
     total = compute + bubble + comm
     tokens = cfg.run.batch * cfg.run.seq_len
     return {

@@ -27,7 +27,7 @@ def balanced_stages(cfg: Config, pp: int) -> tuple[int, ...]:
 
 def candidates(cfg: Config, devices: int, devices_per_host: int) -> list[Config]:
     """(pp, dp, ep, tp) with pp dp ep tp = devices; microbatches dividing the batch; repeats 1, 2, 4; remat layer or
-    tick; where pp does not divide the pipelined units, uneven stages (`balanced_stages`, repeats 1). Only layouts
+    tick; schedule GPipe or 1F1B where there is a pipeline; where pp does not divide the pipelined units, uneven stages (`balanced_stages`, repeats 1). Only layouts
     that pass every config check."""
     out = []
     for pp in _divisors(devices):
@@ -45,15 +45,16 @@ def candidates(cfg: Config, devices: int, devices_per_host: int) -> list[Config]
                     stages = balanced_stages(cfg, pp)
                     for v in (1, 2, 4) if pp > 1 and not stages else (1,):
                         for remat in ("layer", "tick"):
-                            lay = LayoutConfig(pp=pp, dp=dp, ep=ep, tp=tp, repeats=v, microbatches=mb,
-                                               devices_per_host=devices_per_host, remat=remat,
-                                               stage_layers=stages)  # fmt: skip
-                            c = dataclasses.replace(cfg, layout=lay)
-                            try:
-                                check_config(c)
-                            except ConfigError:
-                                continue
-                            out.append(c)
+                            for schedule in ("gpipe", "1f1b") if pp > 1 else ("gpipe",):
+                                lay = LayoutConfig(pp=pp, dp=dp, ep=ep, tp=tp, repeats=v, microbatches=mb,
+                                                   devices_per_host=devices_per_host, remat=remat,
+                                                   stage_layers=stages, schedule=schedule)  # fmt: skip
+                                c = dataclasses.replace(cfg, layout=lay)
+                                try:
+                                    check_config(c)
+                                except ConfigError:
+                                    continue
+                                out.append(c)
     return out
 
 
@@ -116,7 +117,8 @@ def search(cfg: Config, devices: int, hw: Hardware) -> dict[str, Any]:
         )
     if not rows:
         raise ConfigError(no_layout_reason(cfg, devices))
-    fitting = sorted((r for r in rows if r["fits"]), key=lambda r: r["step_time_s"])
+    # Ties (1F1B and GPipe take the same lockstep time) go to the smaller memory.
+    fitting = sorted((r for r in rows if r["fits"]), key=lambda r: (round(r["step_time_s"], 9), r["memory_gb"]))
     if not fitting:
         least = min(rows, key=lambda r: r["memory_gb"])
         raise ConfigError(

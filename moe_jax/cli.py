@@ -319,7 +319,7 @@ def cmd_compile(args) -> int:
     lay = cfg.layout
     console.print(
         f"{args.step} step, {lay.name or 'layout'} (pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp {lay.tp}, m "
-        f"{lay.microbatches}, v {lay.repeats}) on {lay.devices} fake devices: lowered in {report['lower_seconds']:.1f} "
+        f"{lay.microbatches}, v {lay.repeats}, {lay.schedule}) on {lay.devices} fake devices: lowered in {report['lower_seconds']:.1f} "
         f"s, compiled in {report['compile_seconds']:.1f} s"
     )
     console.print(
@@ -556,7 +556,7 @@ def cmd_train(args) -> int:
     console = Console(quiet=quiet)
     lay = cfg.layout
     console.print(f"train: {lay.name or 'layout'} (pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp {lay.tp}, m "
-                  f"{lay.microbatches}, v {lay.repeats}) on {lay.devices} devices; data: {source.describe()}")  # fmt: skip
+                  f"{lay.microbatches}, v {lay.repeats}, {lay.schedule}) on {lay.devices} devices; data: {source.describe()}")  # fmt: skip
     progress, on_step = _progress(console, cfg.run.steps)
     try:
         with progress:

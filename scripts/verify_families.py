@@ -2,8 +2,10 @@
 pp2-ep2-tp2, pp2 circular and pp4-tp2 in fp32, bf16 on two layouts, dense first layers under pp, MoE every second
 layer under circular pp, tp 4, and prefill + decode per family; each train case with the HLO audit of the program it
 checked. Runs in one process on 8 fake CPU devices (about 10 minutes on 2 cores; XLA:CPU at LLVM -O0 as in the tests).
+`--set pipeline`: the 1F1B schedule's cases instead (matrix.pipeline_cases, about 7 minutes).
 
     python scripts/verify_families.py              # every case -> docs/families.md and docs/results/families.json
+    python scripts/verify_families.py --set pipeline  # -> docs/pipeline-1f1b.md and docs/results/pipeline_1f1b.json
     python scripts/verify_families.py --match qwen3  # the cases whose id contains this (printed only)
 """
 
@@ -23,7 +25,12 @@ sys.path.insert(0, ROOT)
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--match", default="", help="only the cases whose id contains this; nothing is written")
+    ap.add_argument("--set", default="families", choices=("families", "pipeline"))
     args = ap.parse_args()
+    json_path, md_path = {
+        "families": ("docs/results/families.json", "docs/families.md"),
+        "pipeline": ("docs/results/pipeline_1f1b.json", "docs/pipeline-1f1b.md"),
+    }[args.set]
     os.chdir(ROOT)
     # As the tests do (tests/conftest.py): LLVM -O0 halves compile times and leaves the HLO and every result unchanged.
     os.environ["XLA_FLAGS"] = " ".join(
@@ -34,10 +41,10 @@ def main() -> int:
     use_fake_devices(8)
     import jax
 
-    from moe_jax.parallel.matrix import cases, run
+    from moe_jax.parallel.matrix import cases, pipeline_cases, run
 
     rows = []
-    for c in cases():
+    for c in cases() if args.set == "families" else pipeline_cases():
         if args.match not in c["id"]:
             continue
         row = run(c)
@@ -50,16 +57,23 @@ def main() -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"commit": commit, "jax": jax.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "devices": "8 fake CPU devices"}  # fmt: skip
-    with open("docs/results/families.json", "w") as f:
+    with open(json_path, "w") as f:
         json.dump({"meta": meta, "cases": rows}, f, indent=1)
         f.write("\n")
+    title, what = {
+        "families": ("The model families against one device", "Decode cases: a prefill and 3 decode steps against "
+                     "the full forward."),
+        "pipeline": ("The 1F1B schedule against one device", "The fp16 case: 3 training steps (loss scale, clipping, "
+                     "AdamW) with 1F1B and GPipe on the same layout, losses and parameters compared."),
+    }[args.set]  # fmt: skip
+    cmd = "python scripts/verify_families.py" + (" --set pipeline" if args.set == "pipeline" else "")
     lines = [
-        "# The model families against one device",
+        f"# {title}",
         "",
-        f"`python scripts/verify_families.py` at commit {commit} (jax {jax.__version__}, {meta['machine']}, "
+        f"`{cmd}` at commit {commit} (jax {jax.__version__}, {meta['machine']}, "
         "8 fake CPU devices); the cases are moe_jax/parallel/matrix.py's. Train cases: loss, router terms, every "
         "gradient group and the gradient norm against one device (relative to each leaf's largest element), then the "
-        "HLO audit of the program checked. Decode cases: a prefill and 3 decode steps against the full forward.",
+        f"HLO audit of the program checked. {what}",
         "",
         f"{sum(r['ok'] for r in rows)} of {len(rows)} cases pass.",
         "",
@@ -71,9 +85,9 @@ def main() -> int:
         audit = "clean" if r.get("audit_ok") else "-" if "audit_ok" not in r else "UNEXPECTED"
         lines.append(f"| {r['id']} | {'ok' if r['ok'] else 'FAILED'} | {worst[1]:.1e} ({worst[0]}) | "
                      f"{r['tolerance']:.0e} | {audit} | {r['seconds']} |")  # fmt: skip
-    with open("docs/families.md", "w") as f:
+    with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"wrote docs/families.md and docs/results/families.json: {sum(r['ok'] for r in rows)} of {len(rows)} pass")
+    print(f"wrote {md_path} and {json_path}: {sum(r['ok'] for r in rows)} of {len(rows)} pass")
     return 0 if all(r["ok"] for r in rows) else 1
 
 

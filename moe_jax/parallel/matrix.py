@@ -73,22 +73,99 @@ def cases() -> list[dict[str, Any]]:
     return out
 
 
+# 1F1B against one device: the (layout, M, v) cases GPipe's tests cover (tests/test_pipeline.py) and more, on the
+# seed's tiny model (configs/tiny.yaml): pp 2, 4 and 8 with ep, tp and dp; M = pp, 2 pp and 4 pp; v = 1 and 2;
+# dropless and capacity; bf16 on two; remat 'tick'; ragged dispatch; the family structures a pipeline meets (dense first
+# layers, uneven stages, latent attention, MoE every second layer with the head tied); and fp16 training (loss scale,
+# clipping, AdamW) against GPipe's on the same layout.
+ONE_F_ONE_B = "layout.schedule=1f1b"
+
+
+def _pipelined(pp, dp, ep, tp, mb, v, layers, *extra) -> list[str]:
+    return [f"layout.pp={pp}", f"layout.dp={dp}", f"layout.ep={ep}", f"layout.tp={tp}", f"layout.microbatches={mb}",
+            f"layout.repeats={v}", f"model.layers={layers}", "model.dispatch=dropless", "run.dtype=fp32", ONE_F_ONE_B,
+            *extra]  # fmt: skip
+
+
+def pipeline_cases() -> list[dict[str, Any]]:
+    def seed(name, *args):
+        return {"id": f"1f1b {name}", "config": "configs/tiny.yaml", "kind": "train", "overrides": _pipelined(*args)}
+
+    def family(name, fam, overrides):
+        return {"id": f"1f1b {name}", "family": fam, "kind": "train", "overrides": [*overrides, ONE_F_ONE_B]}
+
+    cap = ("model.dispatch=capacity", "model.capacity_factor=1.0")
+    return [
+        seed("pp2-ep2-tp2 m2 v1", 2, 1, 2, 2, 2, 1, 4),
+        seed("pp2-ep4 m2 v2", 2, 1, 4, 1, 2, 2, 4),
+        seed("pp2-ep2-tp2 m8 v1", 2, 1, 2, 2, 8, 1, 4),
+        seed("pp2-dp2-tp2 m4 v1", 2, 2, 1, 2, 4, 1, 4),
+        seed("pp2-ep2-tp2 m4 v2 remat-tick", 2, 1, 2, 2, 4, 2, 8, "layout.remat=tick"),
+        seed("pp4-tp2 m4 v1", 4, 1, 1, 2, 4, 1, 4),
+        seed("pp4-tp2 m8 v2", 4, 1, 1, 2, 8, 2, 8),
+        seed("pp4-ep2 m8 v1", 4, 1, 2, 1, 8, 1, 4),
+        seed("pp4-tp2 m16 v1", 4, 1, 1, 2, 16, 1, 4),
+        seed("pp8 m8 v1", 8, 1, 1, 1, 8, 1, 8),
+        seed("pp8 m16 v2", 8, 1, 1, 1, 16, 2, 16),
+        seed("pp2-ep2-tp2 m2 v1 capacity", 2, 1, 2, 2, 2, 1, 4, *cap),
+        seed("pp4-tp2 m8 v2 capacity", 4, 1, 1, 2, 8, 2, 8, *cap),
+        seed("pp2-ep2-tp2 m4 v1 ragged", 2, 1, 2, 2, 4, 1, 4, "model.dispatch=ragged"),
+        seed("pp2-ep2-tp2 m4 v1 bf16", 2, 1, 2, 2, 4, 1, 4, "run.dtype=bf16"),
+        seed("pp4-tp2 m8 v2 bf16", 4, 1, 1, 2, 8, 2, 8, "run.dtype=bf16"),
+        family("deepseek uneven pp4-tp2", "deepseek", UNEVEN),
+        family("qwen1.5-moe dense-first pp2-ep2-tp2", "qwen1.5-moe", [*LAYOUTS["pp2-ep2-tp2"], *DENSE_FIRST]),
+        family("mixtral moe-every-2 tied pp2-circular", "mixtral", [*LAYOUTS["pp2-circular"], *INTERLEAVED]),
+        {"id": "1f1b pp2-ep2-tp2 m4 v2 fp16 training against gpipe", "config": "configs/tiny.yaml",
+         "kind": "train-fp16", "overrides": [*_pipelined(2, 1, 2, 2, 4, 2, 8)[:-2], "run.dtype=fp16"]},
+    ]  # fmt: skip
+
+
 def case(case_id: str) -> dict[str, Any]:
-    return next(c for c in cases() if c["id"] == case_id)
+    return next(c for c in cases() + pipeline_cases() if c["id"] == case_id)
 
 
 def config(c: dict[str, Any]):
     from moe_jax.config import load_config
 
-    return load_config(f"configs/tiny-{c['family']}.yaml", None, ["layout.pp=1", "layout.dp=1", *c["overrides"]])
+    path = c.get("config") or f"configs/tiny-{c['family']}.yaml"
+    return load_config(path, None, ["layout.pp=1", "layout.dp=1", *c["overrides"]])
 
 
 def run(c: dict[str, Any]) -> dict[str, Any]:
     """One case on this process's 8 fake devices: {id, ok, tolerance, errors, audit_ok or caches, seconds}."""
     t0 = time.perf_counter()
     cfg = config(c)
-    out = run_train(cfg) if c["kind"] == "train" else run_decode(cfg)
+    kinds = {"train": run_train, "decode": run_decode, "train-fp16": run_schedules_fp16}
+    out = kinds[c["kind"]](cfg)
     return {"id": c["id"], **out, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run_schedules_fp16(cfg, steps: int = 3) -> dict[str, Any]:
+    """`steps` fp16 training steps (dynamic loss scale, clipping, AdamW) with 1F1B and with GPipe on the same layout
+    and data: losses and final parameters within 2e-2 (relative to each leaf's largest element)."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from moe_jax.mesh import make_mesh
+    from moe_jax.parallel.step import to_host
+    from moe_jax.train.data import SyntheticTask
+    from moe_jax.train.loop import train
+
+    out = {}
+    for schedule in ("1f1b", "gpipe"):
+        c = dataclasses.replace(cfg, layout=dataclasses.replace(cfg.layout, schedule=schedule))
+        state, records = train(c, make_mesh(c.layout), SyntheticTask(c.model.vocab, c.run.seq_len, c.run.seed), steps)
+        out[schedule] = (to_host(state.params), [r["loss"] for r in records], [r["loss_scale"] for r in records])
+    (p1, l1, s1), (p0, l0, s0) = out["1f1b"], out["gpipe"]
+    params = max(
+        float(np.max(np.abs(np.subtract(x, y, dtype=np.float64))) / max(float(np.max(np.abs(y))), 1e-30))
+        for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p0), strict=True)
+    )
+    errors = {"loss": float(np.max(np.abs(np.subtract(l1, l0)) / np.abs(l0))), "params": params}
+    failed = [k for k, v in errors.items() if not v <= 2e-2] + ([] if s1 == s0 else ["loss_scale"])
+    return {"ok": not failed, "tolerance": 2e-2, "errors": errors, "failed": failed}
 
 
 def run_train(cfg) -> dict[str, Any]:

@@ -108,6 +108,7 @@ def compiled_figures(cfg: Config, mesh) -> dict[str, Any]:
     parts["outputs_not_aliased"] = mem["output"] - mem["alias"]
     return {
         "memory_total": mem["total"],
+        "memory_temp": mem["temp"],
         "memory_parts": parts,
         "buffers": peak["buffers"],
         "flops": report["flops"],

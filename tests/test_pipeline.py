@@ -166,7 +166,8 @@ def test_1f1b_slots_respect_every_dependency_and_the_stash_is_bounded_by_pp(pp, 
                 live[k % s.stash_slots] = w
             if (b := s.backward_work(stage, t)) is not None:
                 assert live.pop(s.forward_slot(*b) % s.stash_slots) == b
-    assert s.stash_slots == min(2 * v * pp - 1, v * m)
+    longest = max(b - f for st in range(pp) for f, b in s.stash_lifetimes(st))  # ticks an input stays, at most
+    assert s.stash_slots == min(longest + 1, v * m) == min(2 * v * pp - 1, v * m)
     if v == 1:
         assert s.activation_slots()["in_flight"] == [min(2 * (pp - st) - 1, m) for st in range(pp)]
     assert s.time_ticks == Schedule(pp, m, v).ticks and s.utilization == Schedule(pp, m, v).utilization

@@ -62,19 +62,17 @@ def test_resume_same_layout_is_exact_and_other_layouts_within_fp32(tmp_path):
 
     # Onto other layouts (same microbatches, so the same router-loss definition): equal within fp32. The circular
     # one (v = 2) stores its layer stack permuted: it reads the global-order checkpoint into its order, and the
-    # checkpoint it writes at step 6 is back in global order, which the contiguous layout restores. The 1F1B one
-    # computes the step's gradients by its own schedule: the optimizer, clipping and checkpoints take them alike.
-    for layout, extra in (
-        ("cpu8-pp2-ep2-tp2", ["layout.repeats=2"]),
-        ("cpu8-ep8", ["layout.microbatches=2"]),
-        ("cpu8-pp2-ep2-tp2", ["layout.schedule=1f1b"]),
-    ):
+    # checkpoint it writes at step 6 is back in global order, which the contiguous layout restores. It runs
+    # interleaved 1F1B, which computes the step's gradients by its own schedule: the optimizer, clipping and
+    # checkpoints take them as GPipe's (GPipe's circular schedule is the same storage, tests/test_pipeline.py).
+    circular = ["layout.repeats=2", "layout.schedule=1f1b"]
+    for layout, extra in (("cpu8-pp2-ep2-tp2", circular), ("cpu8-ep8", ["layout.microbatches=2"])):
         other = cfg_for(layout, "run.steps=6", *extra)
         at3 = tmp_path / f"at3-{layout}-{'-'.join(extra)}"
         shutil.copytree(tmp_path / "at3", at3)
         _, resumed = run(other, 6, checkpoint_dir=str(at3), checkpoint_every=100, resume=True)
         np.testing.assert_allclose(losses(resumed), losses(straight)[3:], rtol=FP32_RTOL)
-    from_circular = Checkpoints(str(tmp_path / "at3-cpu8-pp2-ep2-tp2-layout.repeats=2")).restore(
+    from_circular = Checkpoints(str(tmp_path / f"at3-cpu8-pp2-ep2-tp2-{'-'.join(circular)}")).restore(
         sm, init_train_state(sm, tx, seed=1)
     )
     assert from_circular.step == 6

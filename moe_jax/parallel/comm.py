@@ -56,6 +56,7 @@ def _param_table(model_cfg) -> tuple[tuple[str, tuple[str, ...], tuple[int, ...]
     return tuple((path, names[path], shapes[path]) for path in sorted(names))
 
 
+@functools.lru_cache(maxsize=4096)
 def param_shards(cfg: Config) -> list[dict[str, Any]]:
     """Every parameter with the mesh axes it is split over (mesh order, size-1 axes left out), its local shape and
     its local element count, from the abstract model and the one rules table (nothing allocated)."""
@@ -139,7 +140,10 @@ def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False)
         # 1F1B: a backward slot's recomputed segment (a unit under remat 'layer', the chunk under 'tick') never
         # needs its own output, so its last unit skips it likewise.
         segments = sched.ticks * (sched.layers_per_chunk if lay.remat == "layer" else 1)
-        skipped = 0 if m.shared_gate or lowered else segments if one_f_one_b else runs if lay.remat == "layer" else 0
+        if m.shared_gate or (lowered and one_f_one_b):
+            skipped = 0
+        else:
+            skipped = segments if one_f_one_b else runs if lay.remat == "layer" else 0
         add("reduce-scatter", ("tp",), attn_in * tp * 4, fwd * runs - skipped, "shared expert output partial sums")
     seq_parallel("expert", loc["experts"] * ep * c * d, fwd * runs, runs)
     add("all-to-all", ("ep",), e * c * d * db, 2 * r * runs, "expert dispatch and combine")

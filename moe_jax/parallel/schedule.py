@@ -131,16 +131,23 @@ class Schedule:
 
     def in_flight(self, stage: int) -> int:
         """1F1B: the most chunk inputs `stage` holds at once (stashed at its forward, freed after its backward)."""
-        life = self.stash_lifetimes(stage)
-        return max(sum(f <= t <= b for f, b in life) for t in range(self.ticks))
+        delta = [0] * (self.ticks + 1)
+        for f, b in self.stash_lifetimes(stage):
+            delta[f] += 1
+            delta[b + 1] -= 1
+        held = peak = 0
+        for d in delta:
+            held += d
+            peak = max(peak, held)
+        return peak
 
     @property
     def stash_slots(self) -> int:
         """1F1B: the stash ring's size, the same array on every stage (SPMD): an input stashed at forward slot k
         goes to slot k mod S and must be read before slot k + S is written, so S is the longest stay (in ticks,
-        one forward slot per tick) plus one, over every stage; at most v M."""
-        longest = max(b - f for s in range(self.pp) for f, b in self.stash_lifetimes(s))
-        return min(longest + 1, self.useful_ticks)
+        one forward slot per tick) plus one, over every stage: stage 0's first repeat, from tick k to k + 2 v pp - 2;
+        at most v M (tests/test_pipeline.py checks both against the slots)."""
+        return min(2 * self.repeats * self.pp - 1, self.useful_ticks)
 
     def chunk(self, stage: int, repeat: int) -> int:
         return repeat * self.pp + stage

@@ -124,6 +124,9 @@ class LayoutConfig:
     # Uneven pipeline stages: the pipelined layers each stage holds (pp numbers summing to model.layers less
     # model.dense_layers; the dense first layers run on every stage before the pipeline). Empty: equal stages.
     stage_layers: tuple[int, ...] = ()
+    # ZeRO-1: 1 splits the AdamW moments of every weight replicated over the batch axes (dp, ep) over them; gradients
+    # are reduce-scattered, each shard updates its slice, the updated weights are all-gathered.
+    zero: int = 0
     name: str = ""
     description: str = ""
 
@@ -240,6 +243,8 @@ def check_config(cfg: Config) -> Config:
             _fail(f"{section}.{name}", v, f"valid: {', '.join(choices)}")
 
     m, lay, run = cfg.model, cfg.layout, cfg.run
+    if lay.zero not in (0, 1):
+        _fail("layout.zero", lay.zero, "valid: 0 (optimizer state like the weights), 1 (split over dp and ep: ZeRO-1)")
     if not 1 <= m.top_k <= m.experts:
         _fail("model.top_k", m.top_k, f"must be in 1..model.experts={m.experts}")
     if m.dispatch == "capacity" and not m.capacity_factor > 0:

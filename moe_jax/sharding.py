@@ -93,6 +93,60 @@ def state_specs(state, sizes: Mapping[str, int] | None = None):
     return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+# ZeRO-1 (layout.zero=1): the axes a weight's optimizer state is split over where the weight is replicated on them.
+BATCH_AXES: tuple[str, ...] = ("dp", "ep")
+# Stacked-layer dimensions (a layer index, not a weight dimension) are never the ZeRO split.
+STACK_NAMES = frozenset({"layers", "sublayers", "prologue"})
+
+
+def spec_axes(part) -> tuple[str, ...]:
+    """One PartitionSpec entry -> its mesh axes."""
+    return () if part is None else (part,) if isinstance(part, str) else tuple(part)
+
+
+def zero_spec(spec: P, names: Sequence[str | None], shape: Sequence[int], sizes: Mapping[str, int], path: str = ""):
+    """ZeRO-1: a weight's spec -> (the spec of its optimizer state and reduce-scattered gradient, the batch axes added,
+    the dimension they split, or None where the weight is split over every batch axis already). The batch axes (dp,
+    ep) the weight is replicated over are added to the first weight dimension (not a stacked-layer one) whose local
+    size they divide, after the axes already there. A weight with no such dimension is refused in one line: padding it
+    would change the stored shape, and checkpoints are layout-free."""
+    used = {a for part in spec for a in spec_axes(part)}
+    z = tuple(a for a in BATCH_AXES if a not in used and sizes[a] > 1)
+    if not z:
+        return spec, (), None
+    n = math.prod(sizes[a] for a in z)
+    parts = [*spec, *([None] * (len(shape) - len(spec)))]
+    for i, (dim, part, name) in enumerate(zip(shape, parts, names, strict=True)):
+        have = spec_axes(part)
+        if name in STACK_NAMES or (dim // math.prod(sizes[a] for a in have)) % n:
+            continue
+        axes = (*have, *z)
+        parts[i] = axes[0] if len(axes) == 1 else axes
+        return P(*parts), z, i
+    from moe_jax.config import ConfigError
+
+    local = tuple(d // math.prod(sizes[a] for a in spec_axes(p)) for d, p in zip(shape, parts, strict=True))
+    raise ConfigError(
+        f"layout.zero=1: weight {path} (local shape {local}) has no dimension that {' x '.join(z)} = {n} divides, "
+        f"so its optimizer state cannot be split over the batch axes (padding would change its stored shape); valid: "
+        f"layout.zero=0, or {' x '.join(f'layout.{a}' for a in z)} dividing one of {local}"
+    )
+
+
+def zero_specs(state, sizes: Mapping[str, int]):
+    """An nnx.State of Variables carrying logical names -> the same tree of (ZeRO-1 spec, batch axes, dimension)
+    triples (`zero_spec`), as Variables."""
+    from flax import nnx
+
+    def one(path, v):
+        names = v.get_metadata().get("out_sharding")
+        spec = logical_to_mesh(names, sizes, v.shape)
+        key = "/".join(str(getattr(k, "key", k)) for k in path)
+        return v.replace(zero_spec(spec, names, v.shape, sizes, key))
+
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def state_names(state):
     """An nnx.State -> the same tree of logical name tuples (for reports and the assignment check)."""
     from flax import nnx

@@ -60,12 +60,13 @@ def _param_table(model_cfg) -> tuple[tuple[str, tuple[str, ...], tuple[int, ...]
 def param_shards(cfg: Config) -> list[dict[str, Any]]:
     """Every parameter with the mesh axes it is split over (mesh order, size-1 axes left out), its local shape and
     its local element count, from the abstract model and the one rules table (nothing allocated)."""
-    from moe_jax.sharding import logical_to_mesh
+    from moe_jax.sharding import logical_to_mesh, zero_spec
 
     sizes = dict(zip(MESH_AXES, cfg.layout.shape, strict=True))
     out = []
     for path, names, shape in _param_table(storage_model(cfg)):
         spec = logical_to_mesh(names, sizes, shape)
+        z = zero_spec(spec, names, shape, sizes, path)[1] if cfg.layout.zero else ()
         used: list[str] = []
         local = []
         for dim, part in zip(shape, spec, strict=True):
@@ -73,7 +74,10 @@ def param_shards(cfg: Config) -> list[dict[str, Any]]:
             used += axes
             local.append(dim // math.prod(sizes[a] for a in axes))
         split = tuple(a for a in MESH_AXES if a in used)
-        out.append({"path": path, "split": split, "local_shape": tuple(local), "local": math.prod(local)})
+        n = math.prod(local)
+        out.append({"path": path, "split": split, "local_shape": tuple(local), "local": n,
+                    "zero": z, "zero_split": tuple(a for a in MESH_AXES if a in used or a in z),
+                    "zero_local": n // math.prod(sizes[a] for a in z)})  # fmt: skip
     return out
 
 
@@ -158,11 +162,16 @@ def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False)
     add("all-reduce", MESH_AXES, 4, 1, "loss")
 
     # Gradient sums: every parameter's gradient is summed over the mesh axes it is replicated over, once per step.
+    # ZeRO-1: reduce-scattered over its batch axes first, then all-reduced over the rest on the slice; the train step
+    # all-gathers each updated slice over the batch axes.
     for p in param_shards(cfg):
-        over = tuple(a for a in MESH_AXES if a not in p["split"])
-        add("all-reduce", over, p["local"] * 4, 1, f"gradient sum: {p['path']}")
+        over = tuple(a for a in MESH_AXES if a not in p["split"] and a not in p["zero"])
+        add("reduce-scatter", p["zero"], p["local"] * 4, 1, f"ZeRO-1 gradient sum: {p['path']}")
+        add("all-reduce", over, p["zero_local"] * 4, 1, f"gradient sum: {p['path']}")
+        if step == "train":
+            add("all-gather", p["zero"], p["zero_local"] * 4, 1, f"ZeRO-1 updated slice: {p['path']}")
     if step == "train":
-        for split in {p["split"] for p in param_shards(cfg)}:
+        for split in {p["zero_split"] for p in param_shards(cfg)}:
             add("all-reduce", split, 4, 1, "gradient norm (its finiteness is the overflow check)")
     return rows
 

@@ -50,15 +50,10 @@ def _join(a, b):
     return nnx.State({**a, **b})
 
 
-def _missing_axes(spec, sizes) -> tuple[str, ...]:
-    used = {a for part in spec if part is not None for a in ((part,) if isinstance(part, str) else part)}
-    return tuple(a for a in active_axes(MESH_AXES, sizes) if a not in used)
-
-
 def grads_fn(sm) -> Callable:
     """(params, rest, tokens, targets, scale) -> ((loss, metrics), gradients of scale x loss), one shard_map, the
     gradients sharded like the parameters. The same loss and metrics as `step.loss_fn` (GPipe)."""
-    from moe_jax.parallel.step import _to_varying, batch_spec, ring
+    from moe_jax.parallel.step import _to_varying, batch_spec, reduce_grads, ring
 
     cfg = sm.cfg
     m, lay = cfg.model, cfg.layout
@@ -230,15 +225,10 @@ def grads_fn(sm) -> Callable:
             "routed": totals[3],
             "tokens_per_expert": tpe.reshape(v * l_c, m.experts),
         }
-        # The gradients in the parameters' own tree (both flatten in sorted key order).
+        # The gradients in the parameters' own tree (both flatten in sorted key order), each summed over the axes its
+        # weight is replicated on (the transpose of the pcast above; ZeRO-1: reduce-scattered over the batch axes).
         grads = jax.tree.unflatten(structure, jax.tree.leaves(_join(acc["edge"], acc["stack"])))
-        # Each weight's gradient summed over the axes it is replicated on (the transpose of the pcast above).
-        grads = jax.tree.map(
-            lambda g, spec: lax.psum(g, _missing_axes(spec, sizes)) if _missing_axes(spec, sizes) else g,
-            grads,
-            sm.param_specs,
-        )
-        return (ce + router_loss, metrics), grads
+        return (ce + router_loss, metrics), reduce_grads(sm, grads)
 
     from moe_jax.parallel.step import metric_specs
 
@@ -246,7 +236,7 @@ def grads_fn(sm) -> Callable:
         body,
         mesh=sm.mesh,
         in_specs=(sm.param_specs, sm.rest_specs, batch_spec(sizes), batch_spec(sizes), P()),
-        out_specs=((P(), metric_specs(sizes)), sm.param_specs),
+        out_specs=((P(), metric_specs(sizes)), sm.grad_specs),
         check_vma=True,
     )
 

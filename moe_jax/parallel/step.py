@@ -35,7 +35,7 @@ from moe_jax.model.transformer import (
     run_prologue,
 )
 from moe_jax.parallel.schedule import Schedule
-from moe_jax.sharding import MESH_AXES, TOKEN_AXES, Axes, active_axes, logical_to_mesh, state_specs
+from moe_jax.sharding import MESH_AXES, TOKEN_AXES, Axes, active_axes, logical_to_mesh, state_specs, zero_specs
 
 
 def batch_spec(sizes) -> P:
@@ -73,6 +73,30 @@ class ShardedModel:
         if not self.cfg.layout.stage_layers:
             return self.graphdef
         return nnx.split(abstract_model(self.cfg), nnx.Param, ...)[0]
+
+    @functools.cached_property
+    def zero(self) -> tuple[tuple[P, tuple[str, ...], int | None], ...]:
+        """Per parameter leaf (tree order): (its spec, the batch axes ZeRO-1 splits its optimizer state and gradient
+        over, the dimension they split); with layout.zero=0, (spec, (), None) for every leaf."""
+        specs = jax.tree.leaves(self.param_specs, is_leaf=lambda x: isinstance(x, P))
+        if not self.cfg.layout.zero:
+            return tuple((s, (), None) for s in specs)
+        infos = jax.tree.leaves(
+            zero_specs(self.abstract_params, self.sizes), is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
+        return tuple((spec, info.get_value()[1], info.get_value()[2]) for spec, info in zip(specs, infos, strict=True))
+
+    @functools.cached_property
+    def grad_specs(self):
+        """The gradients' specs as the step returns them (and AdamW's moments'): the parameters' own, or with
+        layout.zero=1 each split over the batch axes its weight is replicated on."""
+        if not self.cfg.layout.zero:
+            return self.param_specs
+        specs = jax.tree.leaves(
+            zero_specs(self.abstract_params, self.sizes), is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
+        tree = jax.tree.structure(self.param_specs, is_leaf=lambda x: isinstance(x, P))
+        return jax.tree.unflatten(tree, [v.get_value()[0] for v in specs])
 
     def shardings(self, specs):
         return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs)
@@ -242,6 +266,67 @@ def loss_fn(sm: ShardedModel) -> Callable:
     tokens / targets are [M, B / M, S] (microbatch-major, `put_batch` lays them out), sharded over (dp, ep) and tp.
     With pp = 1 the schedule is a plain loop over microbatches.
     """
+    body = _loss_body(sm)
+    sizes = sm.sizes
+
+    def cast_then_body(params, rest, tokens_local, targets_local):
+        return body(_to_varying(params, sm.param_specs, sizes), rest, tokens_local, targets_local)
+
+    return jax.shard_map(
+        cast_then_body,
+        mesh=sm.mesh,
+        in_specs=(sm.param_specs, sm.rest_specs, batch_spec(sizes), batch_spec(sizes)),
+        out_specs=(P(), metric_specs(sizes)),
+        check_vma=True,
+    )
+
+
+def _zero_grads_fn(sm: ShardedModel) -> Callable:
+    """ZeRO-1 (layout.zero=1), GPipe: (params, rest, tokens, targets, scale) -> ((loss, metrics), gradients of scale x
+    loss), the gradients reduce-scattered over the batch axes (`reduce_grads`). The gradient is taken inside the
+    shard_map, of the body's loss in the varying parameters, so each sum over devices is named here."""
+    body = _loss_body(sm)
+    sizes = sm.sizes
+
+    def f(params, rest, tokens_local, targets_local, scale):
+        def scaled(p):
+            loss, metrics = body(p, rest, tokens_local, targets_local)
+            return loss * scale, (loss, metrics)
+
+        (_, out), grads = jax.value_and_grad(scaled, has_aux=True)(_to_varying(params, sm.param_specs, sizes))
+        return out, reduce_grads(sm, grads)
+
+    return jax.shard_map(
+        f,
+        mesh=sm.mesh,
+        in_specs=(sm.param_specs, sm.rest_specs, batch_spec(sizes), batch_spec(sizes), P()),
+        out_specs=((P(), metric_specs(sizes)), sm.grad_specs),
+        check_vma=True,
+    )
+
+
+def reduce_grads(sm: ShardedModel, grads):
+    """Inside the shard_map: each weight's local gradient (varying over every axis) summed over the axes the weight is
+    replicated on. ZeRO-1: reduce-scattered over its batch axes first (each device keeps its slice of the sum,
+    `ShardedModel.zero`), then all-reduced over the rest on that slice; otherwise one all-reduce."""
+    sizes = sm.sizes
+    leaves, tree = jax.tree.flatten(grads)
+    out = []
+    for g, (spec, z, dim) in zip(leaves, sm.zero, strict=True):
+        if z:
+            g = lax.psum_scatter(g, z, scatter_dimension=dim, tiled=True)
+        rest = tuple(a for a in _missing_axes(spec, sizes) if a not in z)
+        out.append(lax.psum(g, rest) if rest else g)
+    return jax.tree.unflatten(tree, out)
+
+
+def _missing_axes(spec, sizes) -> tuple[str, ...]:
+    used = {a for part in spec if part is not None for a in ((part,) if isinstance(part, str) else part)}
+    return tuple(a for a in active_axes(MESH_AXES, sizes) if a not in used)
+
+
+def _loss_body(sm: ShardedModel) -> Callable:
+    """The shard_map body of `loss_fn`, on parameters already varying over every mesh axis."""
     cfg = sm.cfg
     m, lay = cfg.model, cfg.layout
     dtype = compute_dtype(cfg.run.dtype)
@@ -263,7 +348,6 @@ def loss_fn(sm: ShardedModel) -> Callable:
     def body(params, rest, tokens_local, targets_local):
         b_loc, s_loc = cfg.run.batch // (mb * lay.dp * lay.ep), cfg.run.seq_len // lay.tp
         assert tokens_local.shape == (mb, b_loc, s_loc), (tokens_local.shape, (mb, b_loc, s_loc))
-        params = _to_varying(params, sm.param_specs, sizes)
         model = nnx.merge(sm.graphdef, params, rest, copy=True)
         stack = Stack(model)  # this stage's [v x Lc] units, its chunks in order
         stage = lax.axis_index("pp") if pp_axes else 0
@@ -346,13 +430,7 @@ def loss_fn(sm: ShardedModel) -> Callable:
         }
         return ce + aux["router_loss"], metrics
 
-    return jax.shard_map(
-        body,
-        mesh=sm.mesh,
-        in_specs=(sm.param_specs, sm.rest_specs, batch_spec(sizes), batch_spec(sizes)),
-        out_specs=(P(), metric_specs(sizes)),
-        check_vma=True,
-    )
+    return body
 
 
 def metric_specs(sizes) -> dict[str, P]:
@@ -392,6 +470,8 @@ def value_and_grad_fn(sm: ShardedModel) -> Callable:
         from moe_jax.parallel.one_f_one_b import grads_fn
 
         return grads_fn(sm)
+    if sm.cfg.layout.zero:
+        return _zero_grads_fn(sm)
     sharded_loss = loss_fn(sm)
 
     def scaled_loss(params, rest, tokens, targets, scale):
@@ -411,10 +491,8 @@ def value_and_grad_fn(sm: ShardedModel) -> Callable:
 def grad_step(sm: ShardedModel) -> Callable:
     """(params, rest, tokens, targets) -> ((loss, metrics), grads), jitted, grads sharded like the parameters: GPipe's
     jit(value_and_grad(shard_mapped loss)), or the 1F1B schedule's own gradients."""
-    if sm.cfg.layout.schedule == "1f1b":
-        from moe_jax.parallel.one_f_one_b import grads_fn
-
-        f = grads_fn(sm)
+    if sm.cfg.layout.schedule == "1f1b" or sm.cfg.layout.zero:
+        f = value_and_grad_fn(sm)
         return jax.jit(lambda params, rest, tokens, targets: f(params, rest, tokens, targets, jnp.float32(1.0)))
     return jax.jit(jax.value_and_grad(loss_fn(sm), has_aux=True))
 

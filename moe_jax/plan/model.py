@@ -215,7 +215,7 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
     head_peak = head_ws + head_grads >= layer_ws + layer_grads
     out: dict[str, Any] = {
         "parameters": 4 * p_loc,
-        "optimizer_state": 8 * p_loc,
+        "optimizer_state": 8 * optimizer_params(cfg),
         "batch": 2 * lay.microbatches * loc["batch"] * loc["seq"] * 4,
         # With pp > 1 XLA copies the head and the final norm (the loss scan reads them; the update writes the
         # donated buffers in place) and keeps their gradients in the freed argument buffers; with pp = 1 it makes no
@@ -235,6 +235,12 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
     out["peak_phase"] = "the loss head's backward" if head_peak else "a layer's backward"
     out["total"] = sum(v for k, v in out.items() if k != "peak_phase")
     return out
+
+
+def optimizer_params(cfg: Config) -> int:
+    """Per device, the parameters whose AdamW moments it holds: all it holds, or with layout.zero=1 its slice of
+    each weight replicated over the batch axes (ZeRO-1; the fp32 weights themselves stay whole)."""
+    return sum(p["zero_local"] for p in param_shards(cfg))
 
 
 def _memory_1f1b(cfg: Config, sched: Schedule, p_loc: int, bsd: int, head: int, p_layers: int, layer_ws: int):
@@ -257,7 +263,7 @@ def _memory_1f1b(cfg: Config, sched: Schedule, p_loc: int, bsd: int, head: int, 
     blk = min(512, run.seq_len) if run.seq_len % 512 == 0 else run.seq_len
     out: dict[str, Any] = {
         "parameters": 4 * p_loc,
-        "optimizer_state": 8 * p_loc,
+        "optimizer_state": 8 * optimizer_params(cfg),
         "batch": 2 * lay.microbatches * loc["batch"] * loc["seq"] * 4,
         "head_copy_or_gradient": 0,
         "gradients": 4 * p_loc + (4 * p_layers if layer_too else 0),
@@ -394,8 +400,8 @@ def optimizer_sharding(cfg: Config) -> dict[str, dict[str, int]]:
     gradients 4 and AdamW's two fp32 moments 8 bytes per parameter held) and as ZeRO-1 over the batch axes would
     (`zero1`: each weight's master copy and moments split over the (dp, ep) devices holding a replica of it, the
     experts over dp; a compute-dtype copy of every weight kept whole; the gradients whole, as ZeRO-1 reduce-scatters
-    them only once they are made). moe_jax trains the first way (layout.zero is the layouts issue's); the second is
-    what the planner says ZeRO-1 would save."""
+    them only once they are made). moe_jax trains the first way with layout.zero=0; with layout.zero=1 it splits the
+    moments as the second does but keeps the fp32 weights whole (its compute copy), which `memory` plans."""
     sizes = dict(zip(("pp", "dp", "ep", "tp"), cfg.layout.shape, strict=True))
     db = DTYPE_BYTES[cfg.run.dtype]
     out = {k: dict.fromkeys(("parameters", "gradients", "optimizer_state"), 0) for k in ("replicated", "zero1")}

@@ -4,6 +4,7 @@ for fp16 (a step whose gradients overflow is skipped, the scale halves, the skip
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -54,7 +55,7 @@ def grad_stats(sm: ShardedModel) -> Callable:
     DeepSpeed's is): a per-element `isfinite` count made XLA materialise an int32 copy of the gradients (4 bytes per
     parameter at the step's peak on short sequences)."""
     groups: dict[tuple[str, ...], None] = {}
-    for spec in jax.tree.leaves(sm.param_specs, is_leaf=lambda x: isinstance(x, P)):
+    for spec in jax.tree.leaves(sm.grad_specs, is_leaf=lambda x: isinstance(x, P)):
         groups[tuple(sorted(_used_axes(spec)))] = None
 
     def body(grads, specs):
@@ -69,7 +70,7 @@ def grad_stats(sm: ShardedModel) -> Callable:
         return total
 
     def stats(grads):
-        specs = sm.param_specs
+        specs = sm.grad_specs
         f = jax.shard_map(lambda g: body(g, specs), mesh=sm.mesh, in_specs=(specs,), out_specs=P(), check_vma=True)
         total = f(grads)
         return jnp.sqrt(total), jnp.isfinite(total)
@@ -81,18 +82,47 @@ def init_loss_scale(dtype: str) -> LossScale:
     return LossScale(jnp.float32(INITIAL_SCALE if dtype == "fp16" else 1.0), jnp.int32(0), jnp.int32(0))
 
 
-def opt_shardings(sm: ShardedModel, tx: optax.GradientTransformation):
-    """The optimizer state's shardings: moments like their parameters, counters replicated."""
+def opt_specs(sm: ShardedModel, tx: optax.GradientTransformation):
+    """The optimizer state's specs: moments like their gradients (their parameters', or ZeRO-1's split over the batch
+    axes), counters replicated."""
     abstract = jax.eval_shape(tx.init, sm.abstract_params)
-    shard_p = sm.shardings(sm.param_specs)
     return optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abstract,
-        shard_p,
-        transform_non_params=lambda _: NamedSharding(sm.mesh, P()),
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
+        tx, lambda _, s: s, abstract, sm.grad_specs, transform_non_params=lambda _: P(),
+        is_leaf=lambda x: isinstance(x, P),
+    )  # fmt: skip
+
+
+def opt_shardings(sm: ShardedModel, tx: optax.GradientTransformation):
+    """The optimizer state's shardings (`opt_specs` on the mesh)."""
+    return jax.tree.map(lambda s: NamedSharding(sm.mesh, s), opt_specs(sm, tx), is_leaf=lambda x: isinstance(x, P))
+
+
+def zero_update(sm: ShardedModel, tx: optax.GradientTransformation) -> Callable:
+    """ZeRO-1's update, one shard_map: (reduce-scattered gradients, split moments, whole parameters) -> (whole
+    parameters, moments). Each device updates its slice of every weight (the slice its gradient and moments hold) and
+    the updated slices are all-gathered over the batch axes; a weight split over them already is updated in place."""
+    zero = sm.zero
+
+    def body(grads, opt_state, params):
+        leaves, tree = jax.tree.flatten(params)
+        sliced = []
+        for p, (_, z, dim) in zip(leaves, zero, strict=True):
+            if z:
+                n = p.shape[dim] // math.prod(sm.sizes[a] for a in z)
+                p = lax.dynamic_slice_in_dim(p, lax.axis_index(z) * n, n, axis=dim)
+            sliced.append(p)
+        sliced = jax.tree.unflatten(tree, sliced)
+        updates, opt_state = tx.update(grads, opt_state, sliced)
+        new = jax.tree.leaves(optax.apply_updates(sliced, updates))
+        whole = [
+            lax.all_gather(p, z, axis=dim, tiled=True, to="invarying") if z else p
+            for p, (_, z, dim) in zip(new, zero, strict=True)
+        ]
+        return jax.tree.unflatten(tree, whole), opt_state
+
+    specs = opt_specs(sm, tx)
+    return jax.shard_map(body, mesh=sm.mesh, in_specs=(sm.grad_specs, specs, sm.param_specs),
+                         out_specs=(sm.param_specs, specs), check_vma=True)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=32)
@@ -103,6 +133,7 @@ def train_step(sm: ShardedModel, tx: optax.GradientTransformation, inject_overfl
     fp16 = sm.cfg.run.dtype == "fp16"
     clip = sm.cfg.run.grad_clip
     loss_and_grads = value_and_grad_fn(sm)
+    zero = sm.cfg.layout.zero
     norm_and_overflow = grad_stats(sm)
 
     def step(params, rest, opt_state, ls: LossScale, tokens, targets):
@@ -119,6 +150,8 @@ def train_step(sm: ShardedModel, tx: optax.GradientTransformation, inject_overfl
         # with the where, XLA copied every donated moment and the head at the start of the step to keep the old
         # values (8 bytes per parameter more, alive through the whole backward pass); see docs/planner.md.
         def update(grads, opt_state, params):
+            if zero:
+                return zero_update(sm, tx)(grads, opt_state, params)
             updates, new_opt = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), new_opt
 

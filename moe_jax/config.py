@@ -314,6 +314,10 @@ def check_config(cfg: Config) -> Config:
             lay.remat,
             "a 1f1b schedule recomputes each chunk from its stashed input; valid: tick or layer",
         )
+    if lay.zero:  # every weight needs a dimension the batch axes it is replicated over divide (sharding.zero_spec)
+        from moe_jax.parallel.comm import param_shards
+
+        param_shards(cfg)
     return cfg
 
 

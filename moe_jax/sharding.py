@@ -126,10 +126,11 @@ def zero_spec(spec: P, names: Sequence[str | None], shape: Sequence[int], sizes:
     from moe_jax.config import ConfigError
 
     local = tuple(d // math.prod(sizes[a] for a in spec_axes(p)) for d, p in zip(shape, parts, strict=True))
+    dims = tuple(d for d, name in zip(local, names, strict=True) if name not in STACK_NAMES)
     raise ConfigError(
-        f"layout.zero=1: weight {path} (local shape {local}) has no dimension that {' x '.join(z)} = {n} divides, "
-        f"so its optimizer state cannot be split over the batch axes (padding would change its stored shape); valid: "
-        f"layout.zero=0, or {' x '.join(f'layout.{a}' for a in z)} dividing one of {local}"
+        f"layout.zero=1: weight {path} (local shape {local}) has no weight dimension that {' x '.join(z)} = {n} "
+        f"divides, so its optimizer state cannot be split over the batch axes (padding would change its stored "
+        f"shape); valid: layout.zero=0, or {' x '.join(f'layout.{a}' for a in z)} dividing one of {dims}"
     )
 
 

@@ -2,10 +2,12 @@
 pp2-ep2-tp2, pp2 circular and pp4-tp2 in fp32, bf16 on two layouts, dense first layers under pp, MoE every second
 layer under circular pp, tp 4, and prefill + decode per family; each train case with the HLO audit of the program it
 checked. Runs in one process on 8 fake CPU devices (about 10 minutes on 2 cores; XLA:CPU at LLVM -O0 as in the tests).
-`--set pipeline`: the 1F1B schedule's cases instead (matrix.pipeline_cases, about 7 minutes).
+`--set pipeline`: the 1F1B schedule's cases instead (matrix.pipeline_cases, about 7 minutes); `--set layouts`: ZeRO-1's
+(matrix.layout_cases, about 3 minutes).
 
     python scripts/verify_families.py              # every case -> docs/families.md and docs/results/families.json
     python scripts/verify_families.py --set pipeline  # -> docs/pipeline-1f1b.md and docs/results/pipeline_1f1b.json
+    python scripts/verify_families.py --set layouts   # -> docs/layouts.md and docs/results/layouts.json
     python scripts/verify_families.py --match qwen3  # the cases whose id contains this (printed only)
 """
 
@@ -25,11 +27,12 @@ sys.path.insert(0, ROOT)
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--match", default="", help="only the cases whose id contains this; nothing is written")
-    ap.add_argument("--set", default="families", choices=("families", "pipeline"))
+    ap.add_argument("--set", default="families", choices=("families", "pipeline", "layouts"))
     args = ap.parse_args()
     json_path, md_path = {
         "families": ("docs/results/families.json", "docs/families.md"),
         "pipeline": ("docs/results/pipeline_1f1b.json", "docs/pipeline-1f1b.md"),
+        "layouts": ("docs/results/layouts.json", "docs/layouts.md"),
     }[args.set]
     os.chdir(ROOT)
     # As the tests do (tests/conftest.py): LLVM -O0 halves compile times and leaves the HLO and every result unchanged.
@@ -41,10 +44,10 @@ def main() -> int:
     use_fake_devices(8)
     import jax
 
-    from moe_jax.parallel.matrix import cases, pipeline_cases, run
+    from moe_jax.parallel.matrix import cases, layout_cases, pipeline_cases, run
 
     rows = []
-    for c in cases() if args.set == "families" else pipeline_cases():
+    for c in {"families": cases, "pipeline": pipeline_cases, "layouts": layout_cases}[args.set]():
         if args.match not in c["id"]:
             continue
         row = run(c)
@@ -65,8 +68,11 @@ def main() -> int:
                      "the full forward."),
         "pipeline": ("The 1F1B schedule against one device", "The fp16 case: 3 training steps (loss scale, clipping, "
                      "AdamW) with 1F1B and GPipe on the same layout, losses and parameters compared."),
+        "layouts": ("ZeRO-1 against one device and against ZeRO-0", "Each case also runs 5 AdamW steps with "
+                    "layout.zero=1 and with layout.zero=0 on the same layout: losses and every parameter compared; "
+                    "the audit is of the train step (reduce-scatter and all-gather over the batch axes)."),
     }[args.set]  # fmt: skip
-    cmd = "python scripts/verify_families.py" + (" --set pipeline" if args.set == "pipeline" else "")
+    cmd = "python scripts/verify_families.py" + ("" if args.set == "families" else f" --set {args.set}")
     lines = [
         f"# {title}",
         "",

@@ -65,12 +65,16 @@ def test_resume_same_layout_is_exact_and_other_layouts_within_fp32(tmp_path):
     # checkpoint it writes at step 6 is back in global order, which the contiguous layout restores. It runs
     # interleaved 1F1B, which computes the step's gradients by its own schedule: the optimizer, clipping and
     # checkpoints take them as GPipe's (GPipe's circular schedule is the same storage, tests/test_pipeline.py).
+    # The ep8 one runs ZeRO-1 (its AdamW moments split over ep), from the ZeRO-0 checkpoint; its own checkpoint then
+    # restores onto the ZeRO-0 layout exactly, moments included.
     circular = ["layout.repeats=2", "layout.schedule=1f1b"]
-    for layout, extra in (("cpu8-pp2-ep2-tp2", circular), ("cpu8-ep8", ["layout.microbatches=2"])):
+    zero = ["layout.microbatches=2", "layout.zero=1"]
+    finals = {}
+    for layout, extra in (("cpu8-pp2-ep2-tp2", circular), ("cpu8-ep8", zero)):
         other = cfg_for(layout, "run.steps=6", *extra)
         at3 = tmp_path / f"at3-{layout}-{'-'.join(extra)}"
         shutil.copytree(tmp_path / "at3", at3)
-        _, resumed = run(other, 6, checkpoint_dir=str(at3), checkpoint_every=100, resume=True)
+        finals[layout], resumed = run(other, 6, checkpoint_dir=str(at3), checkpoint_every=100, resume=True)
         np.testing.assert_allclose(losses(resumed), losses(straight)[3:], rtol=FP32_RTOL)
     from_circular = Checkpoints(str(tmp_path / f"at3-cpu8-pp2-ep2-tp2-{'-'.join(circular)}")).restore(
         sm, init_train_state(sm, tx, seed=1)
@@ -78,6 +82,14 @@ def test_resume_same_layout_is_exact_and_other_layouts_within_fp32(tmp_path):
     assert from_circular.step == 6
     # A layer in the wrong place would differ entirely; the same layers differ by the layouts' fp32 sums only.
     assert_tree_close(from_circular.params, straight_state.params, FP32_RTOL, "circular checkpoint, contiguous layout")
+    from_zero = Checkpoints(str(tmp_path / f"at3-cpu8-ep8-{'-'.join(zero)}")).restore(
+        sm, init_train_state(sm, tx, seed=1)
+    )
+    zero_sm = ShardedModel.build(cfg_for("cpu8-ep8", "run.steps=6", *zero), make_mesh(cfg_for("cpu8-ep8").layout))
+    want = finals["cpu8-ep8"]
+    for got, saved in ((from_zero.params, want.params), (from_zero.opt_state, want.opt_state)):
+        got, saved = jax.tree.leaves(sm.to_global(got)), jax.tree.leaves(zero_sm.to_global(saved))
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, saved, strict=True))
 
 
 def test_fp16_overflow_is_skipped_and_the_scale_lowered():

@@ -56,17 +56,22 @@ def _param_table(model_cfg) -> tuple[tuple[str, tuple[str, ...], tuple[int, ...]
     return tuple((path, names[path], shapes[path]) for path in sorted(names))
 
 
-@functools.lru_cache(maxsize=4096)
 def param_shards(cfg: Config) -> list[dict[str, Any]]:
     """Every parameter with the mesh axes it is split over (mesh order, size-1 axes left out), its local shape and
-    its local element count, from the abstract model and the one rules table (nothing allocated)."""
+    its local element count, from the abstract model and the one rules table (nothing allocated); `zero`: the batch
+    axes ZeRO-1 splits its optimizer state over, `zero_split` and `zero_local` its split and count then."""
+    return _param_shards(storage_model(cfg), cfg.layout.shape, cfg.layout.zero)
+
+
+@functools.lru_cache(maxsize=4096)
+def _param_shards(model_cfg, shape_pdet: tuple[int, ...], zero: int) -> list[dict[str, Any]]:
     from moe_jax.sharding import logical_to_mesh, zero_spec
 
-    sizes = dict(zip(MESH_AXES, cfg.layout.shape, strict=True))
+    sizes = dict(zip(MESH_AXES, shape_pdet, strict=True))
     out = []
-    for path, names, shape in _param_table(storage_model(cfg)):
+    for path, names, shape in _param_table(model_cfg):
         spec = logical_to_mesh(names, sizes, shape)
-        z = zero_spec(spec, names, shape, sizes, path)[1] if cfg.layout.zero else ()
+        z = zero_spec(spec, names, shape, sizes, path)[1] if zero else ()
         used: list[str] = []
         local = []
         for dim, part in zip(shape, spec, strict=True):

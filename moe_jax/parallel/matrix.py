@@ -120,8 +120,21 @@ def pipeline_cases() -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+def layout_cases() -> list[dict[str, Any]]:
+    """ZeRO-1 against one device (the gradient step, its train step's HLO audited) and through the optimizer: five
+    AdamW steps against the same layout with layout.zero=0 (fp32 1e-5), on the seed's tiny model."""
+    tiny = {"config": "configs/tiny.yaml", "kind": "zero"}
+    return [
+        {"id": "zero1 dp2-ep2-tp2", **tiny, "overrides": LAYOUTS["dp2-ep2-tp2"] + ["layout.zero=1"]},
+        {"id": "zero1 ep4-tp2", **tiny, "overrides": LAYOUTS["ep4-tp2"] + ["layout.zero=1"]},
+        {"id": "zero1 pp2-ep2-tp2", **tiny, "overrides": LAYOUTS["pp2-ep2-tp2"] + ["layout.zero=1"]},
+        {"id": "zero1 pp2-ep2-tp2 1f1b", **tiny, "overrides": LAYOUTS["pp2-ep2-tp2"] + ["layout.zero=1", ONE_F_ONE_B]},
+        {"id": "zero1 dp2-ep2-tp2 bf16", **tiny, "overrides": LAYOUTS["dp2-ep2-tp2"] + ["layout.zero=1", "run.dtype=bf16"]},
+    ]  # fmt: skip
+
+
 def case(case_id: str) -> dict[str, Any]:
-    return next(c for c in cases() + pipeline_cases() if c["id"] == case_id)
+    return next(c for c in cases() + pipeline_cases() + layout_cases() if c["id"] == case_id)
 
 
 def config(c: dict[str, Any]):
@@ -135,9 +148,46 @@ def run(c: dict[str, Any]) -> dict[str, Any]:
     """One case on this process's 8 fake devices: {id, ok, tolerance, errors, audit_ok or caches, seconds}."""
     t0 = time.perf_counter()
     cfg = config(c)
-    kinds = {"train": run_train, "decode": run_decode, "train-fp16": run_schedules_fp16}
+    kinds = {"train": run_train, "decode": run_decode, "train-fp16": run_schedules_fp16, "zero": run_zero}
     out = kinds[c["kind"]](cfg)
     return {"id": c["id"], **out, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run_zero(cfg, steps: int = 5) -> dict[str, Any]:
+    """ZeRO-1: the gradient step against one device (verify), the train step's HLO audit (the gradients reduce-
+    scattered and the updated weights all-gathered over the batch axes), and `steps` AdamW steps against the same
+    layout with layout.zero=0: losses and every parameter in global order (the dtype's tolerance)."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from moe_jax.compile import compile_report
+    from moe_jax.mesh import make_mesh
+    from moe_jax.parallel.step import ShardedModel, to_host
+    from moe_jax.parallel.verify import TOLERANCE, verify
+    from moe_jax.train.data import SyntheticTask
+    from moe_jax.train.loop import train
+
+    mesh = make_mesh(cfg.layout)
+    result = verify(cfg, mesh)
+    report, _, _ = compile_report(cfg, mesh, "train")
+    runs = {}
+    for z in (1, 0):
+        c = dataclasses.replace(cfg, layout=dataclasses.replace(cfg.layout, zero=z))
+        state, records = train(c, mesh, SyntheticTask(c.model.vocab, c.run.seq_len, c.run.seed), steps)
+        runs[z] = (to_host(ShardedModel.build(c, mesh).to_global(state.params)), [r["loss"] for r in records])
+    params = max(
+        float(np.max(np.abs(np.subtract(x, y, dtype=np.float64))) / max(float(np.max(np.abs(y))), 1e-30))
+        for x, y in zip(jax.tree.leaves(runs[1][0]), jax.tree.leaves(runs[0][0]), strict=True)
+    )
+    tol = TOLERANCE[cfg.run.dtype]
+    errors = dict(result["errors"])
+    errors[f"{steps} steps: loss"] = float(np.max(np.abs(np.subtract(runs[1][1], runs[0][1])) / np.abs(runs[0][1])))
+    errors[f"{steps} steps: parameters"] = params
+    failed = [k for k, v in errors.items() if not v <= tol]
+    return {"ok": not failed and report["audit_ok"], "tolerance": tol, "errors": errors, "failed": failed,
+            "audit_ok": report["audit_ok"], "unexpected": report["unexpected"]}  # fmt: skip
 
 
 def run_schedules_fp16(cfg, steps: int = 3) -> dict[str, Any]:

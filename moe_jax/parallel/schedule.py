@@ -21,6 +21,7 @@ skipped (a `lax.cond`), so in lockstep the step costs v M + pp - 1 ticks of one 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 from moe_jax.config import ConfigError
@@ -131,6 +132,9 @@ class Schedule:
 
     def in_flight(self, stage: int) -> int:
         """1F1B: the most chunk inputs `stage` holds at once (stashed at its forward, freed after its backward)."""
+        return _in_flight(self.pp, self.microbatches, self.repeats, stage)
+
+    def _in_flight(self, stage: int) -> int:
         delta = [0] * (self.ticks + 1)
         for f, b in self.stash_lifetimes(stage):
             delta[f] += 1
@@ -192,3 +196,8 @@ class Schedule:
         if self.kind == "1f1b":
             out["backward"] = [[cell(s, self.backward_work(s, t)) for t in range(self.ticks)] for s in range(self.pp)]
         return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_flight(pp: int, microbatches: int, repeats: int, stage: int) -> int:
+    return Schedule(pp, microbatches, repeats, kind="1f1b")._in_flight(stage)

@@ -391,7 +391,7 @@ def _wire_bytes(kind: str, operand: int, g: int) -> float:
 
 
 def _layout_row(lay) -> dict[str, Any]:
-    keys = ("pp", "dp", "ep", "tp", "microbatches", "repeats", "stage_layers", "remat", "schedule", "devices")
+    keys = ("pp", "dp", "ep", "tp", "microbatches", "repeats", "stage_layers", "remat", "schedule", "zero", "devices")
     return {k: getattr(lay, k) for k in keys}
 
 

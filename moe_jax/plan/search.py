@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any
 
@@ -27,7 +28,7 @@ def balanced_stages(cfg: Config, pp: int) -> tuple[int, ...]:
 
 def candidates(cfg: Config, devices: int, devices_per_host: int) -> list[Config]:
     """(pp, dp, ep, tp) with pp dp ep tp = devices; microbatches dividing the batch; repeats 1, 2, 4; remat layer or
-    tick; schedule GPipe or 1F1B where there is a pipeline; where pp does not divide the pipelined units, uneven stages (`balanced_stages`, repeats 1). Only layouts
+    tick; schedule GPipe or 1F1B where there is a pipeline; ZeRO-1 or not where there are batch axes; where pp does not divide the pipelined units, uneven stages (`balanced_stages`, repeats 1). Only layouts
     that pass every config check."""
     out = []
     for pp in _divisors(devices):
@@ -44,17 +45,20 @@ def candidates(cfg: Config, devices: int, devices_per_host: int) -> list[Config]
                         continue  # fewer microbatches than stages leaves stages idle most of the step
                     stages = balanced_stages(cfg, pp)
                     for v in (1, 2, 4) if pp > 1 and not stages else (1,):
-                        for remat in ("layer", "tick"):
-                            for schedule in ("gpipe", "1f1b") if pp > 1 else ("gpipe",):
-                                lay = LayoutConfig(pp=pp, dp=dp, ep=ep, tp=tp, repeats=v, microbatches=mb,
-                                                   devices_per_host=devices_per_host, remat=remat,
-                                                   stage_layers=stages, schedule=schedule)  # fmt: skip
-                                c = dataclasses.replace(cfg, layout=lay)
-                                try:
-                                    check_config(c)
-                                except ConfigError:
-                                    continue
-                                out.append(c)
+                        for remat, schedule, zero in itertools.product(
+                            ("layer", "tick"),
+                            ("gpipe", "1f1b") if pp > 1 else ("gpipe",),
+                            (0, 1) if shards > 1 else (0,),
+                        ):
+                            lay = LayoutConfig(pp=pp, dp=dp, ep=ep, tp=tp, repeats=v, microbatches=mb,
+                                               devices_per_host=devices_per_host, remat=remat,
+                                               stage_layers=stages, schedule=schedule, zero=zero)  # fmt: skip
+                            c = dataclasses.replace(cfg, layout=lay)
+                            try:
+                                check_config(c)
+                            except ConfigError:
+                                continue
+                            out.append(c)
     return out
 
 
@@ -107,7 +111,7 @@ def search(cfg: Config, devices: int, hw: Hardware) -> dict[str, Any]:
                 **p["layout"],
                 "memory_gb": p["memory_per_device_bytes"]["total"] / 1e9,
                 "fits": p["fits"],
-                "step_time_s": p["step_time_s"]["total"],
+                "step_time_s": round(p["step_time_s"]["total"], 9),  # ns: float noise between equal plans
                 "compute_s": p["step_time_s"]["compute"],
                 "comm_s": p["step_time_s"]["comm"],
                 "bubble_s": p["step_time_s"]["bubble"],
@@ -118,7 +122,7 @@ def search(cfg: Config, devices: int, hw: Hardware) -> dict[str, Any]:
     if not rows:
         raise ConfigError(no_layout_reason(cfg, devices))
     # Ties (1F1B and GPipe take the same lockstep time) go to the smaller memory.
-    fitting = sorted((r for r in rows if r["fits"]), key=lambda r: (round(r["step_time_s"], 9), r["memory_gb"]))
+    fitting = sorted((r for r in rows if r["fits"]), key=lambda r: (r["step_time_s"], r["memory_gb"]))
     if not fitting:
         least = min(rows, key=lambda r: r["memory_gb"])
         raise ConfigError(

@@ -61,11 +61,16 @@ def check_planner(row: dict, name: str, card_gib: int = 64, nonzero: tuple[str, 
     assert abs(mem["error"]) <= 0.05 and abs(fl["error"]) <= 0.02
     assert row["bytes_by_kind"]["planned"] == row["bytes_by_kind"]["compiled"]
     # The compiled side read from XLA's buffer assignment adds up to XLA's own total; the arena's packing loses
-    # under 1%; the arguments are the fp32 parameters and AdamW's two moments (and its step counters).
+    # under 1%; the arguments are the fp32 parameters and AdamW's two moments (and its step counters; with ZeRO-1
+    # each replicated weight's moments split over the batch axes).
     compiled = {r["part"]: r["compiled"] for r in row["parts"]}
+    planned = {r["part"]: r["planned"] for r in row["parts"]}
     assert sum(compiled.values()) == mem["compiled"]
-    assert 0 <= compiled["arena_packing"] < 0.01 * mem["compiled"]
-    assert 0 <= compiled["optimizer_state"] - 2 * compiled["parameters"] <= 16
+    # XLA's heap packs GPipe's temporaries within 1%; 1F1B's (buffers of conditional branches) less tightly: 3.9% of
+    # OLMoE-64's total, measured (docs/planner.md). The planner does not model packing: its total is held to 5% above.
+    packing = 0.05 if "1f1b" in name else 0.01
+    assert 0 <= compiled["arena_packing"] < packing * mem["compiled"]
+    assert 0 <= compiled["optimizer_state"] - planned["optimizer_state"] <= 16
     for part in nonzero:
         assert compiled[part] > 0, part
 
@@ -139,7 +144,10 @@ def test_presets_on_64_fake_devices():
         if row["live"]:
             assert compiled_from_row(row) == compiled_from_row(row["committed"]), f"{name}: rerun compile_presets.py"
         pipelined = load_pair(name).layout.pp > 1  # OLMoE's layout has no pipeline: no stage buffers, no head copy
-        check_planner(row, name, 80, SEED_PARTS if pipelined else ("saved_for_backward", "gradients"))
+        # the presets run 1F1B: no head copy (its gradient accumulates in the tick loop's carry)
+        check_planner(row, f"{name} (1f1b)" if load_pair(name).layout.schedule == "1f1b" else name, 80,
+                      ("saved_for_backward", "gradients", "pipeline_buffers") if pipelined
+                      else ("saved_for_backward", "gradients"))  # fmt: skip
 
 
 def test_seed_on_128_fake_devices():

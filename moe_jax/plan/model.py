@@ -207,7 +207,7 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
     base = {"layer": recomputed, "tick": sched.layers_per_chunk * res, "none": sched.layers_per_chunk * res}[lay.remat]
     layer_ws = base + max(expert_bwd, attn_bwd)
     if lay.schedule == "1f1b":
-        return _memory_1f1b(cfg, sched, p_loc, bsd, head, p_layers, layer_ws)
+        return _memory_1f1b(cfg, sched, p_loc, bsd, head, p_layers, layer_ws, e_loc * rows * d * 4)
     # One tick (no pipeline, one microbatch): XLA drops the one-trip tick loop, and with it the second copy of the
     # stacked gradients and the pipeline's buffers.
     one_tick = sched.ticks == 1
@@ -243,19 +243,24 @@ def optimizer_params(cfg: Config) -> int:
     return sum(p["zero_local"] for p in param_shards(cfg))
 
 
-def _memory_1f1b(cfg: Config, sched: Schedule, p_loc: int, bsd: int, head: int, p_layers: int, layer_ws: int):
+def _memory_1f1b(
+    cfg: Config, sched: Schedule, p_loc: int, bsd: int, head: int, p_layers: int, layer_ws: int, expert_rows: int
+):
     """1F1B (parallel/one_f_one_b.py): nothing grows with M. Held all step: the fp32 gradient accumulators of every
     weight (the scan's carry), the stash ring (S slots of each unit's input under remat 'layer', of the chunk's input
     under 'tick'), the two activations in flight between stages and the slot outputs. At the peak, the larger of the
     last stage's loss head (one microbatch's fp32 logits and the three logits-sized buffers of its backward, and the
-    head's gradient before it is added) and a backward slot's layer (the stage's stacked gradient that one segment's
-    jax.vjp returns before it is added, and the layer working set of GPipe's model). See docs/planner.md."""
+    head's gradient before it is added) and a backward slot's layer (the layer working set of GPipe's model, and under
+    remat 'tick' the stage's stacked gradient the chunk's jax.vjp returns before it is added). See docs/planner.md."""
     m, lay, run = cfg.model, cfg.layout, cfg.run
     loc = local_sizes(cfg)
     segments = sched.layers_per_chunk if lay.remat == "layer" else 1
     # the logits, their log-softmax and gradient (fp32); the head in the compute dtype and its gradient being made
     head_ws = 3 * loc["batch"] * loc["seq"] * m.vocab * 4 + 2 * 4 * head
-    layer_peak = 4 * p_layers + layer_ws
+    # Under remat 'tick' the chunk's jax.vjp returns the stage's stacked gradient whole before it is added (measured:
+    # a copy); under 'layer' each unit's is added in place.
+    stacked = 4 * p_layers if lay.remat == "tick" else 0
+    layer_peak = stacked + layer_ws
     # Under remat 'tick' the recomputed chunk's backward and the loss head's working set are alive together
     # (measured on seed-128: XLA keeps the head's buffers through the slot); under 'layer' they are not.
     head_peak = lay.remat == "tick" or head_ws >= layer_peak
@@ -266,13 +271,15 @@ def _memory_1f1b(cfg: Config, sched: Schedule, p_loc: int, bsd: int, head: int, 
         "optimizer_state": 8 * optimizer_params(cfg),
         "batch": 2 * lay.microbatches * loc["batch"] * loc["seq"] * 4,
         "head_copy_or_gradient": 0,
-        "gradients": 4 * p_loc + (4 * p_layers if layer_too else 0),
+        "gradients": 4 * p_loc + (stacked if layer_too else 0),
         "saved_for_backward": sched.stash_slots * segments * bsd,
         # received and sent activations and cotangents, the forward slot's input and output (measured: 6)
         "pipeline_buffers": 6 * bsd,
         "logits": head_ws if head_peak else 0,
-        # the causal mask of every score block, made once outside the tick loop (blockwise attention only)
+        # at the loss head's peak: the causal mask of every score block, made once outside the tick loop (blockwise
+        # attention only), and one fp32 expert-rows buffer of a layer's backward (measured: OLMoE on 64 devices)
         "layer_working_set": (layer_ws if layer_too else 0)
+        + (0 if layer_too else expert_rows)
         + (loc["batch"] * loc["heads"] * run.seq_len * run.seq_len if blk < run.seq_len and not layer_too else 0),
     }
     out["peak_phase"] = "the loss head's backward" if head_peak else "a layer's backward"

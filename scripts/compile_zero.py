@@ -1,5 +1,5 @@
 """ZeRO-1 at full size, compile-only on fake CPU devices: the seed on seed-128 (dp 1 x ep 16) and the Mixtral-8x7B preset
-on its 64-device layout (dp 2 x ep 8), each with layout.zero=0 and 1: per-device memory compiled and planned part by
+on its 64-device layout (dp 2 x ep 8), GPipe, each with layout.zero=0 and 1: per-device memory compiled and planned part by
 part (`moe-jax plan --check`'s comparison), collective bytes per kind against the HLO's, the train step's audit.
 Writes docs/results/zero_memory.json.
 
@@ -31,7 +31,9 @@ def config(name: str, zero: int):
     from moe_jax.config import load_config
 
     model, layout = LAYOUTS[name]
-    return load_config(model and os.path.join(ROOT, model), os.path.join(ROOT, layout), [f"layout.zero={zero}"])
+    # GPipe, whatever schedule the layout file names: the comparison is of ZeRO-1 alone.
+    overrides = [f"layout.zero={zero}", "layout.schedule=gpipe"]
+    return load_config(model and os.path.join(ROOT, model), os.path.join(ROOT, layout), overrides)
 
 
 def main() -> None:

@@ -85,11 +85,23 @@ def test_resume_same_layout_is_exact_and_other_layouts_within_fp32(tmp_path):
     from_zero = Checkpoints(str(tmp_path / f"at3-cpu8-ep8-{'-'.join(zero)}")).restore(
         sm, init_train_state(sm, tx, seed=1)
     )
-    zero_sm = ShardedModel.build(cfg_for("cpu8-ep8", "run.steps=6", *zero), make_mesh(cfg_for("cpu8-ep8").layout))
+    zero_cfg = cfg_for("cpu8-ep8", "run.steps=6", *zero)
+    zero_mesh = make_mesh(zero_cfg.layout)
+    zero_sm = ShardedModel.build(zero_cfg, zero_mesh)
     want = finals["cpu8-ep8"]
     for got, saved in ((from_zero.params, want.params), (from_zero.opt_state, want.opt_state)):
         got, saved = jax.tree.leaves(sm.to_global(got)), jax.tree.leaves(zero_sm.to_global(saved))
         assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, saved, strict=True))
+
+    # The ZeRO-1 train step that ran (compiled once: the report reuses it): its audit is clean, its gradient sums of
+    # replicated weights are reduce-scatters over ep, its updated slices all-gathers over ep (the matrix audits
+    # dp2-ep2-tp2's too: docs/layouts.md, checked by tests/test_parallel.py).
+    from moe_jax.compile import compile_report
+
+    report, _, _ = compile_report(zero_cfg, zero_mesh, "train")
+    assert report["audit_ok"], report["unexpected"]
+    kinds = {(c["kind"], tuple(c["axes"])) for c in report["collectives"]}
+    assert {("reduce-scatter", ("ep",)), ("all-gather", ("ep",))} <= kinds
 
 
 def test_fp16_overflow_is_skipped_and_the_scale_lowered():

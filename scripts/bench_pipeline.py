@@ -13,7 +13,6 @@ in lockstep) each tick's busiest stage: 1F1B skips its empty slots while GPipe c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -36,6 +35,7 @@ MICROBATCHES = (8,)
 def main() -> None:
     import jax
     from bench_moe import machine, timed
+    from results import write_json
 
     from moe_jax.config import load_config
     from moe_jax.mesh import make_mesh
@@ -66,13 +66,7 @@ def main() -> None:
             print(f"{name} m {mb}: 1F1B / GPipe = {row['ratio_1f1b_to_gpipe']:.2f}", flush=True)
             rows.append(row)
     if args.json:
-        out = {"machine": machine(), "model": SCALE, "reps": args.reps, "rows": rows}
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, args.json)
-        print(f"wrote {args.json}")
+        write_json(args.json, {"machine": machine(), "model": SCALE, "reps": args.reps, "rows": rows})
 
 
 if __name__ == "__main__":

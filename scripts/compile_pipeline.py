@@ -12,16 +12,14 @@ compiled figures, and that 1F1B's memory stays flat in M while GPipe's grows. Re
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["JAX_NUM_CPU_DEVICES"] = "128"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 MICROBATCHES = (8, 16, 32)
 SCHEDULES = ("gpipe", "1f1b")
@@ -35,7 +33,8 @@ def config(schedule: str, mb: int):
 
 
 def main() -> None:
-    import jax
+    import jax  # noqa: F401  (after the device count is set)
+    from results import header, write_json
 
     from moe_jax.mesh import make_mesh
     from moe_jax.plan.check import compare, compiled_figures
@@ -44,9 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "pipeline_memory.json"))
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    out = {"jax": jax.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "commit": commit.stdout.strip(), "rows": []}  # fmt: skip
+    out = {**header(), "rows": []}
     for schedule in SCHEDULES:
         for mb in MICROBATCHES:
             cfg = config(schedule, mb)
@@ -66,12 +63,7 @@ def main() -> None:
                   f"{r['compiled_temp'] / 2**30:.3f} GiB; planned {r['planned_total'] / 2**30:.3f} GiB "
                   f"({r['error']:+.1%}); FLOPs {r['flops_error']:+.1%}; audit {'clean' if r['audit_ok'] else 'NOT'}",
                   flush=True)  # fmt: skip
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,14 @@ figures. Rerun this script when the step changes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["JAX_NUM_CPU_DEVICES"] = "128"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 LAYOUTS = {"seed-128": (None, "meshes/seed-128.yaml"), "mixtral-8x7b-64": ("configs/models/mixtral-8x7b.yaml",
                                                                              "meshes/mixtral-8x7b-64.yaml")}  # fmt: skip
@@ -37,7 +35,8 @@ def config(name: str, zero: int):
 
 
 def main() -> None:
-    import jax
+    import jax  # noqa: F401  (after the device count is set)
+    from results import header, write_json
 
     from moe_jax.mesh import make_mesh
     from moe_jax.plan.check import compare, compiled_figures
@@ -45,9 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "zero_memory.json"))
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    out = {"jax": jax.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "commit": commit.stdout.strip(), "rows": []}  # fmt: skip
+    out = {**header(), "rows": []}
     for name in LAYOUTS:
         for zero in (0, 1):
             cfg = config(name, zero)
@@ -59,12 +56,7 @@ def main() -> None:
                   f"GiB ({mem['error']:+.1%}); bytes by kind equal: "
                   f"{row['bytes_by_kind']['planned'] == row['bytes_by_kind']['compiled']}; audit "
                   f"{'clean' if row['audit_ok'] else 'NOT'}; ok {row['ok']}", flush=True)  # fmt: skip
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

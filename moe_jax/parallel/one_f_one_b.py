@@ -53,7 +53,7 @@ def _join(a, b):
 def grads_fn(sm) -> Callable:
     """(params, rest, tokens, targets, scale) -> ((loss, metrics), gradients of scale x loss), one shard_map, the
     gradients sharded like the parameters. The same loss and metrics as `step.loss_fn` (GPipe)."""
-    from moe_jax.parallel.step import _to_varying, batch_spec, reduce_grads, ring
+    from moe_jax.parallel.step import _to_varying, batch_spec, reduce_grads, ring, stage_unit
 
     cfg = sm.cfg
     m, lay = cfg.model, cfg.layout
@@ -97,11 +97,7 @@ def grads_fn(sm) -> Callable:
             units = Stack(model_of(_join(edge_p, stack)))
 
             def layer(x, i):
-                y, stats = units.unit(x, i, axes, dtype, (1, 1))
-                if n_units is None:
-                    return y, stats
-                real = i < n_units  # uneven stages: a padding unit passes its input on and counts nothing
-                return jnp.where(real, y, x), jax.tree.map(lambda a: jnp.where(real, a, jnp.zeros_like(a)), stats)
+                return stage_unit(units, x, i, axes, dtype, n_units)
 
             y, stats = lax.scan(layer, x, i0 + jnp.arange(seg))
             return (y, lb_w * jnp.sum(stats["lb_loss"]) + z_w * jnp.sum(stats["z_loss"])), stats

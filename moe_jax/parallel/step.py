@@ -325,6 +325,16 @@ def _missing_axes(spec, sizes) -> tuple[str, ...]:
     return tuple(a for a in active_axes(MESH_AXES, sizes) if a not in used)
 
 
+def stage_unit(stack: Stack, x, i, axes: Axes, dtype, n_units):
+    """Unit i of a stage's stack on x: (output, router statistics). Uneven stages (`n_units`, this stage's real units;
+    None for equal stages): a padding unit passes its input on and counts nothing."""
+    y, stats = stack.unit(x, i, axes, dtype, (1, 1))
+    if n_units is None:
+        return y, stats
+    real = i < n_units
+    return jnp.where(real, y, x), jax.tree.map(lambda a: jnp.where(real, a, jnp.zeros_like(a)), stats)
+
+
 def _loss_body(sm: ShardedModel) -> Callable:
     """The shard_map body of `loss_fn`, on parameters already varying over every mesh axis."""
     cfg = sm.cfg
@@ -361,11 +371,7 @@ def _loss_body(sm: ShardedModel) -> Callable:
         # Unit i of the stage's stack is picked inside the (checkpointed) unit, so what a checkpoint saves for the
         # backward pass is the activation and the index, never a per-tick copy of the stage's weights.
         def layer(x, i):
-            y, stats = stack.unit(x, i, axes, dtype, (1, 1))
-            if n_units is None:
-                return y, stats
-            real = i < n_units  # uneven stages: a padding unit passes its input on and counts nothing
-            return jnp.where(real, y, x), jax.tree.map(lambda a: jnp.where(real, a, jnp.zeros_like(a)), stats)
+            return stage_unit(stack, x, i, axes, dtype, n_units)
 
         if remat_layer == "layer":
             layer = jax.checkpoint(layer)

@@ -26,7 +26,7 @@ from typing import Any
 
 from moe_jax.config import Config, storage_model
 from moe_jax.model.moe import capacity
-from moe_jax.parallel.schedule import Schedule
+from moe_jax.parallel.schedule import Schedule, schedule_of
 from moe_jax.sharding import MESH_AXES, TOKEN_AXES, active_axes
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -101,7 +101,7 @@ def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False)
     loc = local_sizes(cfg)
     db = DTYPE_BYTES[run.dtype]
     d, e, c = m.d_model, m.experts, loc["capacity"]
-    sched = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat, lay.schedule)
+    sched = schedule_of(cfg)
     one_f_one_b = lay.schedule == "1f1b"
     # Every tick every stage runs one chunk of U / (pp v) units, bubble ticks included: that many MoE layer runs,
     # each after its unit's moe_every - 1 dense layers. The dense first layers run once per microbatch on every stage.

@@ -27,17 +27,12 @@ from jax.sharding import PartitionSpec as P
 from moe_jax.config import storage_model, uneven_units
 from moe_jax.model.layers import compute_dtype
 from moe_jax.model.transformer import Stack, cross_entropy, run_prologue
-from moe_jax.parallel.schedule import Schedule
+from moe_jax.parallel.schedule import schedule_of
 from moe_jax.sharding import MESH_AXES, TOKEN_AXES, Axes, active_axes
 
 # The parameters each kind of slot differentiates (the rest enter as constants): the stack's units, and the edges
 # (embedding, dense first layers, final norm, head).
 STACK_KEYS = ("blocks", "dense_blocks")
-
-
-def schedule_of(cfg) -> Schedule:
-    lay = cfg.layout
-    return Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat, lay.schedule)
 
 
 def _split(state, keys):

@@ -201,3 +201,11 @@ class Schedule:
 @functools.lru_cache(maxsize=4096)
 def _in_flight(pp: int, microbatches: int, repeats: int, stage: int) -> int:
     return Schedule(pp, microbatches, repeats, kind="1f1b")._in_flight(stage)
+
+
+def schedule_of(cfg) -> Schedule:
+    """The schedule a config's layout runs: its stages over the stored units (uneven stages' padding included)."""
+    from moe_jax.config import storage_model
+
+    lay = cfg.layout
+    return Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat, lay.schedule)

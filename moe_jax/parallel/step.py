@@ -35,7 +35,16 @@ from moe_jax.model.transformer import (
     run_prologue,
 )
 from moe_jax.parallel.schedule import Schedule
-from moe_jax.sharding import MESH_AXES, TOKEN_AXES, Axes, active_axes, logical_to_mesh, state_specs, zero_specs
+from moe_jax.sharding import (
+    MESH_AXES,
+    TOKEN_AXES,
+    Axes,
+    active_axes,
+    logical_to_mesh,
+    spec_axes,
+    state_specs,
+    zero_specs,
+)
 
 
 def batch_spec(sizes) -> P:
@@ -227,8 +236,7 @@ def _to_varying(tree, specs, sizes):
     """pcast every leaf to varying over the mesh axes its spec does not use (once, outside all loops)."""
 
     def cast(x, spec):
-        used = {a for part in spec if part is not None for a in ((part,) if isinstance(part, str) else part)}
-        missing = tuple(a for a in active_axes(MESH_AXES, sizes) if a not in used)
+        missing = _missing_axes(spec, sizes)
         return lax.pcast(x, missing, to="varying") if missing else x
 
     return jax.tree.map(cast, tree, specs)
@@ -321,7 +329,8 @@ def reduce_grads(sm: ShardedModel, grads):
 
 
 def _missing_axes(spec, sizes) -> tuple[str, ...]:
-    used = {a for part in spec if part is not None for a in ((part,) if isinstance(part, str) else part)}
+    """The active mesh axes a spec does not split over (its leaf is replicated on them)."""
+    used = {a for part in spec for a in spec_axes(part)}
     return tuple(a for a in active_axes(MESH_AXES, sizes) if a not in used)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from moe_jax.config import Config, storage_model
 from moe_jax.hlo import array_dims
 from moe_jax.parallel.comm import bytes_by_kind, expected_collectives, local_sizes
-from moe_jax.parallel.schedule import Schedule
+from moe_jax.parallel.schedule import Schedule, schedule_of
 from moe_jax.plan.buffers import Buffer, peak_buffers
 
 
@@ -67,8 +67,6 @@ def classify(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]]) -> st
 def _classify_1f1b(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]], dtype: str, shape) -> str:
     """1F1B's buffers: the gradient accumulators (the tick loop's carry, parameter-shaped fp32), the stash ring,
     activations in flight, the loss head's working set (logits-sized, and the head's gradient being made)."""
-    from moe_jax.plan.model import schedule_of
-
     m, lay = cfg.model, cfg.layout
     loc = local_sizes(cfg)
     sched = schedule_of(cfg)

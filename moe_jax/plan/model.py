@@ -18,7 +18,7 @@ import numpy as np
 from moe_jax.config import Config, storage_model
 from moe_jax.model.params import active_params_per_token, param_kind, total_params
 from moe_jax.parallel.comm import DTYPE_BYTES, bytes_by_kind, expected_collectives, local_sizes, param_shards
-from moe_jax.parallel.schedule import Schedule
+from moe_jax.parallel.schedule import Schedule, schedule_of
 from moe_jax.plan.hardware import Hardware
 from moe_jax.sharding import MESH_AXES
 
@@ -285,11 +285,6 @@ def _memory_1f1b(
     out["peak_phase"] = "the loss head's backward" if head_peak else "a layer's backward"
     out["total"] = sum(v for k, v in out.items() if k != "peak_phase")
     return out
-
-
-def schedule_of(cfg: Config) -> Schedule:
-    lay = cfg.layout
-    return Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat, lay.schedule)
 
 
 def flops(cfg: Config) -> dict[str, float]:

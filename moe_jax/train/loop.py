@@ -61,24 +61,28 @@ def train(
     random initialisation. Returns the state and the records."""
     if stop_at is not None and not 1 <= stop_at <= steps:
         raise ConfigError(f"--stop-at={stop_at}: must be in 1..{steps} (the run's last step, run.steps)")
+    # Everything that can refuse the run is read before the model is built and a checkpoint restored: a refusal
+    # costs a metadata read, not a restore of the whole state.
+    ckpt = Checkpoints(checkpoint_dir, checkpoint_every, keep) if checkpoint_dir else None
+    if resume:
+        if ckpt is None:
+            raise ConfigError("--resume needs --checkpoint-dir: the directory to resume from")
+        latest = ckpt.latest()
+        if latest is not None and not allow_config_change:
+            check_same_run(ckpt.saved_config(latest), cfg, ckpt.directory)
+    elif ckpt is not None and ckpt.latest() is not None:
+        raise ConfigError(
+            f"--checkpoint-dir={checkpoint_dir}: already holds checkpoints (latest step {ckpt.latest()}); pass --resume "
+            "to continue from it, or choose another directory"
+        )
     sm = ShardedModel.build(cfg, mesh)
     tx = make_optimizer(cfg.run)
     if init_params is not None and not resume:
         state = train_state_from_params(sm, tx, init_params(sm), cfg.run.seed)
     else:
         state = init_train_state(sm, tx, cfg.run.seed)
-    ckpt = Checkpoints(checkpoint_dir, checkpoint_every, keep) if checkpoint_dir else None
     if resume:
-        if ckpt is None:
-            raise ConfigError("--resume needs --checkpoint-dir: the directory to resume from")
-        state = ckpt.restore(sm, state)
-        if not allow_config_change:
-            check_same_run(ckpt.saved_config(state.step), cfg, ckpt.directory)
-    elif ckpt is not None and ckpt.latest() is not None:
-        raise ConfigError(
-            f"--checkpoint-dir={checkpoint_dir}: already holds checkpoints (latest step {ckpt.latest()}); pass --resume "
-            "to continue from it, or choose another directory"
-        )
+        state = ckpt.restore(sm, state)  # the latest step, read above (or the one-line error when there is none)
     step_fn = train_step(sm, tx)
     overflow_fn = train_step(sm, tx, inject_overflow=True) if inject_overflow_at is not None else None
     bias_fn = jax.jit(update_expert_bias, static_argnums=2) if cfg.model.expert_bias else None

@@ -318,8 +318,8 @@ def cmd_compile(args) -> int:
     mem = report["memory_per_device_bytes"]
     lay = cfg.layout
     console.print(
-        f"{args.step} step, {lay.name or 'layout'} (pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp {lay.tp}, m "
-        f"{lay.microbatches}, v {lay.repeats}, {lay.schedule}) on {lay.devices} fake devices: lowered in {report['lower_seconds']:.1f} "
+        f"{args.step} step, {lay.name or 'layout'} ({lay.summary()}) on {lay.devices} fake devices: lowered in "
+        f"{report['lower_seconds']:.1f} "
         f"s, compiled in {report['compile_seconds']:.1f} s"
     )
     console.print(
@@ -349,7 +349,7 @@ def cmd_plan(args) -> int:
     from moe_jax.model.params import param_formula
     from moe_jax.plan.hardware import get_hardware
     from moe_jax.plan.model import plan
-    from moe_jax.plan.search import find, search
+    from moe_jax.plan.search import SEED_128, find, search
 
     hw = get_hardware(args.hardware)
     console = Console(width=max(Console().width, 120))
@@ -362,16 +362,17 @@ def cmd_plan(args) -> int:
         result = search(cfg, args.devices, hw)
         t = Table(title=f"layouts of {args.devices} devices that fit ({len(result['fitting'])} of "
                   f"{result['candidates']}), {hw.name}, ranked by estimated step time", title_justify="left")  # fmt: skip
-        for col in ("rank", "pp", "dp", "ep", "tp", "m", "v", "remat", "schedule", "zero", "GB/dev", "step ms",
+        for col in ("rank", "pp", "dp", "ep", "tp", "m", "v", "remat", "schedule", "zero", "fold", "GB/dev", "step ms",
                     "compute", "comm", "bubble", "MFU"):  # fmt: skip
             t.add_column(col, justify="right")
         for r in result["fitting"][: args.top]:
             t.add_row(str(r["rank"]), str(r["pp"]), str(r["dp"]), str(r["ep"]), str(r["tp"]), str(r["microbatches"]),
-                      str(r["repeats"]), r["remat"], r["schedule"], str(r["zero"]), f"{r['memory_gb']:.2f}", f"{r['step_time_s'] * 1e3:.1f}",
+                      str(r["repeats"]), r["remat"], r["schedule"], str(r["zero"]),
+                      "yes" if r["expert_tp"] == "1" else "no", f"{r['memory_gb']:.2f}", f"{r['step_time_s'] * 1e3:.1f}",
                       f"{r['compute_s'] * 1e3:.1f}", f"{r['comm_s'] * 1e3:.1f}", f"{r['bubble_s'] * 1e3:.1f}",
                       f"{r['mfu']:.1%}")  # fmt: skip
         console.print(t)
-        own = find(result, pp=4, dp=1, ep=16, tp=2, microbatches=8, repeats=1, remat="layer", schedule="gpipe", zero=0)
+        own = find(result, **SEED_128)
         if own and args.devices == 128:
             best = result["fitting"][0]
             console.print(
@@ -394,10 +395,7 @@ def cmd_plan(args) -> int:
     p = plan(cfg, hw)
     mem = p["memory_per_device_bytes"]
     lay = cfg.layout
-    console.print(
-        f"plan: {lay.name or 'layout'} (pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp {lay.tp}, m {lay.microbatches}, "
-        f"v {lay.repeats}, remat {lay.remat}, {lay.schedule}) on {hw.name}: {hw.notes}"
-    )
+    console.print(f"plan: {lay.name or 'layout'} ({lay.summary(remat=True)}) on {hw.name}: {hw.notes}")
     claim = "the seed claims 30B: " if cfg.model == load_config(None, None).model else ""
     active = p["params"]["active_per_token"]
     console.print(f"parameters: {p['params']['total']:,} total ({claim}{escape(param_formula(cfg.model))}), {active:,} "
@@ -439,10 +437,8 @@ def _plan_check(args, cfg, console) -> int:
         raise ConfigError(f"--tolerance={args.tolerance}: a percentage between 0 and 100")
     mesh = _setup_devices(args, cfg, compile_only=True)
     lay = cfg.layout
-    console.print(f"compiling the train step of {lay.name or 'the layout'} (pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp "
-                  f"{lay.tp}, m {lay.microbatches}, v {lay.repeats}, remat {lay.remat}, {lay.schedule}) on "
-                  f"{lay.devices} fake CPU "
-                  f"devices ...")  # fmt: skip
+    console.print(f"compiling the train step of {lay.name or 'the layout'} ({lay.summary(remat=True)}) on "
+                  f"{lay.devices} fake CPU devices ...")  # fmt: skip
     result = compare(cfg, compiled_figures(cfg, mesh), args.tolerance / 100)
     mem = result["memory"]
     t = Table(title=f"memory per device at the peak (planned peak: {mem['peak_phase']}); error as a share of the "
@@ -555,8 +551,8 @@ def cmd_train(args) -> int:
     quiet = jax.process_index() != 0
     console = Console(quiet=quiet)
     lay = cfg.layout
-    console.print(f"train: {lay.name or 'layout'} (pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp {lay.tp}, m "
-                  f"{lay.microbatches}, v {lay.repeats}, {lay.schedule}) on {lay.devices} devices; data: {source.describe()}")  # fmt: skip
+    console.print(f"train: {lay.name or 'layout'} ({lay.summary()}) on {lay.devices} devices; data: "
+                  f"{source.describe()}")  # fmt: skip
     progress, on_step = _progress(console, cfg.run.steps)
     try:
         with progress:

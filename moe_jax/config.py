@@ -21,6 +21,9 @@ REMAT_POLICIES = ("none", "tick", "layer")
 QK_NORMS = ("none", "head", "projection")
 ROUTER_SCORES = ("softmax", "sigmoid")
 SCHEDULES = ("gpipe", "1f1b")
+# layout.expert_tp: 'tp' splits each expert's hidden dimension over tp (attention's degree); '1' folds the experts over
+# (ep, tp) instead, each whole on one device (Megatron-Core's MoE parallel folding).
+EXPERT_TP = ("tp", "1")
 ATTENTION_KINDS = ("mha", "mla")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blockwise")
 # DeepSeek's latent RMSNorms (q_a_layernorm, kv_a_layernorm) use their class default, not the model's norm_eps.
@@ -127,6 +130,9 @@ class LayoutConfig:
     # ZeRO-1: 1 splits the AdamW moments of every weight replicated over the batch axes (dp, ep) over them; gradients
     # are reduce-scattered, each shard updates its slice, the updated weights are all-gathered.
     zero: int = 0
+    # Expert folding: 'tp' splits each expert's hidden dimension over tp; '1' gives each device E / (ep x tp) whole
+    # experts: the dispatch all-to-all spans (ep, tp) on the sequence-split tokens, no tp collective around the experts.
+    expert_tp: str = "tp"
     name: str = ""
     description: str = ""
 
@@ -137,6 +143,17 @@ class LayoutConfig:
     @property
     def devices(self) -> int:
         return math.prod(self.shape)
+
+    def summary(self, remat: bool = False) -> str:
+        """'pp 4, dp 2, ep 4, tp 2, m 32, v 4[, remat layer], 1f1b[, ZeRO-1][, experts folded]': the CLI headers'."""
+        return (f"pp {self.pp}, dp {self.dp}, ep {self.ep}, tp {self.tp}, m {self.microbatches}, v {self.repeats}, "
+                + (f"remat {self.remat}, " if remat else "") + self.schedule + (", ZeRO-1" if self.zero else "")
+                + (", experts folded" if self.folded else ""))  # fmt: skip
+
+    @property
+    def folded(self) -> bool:
+        """Experts folded over (ep, tp): layout.expert_tp=1 on a layout with tp > 1."""
+        return self.expert_tp == "1" and self.tp > 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +225,7 @@ _CHOICES = {
     ("model", "attention_impl"): ATTENTION_IMPLS,
     ("layout", "remat"): REMAT_POLICIES,
     ("layout", "schedule"): SCHEDULES,
+    ("layout", "expert_tp"): EXPERT_TP,
     ("run", "dtype"): DTYPES,
 }
 
@@ -254,6 +272,13 @@ def check_config(cfg: Config) -> Config:
     _check_architecture(m)
     if m.experts % lay.ep:
         _fail("layout.ep", lay.ep, f"must divide model.experts={m.experts}; valid: {_divisors(m.experts)}")
+    if lay.folded and m.experts % (lay.ep * lay.tp):
+        _fail(
+            "layout.expert_tp",
+            lay.expert_tp,
+            f"folds the experts over layout.ep x layout.tp = {lay.ep} x {lay.tp} = {lay.ep * lay.tp} devices, which "
+            f"must divide model.experts={m.experts}; valid: layout.expert_tp=tp, or ep x tp in {_divisors(m.experts)}",
+        )
     if lay.stage_layers:
         _check_stage_layers(m, lay)
     elif m.units % (lay.pp * lay.repeats):
@@ -279,7 +304,7 @@ def check_config(cfg: Config) -> Config:
             f"must divide model.kv_heads={kvh} (K/V heads split) or be a multiple of it (K/V heads replicated); "
             f"valid: {', '.join(str(t) for t in range(1, m.heads + 1) if m.heads % t == 0 and (kvh % t == 0 or t % kvh == 0))}",
         )
-    for name in ("expert_hidden", "shared_hidden", "dense_hidden"):
+    for name in ("shared_hidden", "dense_hidden") if lay.folded else ("expert_hidden", "shared_hidden", "dense_hidden"):
         width = getattr(m, name)
         if width and width % lay.tp:
             _fail("layout.tp", lay.tp, f"must divide model.{name}={width}; valid: {_divisors(width)}")
@@ -450,6 +475,8 @@ def _coerce(field: str, value: Any, typ: Any) -> Any:
     if typ is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, int) and not isinstance(value, bool):  # `expert_tp: 1` in YAML or on a command line
+            return str(value)
         _fail(field, value, "expected a string")
     if typ == tuple[int, ...]:
         if isinstance(value, str):  # "2,2,2,1" on a command line

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from moe_jax.config import Config, ConfigError, LayoutConfig, check_devices, uneven_units
-from moe_jax.sharding import MESH_AXES, RULES
+from moe_jax.sharding import MESH_AXES, rules_for
 
 # ------------------------------------------------------------------------------------------------------- devices
 
@@ -188,7 +188,9 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
         procs = np.zeros(shape, dtype=int)
         multi = False
 
-    e_local, h_local, f_local = m.experts // lay.ep, m.heads // lay.tp, m.expert_hidden // lay.tp
+    # Folded experts (layout.expert_tp=1): device (ep, tp) holds the ep * tp + tp-th block of E / (ep tp) whole experts.
+    fold = lay.tp if lay.folded else 1
+    e_local, h_local, f_local = m.experts // (lay.ep * fold), m.heads // lay.tp, m.expert_hidden * fold // lay.tp
     counts = uneven_units(cfg)
     shards = lay.dp * lay.ep
     rows_mb = run.batch // lay.microbatches
@@ -218,11 +220,11 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
                 # uneven stages: the stage's stack is padded to the largest stage's with units never applied
                 "padding_units": (max(counts) - counts[pp]) if counts else 0,
                 "prologue_layers": list(range(m.dense_layers)),  # held by every stage, computed on stage 0
-                "experts": list(range(ep * e_local, (ep + 1) * e_local)),
+                "experts": list(range((ep * fold + tp % fold) * e_local, (ep * fold + tp % fold + 1) * e_local)),
                 "heads": list(range(tp * h_local, (tp + 1) * h_local)),
                 "kv_heads": kv_held,
                 "kv_heads_computed": kv_used,
-                "expert_hidden": [tp * f_local, (tp + 1) * f_local],
+                "expert_hidden": [0, f_local] if lay.folded else [tp * f_local, (tp + 1) * f_local],
                 "shared_hidden": [tp * m.shared_hidden // lay.tp, (tp + 1) * m.shared_hidden // lay.tp],
                 "dense_hidden": [tp * m.dense_hidden // lay.tp, (tp + 1) * m.dense_hidden // lay.tp],
                 "batch_rows": _ranges(rows),
@@ -232,6 +234,7 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
 
     groups = {axis: _groups(ids, (axis,)) for axis in MESH_AXES}
     groups["grad_reduce"] = _groups(ids, GRAD_REDUCE_AXES["attention"])
+    groups["expert_all_to_all"] = _groups(ids, ("ep", "tp") if lay.folded else ("ep",))
     return {
         "layout": {
             "name": lay.name,
@@ -242,6 +245,7 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
             "repeats": lay.repeats,
             "stage_layers": list(lay.stage_layers),
             "microbatches": lay.microbatches,
+            "expert_tp": lay.expert_tp,
             "devices_per_host": lay.devices_per_host,
             "devices": n,
             "hosts": len({d["host"] for d in devices}),
@@ -261,7 +265,7 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
             "batch": run.batch,
             "seq_len": run.seq_len,
         },
-        "rules": {k: v for k, v in RULES.items()},
+        "rules": dict(rules_for(lay)),
         "devices": devices,
         "groups": groups,
         "grad_reduce_by_kind": {
@@ -290,8 +294,10 @@ def _expected_range(name: str | None, row: dict[str, Any], size: int, storage: l
         return [row["heads"][0], row["heads"][-1] + 1]
     if name == "kv_heads":
         return [row["kv_heads"][0], row["kv_heads"][-1] + 1]
-    if name == "mlp":  # an expert's, the shared expert's or a dense layer's hidden dimension
-        for key in ("expert_hidden", "shared_hidden", "dense_hidden"):
+    if name == "expert_mlp":
+        return row["expert_hidden"]
+    if name == "mlp":  # the shared expert's or a dense layer's hidden dimension
+        for key in ("shared_hidden", "dense_hidden"):
             lo, hi = row[key]
             if (hi - lo) * tp == size:
                 return [lo, hi]
@@ -320,7 +326,7 @@ def check_placement(
     checked = 0
     for path, names in param_names.items():
         shape = param_shapes[path]
-        sharding = NamedSharding(mesh, logical_to_mesh(names, sizes, shape))
+        sharding = NamedSharding(mesh, logical_to_mesh(names, sizes, shape, rules_for(cfg.layout)))
         for device, index in sharding.devices_indices_map(shape).items():
             row = rows[device.id]
             for dim, (name, sl) in enumerate(zip(names, index, strict=True)):

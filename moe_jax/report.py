@@ -35,6 +35,10 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
         f" {lay['microbatches']}; model: {model['layers']} layers, {model['experts']} experts, {model['heads']} heads,"
         f" expert hidden {model['expert_hidden']}; batch {model['batch']} x seq {model['seq_len']}"
     )
+    if lay.get("expert_tp") == "1" and lay["tp"] > 1:
+        console.print(f"experts folded over ep x tp (layout.expert_tp=1): each device holds "
+                      f"{model['experts'] // (lay['ep'] * lay['tp'])} whole expert(s) (F slice: the whole hidden); the "
+                      f"dispatch all-to-all spans each expert_all_to_all group; attention keeps tp")  # fmt: skip
     if model.get("kv_heads", model["heads"]) != model["heads"]:
         console.print(f"K/V heads: {model['kv_heads']} for {model['heads']} query heads, {model['kv_heads_placement']}")
     if model.get("dense_layers") or model.get("moe_every", 1) > 1:
@@ -90,10 +94,12 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
     console.print("[bold]groups[/bold] (device ids; a-b is a run of ids)")
     what = {
         "tp": "tensor: all-gather / reduce-scatter (sequence parallel)",
-        "ep": "expert: all-to-all dispatch and combine",
+        "ep": "expert parallel: the batch split, the experts split",
         "pp": "pipeline ring: collective-permute",
         "dp": "data replicas",
         "grad_reduce": "gradient sum of attention weights over (dp, ep)",
+        "expert_all_to_all": "expert dispatch and combine: all-to-all over "
+        + ("(ep, tp), experts folded" if lay.get("expert_tp") == "1" and lay["tp"] > 1 else "ep"),
     }
     for kind, groups in table["groups"].items():
         console.print(

@@ -22,7 +22,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "experts": "ep",  # expert ids: E / ep contiguous experts per ep rank
     "heads": "tp",  # attention heads: H / tp per tp rank
     "kv_heads": "tp",  # K/V heads: split when tp divides them, else whole on every tp rank (see SPLIT_IF_DIVISIBLE)
-    "mlp": "tp",  # the expert hidden dimension: first matrix column-split, second row-split
+    "expert_mlp": "tp",  # an expert's hidden dimension: first matrix column-split, second row-split
+    "mlp": "tp",  # a dense FFN's or the shared expert's hidden dimension, split the same way
     "embed": None,
     "vocab": None,
     "head_dim": None,
@@ -38,6 +39,16 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "microbatch": None,
 }
 
+# layout.expert_tp=1 (expert folding): the experts split over (ep, tp) jointly, each whole on its device. Attention,
+# the shared expert and dense layers keep tp.
+FOLDED_RULES: dict[str, str | tuple[str, ...] | None] = {**RULES, "experts": ("ep", "tp"), "expert_mlp": None}
+
+
+def rules_for(layout) -> Mapping[str, str | tuple[str, ...] | None]:
+    """The rules table a layout places its parameters by: RULES, or FOLDED_RULES with layout.expert_tp=1."""
+    return FOLDED_RULES if layout.folded else RULES
+
+
 # Names whose dimension is split only where the mesh axis divides it, and otherwise kept whole (replicated): K/V
 # heads when tp > kv_heads. Megatron-Core and MaxText replicate them the same way; each tp rank then computes only the
 # K/V head its query heads read (`Attention.kv_weights`).
@@ -48,7 +59,10 @@ TOKEN_AXES: tuple[str, ...] = ("dp", "ep", "tp")
 
 
 def logical_to_mesh(
-    names: Sequence[str | None], sizes: Mapping[str, int] | None = None, shape: Sequence[int] | None = None
+    names: Sequence[str | None],
+    sizes: Mapping[str, int] | None = None,
+    shape: Sequence[int] | None = None,
+    rules: Mapping[str, str | tuple[str, ...] | None] = RULES,
 ) -> P:
     """('layers', 'experts', 'embed', 'mlp') -> P('pp', 'ep', None, 'tp').
 
@@ -57,9 +71,9 @@ def logical_to_mesh(
     can arise (XLA:CPU keeps such all-reduces in the compiled program)."""
     out = []
     for i, name in enumerate(names):
-        if name is not None and name not in RULES:
-            raise KeyError(f"logical axis {name!r} has no rule in moe_jax.sharding.RULES; known: {', '.join(RULES)}")
-        axis = _active(RULES[name], sizes) if name is not None else None
+        if name is not None and name not in rules:
+            raise KeyError(f"logical axis {name!r} has no rule in moe_jax.sharding.RULES; known: {', '.join(rules)}")
+        axis = _active(rules[name], sizes) if name is not None else None
         if name in SPLIT_IF_DIVISIBLE and axis is not None and sizes is not None and shape is not None:
             if shape[i] % math.prod(sizes[a] for a in ((axis,) if isinstance(axis, str) else axis)):
                 axis = None
@@ -81,14 +95,14 @@ def active_axes(axes: Sequence[str], sizes: Mapping[str, int]) -> tuple[str, ...
     return tuple(a for a in axes if sizes[a] > 1)
 
 
-def state_specs(state, sizes: Mapping[str, int] | None = None):
+def state_specs(state, sizes: Mapping[str, int] | None = None, rules=RULES):
     """An nnx.State of Variables carrying `out_sharding` logical names -> the same tree, each Variable now holding
     its mesh PartitionSpec (the structure matches the state's, so the two map together leaf by leaf)."""
     from flax import nnx
 
     def spec(v):
         names = v.get_metadata().get("out_sharding")
-        return v.replace(logical_to_mesh(names, sizes, v.shape) if names is not None else P())
+        return v.replace(logical_to_mesh(names, sizes, v.shape, rules) if names is not None else P())
 
     return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -134,14 +148,14 @@ def zero_spec(spec: P, names: Sequence[str | None], shape: Sequence[int], sizes:
     )
 
 
-def zero_specs(state, sizes: Mapping[str, int]):
+def zero_specs(state, sizes: Mapping[str, int], rules=RULES):
     """An nnx.State of Variables carrying logical names -> the same tree of (ZeRO-1 spec, batch axes, dimension)
     triples (`zero_spec`), as Variables."""
     from flax import nnx
 
     def one(path, v):
         names = v.get_metadata().get("out_sharding")
-        spec = logical_to_mesh(names, sizes, v.shape)
+        spec = logical_to_mesh(names, sizes, v.shape, rules)
         key = "/".join(str(getattr(k, "key", k)) for k in path)
         return v.replace(zero_spec(spec, names, v.shape, sizes, key))
 
@@ -169,29 +183,38 @@ class Axes:
     tokens: tuple[str, ...] = ()
     token_shards: int = 1  # how many shards the tokens are split into (the product of the `tokens` axes' sizes)
     seq_parallel: bool = True  # training: tokens split over tp between blocks; serving: replicated over tp
+    # The axes the experts are split over, which the dispatch all-to-all spans: ep, or (ep, tp) folded. Folded, each
+    # expert is whole on its device: no tp gather before the experts and no tp sum after them.
+    experts: str | tuple[str, ...] | None = None
+    folded: bool = False
 
     @classmethod
-    def sharded(cls, sizes: Mapping[str, int]) -> Axes:
+    def sharded(cls, sizes: Mapping[str, int], rules=RULES) -> Axes:
         """Inside shard_map over a mesh with these axis sizes; one-device axes get no collective."""
         tokens = active_axes(TOKEN_AXES, sizes)
         return cls(
-            tp=_active(RULES["seq"], sizes),
+            tp=_active(rules["seq"], sizes),
             ep=_active(RULES["experts"], sizes),
             tokens=tokens,
             token_shards=math.prod(sizes[a] for a in tokens),
+            experts=_active(rules["experts"], sizes),
+            folded=rules["expert_mlp"] is None,
         )
 
     @classmethod
-    def serving(cls, sizes: Mapping[str, int]) -> Axes:
+    def serving(cls, sizes: Mapping[str, int], rules=RULES) -> Axes:
         """Prefill and decode: every tp rank holds the same tokens (one decode token cannot be split), so tp partial
-        sums are all-reduced instead of reduce-scattered, and nothing is gathered."""
+        sums are all-reduced instead of reduce-scattered, and nothing is gathered. Folded experts then receive each
+        token from every tp rank and compute it tp times over (each rank takes back its own copy's result)."""
         tokens = active_axes(("dp", "ep"), sizes)
         return cls(
-            tp=_active(RULES["seq"], sizes),
+            tp=_active(rules["seq"], sizes),
             ep=_active(RULES["experts"], sizes),
             tokens=tokens,
             token_shards=math.prod(sizes[a] for a in tokens),
             seq_parallel=False,
+            experts=_active(rules["experts"], sizes),
+            folded=rules["expert_mlp"] is None,
         )
 
     # Sequence parallelism over tp: gather the sequence before a tp-split matmul, reduce-scatter the partial sums after.
@@ -207,12 +230,32 @@ class Axes:
             return lax.psum(x, self.tp)
         return lax.psum_scatter(x, self.tp, scatter_dimension=axis, tiled=True)
 
-    # Expert parallelism: [E, C, D] per source shard <-> [E / ep, ep * C, D] per expert shard.
+    # Expert parallelism: [E, C, D] per source shard <-> [E / n, n * C, D] per expert shard, n = ep (or ep x tp
+    # folded).
     def to_experts(self, x_ECD):
-        return x_ECD if self.ep is None else lax.all_to_all(x_ECD, self.ep, split_axis=0, concat_axis=1, tiled=True)
+        if self.experts is None:
+            return x_ECD
+        return lax.all_to_all(x_ECD, self.experts, split_axis=0, concat_axis=1, tiled=True)
 
     def from_experts(self, x_ECD):
-        return x_ECD if self.ep is None else lax.all_to_all(x_ECD, self.ep, split_axis=1, concat_axis=0, tiled=True)
+        if self.experts is None:
+            return x_ECD
+        return lax.all_to_all(x_ECD, self.experts, split_axis=1, concat_axis=0, tiled=True)
+
+    # The tp gather and sum around an expert split over tp (its hidden dimension); none when the experts are folded.
+    def gather_for_experts(self, x, axis: int):
+        return x if self.folded else self.gather_seq(x, axis)
+
+    def scatter_from_experts(self, x, axis: int):
+        return x if self.folded else self.scatter_seq(x, axis)
+
+    def settle_folded(self, y):
+        """Serving with folded experts: every tp rank sent its copy of each token to the same whole expert and took
+        its own result back, equal on every rank but typed varying over tp; one max over tp (of equal values: exact)
+        makes it the tp-invariant value the rest of serving carries."""
+        if not self.folded or self.seq_parallel or self.tp is None:
+            return y
+        return lax.pmax(y, self.tp)
 
     def sum_heads(self, x):
         """Sums a statistic over the heads every tp rank holds a share of (QK-norm over the whole projection)."""

@@ -49,18 +49,22 @@ def mesh_figure(table: dict[str, Any]):
                 col + 0.5, rows - 0.5 - row, str(d["id"]), ha="center", va="center", fontsize=7 if cols <= 32 else 4
             )
 
-    # Expert ranges above each ep group, on the top row; layers at the left of each row.
-    experts_by_ep = {d["coords"]["ep"]: d["experts"] for d in table["devices"]}
-    label_every = max(1, ep // 32)
-    for e in range(0, ep, label_every):
+    # Expert ranges above each ep group (folded, layout.expert_tp=1: above each device, whose experts are its own),
+    # on the top row; layers at the left of each row.
+    folded = lay.get("expert_tp") == "1" and tp > 1
+    experts_at = {c["ep"] * tp + c["tp"] if folded else c["ep"]: d["experts"]
+                  for d in table["devices"] for c in [d["coords"]]}  # fmt: skip
+    groups, width = (ep * tp, 1) if folded else (ep, tp)
+    label_every = max(1, groups // 32)
+    for e in range(0, groups, label_every):
         ax.text(
-            e * tp + tp / 2,
+            e * width + width / 2,
             rows + 0.1,
-            "E" + _span(experts_by_ep[e]),
+            "E" + _span(experts_at[e]),
             ha="center",
             va="bottom",
-            fontsize=7 if ep <= 16 else 5,
-            rotation=0 if ep <= 16 else 90,
+            fontsize=7 if groups <= 16 else 5,
+            rotation=0 if groups <= 16 else 90,
         )
     for row in range(rows):
         stage, replica = divmod(row, dp)
@@ -88,6 +92,8 @@ def mesh_figure(table: dict[str, Any]):
         f"{lay['hosts']} host{'s' if lay['hosts'] > 1 else ''} of {lay['devices_per_host']} (outlined); colour = pipeline stage, shade = tp rank"
     )
     model = table["model"]
+    if folded:
+        title += f"; experts folded over ep x tp: {model['experts'] // (ep * tp)} whole expert(s) per device"
     if model.get("kv_heads", model["heads"]) != model["heads"]:
         title += f"; {model['heads']} query heads, {model['kv_heads']} K/V heads {model['kv_heads_placement']}"
     if model.get("dense_layers"):

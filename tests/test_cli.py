@@ -1,6 +1,7 @@
 """`moe-jax` as a user runs it: every bad input is one line and exit status 2, refused before any work is done; the
 mesh pictures show every word; train's --stop-at and --resume keep one schedule."""
 
+import dataclasses
 import json
 import os
 import re
@@ -217,7 +218,10 @@ def test_the_readme_family_commands(cli):
     from moe_jax.layouts import config_for, load_pair
 
     assert config_for("mixtral-8x7b-64").endswith(check[3])  # the preset test_full_size compiles on its layout
-    pair = load_pair("mixtral-8x7b-64").layout
-    assert load_config(check[3]).layout.shape == pair.shape and load_config(check[3]).layout.repeats == pair.repeats
+    # Each preset's model config carries its 64-device layout (what `plan --config` plans): the mesh file's, field
+    # for field.
+    for preset in ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b", "qwen1.5-moe-a2.7b"):
+        embedded = load_config(f"configs/models/{preset}.yaml").layout
+        assert dataclasses.replace(load_pair(f"{preset}-64").layout, name="", description="") == embedded, preset
     out = cli(*verify[1:])
     assert out.returncode == 0, out.stdout + out.stderr

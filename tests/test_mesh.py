@@ -39,13 +39,12 @@ def test_golden_assignment_regenerates_identically(name):
     assert json.loads(json.dumps(assignment(load_pair(name)))) == golden
 
 
-def independent_groups(mesh, axis: str) -> list[list[int]]:
-    """Groups from mesh coordinates alone: devices that agree on every coordinate but `axis`."""
-    k = MESH_AXES.index(axis)
+def independent_groups(mesh, *axes: str) -> list[list[int]]:
+    """Groups from mesh coordinates alone: devices that agree on every coordinate but `axes`'."""
+    keep = [i for i, a in enumerate(MESH_AXES) if a not in axes]
     buckets: dict[tuple, list[int]] = {}
     for idx in np.ndindex(mesh.devices.shape):
-        key = idx[:k] + idx[k + 1 :]
-        buckets.setdefault(key, []).append(mesh.devices[idx].id)
+        buckets.setdefault(tuple(idx[i] for i in keep), []).append(mesh.devices[idx].id)
     return sorted(sorted(g) for g in buckets.values())
 
 
@@ -91,6 +90,31 @@ def test_placement_check_fails_on_a_single_wrong_row(corrupt):
     corrupt(table["devices"][5])
     names, shapes = param_table(cfg)
     with pytest.raises(AssertionError, match=r"on device 5 "):
+        check_placement(cfg, mesh, names, shapes, table)
+
+
+@pytest.mark.parametrize("name", ["cpu8-ep4-tp2", "cpu8-pp2-ep2-tp2"])
+def test_folded_experts_are_whole_on_one_device_each_and_placed_as_jax_places_them(name):
+    """layout.expert_tp=1: device (ep e, tp t) holds the (e tp + t)-th block of E / (ep tp) experts, each whole (its
+    hidden unsplit); the blocks of one stage and replica cover every expert once; JAX's placement of every parameter
+    equals the table's; the all-to-all group is (ep, tp); a row naming the neighbour's experts is caught."""
+    cfg = load_config("configs/tiny.yaml", f"meshes/{name}.yaml", ["layout.expert_tp=1"])
+    mesh = make_mesh(cfg.layout)
+    table = assignment(cfg, mesh)
+    names, shapes = param_table(cfg)
+    assert check_placement(cfg, mesh, names, shapes, table) == len(names) * 8
+    lay, e = cfg.layout, cfg.model.experts
+    for d in table["devices"]:
+        c = d["coords"]
+        block = c["ep"] * lay.tp + c["tp"]
+        assert d["experts"] == list(range(block * e // (lay.ep * lay.tp), (block + 1) * e // (lay.ep * lay.tp)))
+        assert d["expert_hidden"] == [0, cfg.model.expert_hidden]
+    for s in range(lay.pp):
+        held = sorted(x for d in table["devices"] if d["coords"]["pp"] == s for x in d["experts"])
+        assert held == list(range(e))
+    assert sorted(table["groups"]["expert_all_to_all"]) == independent_groups(mesh, "ep", "tp")
+    table["devices"][3]["experts"] = table["devices"][2]["experts"]
+    with pytest.raises(AssertionError, match=r"on device 3 "):
         check_placement(cfg, mesh, names, shapes, table)
 
 

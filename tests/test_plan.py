@@ -10,7 +10,7 @@ from conftest import ROOT
 from moe_jax.config import load_config
 from moe_jax.plan.audit import claims, markdown
 from moe_jax.plan.hardware import PROFILES, get_hardware
-from moe_jax.plan.search import find, search
+from moe_jax.plan.search import SEED_128, find, search
 
 
 def test_search_128_on_the_seed_card():
@@ -19,7 +19,7 @@ def test_search_128_on_the_seed_card():
     assert result["fitting"] and all(r["fits"] and r["memory_gb"] > 0 for r in result["fitting"])
     assert [r["step_time_s"] for r in result["fitting"]] == sorted(r["step_time_s"] for r in result["fitting"])
     assert all(r["pp"] * r["dp"] * r["ep"] * r["tp"] == 128 for r in result["fitting"])
-    own = find(result, pp=4, dp=1, ep=16, tp=2, microbatches=8, repeats=1, remat="layer", schedule="gpipe", zero=0)
+    own = find(result, **SEED_128)
     assert own is not None and own["rank"] > 1
     assert own["utilization"] == pytest.approx(8 / 11)
     assert own["bubble_s"] > 0 and result["fitting"][0]["step_time_s"] < own["step_time_s"]

@@ -64,14 +64,15 @@ def test_resume_same_layout_is_exact_and_other_layouts_within_fp32(tmp_path):
     # one (v = 2) stores its layer stack permuted: it reads the global-order checkpoint into its order, and the
     # checkpoint it writes at step 6 is back in global order, which the contiguous layout restores. It runs
     # interleaved 1F1B, which computes the step's gradients by its own schedule: the optimizer, clipping and
-    # checkpoints take them as GPipe's (GPipe's circular schedule is the same storage, tests/test_pipeline.py).
-    # The ep8 one runs ZeRO-1 (its AdamW moments split over ep), from the ZeRO-0 checkpoint; its own checkpoint then
-    # restores onto the ZeRO-0 layout exactly, moments included.
-    circular = ["layout.repeats=2", "layout.schedule=1f1b"]
+    # checkpoints take them as GPipe's (GPipe's circular schedule is the same storage, tests/test_pipeline.py), with
+    # its experts folded over (ep, tp) (layout.expert_tp=1: each whole on one device).
+    # The ep8 one runs ZeRO-1 (its AdamW moments split over ep), from the ZeRO-0 checkpoint. Each one's own
+    # checkpoint then restores onto the plain layout exactly, moments included.
+    circular = ["layout.repeats=2", "layout.schedule=1f1b", "layout.expert_tp=1"]
     zero = ["layout.microbatches=2", "layout.zero=1"]
-    finals = {}
+    finals, other_cfgs = {}, {}
     for layout, extra in (("cpu8-pp2-ep2-tp2", circular), ("cpu8-ep8", zero)):
-        other = cfg_for(layout, "run.steps=6", *extra)
+        other = other_cfgs[layout] = cfg_for(layout, "run.steps=6", *extra)
         at3 = tmp_path / f"at3-{layout}-{'-'.join(extra)}"
         shutil.copytree(tmp_path / "at3", at3)
         finals[layout], resumed = run(other, 6, checkpoint_dir=str(at3), checkpoint_every=100, resume=True)
@@ -85,23 +86,27 @@ def test_resume_same_layout_is_exact_and_other_layouts_within_fp32(tmp_path):
     from_zero = Checkpoints(str(tmp_path / f"at3-cpu8-ep8-{'-'.join(zero)}")).restore(
         sm, init_train_state(sm, tx, seed=1)
     )
-    zero_cfg = cfg_for("cpu8-ep8", "run.steps=6", *zero)
-    zero_mesh = make_mesh(zero_cfg.layout)
-    zero_sm = ShardedModel.build(zero_cfg, zero_mesh)
-    want = finals["cpu8-ep8"]
-    for got, saved in ((from_zero.params, want.params), (from_zero.opt_state, want.opt_state)):
-        got, saved = jax.tree.leaves(sm.to_global(got)), jax.tree.leaves(zero_sm.to_global(saved))
-        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, saved, strict=True))
-
-    # The ZeRO-1 train step that ran (compiled once: the report reuses it): its audit is clean, its gradient sums of
-    # replicated weights are reduce-scatters over ep, its updated slices all-gathers over ep (the matrix audits
-    # dp2-ep2-tp2's too: docs/layouts.md, checked by tests/test_parallel.py).
     from moe_jax.compile import compile_report
 
-    report, _, _ = compile_report(zero_cfg, zero_mesh, "train")
-    assert report["audit_ok"], report["unexpected"]
-    kinds = {(c["kind"], tuple(c["axes"])) for c in report["collectives"]}
-    assert {("reduce-scatter", ("ep",)), ("all-gather", ("ep",))} <= kinds
+    reports = {}
+    for name, restored_state in (("cpu8-ep8", from_zero), ("cpu8-pp2-ep2-tp2", from_circular)):
+        other_cfg = other_cfgs[name]
+        other_mesh = make_mesh(other_cfg.layout)
+        other_sm = ShardedModel.build(other_cfg, other_mesh)
+        want = finals[name]
+        for got, saved in ((restored_state.params, want.params), (restored_state.opt_state, want.opt_state)):
+            got, saved = jax.tree.leaves(sm.to_global(got)), jax.tree.leaves(other_sm.to_global(saved))
+            assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, saved, strict=True)), name
+        # The train step that ran (compiled once: the report reuses it) is audited clean.
+        reports[name], _, _ = compile_report(other_cfg, other_mesh, "train")
+        assert reports[name]["audit_ok"], (name, reports[name]["unexpected"])
+    kinds = {name: {(c["kind"], tuple(c["axes"])) for c in r["collectives"]} for name, r in reports.items()}
+    # ZeRO-1: gradient sums of replicated weights are reduce-scatters over ep, the updated slices all-gathers over ep
+    # (the matrix audits dp2-ep2-tp2's too: docs/layouts.md, checked by tests/test_parallel.py).
+    assert {("reduce-scatter", ("ep",)), ("all-gather", ("ep",))} <= kinds["cpu8-ep8"]
+    # Folded: the experts' all-to-all spans (ep, tp); none runs over ep alone.
+    a2a = {axes for kind, axes in kinds["cpu8-pp2-ep2-tp2"] if kind == "all-to-all"}
+    assert a2a == {("ep", "tp")}, a2a
 
 
 def test_fp16_overflow_is_skipped_and_the_scale_lowered():

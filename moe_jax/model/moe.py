@@ -196,9 +196,11 @@ class MoE(nnx.Module):
         d, e, f = cfg.d_model, cfg.experts, cfg.expert_hidden
         self.cfg = cfg
         self.router = param(rngs, (d, e), ("embed", "router_experts"), cfg.init_std)
-        self.w_in = param(rngs, (e, d, f), ("experts", "embed", "mlp"), cfg.init_std)
-        self.w_gate = param(rngs, (e, d, f), ("experts", "embed", "mlp"), cfg.init_std) if cfg.ffn == "swiglu" else None
-        self.w_out = param(rngs, (e, f, d), ("experts", "mlp", "embed"), out_std)
+        self.w_in = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), cfg.init_std)
+        self.w_gate = (
+            param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), cfg.init_std) if cfg.ffn == "swiglu" else None
+        )
+        self.w_out = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), out_std)
         self.bias = (
             ExpertBias(jnp.zeros((e,), jnp.float32), out_sharding=("router_experts",)) if cfg.expert_bias else None
         )
@@ -213,27 +215,29 @@ class MoE(nnx.Module):
         r = route(x_GTD, self.router[...], None if self.bias is None else self.bias[...], cfg)
         weights = self.w_in[...], None if self.w_gate is None else self.w_gate[...], self.w_out[...]
         ragged = cfg.dispatch == "ragged" and not dropless  # serving's dropless=True keeps the buffers
-        if ragged and axes.ep is None and axes.tp is None:
+        if ragged and axes.experts is None and axes.tp is None:
             y_GTD = ragged_local(x_GTD, r, weights, dtype)
             keep = jnp.ones(r.experts_GTR.shape, jnp.bool_)
             return y_GTD, router_stats(r, keep, e, axes, cfg.router_score == "softmax")
-        if ragged and axes.ep is not None:
+        if ragged and axes.experts is not None:
             say_padded_exchange(jax.default_backend())
         plan = jax.vmap(plan_dispatch, in_axes=(0, None, None))(r.experts_GTR, e, cap)
         x_GECD = jax.vmap(gather_to_buffers, in_axes=(0, 0, None))(x_GTD.astype(dtype), plan, e)
 
-        # Source groups -> experts: [G, E, C, D] -> [E_local, ep x G x C, D], then the sequence over tp.
+        # Source groups -> experts: [G, E, C, D] -> [E_local, ep x G x C, D], then the sequence over tp (folded: the
+        # all-to-all spans (ep, tp) and brings every source's rows, [E_local, ep x tp x G x C, D], nothing gathered).
         x_ECD = axes.to_experts(x_GECD.swapaxes(0, 1).reshape(e, g * cap, d))
-        x_ECD = axes.gather_seq(x_ECD, axis=1)
+        x_ECD = axes.gather_for_experts(x_ECD, axis=1)
         if ragged:  # each source's row counts, exchanged the same way: [E, G] -> [E_local, tp x ep x G]
             counts_GE = jnp.sum(jax.nn.one_hot(r.experts_GTR, e, dtype=jnp.int32), axis=(1, 2))
-            y_ECD = filled_rows_ffn(x_ECD, axes.gather_seq(axes.to_experts(counts_GE.T), axis=1), weights, dtype)
+            rows_ES = axes.gather_for_experts(axes.to_experts(counts_GE.T), axis=1)
+            y_ECD = filled_rows_ffn(x_ECD, rows_ES, weights, dtype)
         else:
             y_ECD = expert_ffn(x_ECD, *weights, dtype)
-        y_ECD = axes.from_experts(axes.scatter_seq(y_ECD, axis=1).astype(dtype))
+        y_ECD = axes.from_experts(axes.scatter_from_experts(y_ECD, axis=1).astype(dtype))
         y_GECD = y_ECD.reshape(e, g, cap, d).swapaxes(0, 1)
 
-        y_GTD = jax.vmap(combine_from_buffers)(y_GECD, plan, r.gates_GTR)
+        y_GTD = axes.settle_folded(jax.vmap(combine_from_buffers)(y_GECD, plan, r.gates_GTR))
         return y_GTD, router_stats(r, plan.keep_TR, e, axes, cfg.router_score == "softmax")
 
 

@@ -6,6 +6,8 @@ Per MoE layer run, with T = (B / (M dp ep)) x (S / tp) tokens per device and mic
     attention  all-gather over tp of [B/(dp ep), S/tp, D]; reduce-scatter over tp of [B/(dp ep), S, D]
     experts    all-to-all over ep of [E, C, D] (dispatch) and [E/ep, ep C, D] (combine): E C D x dtype bytes each;
                all-gather over tp of [E/ep, ep C, D]; reduce-scatter over tp of [E/ep, tp ep C, D]
+               folded (layout.expert_tp=1): the all-to-alls over (ep, tp), E C D x dtype bytes each, and no tp
+               collective of expert rows
     router     one all-reduce over the token axes of 2E + 2 fp32 (counts, probability sums, z, drops)
 All-gathers carry the compute dtype; the reduce-scatters carry fp32 partial sums (a one-device matmul accumulates in
 fp32 and rounds once; see model/layers.py). In the backward pass each becomes the other, with the dtypes swapped.
@@ -42,9 +44,12 @@ def local_sizes(cfg: Config) -> dict[str, int]:
         "tokens": b * s,
         "capacity": capacity(m, b * s),
         "layers": storage_model(cfg).units // lay.pp,
-        "experts": m.experts // lay.ep,
+        # folded (layout.expert_tp=1): E / (ep tp) whole experts per device; else E / ep, their hidden split over tp
+        "experts": m.experts // (lay.ep * (lay.tp if lay.folded else 1)),
         "heads": m.heads // lay.tp,
-        "hidden": m.expert_hidden // lay.tp,
+        "hidden": m.expert_hidden // (1 if lay.folded else lay.tp),
+        # the tp ranks whose tokens an expert's rows gather before its matmuls (folded: the all-to-all brings them)
+        "expert_gather": 1 if lay.folded else lay.tp,
     }
 
 
@@ -60,17 +65,18 @@ def param_shards(cfg: Config) -> list[dict[str, Any]]:
     """Every parameter with the mesh axes it is split over (mesh order, size-1 axes left out), its local shape and
     its local element count, from the abstract model and the one rules table (nothing allocated); `zero`: the batch
     axes ZeRO-1 splits its optimizer state over, `zero_split` and `zero_local` its split and count then."""
-    return _param_shards(storage_model(cfg), cfg.layout.shape, cfg.layout.zero)
+    return _param_shards(storage_model(cfg), cfg.layout.shape, cfg.layout.zero, cfg.layout.folded)
 
 
 @functools.lru_cache(maxsize=4096)
-def _param_shards(model_cfg, shape_pdet: tuple[int, ...], zero: int) -> list[dict[str, Any]]:
-    from moe_jax.sharding import logical_to_mesh, zero_spec
+def _param_shards(model_cfg, shape_pdet: tuple[int, ...], zero: int, folded: bool) -> list[dict[str, Any]]:
+    from moe_jax.sharding import FOLDED_RULES, RULES, logical_to_mesh, zero_spec
 
     sizes = dict(zip(MESH_AXES, shape_pdet, strict=True))
+    rules = FOLDED_RULES if folded else RULES
     out = []
     for path, names, shape in _param_table(model_cfg):
-        spec = logical_to_mesh(names, sizes, shape)
+        spec = logical_to_mesh(names, sizes, shape, rules)
         z = zero_spec(spec, names, shape, sizes, path)[1] if zero else ()
         used: list[str] = []
         local = []
@@ -154,11 +160,15 @@ def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False)
         else:
             skipped = segments if one_f_one_b else runs if lay.remat == "layer" else 0
         add("reduce-scatter", ("tp",), attn_in * tp * 4, fwd * runs - skipped, "shared expert output partial sums")
-    seq_parallel("expert", loc["experts"] * ep * c * d, fwd * runs, runs)
-    add("all-to-all", ("ep",), e * c * d * db, 2 * r * runs, "expert dispatch and combine")
+    # Folded experts (whole on their device): the all-to-all spans (ep, tp) and no tp collective surrounds them.
+    ex = ("ep", "tp") if lay.folded else ("ep",)
+    if not lay.folded:
+        seq_parallel("expert", loc["experts"] * ep * c * d, fwd * runs, runs)
+    add("all-to-all", ex, e * c * d * db, 2 * r * runs, "expert dispatch and combine")
     if m.dispatch == "ragged":  # the sizes, exchanged before the rows (int32 [E] per source), forward only
-        add("all-to-all", ("ep",), e * 4, fwd * runs, "ragged dispatch: each source's row count per expert")
-        add("all-gather", ("tp",), e * 4, fwd * runs, "ragged dispatch: the row counts over tp")
+        add("all-to-all", ex, e * 4, fwd * runs, "ragged dispatch: each source's row count per expert")
+        if not lay.folded:
+            add("all-gather", ("tp",), e * 4, fwd * runs, "ragged dispatch: the row counts over tp")
     # The router statistics: in the forward and its recomputation; 1F1B's forward slot does not use them (the
     # backward slot's recomputation gives the step's statistics and the load-balancing loss's gradient).
     add("all-reduce", TOKEN_AXES, (2 * e + 2) * 4, (2 if remat and not one_f_one_b else 1) * runs, "router statistics")
@@ -221,8 +231,12 @@ def expected_serving_collectives(cfg: Config, step: str) -> list[dict[str, Any]]
             add("all-reduce", ("tp",), tokens * 4, runs + dense_runs, "QK-norm statistics over the heads")
     add("all-reduce", ("tp",), tokens * d * 4, dense_runs + (runs if m.shared_hidden else 0),
         "dense FFN and shared expert output partial sums, fp32")  # fmt: skip
-    add("all-reduce", ("tp",), e * tokens * d * 4, runs, "expert output partial sums, fp32")
-    add("all-to-all", ("ep",), e * tokens * d * db, 2 * runs, "expert dispatch and combine (dropless)")
+    if not lay.folded:  # folded experts are whole: each tp rank's tokens go to them and come back complete
+        add("all-reduce", ("tp",), e * tokens * d * 4, runs, "expert output partial sums, fp32")
+    ex = ("ep", "tp") if lay.folded else ("ep",)
+    add("all-to-all", ex, e * tokens * d * db, 2 * runs, "expert dispatch and combine (dropless)")
+    if lay.folded:  # each tp rank's result of its copy of a token: one (a max of equal values) makes it tp-invariant
+        add("all-reduce", ("tp",), tokens * d * db, runs, "folded experts' combined output, the tp copies settled")
     add("collective-permute", ("pp",), tokens * d * 4, sched.ticks, "stage to stage, fp32 residual")
     add("all-reduce", ("pp",), lay.microbatches * b * m.vocab * 4, 1, "last-position logits from the last stage")
     return rows

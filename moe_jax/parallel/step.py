@@ -41,6 +41,7 @@ from moe_jax.sharding import (
     Axes,
     active_axes,
     logical_to_mesh,
+    rules_for,
     spec_axes,
     state_specs,
     zero_specs,
@@ -75,6 +76,11 @@ class ShardedModel:
     def sizes(self) -> dict[str, int]:
         return dict(self.mesh.shape)
 
+    @property
+    def rules(self):
+        """The logical -> mesh rules its parameters are placed by (folded experts or not)."""
+        return rules_for(self.cfg.layout)
+
     @functools.cached_property
     def global_graphdef(self):
         """The graph of the model in global layer order, for trees from `to_global` (the stored graph counts the
@@ -91,7 +97,7 @@ class ShardedModel:
         if not self.cfg.layout.zero:
             return tuple((s, (), None) for s in specs)
         infos = jax.tree.leaves(
-            zero_specs(self.abstract_params, self.sizes), is_leaf=lambda x: isinstance(x, nnx.Variable)
+            zero_specs(self.abstract_params, self.sizes, self.rules), is_leaf=lambda x: isinstance(x, nnx.Variable)
         )
         return tuple((spec, info.get_value()[1], info.get_value()[2]) for spec, info in zip(specs, infos, strict=True))
 
@@ -102,7 +108,7 @@ class ShardedModel:
         if not self.cfg.layout.zero:
             return self.param_specs
         specs = jax.tree.leaves(
-            zero_specs(self.abstract_params, self.sizes), is_leaf=lambda x: isinstance(x, nnx.Variable)
+            zero_specs(self.abstract_params, self.sizes, self.rules), is_leaf=lambda x: isinstance(x, nnx.Variable)
         )
         tree = jax.tree.structure(self.param_specs, is_leaf=lambda x: isinstance(x, P))
         return jax.tree.unflatten(tree, [v.get_value()[0] for v in specs])
@@ -228,8 +234,8 @@ class ShardedModel:
 def _build_sharded_model(cls, cfg: Config, mesh) -> ShardedModel:
     # Uneven stages: the stored stack is padded to pp x the largest stage (config.storage_model).
     graphdef, params, rest = nnx.split(abstract_model(storage_model(cfg)), nnx.Param, ...)
-    sizes = dict(mesh.shape)
-    return cls(cfg, mesh, graphdef, state_specs(params, sizes), state_specs(rest, sizes), params, rest)
+    sizes, rules = dict(mesh.shape), rules_for(cfg.layout)
+    return cls(cfg, mesh, graphdef, state_specs(params, sizes, rules), state_specs(rest, sizes, rules), params, rest)
 
 
 def _to_varying(tree, specs, sizes):
@@ -351,7 +357,7 @@ def _loss_body(sm: ShardedModel) -> Callable:
     dtype = compute_dtype(cfg.run.dtype)
     n_tokens = cfg.run.batch * cfg.run.seq_len
     sizes = sm.sizes
-    axes = Axes.sharded(sizes)
+    axes = Axes.sharded(sizes, sm.rules)
     stored = storage_model(cfg).units
     sched = Schedule(lay.pp, lay.microbatches, lay.repeats, stored, lay.remat)
     pp, v, mb = lay.pp, lay.repeats, lay.microbatches

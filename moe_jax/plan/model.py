@@ -249,14 +249,16 @@ def _memory_1f1b(
     """1F1B (parallel/one_f_one_b.py): nothing grows with M. Held all step: the fp32 gradient accumulators of every
     weight (the scan's carry), the stash ring (S slots of each unit's input under remat 'layer', of the chunk's input
     under 'tick'), the two activations in flight between stages and the slot outputs. At the peak, the larger of the
-    last stage's loss head (one microbatch's fp32 logits and the three logits-sized buffers of its backward, and the
-    head's gradient before it is added) and a backward slot's layer (the layer working set of GPipe's model, and under
+    last stage's loss head (one microbatch's fp32 logits and the three logits-sized buffers of its backward; in fp16
+    one head-sized fp32 buffer more) and a backward slot's layer (the layer working set of GPipe's model, and under
     remat 'tick' the stage's stacked gradient the chunk's jax.vjp returns before it is added). See docs/planner.md."""
     m, lay, run = cfg.model, cfg.layout, cfg.run
     loc = local_sizes(cfg)
     segments = sched.layers_per_chunk if lay.remat == "layer" else 1
-    # the logits, their log-softmax and gradient (fp32); the head in the compute dtype and its gradient being made
-    head_ws = 3 * loc["batch"] * loc["seq"] * m.vocab * 4 + 2 * 4 * head
+    # Four logits-sized fp32 buffers (the logits, log-softmax's max and exp, the cross-entropy's gradient); with fp16's
+    # loss scaling one more head-sized fp32 buffer (measured on seed-128: five in fp16, four in bf16 on the same
+    # layout; OLMoE and Qwen1.5-MoE in bf16: four).
+    head_ws = 4 * loc["batch"] * loc["seq"] * m.vocab * 4 + (4 * head if run.dtype == "fp16" else 0)
     # Under remat 'tick' the chunk's jax.vjp returns the stage's stacked gradient whole before it is added (measured:
     # a copy); under 'layer' each unit's is added in place.
     stacked = 4 * p_layers if lay.remat == "tick" else 0
@@ -309,7 +311,7 @@ def flops(cfg: Config) -> dict[str, float]:
     experts = 2 * mats * loc["experts"] * lay.tp * lay.ep * loc["capacity"] * d * loc["hidden"]  # every buffer row
     if m.dispatch == "ragged":  # grouped matmuls over the routed rows only: k T tp per device (all tokens routed; as
         # balanced on average). XLA:CPU lowers ragged_dot dense (E-fold): a CPU compile counts more (docs/planner.md).
-        experts = 2 * mats * m.top_k * t * lay.tp * d * loc["hidden"]
+        experts = 2 * mats * m.top_k * t * loc["expert_gather"] * d * loc["hidden"]
     combine = 2 * t * m.top_k * d  # the gate-weighted sum of each token's expert outputs
     shared = 2 * mats * rows * d * (m.shared_hidden // lay.tp) + (2 * t * d if m.shared_gate else 0)
     dense_ffn = 2 * mats * rows * d * (m.dense_hidden // lay.tp)
@@ -339,7 +341,7 @@ def flops(cfg: Config) -> dict[str, float]:
         total = lockstep = per_run * runs + head + first
         scheduled = per_run * sched.useful_ticks * sched.layers_per_chunk + head + first
     useful_unit = (
-        proj + scores / 2 + router + 2 * mats * m.top_k * t * d * loc["hidden"] * lay.tp + shared
+        proj + scores / 2 + router + 2 * mats * m.top_k * t * d * m.expert_hidden + shared
         + (m.moe_every - 1) * (proj + scores / 2 + dense_ffn)
     )  # fmt: skip
     # Useful work counts the dense first layers once per token (on stage 0), not on every stage.
@@ -393,7 +395,20 @@ def _wire_bytes(kind: str, operand: int, g: int) -> float:
 
 
 def _layout_row(lay) -> dict[str, Any]:
-    keys = ("pp", "dp", "ep", "tp", "microbatches", "repeats", "stage_layers", "remat", "schedule", "zero", "devices")
+    keys = (
+        "pp",
+        "dp",
+        "ep",
+        "tp",
+        "microbatches",
+        "repeats",
+        "stage_layers",
+        "remat",
+        "schedule",
+        "zero",
+        "expert_tp",
+        "devices",
+    )
     return {k: getattr(lay, k) for k in keys}
 
 
@@ -430,7 +445,7 @@ def ragged_rows(cfg: Config) -> dict[str, int]:
     loc = local_sizes(cfg)
     db = DTYPE_BYTES[cfg.run.dtype]
     worst = loc["experts"] * lay.ep * lay.tp * loc["tokens"]
-    expected = m.top_k * loc["tokens"] * lay.tp
+    expected = m.top_k * loc["tokens"] * loc["expert_gather"]
     return {"worst_case_rows": worst, "expected_rows": expected, "worst_case_bytes": worst * m.d_model * db,
             "expected_bytes": expected * m.d_model * db}  # fmt: skip
 
@@ -527,7 +542,7 @@ def serve_memory(cfg: Config, step: str) -> dict[str, int]:
     # output. In prefill (C = B/M x S) this is the peak; in decode (C = B/M) it is small.
     s = run.seq_len if step == "prefill" else 1
     rows = m.experts * bm * s
-    f_loc = m.expert_hidden // lay.tp
+    f_loc = local_sizes(cfg)["hidden"]
     moe_peak = rows * m.d_model * db + rows * f_loc * (4 + db) + rows * m.d_model * 4
     out["working_set"] = max(out["working_set"], moe_peak)
     out["total"] = sum(out.values())
@@ -555,7 +570,7 @@ def serve_plan(cfg: Config, hw: Hardware, step: str = "decode") -> dict[str, Any
         + 4 * m.d_model * m.vocab * lay.microbatches
     )  # fmt: skip
     ad = attention_dims(cfg)
-    f_loc = m.expert_hidden // lay.tp
+    f_loc = local_sizes(cfg)["hidden"]
     mats = 3 if m.ffn == "swiglu" else 2
     # scores and weighted values against the cache: MHA at the head width; MLA in the latent space (latent + RoPE
     # key, then the latent), its per-head expansions absorbed into q and o (the same count as `weights`)

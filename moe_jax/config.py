@@ -24,6 +24,11 @@ SCHEDULES = ("gpipe", "1f1b")
 # layout.expert_tp: 'tp' splits each expert's hidden dimension over tp (attention's degree); '1' folds the experts over
 # (ep, tp) instead, each whole on one device (Megatron-Core's MoE parallel folding).
 EXPERT_TP = ("tp", "1")
+# layout.ragged_exchange: how ragged dispatch moves rows between expert shards. auto: jax.lax.ragged_all_to_all
+# where the backend compiles it (not XLA:CPU), else padded; padded: the dropless all-to-all of every expert's worst
+# case; emulated: ragged_all_to_all's semantics built from padded collectives (checks the ragged exchange's code on
+# any backend).
+RAGGED_EXCHANGES = ("auto", "padded", "emulated")
 ATTENTION_KINDS = ("mha", "mla")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blockwise")
 # DeepSeek's latent RMSNorms (q_a_layernorm, kv_a_layernorm) use their class default, not the model's norm_eps.
@@ -133,6 +138,9 @@ class LayoutConfig:
     # Expert folding: 'tp' splits each expert's hidden dimension over tp; '1' gives each device E / (ep x tp) whole
     # experts: the dispatch all-to-all spans (ep, tp) on the sequence-split tokens, no tp collective around the experts.
     expert_tp: str = "tp"
+    # Ragged dispatch's exchange between expert shards: auto (ragged_all_to_all where the backend has it), padded or
+    # emulated (RAGGED_EXCHANGES).
+    ragged_exchange: str = "auto"
     name: str = ""
     description: str = ""
 
@@ -226,6 +234,7 @@ _CHOICES = {
     ("layout", "remat"): REMAT_POLICIES,
     ("layout", "schedule"): SCHEDULES,
     ("layout", "expert_tp"): EXPERT_TP,
+    ("layout", "ragged_exchange"): RAGGED_EXCHANGES,
     ("run", "dtype"): DTYPES,
 }
 

@@ -187,11 +187,17 @@ class Axes:
     # expert is whole on its device: no tp gather before the experts and no tp sum after them.
     experts: str | tuple[str, ...] | None = None
     folded: bool = False
+    # How ragged dispatch moves rows between expert shards: 'ragged' (jax.lax.ragged_all_to_all), 'padded' (every
+    # expert's worst case) or 'emulated' (ragged_all_to_all's semantics from padded collectives).
+    exchange: str = "padded"
 
     @classmethod
-    def sharded(cls, sizes: Mapping[str, int], rules=RULES) -> Axes:
-        """Inside shard_map over a mesh with these axis sizes; one-device axes get no collective."""
+    def sharded(cls, sizes: Mapping[str, int], rules=RULES, exchange: str = "auto") -> Axes:
+        """Inside shard_map over a mesh with these axis sizes; one-device axes get no collective. `exchange`:
+        layout.ragged_exchange, 'auto' resolved by the backend (XLA:CPU cannot compile ragged_all_to_all)."""
         tokens = active_axes(TOKEN_AXES, sizes)
+        if exchange == "auto":
+            exchange = "padded" if jax.default_backend() == "cpu" else "ragged"
         return cls(
             tp=_active(rules["seq"], sizes),
             ep=_active(RULES["experts"], sizes),
@@ -199,6 +205,7 @@ class Axes:
             token_shards=math.prod(sizes[a] for a in tokens),
             experts=_active(rules["experts"], sizes),
             folded=rules["expert_mlp"] is None,
+            exchange=exchange,
         )
 
     @classmethod

@@ -68,7 +68,7 @@ def main() -> int:
                      "the full forward."),
         "pipeline": ("The 1F1B schedule against one device", "The fp16 case: 3 training steps (loss scale, clipping, "
                      "AdamW) with 1F1B and GPipe on the same layout, losses and parameters compared."),
-        "layouts": ("ZeRO-1 and expert folding against one device and through the optimizer", "Each case also "
+        "layouts": ("ZeRO-1, expert folding and the ragged exchange against one device", "Each ZeRO-1 and folding case also "
                     "runs 5 AdamW steps with the option and without it on the same layout (layout.zero=0, "
                     "layout.expert_tp=tp): the losses, and in fp32 every parameter, compared. In bf16 the "
                     "parameters' difference is reported, not held to the tolerance: AdamW's first steps move a weight "
@@ -76,7 +76,10 @@ def main() -> int:
                     "that changes sign between two programs (folding sums an expert's hidden in one matmul, not tp "
                     "partial sums) leaves that weight about 2 lr away (moe_jax/parallel/matrix.py, `run_against`). "
                     "The audit is of the train step: reduce-scatter and all-gather over the batch axes for ZeRO-1, "
-                    "the experts' all-to-all over (ep, tp) and no tp collective of expert rows for folding."),
+                    "the experts' all-to-all over (ep, tp) and no tp collective of expert rows for folding. The "
+                    "ragged_exchange cases are ragged dispatch's own exchange (layout.ragged_exchange=emulated: "
+                    "ragged_all_to_all's semantics from a padded all-to-all), the gradient step against one device "
+                    "and the audit of its program."),
     }[args.set]  # fmt: skip
     cmd = "python scripts/verify_families.py" + ("" if args.set == "families" else f" --set {args.set}")
     lines = [

@@ -12,6 +12,7 @@ import pytest
 from moe_jax.config import load_config
 from moe_jax.hlo import _iota_groups, audit, group_axes, replica_groups
 from moe_jax.mesh import assignment, make_mesh
+from moe_jax.parallel.step import ShardedModel
 from moe_jax.parallel.verify import verify
 
 # (dp, ep, tp) layouts of 8 devices that the tiny config admits (4 heads, expert hidden 40, sequence 12, 8 experts).
@@ -72,16 +73,19 @@ def test_capacity_mode_equals_per_shard_reference(name):
     assert result["dropped"] > 0, "capacity 1.0 on a random router must drop some tokens, or the test shows nothing"
 
 
-@pytest.mark.parametrize("layout", ["cpu8-ep4-tp2", "cpu8-pp2-ep2-tp2"])
-def test_ragged_dispatch_equals_one_device_and_says_its_exchange_once(layout, capfd):
-    """Ragged dispatch sharded (the padded exchange over ep with the row counts beside it, grouped matmuls over the
-    filled rows) equals one device's (itself equal to dropless: tests/test_model.py) in fp32, and the audit of the very
-    program checked is clean (the counts' all-to-all and all-gather included). XLA:CPU cannot compile
-    ragged_all_to_all: the fallback is said once per process, however many programs trace the layer."""
+@pytest.mark.parametrize("layout,exchange", [("cpu8-ep4-tp2", "auto"), ("cpu8-pp2-ep2-tp2", "emulated")])
+def test_ragged_dispatch_equals_one_device_and_says_its_exchange_once(layout, exchange, capfd):
+    """Ragged dispatch sharded equals one device's (itself equal to dropless: tests/test_model.py) in fp32, and the
+    audit of the very program checked is clean. `auto` on XLA:CPU, which cannot compile ragged_all_to_all, is the
+    padded exchange over ep with the row counts beside it (grouped matmuls over the filled rows), said once per
+    process however many programs trace the layer. `emulated` runs the ragged exchange's own code (each shard gets
+    exactly its routed rows, sorted by expert; layout.ragged_exchange) with ragged_all_to_all's semantics built from a
+    padded all-to-all, and says nothing."""
     from moe_jax.model import moe
 
     moe._FALLBACK_SAID.clear()
-    cfg = load_config("configs/tiny.yaml", f"meshes/{layout}.yaml", ["model.dispatch=ragged", "run.dtype=fp32"])
+    cfg = load_config("configs/tiny.yaml", f"meshes/{layout}.yaml",
+                      ["model.dispatch=ragged", "run.dtype=fp32", f"layout.ragged_exchange={exchange}"])  # fmt: skip
     mesh = make_mesh(cfg.layout)
     result = verify(cfg, mesh, programs=True)
     assert result["ok"] and result["tolerance"] == 1e-5, result["errors"]
@@ -89,11 +93,40 @@ def test_ragged_dispatch_equals_one_device_and_says_its_exchange_once(layout, ca
     lowered, compiled = result["programs"]
     audited = audit(lowered.as_text(dialect="hlo"), compiled.as_text(), cfg, assignment(cfg, mesh))
     assert audited["ok"], audited["unexpected"]
+    rows = {(c["kind"], tuple(c["axes"]), c["bytes_per_device"]) for c in audited["collectives"]}
+    n, p, d = 2, 4 * 6 * 2, 48  # ep shards; k T pairs per device (T = 4 rows x 6 positions), width
+    assert (("all-to-all", ("ep",), n * p * d * 4) in rows) == (exchange == "emulated")  # [n, k T, D] fp32
     lines = [line for line in capfd.readouterr().err.splitlines() if "padded all-to-all" in line]
-    assert lines == [
+    assert lines == ([] if exchange == "emulated" else [
         "moe_jax: ragged dispatch exchanges over ep with the padded all-to-all (the worst case, T rows per expert and "
         "source; the experts still compute only their rows): XLA:CPU cannot compile ragged_all_to_all"
-    ]
+    ])  # fmt: skip
+
+
+def test_ragged_exchange_lowers_for_cuda_and_its_audit_is_clean(monkeypatch):
+    """Where the backend compiles it (a GPU), ragged dispatch exchanges rows with jax.lax.ragged_all_to_all. No GPU
+    here: the gradient step is traced as on one (the backend reported as 'gpu') and lowered for CUDA, which XLA:CPU
+    can do without compiling. The lowered program's collectives equal the expected set exactly: two ragged
+    all-to-alls per forward pass and two more in the backward (their transposes), over the ep groups, sized by their
+    output buffers (n k T and k T rows); the counts' and offsets' all-to-alls; no padded all-to-all of rows."""
+    import jax
+
+    from moe_jax.parallel.step import abstract_inputs, grad_step
+
+    cfg = load_config("configs/tiny.yaml", "meshes/cpu8-ep4-tp2.yaml",
+                      ["model.dispatch=ragged", "run.dtype=bf16", "model.attention_impl=blockwise"])  # fmt: skip
+    mesh = make_mesh(cfg.layout)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    sm = ShardedModel.build(cfg, mesh)
+    with jax.set_mesh(mesh):
+        text = grad_step(sm).trace(*abstract_inputs(sm)).lower(lowering_platforms=("cuda",)).as_text(dialect="hlo")
+    audited = audit(text, text, cfg, assignment(cfg, mesh))
+    assert audited["ok"], audited["unexpected"]
+    ragged = {(c["bytes_per_device"], c["count_per_step"]) for c in audited["collectives"]
+              if c["kind"] == "ragged-all-to-all" and c["axes"] == ["ep"]}  # fmt: skip
+    n, p, d, runs = 4, 4 * 6 * 2, 48, 4  # ep shards; k T pairs (T = 4 rows x 6 positions); MoE layer runs
+    assert ragged == {(n * p * d * 2, 3 * runs), (p * d * 2, 3 * runs)}, ragged  # forward, recomputed, backward
+    assert not [c for c in audited["collectives"] if c["kind"] == "all-to-all" and c["bytes_per_device"] > 4 * 8 * 4]
 
 
 def test_verify_cli_fails_on_a_perturbed_gradient(tmp_path, cli):

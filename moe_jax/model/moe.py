@@ -8,6 +8,7 @@ cut the batch into the same groups to reproduce the sharded capacity rule exactl
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import NamedTuple
@@ -158,9 +159,83 @@ def say_padded_exchange(backend: str) -> None:
         return
     _FALLBACK_SAID.add(backend)
     why = ("XLA:CPU cannot compile ragged_all_to_all" if backend == "cpu" else
-           "moe_jax's ragged_all_to_all exchange is not built yet (it needs an accelerator to be checked on)")  # fmt: skip
+           "layout.ragged_exchange=padded")  # fmt: skip
     print(f"moe_jax: ragged dispatch exchanges over ep with the padded all-to-all (the worst case, T rows per expert "
           f"and source; the experts still compute only their rows): {why}", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, recv_offsets, recv_sizes, *, axis_name,
+                               max_rows: int):  # fmt: skip
+    """`jax.lax.ragged_all_to_all`'s semantics from a padded all-to-all, for backends that cannot compile it
+    (layout.ragged_exchange=emulated): chunk j, rows input_offsets[j] .. + send_sizes[j] of `operand`, goes to peer j;
+    what source s sends lands in `output` at recv_offsets[s] for recv_sizes[s] rows. (ragged_all_to_all takes the
+    senders' output offsets and exchanges them; the callers here know the receiving side's, so no exchange.) Each
+    chunk travels padded to `max_rows` (no chunk is longer)."""
+    n, w = send_sizes.shape[0], max_rows
+    i = jnp.arange(w)
+    rows = operand[jnp.clip(input_offsets[:, None] + i[None, :], 0, operand.shape[0] - 1)]  # [n, w, ...]
+    mask = (i[None, :] < send_sizes[:, None]).reshape(n, w, *([1] * (operand.ndim - 1)))
+    got = jax.lax.all_to_all(jnp.where(mask, rows, 0), axis_name, 0, 0, tiled=True)  # row s: from source s
+    dst = jnp.where(i[None, :] < recv_sizes[:, None], recv_offsets[:, None] + i[None, :], output.shape[0])
+    return output.at[dst.reshape(-1)].set(got.reshape(n * w, *operand.shape[1:]), mode="drop")
+
+
+def ragged_exchange_ffn(x_GTD, r: Routing, weights, dtype, axes: Axes, num_experts: int):
+    """Ragged dispatch across expert shards with a ragged all-to-all: each device sorts its (token, choice) pairs by
+    expert and sends each expert shard exactly the rows it routed there (k T rows in all, not E x T); the shard
+    sorts what it received by local expert, runs the grouped matmuls (unfolded: after gathering its tp group's rows,
+    then reduce-scattering the partial sums, as the padded path), and sends each source its rows back, which it
+    un-sorts and combines with the gates. The receive buffer holds n x k T rows (n expert shards: every source's worst
+    case, source s's block at s k T); the row counts are exchanged first."""
+    g, t, d = x_GTD.shape
+    k = r.experts_GTR.shape[-1]
+    e_loc = weights[0].shape[0]
+    n, p = num_experts // e_loc, g * t * k  # expert shards; pairs per device (and rows per source block)
+    e_flat = r.experts_GTR.reshape(-1)  # token-major: pair q is token q // k, choice q % k
+    order = jnp.argsort(e_flat, stable=True)
+    rows = x_GTD.reshape(g * t, d).astype(dtype)[order // k]  # [p, D], by expert: shard by shard
+    counts = jnp.bincount(e_flat, length=num_experts).astype(jnp.int32).reshape(n, e_loc)
+    send = jnp.sum(counts, axis=1)
+    in_off = jnp.cumsum(send) - send
+    got_counts = jax.lax.all_to_all(counts, axes.experts, 0, 0, tiled=True)  # row s: what source s sends here
+    recv = jnp.sum(got_counts, axis=1)
+    blocks_here = jnp.arange(n, dtype=jnp.int32) * p  # source s's block
+    if axes.exchange == "ragged":
+        me = jax.lax.axis_index(axes.experts)
+        peer_off = jax.lax.all_to_all(in_off, axes.experts, 0, 0, tiled=True)  # where our block sits at source s
+
+        def out(x, buf):
+            return jax.lax.ragged_all_to_all(x, buf, in_off, send, jnp.full((n,), me * p, jnp.int32), recv,
+                                             axis_name=axes.experts)  # fmt: skip
+
+        def back(y, buf):
+            return jax.lax.ragged_all_to_all(y, buf, blocks_here, recv, peer_off, send, axis_name=axes.experts)
+    else:
+        exchange = functools.partial(ragged_all_to_all_emulated, axis_name=axes.experts, max_rows=p)
+
+        def out(x, buf):
+            return exchange(x, buf, in_off, send, blocks_here, recv)
+
+        def back(y, buf):
+            return exchange(y, buf, blocks_here, recv, in_off, send)
+
+    def empty(n_rows, like):
+        """A zero buffer typed like `like` (varying over its axes). A plain jnp.zeros is invariant, and JAX would make
+        it varying with a pcast whose transpose, in the backward pass, is a psum of the buffer's (unused) cotangent."""
+        return jnp.zeros((n_rows, d), dtype) + jnp.zeros_like(like[:1])
+
+    got = out(rows, empty(n * p, rows))
+    got = axes.gather_for_experts(got, axis=0)  # unfolded: the tp group's rows, [tp n p, D]
+    blocks = axes.gather_for_experts(got_counts, axis=0)  # [tp n, E_loc]
+    cum = jnp.cumsum(blocks, axis=1)
+    expert_of = jax.vmap(lambda c: jnp.searchsorted(c, jnp.arange(p), side="right"))(cum)  # E_loc past the filled
+    by_expert = jnp.argsort(expert_of.reshape(-1), stable=True)
+    y = ragged_ffn(got[by_expert], jnp.sum(blocks, axis=0).astype(jnp.int32), *weights, dtype)
+    y = axes.scatter_from_experts(jnp.zeros_like(y).at[by_expert].set(y), axis=0).astype(dtype)  # [n p, D]
+    y_PD = back(y, empty(p, y))
+    y_PRD = jnp.zeros_like(y_PD).at[order].set(y_PD).reshape(g * t, k, d)
+    y_TD = jnp.einsum("TR,TRD->TD", r.gates_GTR.reshape(g * t, k).astype(dtype), y_PRD)
+    return y_TD.reshape(g, t, d)
 
 
 def router_stats(r: Routing, keep_GTR, num_experts: int, axes: Axes, softmax: bool = True) -> dict[str, jax.Array]:
@@ -217,6 +292,10 @@ class MoE(nnx.Module):
         ragged = cfg.dispatch == "ragged" and not dropless  # serving's dropless=True keeps the buffers
         if ragged and axes.experts is None and axes.tp is None:
             y_GTD = ragged_local(x_GTD, r, weights, dtype)
+            keep = jnp.ones(r.experts_GTR.shape, jnp.bool_)
+            return y_GTD, router_stats(r, keep, e, axes, cfg.router_score == "softmax")
+        if ragged and axes.experts is not None and axes.exchange != "padded":
+            y_GTD = axes.settle_folded(ragged_exchange_ffn(x_GTD, r, weights, dtype, axes, e))
             keep = jnp.ones(r.experts_GTR.shape, jnp.bool_)
             return y_GTD, router_stats(r, keep, e, axes, cfg.router_score == "softmax")
         if ragged and axes.experts is not None:

@@ -162,13 +162,34 @@ def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False)
         add("reduce-scatter", ("tp",), attn_in * tp * 4, fwd * runs - skipped, "shared expert output partial sums")
     # Folded experts (whole on their device): the all-to-all spans (ep, tp) and no tp collective surrounds them.
     ex = ("ep", "tp") if lay.folded else ("ep",)
-    if not lay.folded:
-        seq_parallel("expert", loc["experts"] * ep * c * d, fwd * runs, runs)
-    add("all-to-all", ex, e * c * d * db, 2 * r * runs, "expert dispatch and combine")
-    if m.dispatch == "ragged":  # the sizes, exchanged before the rows (int32 [E] per source), forward only
-        add("all-to-all", ex, e * 4, fwd * runs, "ragged dispatch: each source's row count per expert")
+    exchange = ragged_exchange(cfg) if m.dispatch == "ragged" and active_axes(ex, sizes) else "padded"
+    if exchange != "padded":
+        # The ragged exchange (model/moe.py, ragged_exchange_ffn): each source's k T pairs sorted by expert; counts
+        # [E] and block offsets [n] exchanged first (forward only); the rows out and back, as ragged all-to-alls
+        # (their transposes in the backward pass) or emulated as padded ones ([n, k T, D] each way, with each call's
+        # offsets [n]); unfolded, the received rows gathered over tp and their fp32 partial sums reduce-scattered.
+        n, p = math.prod(sizes[a] for a in ex), loc["tokens"] * m.top_k
+        add("all-to-all", ex, e * 4, fwd * runs, "ragged exchange: each source's row count per expert")
+        if exchange == "ragged":  # and each source's block offsets, for the way back; the HLO's instruction is
+            # sized by its output buffer: n k T rows out (and in the backward pass back), k T rows back
+            add("all-to-all", ex, n * 4, fwd * runs, "ragged exchange: each source's block offsets")
+            add("all-to-all", ex, n * 4, 4 * runs, "ragged exchange's backward: JAX's transpose of each ragged "
+                "all-to-all exchanges its input and output offsets")  # fmt: skip
+            add("ragged-all-to-all", ex, n * p * d * db, r * runs, "ragged exchange: the routed rows out")
+            add("ragged-all-to-all", ex, p * d * db, r * runs, "ragged exchange: the expert outputs back")
+        else:
+            add("all-to-all", ex, n * p * d * db, 2 * r * runs, "emulated ragged exchange: rows out and back, padded")
         if not lay.folded:
-            add("all-gather", ("tp",), e * 4, fwd * runs, "ragged dispatch: the row counts over tp")
+            seq_parallel("ragged expert", n * p * d, fwd * runs, runs)
+            add("all-gather", ("tp",), e * 4, fwd * runs, "ragged exchange: the row counts over tp")
+    else:
+        if not lay.folded:
+            seq_parallel("expert", loc["experts"] * ep * c * d, fwd * runs, runs)
+        add("all-to-all", ex, e * c * d * db, 2 * r * runs, "expert dispatch and combine")
+        if m.dispatch == "ragged":  # the sizes, exchanged before the rows (int32 [E] per source), forward only
+            add("all-to-all", ex, e * 4, fwd * runs, "ragged dispatch: each source's row count per expert")
+            if not lay.folded:
+                add("all-gather", ("tp",), e * 4, fwd * runs, "ragged dispatch: the row counts over tp")
     # The router statistics: in the forward and its recomputation; 1F1B's forward slot does not use them (the
     # backward slot's recomputation gives the step's statistics and the load-balancing loss's gradient).
     add("all-reduce", TOKEN_AXES, (2 * e + 2) * 4, (2 if remat and not one_f_one_b else 1) * runs, "router statistics")
@@ -191,12 +212,24 @@ def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False)
     return rows
 
 
+def ragged_exchange(cfg: Config) -> str:
+    """layout.ragged_exchange resolved: 'auto' is the ragged all-to-all where the backend compiles it (not XLA:CPU),
+    else 'padded'."""
+    if cfg.layout.ragged_exchange != "auto":
+        return cfg.layout.ragged_exchange
+    import jax
+
+    return "padded" if jax.default_backend() == "cpu" else "ragged"
+
+
 def _adder(rows: list[dict[str, Any]], sizes: dict[str, int]):
     """add(kind, axes, bytes, count, what) appends a row, its axes of size 1 left out; a row over no axis (it would
     span one device) or run zero times is dropped."""
 
+    live = {a for a, n in sizes.items() if n > 1}
+
     def add(kind, axes, nbytes, count, what):
-        axes = active_axes(axes, sizes)
+        axes = tuple(a for a in axes if a in live)
         if axes and count:
             rows.append({"kind": kind, "axes": list(axes), "bytes_per_device": nbytes, "count_per_step": count,
                          "what": what})  # fmt: skip

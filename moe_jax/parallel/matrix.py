@@ -142,6 +142,11 @@ def layout_cases() -> list[dict[str, Any]]:
          "overrides": LAYOUTS["pp2-ep2-tp2"] + [FOLD, ONE_F_ONE_B, "layout.zero=1"]},
         {"id": "expert_tp1 pp4-tp2 swiglu", **fold, "overrides": LAYOUTS["pp4-tp2"] + [FOLD, "model.ffn=swiglu"]},
         {"id": "expert_tp1 ep4-tp2 bf16", **fold, "overrides": LAYOUTS["ep4-tp2"] + [FOLD, "run.dtype=bf16"]},
+        # ragged dispatch's own exchange (each shard gets exactly its routed rows), ragged_all_to_all emulated
+        {"id": "ragged_exchange emulated ep4-tp2", "config": "configs/tiny.yaml", "kind": "train",
+         "overrides": LAYOUTS["ep4-tp2"] + ["model.dispatch=ragged", "layout.ragged_exchange=emulated"]},
+        {"id": "ragged_exchange emulated ep4-tp2 expert_tp1", "config": "configs/tiny.yaml", "kind": "train",
+         "overrides": LAYOUTS["ep4-tp2"] + ["model.dispatch=ragged", "layout.ragged_exchange=emulated", FOLD]},
         # serving on a folded layout: each tp rank's copy of a token goes to the whole expert and comes back
         {"id": "expert_tp1 pp2-ep2-tp2 decode", "config": "configs/tiny.yaml", "kind": "decode",
          "overrides": LAYOUTS["pp2-ep2-tp2"] + [FOLD]},

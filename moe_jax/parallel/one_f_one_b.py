@@ -55,7 +55,7 @@ def grads_fn(sm) -> Callable:
     dtype = compute_dtype(cfg.run.dtype)
     n_tokens = cfg.run.batch * cfg.run.seq_len
     sizes = sm.sizes
-    axes = Axes.sharded(sizes, sm.rules)
+    axes = Axes.sharded(sizes, sm.rules, cfg.layout.ragged_exchange)
     sched = schedule_of(cfg)
     pp, v, mb = lay.pp, lay.repeats, lay.microbatches
     n_slots = sched.stash_slots

@@ -357,7 +357,7 @@ def _loss_body(sm: ShardedModel) -> Callable:
     dtype = compute_dtype(cfg.run.dtype)
     n_tokens = cfg.run.batch * cfg.run.seq_len
     sizes = sm.sizes
-    axes = Axes.sharded(sizes, sm.rules)
+    axes = Axes.sharded(sizes, sm.rules, cfg.layout.ragged_exchange)
     stored = storage_model(cfg).units
     sched = Schedule(lay.pp, lay.microbatches, lay.repeats, stored, lay.remat)
     pp, v, mb = lay.pp, lay.repeats, lay.microbatches

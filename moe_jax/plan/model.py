@@ -387,7 +387,7 @@ def _wire_bytes(kind: str, operand: int, g: int) -> float:
     """Bytes one device sends for a ring implementation of the collective."""
     if kind == "all-gather":
         return operand * (g - 1)
-    if kind == "reduce-scatter" or kind == "all-to-all":
+    if kind in ("reduce-scatter", "all-to-all", "ragged-all-to-all"):  # ragged: its buffer's worst case
         return operand * (g - 1) / g
     if kind == "all-reduce":
         return 2 * operand * (g - 1) / g

@@ -179,7 +179,6 @@ class Axes:
     collective is then the identity, so the same module code runs unsharded and inside shard_map."""
 
     tp: str | None = None
-    ep: str | None = None
     tokens: tuple[str, ...] = ()
     token_shards: int = 1  # how many shards the tokens are split into (the product of the `tokens` axes' sizes)
     seq_parallel: bool = True  # training: tokens split over tp between blocks; serving: replicated over tp
@@ -200,7 +199,6 @@ class Axes:
             exchange = "padded" if jax.default_backend() == "cpu" else "ragged"
         return cls(
             tp=_active(rules["seq"], sizes),
-            ep=_active(RULES["experts"], sizes),
             tokens=tokens,
             token_shards=math.prod(sizes[a] for a in tokens),
             experts=_active(rules["experts"], sizes),
@@ -216,7 +214,6 @@ class Axes:
         tokens = active_axes(("dp", "ep"), sizes)
         return cls(
             tp=_active(rules["seq"], sizes),
-            ep=_active(RULES["experts"], sizes),
             tokens=tokens,
             token_shards=math.prod(sizes[a] for a in tokens),
             seq_parallel=False,

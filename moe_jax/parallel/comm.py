@@ -197,19 +197,29 @@ def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False)
     add("all-reduce", ("pp",), 4 * 4, 1, "router terms from every stage")
     add("all-reduce", MESH_AXES, 4, 1, "loss")
 
-    # Gradient sums: every parameter's gradient is summed over the mesh axes it is replicated over, once per step.
-    # ZeRO-1: reduce-scattered over its batch axes first, then all-reduced over the rest on the slice; the train step
-    # all-gathers each updated slice over the batch axes.
-    for p in param_shards(cfg):
+    rows += [dict(row) for row in _gradient_rows(storage_model(cfg), lay.shape, lay.zero, lay.folded, step)]
+    return rows
+
+
+@functools.lru_cache(maxsize=4096)
+def _gradient_rows(model_cfg, shape: tuple[int, ...], zero: int, folded: bool, step: str) -> tuple[dict, ...]:
+    """Gradient sums: every parameter's gradient is summed over the mesh axes it is replicated over, once per step.
+    ZeRO-1: reduce-scattered over its batch axes first, then all-reduced over the rest on the slice; the train step
+    all-gathers each updated slice over the batch axes. (Cached: the layout search asks for thousands of layouts
+    that share a model and a mesh shape.)"""
+    rows: list[dict[str, Any]] = []
+    add = _adder(rows, dict(zip(MESH_AXES, shape, strict=True)))
+    shards = _param_shards(model_cfg, shape, zero, folded)
+    for p in shards:
         over = tuple(a for a in MESH_AXES if a not in p["split"] and a not in p["zero"])
         add("reduce-scatter", p["zero"], p["local"] * 4, 1, f"ZeRO-1 gradient sum: {p['path']}")
         add("all-reduce", over, p["zero_local"] * 4, 1, f"gradient sum: {p['path']}")
         if step == "train":
             add("all-gather", p["zero"], p["zero_local"] * 4, 1, f"ZeRO-1 updated slice: {p['path']}")
     if step == "train":
-        for split in {p["zero_split"] for p in param_shards(cfg)}:
+        for split in {p["zero_split"] for p in shards}:
             add("all-reduce", split, 4, 1, "gradient norm (its finiteness is the overflow check)")
-    return rows
+    return tuple(rows)
 
 
 def ragged_exchange(cfg: Config) -> str:

@@ -360,9 +360,13 @@ def collectives(cfg: Config, hw: Hardware | None = None, step: str = "train", la
     lay = cfg.layout
     sizes = dict(zip(MESH_AXES, lay.shape, strict=True))
     out = []
+    groups: dict[tuple[str, ...], tuple[int, str]] = {}  # axes -> (group size, link), once per set of axes
     for row in expected_collectives(cfg, step):
-        g = math.prod(sizes[a] for a in row["axes"])
-        link = "inter-host" if crosses_hosts(lay.shape, lay.devices_per_host, tuple(row["axes"])) else "intra-host"
+        axes = tuple(row["axes"])
+        if axes not in groups:
+            cross = crosses_hosts(lay.shape, lay.devices_per_host, axes)
+            groups[axes] = (math.prod(sizes[a] for a in axes), "inter-host" if cross else "intra-host")
+        g, link = groups[axes]
         priced = dict(row, group_size=g, link=link)
         if hw is not None:
             bw = hw.inter_host_bandwidth if link == "inter-host" else hw.intra_host_bandwidth

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Any
@@ -103,9 +104,11 @@ def no_layout_reason(cfg: Config, devices: int) -> str:
     )
 
 
+@functools.lru_cache(maxsize=8)
 def search(cfg: Config, devices: int, hw: Hardware) -> dict[str, Any]:
     """Plans of every candidate; those that fit, ranked by estimated step time. Raises ConfigError in one line when
-    no layout exists, or none fits the hardware's memory."""
+    no layout exists, or none fits the hardware's memory. Cached per (config, devices, hardware) in a process (the
+    audit, the CLI and the tests ask the same question): the result is shared, read it, do not change it."""
     if devices < 1:
         raise ConfigError(f"--devices={devices}: must be a positive integer")
     rows = []

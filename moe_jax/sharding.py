@@ -49,6 +49,14 @@ def rules_for(layout) -> Mapping[str, str | tuple[str, ...] | None]:
     return FOLDED_RULES if layout.folded else RULES
 
 
+def resolve_exchange(exchange: str) -> str:
+    """layout.ragged_exchange resolved: 'auto' is the ragged all-to-all where the backend compiles it (not XLA:CPU),
+    else 'padded'."""
+    if exchange != "auto":
+        return exchange
+    return "padded" if jax.default_backend() == "cpu" else "ragged"
+
+
 # Names whose dimension is split only where the mesh axis divides it, and otherwise kept whole (replicated): K/V
 # heads when tp > kv_heads. Megatron-Core and MaxText replicate them the same way; each tp rank then computes only the
 # K/V head its query heads read (`Attention.kv_weights`).
@@ -195,15 +203,13 @@ class Axes:
         """Inside shard_map over a mesh with these axis sizes; one-device axes get no collective. `exchange`:
         layout.ragged_exchange, 'auto' resolved by the backend (XLA:CPU cannot compile ragged_all_to_all)."""
         tokens = active_axes(TOKEN_AXES, sizes)
-        if exchange == "auto":
-            exchange = "padded" if jax.default_backend() == "cpu" else "ragged"
         return cls(
             tp=_active(rules["seq"], sizes),
             tokens=tokens,
             token_shards=math.prod(sizes[a] for a in tokens),
             experts=_active(rules["experts"], sizes),
             folded=rules["expert_mlp"] is None,
-            exchange=exchange,
+            exchange=resolve_exchange(exchange),
         )
 
     @classmethod

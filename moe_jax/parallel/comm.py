@@ -29,7 +29,7 @@ from typing import Any
 from moe_jax.config import Config, storage_model
 from moe_jax.model.moe import capacity
 from moe_jax.parallel.schedule import Schedule, schedule_of
-from moe_jax.sharding import MESH_AXES, TOKEN_AXES, active_axes
+from moe_jax.sharding import MESH_AXES, TOKEN_AXES, active_axes, resolve_exchange
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -162,7 +162,7 @@ def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False)
         add("reduce-scatter", ("tp",), attn_in * tp * 4, fwd * runs - skipped, "shared expert output partial sums")
     # Folded experts (whole on their device): the all-to-all spans (ep, tp) and no tp collective surrounds them.
     ex = ("ep", "tp") if lay.folded else ("ep",)
-    exchange = ragged_exchange(cfg) if m.dispatch == "ragged" and active_axes(ex, sizes) else "padded"
+    exchange = resolve_exchange(lay.ragged_exchange) if m.dispatch == "ragged" and active_axes(ex, sizes) else "padded"
     if exchange != "padded":
         # The ragged exchange (model/moe.py, ragged_exchange_ffn): each source's k T pairs sorted by expert; counts
         # [E] and block offsets [n] exchanged first (forward only); the rows out and back, as ragged all-to-alls
@@ -220,16 +220,6 @@ def _gradient_rows(model_cfg, shape: tuple[int, ...], zero: int, folded: bool, s
         for split in {p["zero_split"] for p in shards}:
             add("all-reduce", split, 4, 1, "gradient norm (its finiteness is the overflow check)")
     return tuple(rows)
-
-
-def ragged_exchange(cfg: Config) -> str:
-    """layout.ragged_exchange resolved: 'auto' is the ragged all-to-all where the backend compiles it (not XLA:CPU),
-    else 'padded'."""
-    if cfg.layout.ragged_exchange != "auto":
-        return cfg.layout.ragged_exchange
-    import jax
-
-    return "padded" if jax.default_backend() == "cpu" else "ragged"
 
 
 def _adder(rows: list[dict[str, Any]], sizes: dict[str, int]):

@@ -95,7 +95,8 @@ def test_ragged_dispatch_equals_one_device_and_says_its_exchange_once(layout, ex
     assert audited["ok"], audited["unexpected"]
     rows = {(c["kind"], tuple(c["axes"]), c["bytes_per_device"]) for c in audited["collectives"]}
     n, p, d = 2, 4 * 6 * 2, 48  # ep shards; k T pairs per device (T = 4 rows x 6 positions), width
-    assert (("all-to-all", ("ep",), n * p * d * 4) in rows) == (exchange == "emulated")  # [n, k T, D] fp32
+    # [n, min(k, E_loc) T, D] fp32 (E_loc = k here)
+    assert (("all-to-all", ("ep",), n * p * d * 4) in rows) == (exchange == "emulated")
     lines = [line for line in capfd.readouterr().err.splitlines() if "padded all-to-all" in line]
     assert lines == ([] if exchange == "emulated" else [
         "moe_jax: ragged dispatch exchanges over ep with the padded all-to-all (the worst case, T rows per expert and "
@@ -108,7 +109,8 @@ def test_ragged_exchange_lowers_for_cuda_and_its_audit_is_clean(monkeypatch):
     here: the gradient step is traced as on one (the backend reported as 'gpu') and lowered for CUDA, which XLA:CPU
     can do without compiling. The lowered program's collectives equal the expected set exactly: two ragged
     all-to-alls per forward pass and two more in the backward (their transposes), over the ep groups, sized by their
-    output buffers (n k T and k T rows); the counts' and offsets' all-to-alls; no padded all-to-all of rows."""
+    output buffers (n blocks of min(k, E_loc) T rows, and k T rows); the counts' and offsets' all-to-alls; no padded
+    all-to-all of rows."""
     import jax
 
     from moe_jax.parallel.step import abstract_inputs, grad_step

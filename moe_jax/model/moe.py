@@ -185,12 +185,14 @@ def ragged_exchange_ffn(x_GTD, r: Routing, weights, dtype, axes: Axes, num_exper
     expert and sends each expert shard exactly the rows it routed there (k T rows in all, not E x T); the shard
     sorts what it received by local expert, runs the grouped matmuls (unfolded: after gathering its tp group's rows,
     then reduce-scattering the partial sums, as the padded path), and sends each source its rows back, which it
-    un-sorts and combines with the gates. The receive buffer holds n x k T rows (n expert shards: every source's worst
-    case, source s's block at s k T); the row counts are exchanged first."""
+    un-sorts and combines with the gates. The receive buffer holds n blocks of min(k, E_loc) T rows (n expert shards;
+    a token picks an expert at most once, so no source sends a shard more: every source's worst case, source s's
+    block at s times that); the row counts are exchanged first."""
     g, t, d = x_GTD.shape
     k = r.experts_GTR.shape[-1]
     e_loc = weights[0].shape[0]
-    n, p = num_experts // e_loc, g * t * k  # expert shards; pairs per device (and rows per source block)
+    n, p = num_experts // e_loc, g * t * k  # expert shards; pairs per device
+    b = min(k, e_loc) * g * t  # the most rows one source sends one shard: a source block here
     e_flat = r.experts_GTR.reshape(-1)  # token-major: pair q is token q // k, choice q % k
     order = jnp.argsort(e_flat, stable=True)
     rows = x_GTD.reshape(g * t, d).astype(dtype)[order // k]  # [p, D], by expert: shard by shard
@@ -199,19 +201,19 @@ def ragged_exchange_ffn(x_GTD, r: Routing, weights, dtype, axes: Axes, num_exper
     in_off = jnp.cumsum(send) - send
     got_counts = jax.lax.all_to_all(counts, axes.experts, 0, 0, tiled=True)  # row s: what source s sends here
     recv = jnp.sum(got_counts, axis=1)
-    blocks_here = jnp.arange(n, dtype=jnp.int32) * p  # source s's block
+    blocks_here = jnp.arange(n, dtype=jnp.int32) * b  # source s's block
     if axes.exchange == "ragged":
         me = jax.lax.axis_index(axes.experts)
         peer_off = jax.lax.all_to_all(in_off, axes.experts, 0, 0, tiled=True)  # where our block sits at source s
 
         def out(x, buf):
-            return jax.lax.ragged_all_to_all(x, buf, in_off, send, jnp.full((n,), me * p, jnp.int32), recv,
+            return jax.lax.ragged_all_to_all(x, buf, in_off, send, jnp.full((n,), me * b, jnp.int32), recv,
                                              axis_name=axes.experts)  # fmt: skip
 
         def back(y, buf):
             return jax.lax.ragged_all_to_all(y, buf, blocks_here, recv, peer_off, send, axis_name=axes.experts)
     else:
-        exchange = functools.partial(ragged_all_to_all_emulated, axis_name=axes.experts, max_rows=p)
+        exchange = functools.partial(ragged_all_to_all_emulated, axis_name=axes.experts, max_rows=b)
 
         def out(x, buf):
             return exchange(x, buf, in_off, send, blocks_here, recv)
@@ -224,14 +226,14 @@ def ragged_exchange_ffn(x_GTD, r: Routing, weights, dtype, axes: Axes, num_exper
         it varying with a pcast whose transpose, in the backward pass, is a psum of the buffer's (unused) cotangent."""
         return jnp.zeros((n_rows, d), dtype) + jnp.zeros_like(like[:1])
 
-    got = out(rows, empty(n * p, rows))
-    got = axes.gather_for_experts(got, axis=0)  # unfolded: the tp group's rows, [tp n p, D]
+    got = out(rows, empty(n * b, rows))
+    got = axes.gather_for_experts(got, axis=0)  # unfolded: the tp group's rows, [tp n b, D]
     blocks = axes.gather_for_experts(got_counts, axis=0)  # [tp n, E_loc]
     cum = jnp.cumsum(blocks, axis=1)
-    expert_of = jax.vmap(lambda c: jnp.searchsorted(c, jnp.arange(p), side="right"))(cum)  # E_loc past the filled
+    expert_of = jax.vmap(lambda c: jnp.searchsorted(c, jnp.arange(b), side="right"))(cum)  # E_loc past the filled
     by_expert = jnp.argsort(expert_of.reshape(-1), stable=True)
     y = ragged_ffn(got[by_expert], jnp.sum(blocks, axis=0).astype(jnp.int32), *weights, dtype)
-    y = axes.scatter_from_experts(jnp.zeros_like(y).at[by_expert].set(y), axis=0).astype(dtype)  # [n p, D]
+    y = axes.scatter_from_experts(jnp.zeros_like(y).at[by_expert].set(y), axis=0).astype(dtype)  # [n b, D]
     y_PD = back(y, empty(p, y))
     y_PRD = jnp.zeros_like(y_PD).at[order].set(y_PD).reshape(g * t, k, d)
     y_TD = jnp.einsum("TR,TRD->TD", r.gates_GTR.reshape(g * t, k).astype(dtype), y_PRD)

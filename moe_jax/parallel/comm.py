@@ -166,21 +166,22 @@ def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False)
     if exchange != "padded":
         # The ragged exchange (model/moe.py, ragged_exchange_ffn): each source's k T pairs sorted by expert; counts
         # [E] and block offsets [n] exchanged first (forward only); the rows out and back, as ragged all-to-alls
-        # (their transposes in the backward pass) or emulated as padded ones ([n, k T, D] each way, with each call's
-        # offsets [n]); unfolded, the received rows gathered over tp and their fp32 partial sums reduce-scattered.
+        # (their transposes in the backward pass) or emulated as padded ones ([n, min(k, E / n) T, D] each way);
+        # unfolded, the received rows gathered over tp and their fp32 partial sums reduce-scattered.
         n, p = math.prod(sizes[a] for a in ex), loc["tokens"] * m.top_k
+        b = min(m.top_k, e // n) * loc["tokens"]  # a source's block at a shard: no token sends one more
         add("all-to-all", ex, e * 4, fwd * runs, "ragged exchange: each source's row count per expert")
         if exchange == "ragged":  # and each source's block offsets, for the way back; the HLO's instruction is
-            # sized by its output buffer: n k T rows out (and in the backward pass back), k T rows back
+            # sized by its output buffer: n blocks out (and in the backward pass back), k T rows back
             add("all-to-all", ex, n * 4, fwd * runs, "ragged exchange: each source's block offsets")
             add("all-to-all", ex, n * 4, 4 * runs, "ragged exchange's backward: JAX's transpose of each ragged "
                 "all-to-all exchanges its input and output offsets")  # fmt: skip
-            add("ragged-all-to-all", ex, n * p * d * db, r * runs, "ragged exchange: the routed rows out")
+            add("ragged-all-to-all", ex, n * b * d * db, r * runs, "ragged exchange: the routed rows out")
             add("ragged-all-to-all", ex, p * d * db, r * runs, "ragged exchange: the expert outputs back")
         else:
-            add("all-to-all", ex, n * p * d * db, 2 * r * runs, "emulated ragged exchange: rows out and back, padded")
+            add("all-to-all", ex, n * b * d * db, 2 * r * runs, "emulated ragged exchange: rows out and back, padded")
         if not lay.folded:
-            seq_parallel("ragged expert", n * p * d, fwd * runs, runs)
+            seq_parallel("ragged expert", n * b * d, fwd * runs, runs)
             add("all-gather", ("tp",), e * 4, fwd * runs, "ragged exchange: the row counts over tp")
     else:
         if not lay.folded:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from moe_jax.config import Config, ConfigError, LayoutConfig, check_devices, uneven_units
-from moe_jax.sharding import MESH_AXES, rules_for
+from moe_jax.sharding import MESH_AXES, expert_axes, rules_for
 
 # ------------------------------------------------------------------------------------------------------- devices
 
@@ -234,7 +234,7 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
 
     groups = {axis: _groups(ids, (axis,)) for axis in MESH_AXES}
     groups["grad_reduce"] = _groups(ids, GRAD_REDUCE_AXES["attention"])
-    groups["expert_all_to_all"] = _groups(ids, ("ep", "tp") if lay.folded else ("ep",))
+    groups["expert_all_to_all"] = _groups(ids, expert_axes(lay))
     return {
         "layout": {
             "name": lay.name,

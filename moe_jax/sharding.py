@@ -49,6 +49,12 @@ def rules_for(layout) -> Mapping[str, str | tuple[str, ...] | None]:
     return FOLDED_RULES if layout.folded else RULES
 
 
+def expert_axes(layout) -> tuple[str, ...]:
+    """The mesh axes a layout splits the experts over, which the dispatch all-to-all spans: (ep,) or (ep, tp)."""
+    axes = rules_for(layout)["experts"]
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def resolve_exchange(exchange: str) -> str:
     """layout.ragged_exchange resolved: 'auto' is the ragged all-to-all where the backend compiles it (not XLA:CPU),
     else 'padded'."""

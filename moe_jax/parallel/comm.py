@@ -29,7 +29,7 @@ from typing import Any
 from moe_jax.config import Config, storage_model
 from moe_jax.model.moe import capacity
 from moe_jax.parallel.schedule import Schedule, schedule_of
-from moe_jax.sharding import MESH_AXES, TOKEN_AXES, active_axes, resolve_exchange
+from moe_jax.sharding import MESH_AXES, TOKEN_AXES, active_axes, expert_axes, resolve_exchange
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -161,7 +161,7 @@ def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False)
             skipped = segments if one_f_one_b else runs if lay.remat == "layer" else 0
         add("reduce-scatter", ("tp",), attn_in * tp * 4, fwd * runs - skipped, "shared expert output partial sums")
     # Folded experts (whole on their device): the all-to-all spans (ep, tp) and no tp collective surrounds them.
-    ex = ("ep", "tp") if lay.folded else ("ep",)
+    ex = expert_axes(lay)
     exchange = resolve_exchange(lay.ragged_exchange) if m.dispatch == "ragged" and active_axes(ex, sizes) else "padded"
     if exchange != "padded":
         # The ragged exchange (model/moe.py, ragged_exchange_ffn): each source's k T pairs sorted by expert; counts
@@ -267,7 +267,7 @@ def expected_serving_collectives(cfg: Config, step: str) -> list[dict[str, Any]]
         "dense FFN and shared expert output partial sums, fp32")  # fmt: skip
     if not lay.folded:  # folded experts are whole: each tp rank's tokens go to them and come back complete
         add("all-reduce", ("tp",), e * tokens * d * 4, runs, "expert output partial sums, fp32")
-    ex = ("ep", "tp") if lay.folded else ("ep",)
+    ex = expert_axes(lay)
     add("all-to-all", ex, e * tokens * d * db, 2 * runs, "expert dispatch and combine (dropless)")
     if lay.folded:  # each tp rank's result of its copy of a token: one (a max of equal values) makes it tp-invariant
         add("all-reduce", ("tp",), tokens * d * db, runs, "folded experts' combined output, the tp copies settled")

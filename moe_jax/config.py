@@ -29,6 +29,9 @@ EXPERT_TP = ("tp", "1")
 # case; emulated: ragged_all_to_all's semantics built from padded collectives (checks the ragged exchange's code on
 # any backend).
 RAGGED_EXCHANGES = ("auto", "padded", "emulated")
+# layout.vocab_split: 'tp' splits the embedding's rows and the head's columns over tp (vocabulary-parallel embedding,
+# head and cross-entropy, Megatron-Core's); 'none' keeps both whole on every device.
+VOCAB_SPLITS = ("tp", "none")
 ATTENTION_KINDS = ("mha", "mla")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blockwise")
 # DeepSeek's latent RMSNorms (q_a_layernorm, kv_a_layernorm) use their class default, not the model's norm_eps.
@@ -141,6 +144,8 @@ class LayoutConfig:
     # Ragged dispatch's exchange between expert shards: auto (ragged_all_to_all where the backend has it), padded or
     # emulated (RAGGED_EXCHANGES).
     ragged_exchange: str = "auto"
+    # The vocabulary (embedding rows, head columns) split over tp, padded to a multiple of tp (VOCAB_SPLITS).
+    vocab_split: str = "tp"
     name: str = ""
     description: str = ""
 
@@ -153,15 +158,21 @@ class LayoutConfig:
         return math.prod(self.shape)
 
     def summary(self, remat: bool = False) -> str:
-        """'pp 4, dp 2, ep 4, tp 2, m 32, v 4[, remat layer], 1f1b[, ZeRO-1][, experts folded]': the CLI headers'."""
+        """'pp 4, dp 2, ep 4, tp 2, m 32, v 4[, remat layer], 1f1b[, ZeRO-1][, experts folded][, vocab whole]': the
+        CLI headers'."""
         return (f"pp {self.pp}, dp {self.dp}, ep {self.ep}, tp {self.tp}, m {self.microbatches}, v {self.repeats}, "
                 + (f"remat {self.remat}, " if remat else "") + self.schedule + (", ZeRO-1" if self.zero else "")
-                + (", experts folded" if self.folded else ""))  # fmt: skip
+                + (", experts folded" if self.folded else "") + (", vocab whole" if self.tp > 1 and not self.vocab_parallel else ""))  # fmt: skip
 
     @property
     def folded(self) -> bool:
         """Experts folded over (ep, tp): layout.expert_tp=1 on a layout with tp > 1."""
         return self.expert_tp == "1" and self.tp > 1
+
+    @property
+    def vocab_parallel(self) -> bool:
+        """The vocabulary split over tp: layout.vocab_split=tp on a layout with tp > 1."""
+        return self.vocab_split == "tp" and self.tp > 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +246,7 @@ _CHOICES = {
     ("layout", "schedule"): SCHEDULES,
     ("layout", "expert_tp"): EXPERT_TP,
     ("layout", "ragged_exchange"): RAGGED_EXCHANGES,
+    ("layout", "vocab_split"): VOCAB_SPLITS,
     ("run", "dtype"): DTYPES,
 }
 
@@ -391,9 +403,20 @@ def storage_model(cfg: Config) -> ModelConfig:
     """The model as the mesh stores it: with uneven stages every stage holds as many units as the largest (the others
     padded with units that are never applied: their output is their input), so the stacked units are pp x max."""
     m, lay = cfg.model, cfg.layout
+    if lay.vocab_parallel and m.vocab % lay.tp:  # the vocabulary split over tp: padded to a multiple of tp
+        m = dataclasses.replace(m, vocab=padded_vocab(cfg))
     if not lay.stage_layers:
         return m
     return dataclasses.replace(m, layers=m.dense_layers + lay.pp * max(stage_units(cfg)) * m.moe_every)
+
+
+def padded_vocab(cfg: Config) -> int:
+    """The vocabulary as stored: model.vocab, or split over tp (layout.vocab_split=tp) the next multiple of tp. The
+    padding rows of the embedding are never looked up (token ids are checked against model.vocab where data enters)
+    and the padding columns of the head are masked out of the cross-entropy and cut from served logits, so they get
+    no gradient and stay zero; checkpoints and exports hold model.vocab rows only."""
+    v, tp = cfg.model.vocab, cfg.layout.tp
+    return -(-v // tp) * tp if cfg.layout.vocab_parallel else v
 
 
 def _check_architecture(m: ModelConfig) -> None:

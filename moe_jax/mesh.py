@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_jax.config import Config, ConfigError, LayoutConfig, check_devices, uneven_units
+from moe_jax.config import Config, ConfigError, LayoutConfig, check_devices, padded_vocab, uneven_units
 from moe_jax.sharding import MESH_AXES, expert_axes, rules_for
 
 # ------------------------------------------------------------------------------------------------------- devices
@@ -196,6 +196,10 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
     rows_mb = run.batch // lay.microbatches
     rows_shard = rows_mb // shards
     s_local = run.seq_len // lay.tp
+    # The vocabulary split over tp (layout.vocab_split=tp): V / tp embedding rows and head columns of the padded
+    # vocabulary each; the last rank's last ids are padding (never looked up, masked out of the loss).
+    v_stored = padded_vocab(cfg)
+    v_local = v_stored // (lay.tp if lay.vocab_parallel else 1)
 
     devices = []
     for pos in range(n):
@@ -227,6 +231,8 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
                 "expert_hidden": [0, f_local] if lay.folded else [tp * f_local, (tp + 1) * f_local],
                 "shared_hidden": [tp * m.shared_hidden // lay.tp, (tp + 1) * m.shared_hidden // lay.tp],
                 "dense_hidden": [tp * m.dense_hidden // lay.tp, (tp + 1) * m.dense_hidden // lay.tp],
+                "vocab": [tp * v_local, (tp + 1) * v_local] if lay.vocab_parallel else [0, v_stored],
+                "vocab_padding": max(0, (tp + 1) * v_local - m.vocab) if lay.vocab_parallel else 0,
                 "batch_rows": _ranges(rows),
                 "seq": [tp * s_local, (tp + 1) * s_local],
             }
@@ -246,6 +252,7 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
             "stage_layers": list(lay.stage_layers),
             "microbatches": lay.microbatches,
             "expert_tp": lay.expert_tp,
+            "vocab_split": lay.vocab_split if lay.vocab_parallel else "none",
             "devices_per_host": lay.devices_per_host,
             "devices": n,
             "hosts": len({d["host"] for d in devices}),
@@ -262,6 +269,8 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
             "expert_hidden": m.expert_hidden,
             "shared_hidden": m.shared_hidden,
             "dense_hidden": m.dense_hidden,
+            "vocab": m.vocab,
+            "vocab_stored": v_stored,
             "batch": run.batch,
             "seq_len": run.seq_len,
         },
@@ -296,6 +305,8 @@ def _expected_range(name: str | None, row: dict[str, Any], size: int, storage: l
         return [row["kv_heads"][0], row["kv_heads"][-1] + 1]
     if name == "expert_mlp":
         return row["expert_hidden"]
+    if name == "vocab":
+        return row["vocab"]
     if name == "mlp":  # the shared expert's or a dense layer's hidden dimension
         for key in ("shared_hidden", "dense_hidden"):
             lo, hi = row[key]

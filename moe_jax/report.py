@@ -39,6 +39,13 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
         console.print(f"experts folded over ep x tp (layout.expert_tp=1): each device holds "
                       f"{model['experts'] // (lay['ep'] * lay['tp'])} whole expert(s) (F slice: the whole hidden); the "
                       f"dispatch all-to-all spans each expert_all_to_all group; attention keeps tp")  # fmt: skip
+    split_vocab = lay.get("vocab_split", "none") != "none"
+    if split_vocab:
+        pad = model["vocab_stored"] - model["vocab"]
+        console.print(f"vocabulary {model['vocab']} split over tp (layout.vocab_split=tp): each device holds "
+                      f"{model['vocab_stored'] // lay['tp']} embedding rows and head columns (the vocab column)"
+                      + (f"; padded to {model['vocab_stored']}, the last {pad} id(s) never looked up and masked out "
+                         f"of the loss" if pad else ""))  # fmt: skip
     if model.get("kv_heads", model["heads"]) != model["heads"]:
         console.print(f"K/V heads: {model['kv_heads']} for {model['heads']} query heads, {model['kv_heads_placement']}")
     if model.get("dense_layers") or model.get("moe_every", 1) > 1:
@@ -61,7 +68,7 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
         )
         kv = model.get("kv_heads", model["heads"]) != model["heads"]
         cols = ("host", "dev", "proc", "dp,ep,tp", "experts", "heads", *(("K/V heads",) if kv else ()), "F slice",
-                "batch rows", "seq")  # fmt: skip
+                *(("vocab",) if split_vocab else ()), "batch rows", "seq")  # fmt: skip
         for col in cols:
             t.add_column(col, no_wrap=True)
         host = None
@@ -85,6 +92,7 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
                     else ()
                 ),  # fmt: skip
                 f"{d['expert_hidden'][0]}:{d['expert_hidden'][1]}",
+                *((f"{d['vocab'][0]}:{d['vocab'][1]}",) if split_vocab else ()),
                 rows_text(d["batch_rows"]),
                 f"{d['seq'][0]}:{d['seq'][1]}",
             )
@@ -93,7 +101,8 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
 
     console.print("[bold]groups[/bold] (device ids; a-b is a run of ids)")
     what = {
-        "tp": "tensor: all-gather / reduce-scatter (sequence parallel)",
+        "tp": "tensor: all-gather / reduce-scatter (sequence parallel)"
+        + ("; the vocabulary-parallel embedding and cross-entropy" if split_vocab else ""),
         "ep": "expert parallel: the batch split, the experts split",
         "pp": "pipeline ring: collective-permute",
         "dp": "data replicas",

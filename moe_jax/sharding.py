@@ -6,6 +6,7 @@ Layer code speaks logical names only (`'heads'`, `'experts'`, `'seq'`); this mod
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -42,11 +43,20 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 # layout.expert_tp=1 (expert folding): the experts split over (ep, tp) jointly, each whole on its device. Attention,
 # the shared expert and dense layers keep tp.
 FOLDED_RULES: dict[str, str | tuple[str, ...] | None] = {**RULES, "experts": ("ep", "tp"), "expert_mlp": None}
+# layout.vocab_split=tp: the embedding's rows and the head's columns split over tp (vocabulary-parallel).
+VOCAB_RULES: dict[str, str | tuple[str, ...] | None] = {"vocab": "tp"}
 
 
 def rules_for(layout) -> Mapping[str, str | tuple[str, ...] | None]:
-    """The rules table a layout places its parameters by: RULES, or FOLDED_RULES with layout.expert_tp=1."""
-    return FOLDED_RULES if layout.folded else RULES
+    """The rules table a layout places its parameters by: RULES, or FOLDED_RULES with layout.expert_tp=1, with the
+    vocabulary over tp where layout.vocab_split=tp."""
+    return _rules(layout.folded, layout.vocab_parallel)
+
+
+@functools.lru_cache(maxsize=None)
+def _rules(folded: bool, vocab: bool) -> Mapping[str, str | tuple[str, ...] | None]:
+    base = FOLDED_RULES if folded else RULES
+    return {**base, **VOCAB_RULES} if vocab else base
 
 
 def expert_axes(layout) -> tuple[str, ...]:
@@ -203,11 +213,16 @@ class Axes:
     # How ragged dispatch moves rows between expert shards: 'ragged' (jax.lax.ragged_all_to_all), 'padded' (every
     # expert's worst case) or 'emulated' (ragged_all_to_all's semantics from padded collectives).
     exchange: str = "padded"
+    # The axis the vocabulary (embedding rows, head columns) is split over (layout.vocab_split=tp), and the real
+    # vocabulary size: the stored one is padded to a multiple of the split, the padding columns masked out.
+    vocab: str | None = None
+    vocab_size: int = 0
 
     @classmethod
-    def sharded(cls, sizes: Mapping[str, int], rules=RULES, exchange: str = "auto") -> Axes:
+    def sharded(cls, sizes: Mapping[str, int], rules=RULES, exchange: str = "auto", vocab_size: int = 0) -> Axes:
         """Inside shard_map over a mesh with these axis sizes; one-device axes get no collective. `exchange`:
-        layout.ragged_exchange, 'auto' resolved by the backend (XLA:CPU cannot compile ragged_all_to_all)."""
+        layout.ragged_exchange, 'auto' resolved by the backend (XLA:CPU cannot compile ragged_all_to_all).
+        `vocab_size`: model.vocab (the stored vocabulary may be padded)."""
         tokens = active_axes(TOKEN_AXES, sizes)
         return cls(
             tp=_active(rules["seq"], sizes),
@@ -216,10 +231,12 @@ class Axes:
             experts=_active(rules["experts"], sizes),
             folded=rules["expert_mlp"] is None,
             exchange=resolve_exchange(exchange),
+            vocab=_active(rules["vocab"], sizes),
+            vocab_size=vocab_size,
         )
 
     @classmethod
-    def serving(cls, sizes: Mapping[str, int], rules=RULES) -> Axes:
+    def serving(cls, sizes: Mapping[str, int], rules=RULES, vocab_size: int = 0) -> Axes:
         """Prefill and decode: every tp rank holds the same tokens (one decode token cannot be split), so tp partial
         sums are all-reduced instead of reduce-scattered, and nothing is gathered. Folded experts then receive each
         token from every tp rank and compute it tp times over (each rank takes back its own copy's result)."""
@@ -231,6 +248,8 @@ class Axes:
             seq_parallel=False,
             experts=_active(rules["experts"], sizes),
             folded=rules["expert_mlp"] is None,
+            vocab=_active(rules["vocab"], sizes),
+            vocab_size=vocab_size,
         )
 
     # Sequence parallelism over tp: gather the sequence before a tp-split matmul, reduce-scatter the partial sums after.
@@ -279,6 +298,29 @@ class Axes:
 
     def tp_index(self):
         return 0 if self.tp is None else lax.axis_index(self.tp)
+
+    # The vocabulary split over tp (layout.vocab_split=tp): each rank holds V / tp embedding rows and head columns.
+    def vocab_start(self, n_local: int):
+        """The first vocabulary id of this rank's rows (0 unsplit)."""
+        return 0 if self.vocab is None else lax.axis_index(self.vocab) * n_local
+
+    def vocab_max(self, x):
+        return x if self.vocab is None else lax.pmax(x, self.vocab)
+
+    def vocab_sum(self, x):
+        return x if self.vocab is None else lax.psum(x, self.vocab)
+
+    def loss_targets(self, targets):
+        """Target ids [..., S / tp] as the loss reads them: with the vocabulary split, every rank scores every token of
+        the sequence (one all-gather of int32 ids over tp, once per step, outside every loop and checkpoint)."""
+        return targets if self.vocab is None else self.gather_seq(targets, targets.ndim - 1)
+
+    def gather_vocab(self, x):
+        """Serving's logits: each rank's vocabulary columns gathered whole (tp-invariant), the padding cut."""
+        if self.vocab is None:
+            return x
+        x = lax.all_gather(x, self.vocab, axis=x.ndim - 1, tiled=True, to="invarying")
+        return x[..., : self.vocab_size] if self.vocab_size else x
 
     def sum_tokens(self, x):
         """Sums a per-shard statistic over every axis the tokens are split over: the whole-batch value."""

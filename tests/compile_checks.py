@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from moe_jax.compile import compile_report
-from moe_jax.config import load_config
+from moe_jax.config import load_config, storage_model
 from moe_jax.hlo import audit, collectives
 from moe_jax.layouts import load_pair
 from moe_jax.mesh import assignment, check_placement, make_mesh
@@ -25,7 +25,7 @@ def placement(name: str) -> dict:
     cfg = load_pair(name)
     mesh = make_mesh(cfg.layout)
     table = assignment(cfg, mesh)
-    names, shapes = param_table(cfg)
+    names, shapes = param_table(storage_model(cfg))  # as stored: the vocabulary padded over tp
     n = check_placement(cfg, mesh, names, shapes, table)
     groups = {}
     for k, axis in enumerate(MESH_AXES):  # independent groups, from mesh coordinates alone
@@ -123,7 +123,7 @@ def preset(name: str, live: bool) -> dict:
 
     cfg = load_pair(name)
     mesh = make_mesh(cfg.layout)
-    names, shapes = param_table(cfg)
+    names, shapes = param_table(storage_model(cfg))  # as stored: the vocabulary padded over tp
     checked = check_placement(cfg, mesh, names, shapes)
     with open(os.path.join("docs", "results", "presets_64.json")) as f:
         committed = json.load(f)["presets"][name]

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from moe_jax.config import load_config
+from moe_jax.config import load_config, storage_model
 from moe_jax.layouts import committed_layouts, golden_layouts, golden_path, load_pair
 from moe_jax.mesh import GRAD_REDUCE_AXES, assignment, check_placement, layer_storage_order, make_mesh, stage_layers
 from moe_jax.model.transformer import param_table
@@ -64,7 +64,7 @@ def test_cpu8_layout_matches_jax_placement_and_mesh_groups(name):
     cfg = load_pair(name)
     mesh = make_mesh(cfg.layout)
     table = assignment(cfg, mesh)
-    names, shapes = param_table(cfg)
+    names, shapes = param_table(storage_model(cfg))  # as stored: the vocabulary padded over tp
     assert check_placement(cfg, mesh, names, shapes, table) == len(names) * 8
     check_groups(cfg, mesh, table)
     # The table read from real devices equals the planned one (one process, ids in row-major order).
@@ -88,7 +88,7 @@ def test_placement_check_fails_on_a_single_wrong_row(corrupt):
     mesh = make_mesh(cfg.layout)
     table = assignment(cfg, mesh)
     corrupt(table["devices"][5])
-    names, shapes = param_table(cfg)
+    names, shapes = param_table(storage_model(cfg))  # as stored: the vocabulary padded over tp
     with pytest.raises(AssertionError, match=r"on device 5 "):
         check_placement(cfg, mesh, names, shapes, table)
 
@@ -101,7 +101,7 @@ def test_folded_experts_are_whole_on_one_device_each_and_placed_as_jax_places_th
     cfg = load_config("configs/tiny.yaml", f"meshes/{name}.yaml", ["layout.expert_tp=1"])
     mesh = make_mesh(cfg.layout)
     table = assignment(cfg, mesh)
-    names, shapes = param_table(cfg)
+    names, shapes = param_table(storage_model(cfg))  # as stored: the vocabulary padded over tp
     assert check_placement(cfg, mesh, names, shapes, table) == len(names) * 8
     lay, e = cfg.layout, cfg.model.experts
     for d in table["devices"]:
@@ -125,7 +125,7 @@ def test_circular_layout_stores_each_stages_chunks_contiguously():
     assert layer_storage_order(8, 2, 1) == list(range(8))
     cfg = load_config("configs/tiny.yaml", "meshes/cpu8-pp2-ep2-tp2.yaml", ["model.layers=8", "layout.repeats=2"])
     mesh = make_mesh(cfg.layout)
-    names, shapes = param_table(cfg)
+    names, shapes = param_table(storage_model(cfg))  # as stored: the vocabulary padded over tp
     assert check_placement(cfg, mesh, names, shapes) == len(names) * 8
 
 

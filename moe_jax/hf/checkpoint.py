@@ -267,6 +267,10 @@ def load_params(sm, family: Family, tensors: HFTensors, rest: bool = False):
         name, rule, stack, n = rule_for(family, path, rows)
         sizes = letter_sizes(rule, leaf.shape[n:])
         _, ours = parse_rule(rule)
+        # The vocabulary split over tp is stored padded (config.padded_vocab): the padding rows read as zeros.
+        stored_v = sizes.get("V", 0)
+        if stored_v:
+            sizes["V"] = m.vocab
         seen: dict[tuple, np.ndarray] = {}  # replicated slices are read once for all the devices that hold them
 
         def block(index):
@@ -275,9 +279,19 @@ def load_params(sm, family: Family, tensors: HFTensors, rest: bool = False):
                 ranges = [range(*s.indices(dim)) for s, dim in zip(index, leaf.shape, strict=True)]
                 box = {c: (r.start, r.stop) for c, r in zip(ours, ranges[n:], strict=True)}
 
+                pad = 0
+                if stored_v and box["V"][1] > m.vocab:
+                    pad = box["V"][1] - max(box["V"][0], m.vocab)
+                    box["V"] = (min(box["V"][0], m.vocab), m.vocab)
+
                 def one(pos):
                     gpos = pos if stack in (None, "prologue") else (int(order[pos[0]]), *pos[1:])
-                    return read_box(tensors.read, hf_name(m, name, stack, gpos), rule, sizes, box)
+                    x = read_box(tensors.read, hf_name(m, name, stack, gpos), rule, sizes, box)
+                    if pad:
+                        widths = [(0, 0)] * x.ndim
+                        widths[ours.index("V")] = (0, pad)
+                        x = np.pad(x, widths)
+                    return x
 
                 if n == 0:
                     x = one(())
@@ -362,6 +376,9 @@ def hf_tensors_of(sm, params, family: Family, dtype, rows: dict | None = None) -
         for gpos in np.ndindex(*arr.shape[:n]):
             spos = gpos if stack in (None, "prologue") else (int(inverse[gpos[0]]), *gpos[1:])
             x = host_slice(arr, spos)
+            if sizes.get("V", m.vocab) > m.vocab:  # the vocabulary split over tp: its padding is not exported
+                sizes["V"] = m.vocab
+                x = np.take(x, np.arange(m.vocab), axis=ours.index("V"))
             base = hf_name(m, name, stack, gpos)
             if "{e}" in base:
                 axis = ours.index("E")

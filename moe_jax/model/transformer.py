@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 from moe_jax.config import Config, ConfigError, ModelConfig
 from moe_jax.model.layers import MLP, Attention, LatentAttention, RMSNorm, compute_dtype, param
@@ -114,20 +115,55 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.head = param(rngs, (cfg.d_model, cfg.vocab), ("embed", "vocab"), cfg.init_std)
 
-    def embed_tokens(self, tokens_BS):
-        return jnp.take(self.embed[...], tokens_BS, axis=0)
+    def embed_tokens(self, tokens_BS, axes: Axes = ONE_DEVICE):
+        """[..., S] token ids -> [..., S, D] fp32 embeddings. Vocabulary split over tp: each rank looks its own rows
+        up for every token of the whole sequence (training gathers the tp ranks' sequence slices first, int32), the
+        other ranks' ids give zeros, and one sum over tp completes each row: reduce-scattered back to the sequence
+        slices in training, all-reduced in serving. Exact: one term of each sum is non-zero."""
+        table = self.embed[...]
+        if axes.vocab is None:
+            return jnp.take(table, tokens_BS, axis=0)
+        ids = axes.gather_seq(tokens_BS, tokens_BS.ndim - 1)
+        n = table.shape[0]
+        local = ids - axes.vocab_start(n)
+        mine = (local >= 0) & (local < n)
+        x = jnp.where(mine[..., None], jnp.take(table, jnp.clip(local, 0, n - 1), axis=0), 0.0)
+        return axes.scatter_seq(x, x.ndim - 2)
 
-    def logits(self, x_BSD, dtype):
+    def local_logits(self, x_BSD, dtype):
+        """fp32 logits of the vocabulary this device holds (all of it unless the vocabulary is split)."""
         x = self.final_norm(x_BSD).astype(dtype)
         if self.cfg.tie_embeddings:
             return jnp.einsum("...D,VD->...V", x, self.embed[...].astype(dtype)).astype(jnp.float32)
         return jnp.einsum("...D,DV->...V", x, self.head[...].astype(dtype)).astype(jnp.float32)
 
+    def logits(self, x_BSD, dtype, axes: Axes = ONE_DEVICE):
+        """fp32 logits [..., V] (serving: the split vocabulary's columns gathered whole, the padding cut)."""
+        return axes.gather_vocab(self.local_logits(x_BSD, dtype))
+
+    def loss_sum(self, x_BSD, targets_BS, dtype, axes: Axes = ONE_DEVICE):
+        """The summed cross-entropy of this device's tokens; `targets_BS` as `Axes.loss_targets` gives them.
+        Vocabulary split over tp (Megatron-Core's vocabulary-parallel cross-entropy): the sequence slices are
+        gathered whole over tp (the head's input, compute dtype), each rank computes the logits of its V / tp columns
+        for every token, and the log-sum-exp and the target's logit come from one max and two sums over tp of [B, S]
+        values: no [tokens, V] array is ever gathered. Each rank then sums its own sequence slice, so the token axes
+        sum as before."""
+        if axes.vocab is None:
+            return cross_entropy(self.local_logits(x_BSD, dtype), targets_BS)
+        seq, n = x_BSD.ndim - 2, x_BSD.shape[-2]
+        x = axes.gather_seq(self.final_norm(x_BSD).astype(dtype), seq)
+        w = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
+        logits = jnp.einsum("...D,DV->...V", x, w.astype(dtype)).astype(jnp.float32)
+        per_token = vocab_parallel_ce(logits, targets_BS, axes)
+        if axes.tp is not None and axes.seq_parallel:
+            per_token = lax.dynamic_slice_in_dim(per_token, lax.axis_index(axes.tp) * n, n, axis=-1)
+        return jnp.sum(per_token)
+
     def __call__(self, tokens_BS, axes: Axes = ONE_DEVICE, dtype=jnp.float32, groups=(1, 1), remat: str = "layer"):
         """Returns (fp32 logits [B, S, V], per-MoE-layer router statistics stacked on a leading axis)."""
-        x = run_prologue(self, self.embed_tokens(tokens_BS), axes, dtype, remat)
+        x = run_prologue(self, self.embed_tokens(tokens_BS, axes), axes, dtype, remat)
         x, stats = run_blocks(self, x, axes, dtype, groups, remat)
-        return self.logits(x, dtype), stats
+        return self.logits(x, dtype, axes), stats
 
 
 class Stack:
@@ -178,6 +214,25 @@ def run_blocks(model: Transformer, x, axes: Axes, dtype, groups=(1, 1), remat: s
     if remat == "layer":
         body = jax.checkpoint(body)
     return jax.lax.scan(body, x, jnp.arange(model.cfg.units))
+
+
+def vocab_parallel_ce(logits_BSV, targets_BS, axes: Axes):
+    """Per-token cross-entropy [B, S] from logits split over the vocabulary ([B, S, V / tp] fp32 on each tp rank,
+    the same tokens on all): log-sum-exp from the max over tp (no gradient: any constant gives the same value) and the
+    sum over tp of the shifted exponentials, minus the target's logit (held by one rank, summed over tp). The stored
+    vocabulary's padding columns (ids >= axes.vocab_size) are masked out: they get no probability and no gradient."""
+    n = logits_BSV.shape[-1]
+    start = axes.vocab_start(n)
+    ids = start + jnp.arange(n)
+    if axes.vocab_size:
+        logits_BSV = jnp.where(ids < axes.vocab_size, logits_BSV, -jnp.inf)
+    m = axes.vocab_max(lax.stop_gradient(jnp.max(logits_BSV, axis=-1)))
+    sum_exp = axes.vocab_sum(jnp.sum(jnp.exp(logits_BSV - m[..., None]), axis=-1))
+    local = targets_BS - start
+    mine = (local >= 0) & (local < n)
+    target = jnp.take_along_axis(logits_BSV, jnp.clip(local, 0, n - 1)[..., None], axis=-1)[..., 0]
+    target = axes.vocab_sum(jnp.where(mine, target, 0.0))
+    return jnp.log(sum_exp) + m - target
 
 
 def cross_entropy(logits_BSV, targets_BS):

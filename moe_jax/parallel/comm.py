@@ -50,6 +50,10 @@ def local_sizes(cfg: Config) -> dict[str, int]:
         "hidden": m.expert_hidden // (1 if lay.folded else lay.tp),
         # the tp ranks whose tokens an expert's rows gather before its matmuls (folded: the all-to-all brings them)
         "expert_gather": 1 if lay.folded else lay.tp,
+        # the vocabulary a device holds (embedding rows, head columns), and the sequence its head scores: split over
+        # tp (layout.vocab_split=tp), V / tp of the padded vocabulary for the whole sequence; else V for its slice
+        "vocab": storage_model(cfg).vocab // (lay.tp if lay.vocab_parallel else 1),
+        "head_seq": run.seq_len if lay.vocab_parallel else s,
     }
 
 
@@ -65,15 +69,16 @@ def param_shards(cfg: Config) -> list[dict[str, Any]]:
     """Every parameter with the mesh axes it is split over (mesh order, size-1 axes left out), its local shape and
     its local element count, from the abstract model and the one rules table (nothing allocated); `zero`: the batch
     axes ZeRO-1 splits its optimizer state over, `zero_split` and `zero_local` its split and count then."""
-    return _param_shards(storage_model(cfg), cfg.layout.shape, cfg.layout.zero, cfg.layout.folded)
+    lay = cfg.layout
+    return _param_shards(storage_model(cfg), lay.shape, lay.zero, lay.folded, lay.vocab_parallel)
 
 
 @functools.lru_cache(maxsize=4096)
-def _param_shards(model_cfg, shape_pdet: tuple[int, ...], zero: int, folded: bool) -> list[dict[str, Any]]:
-    from moe_jax.sharding import FOLDED_RULES, RULES, logical_to_mesh, zero_spec
+def _param_shards(model_cfg, shape_pdet: tuple[int, ...], zero: int, folded: bool, vocab: bool) -> list[dict[str, Any]]:
+    from moe_jax.sharding import _rules, logical_to_mesh, zero_spec
 
     sizes = dict(zip(MESH_AXES, shape_pdet, strict=True))
-    rules = FOLDED_RULES if folded else RULES
+    rules = _rules(folded, vocab)
     out = []
     for path, names, shape in _param_table(model_cfg):
         spec = logical_to_mesh(names, sizes, shape, rules)
@@ -195,22 +200,57 @@ def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False)
     # backward slot's recomputation gives the step's statistics and the load-balancing loss's gradient).
     add("all-reduce", TOKEN_AXES, (2 * e + 2) * 4, (2 if remat and not one_f_one_b else 1) * runs, "router statistics")
     add("collective-permute", ("pp",), attn_in * 4, 2 * sched.ticks, "stage to stage, fp32 residual (fwd and bwd)")
+    if lay.vocab_parallel:
+        _vocab_rows(add, cfg, loc, db)
     add("all-reduce", ("pp",), 4 * 4, 1, "router terms from every stage")
     add("all-reduce", MESH_AXES, 4, 1, "loss")
 
-    rows += [dict(row) for row in _gradient_rows(storage_model(cfg), lay.shape, lay.zero, lay.folded, step)]
+    rows += [dict(row) for row in _gradient_rows(storage_model(cfg), lay.shape, lay.zero, lay.folded, lay.vocab_parallel, step)]
     return rows
 
 
+def _vocab_rows(add, cfg: Config, loc: dict[str, int], db: int) -> None:
+    """The vocabulary split over tp (layout.vocab_split=tp), T = B/(M dp ep) x S/tp tokens per microbatch:
+    embedding  all-gather over tp of the token ids (int32 [T]); reduce-scatter over tp of the looked-up rows, fp32
+               [tp T, D]; backward: all-gather of their gradient, fp32 [T, D]
+    head       all-gather over tp of the targets (int32, every microbatch at once, once per step) and of the head
+               input [T, D] (compute dtype); all-reduces over tp of [tp T] fp32: the max, the sum of exponentials and
+               the target's logit, and in the backward pass the per-token losses' gradient (each rank summed its own
+               sequence slice of the tp-invariant losses); backward: reduce-scatter of the input's gradient
+    GPipe embeds every microbatch at once and rematerialises the head per microbatch: its input gather, the max and
+    the sum run twice (the target's logit enters linearly: not recomputed). 1F1B embeds in its forward slot and
+    again under jax.vjp in the backward slot (the lookup's reduce-scatter is not needed there), and runs the head
+    under jax.vjp in the backward slot, once per tick each."""
+    lay = cfg.layout
+    t, d, tp, mb = loc["tokens"], cfg.model.d_model, lay.tp, lay.microbatches
+    if lay.schedule == "1f1b":
+        ticks = schedule_of(cfg).ticks
+        lookups, embed_ids, heads, again = ticks, 2 * ticks, ticks, 0
+        ids = t
+    else:
+        lookups, embed_ids, heads, again = 1, 1, mb, 1
+        ids = t * mb  # every microbatch at once
+    add("all-gather", ("tp",), ids * 4, embed_ids, "embedding: token ids over tp")
+    add("reduce-scatter", ("tp",), ids * tp * d * 4, lookups, "embedding rows from the ranks that hold them, fp32")
+    add("all-gather", ("tp",), ids * d * 4, lookups, "backward of the embedding reduce-scatter, fp32")
+    add("all-gather", ("tp",), t * mb * 4, 1, "head: the targets over tp, once")
+    add("all-gather", ("tp",), t * d * db, (1 + again) * heads, "head input, tokens over tp")
+    add("all-reduce", ("tp",), t * tp * 4, (4 + 2 * again) * heads, "vocabulary-parallel cross-entropy: max, sum "
+        "of exponentials, target logit; the per-token losses' gradient")  # fmt: skip
+    add("reduce-scatter", ("tp",), t * tp * d * db, heads, "backward of the head input all-gather")
+
+
 @functools.lru_cache(maxsize=4096)
-def _gradient_rows(model_cfg, shape: tuple[int, ...], zero: int, folded: bool, step: str) -> tuple[dict, ...]:
+def _gradient_rows(
+    model_cfg, shape: tuple[int, ...], zero: int, folded: bool, vocab: bool, step: str
+) -> tuple[dict, ...]:
     """Gradient sums: every parameter's gradient is summed over the mesh axes it is replicated over, once per step.
     ZeRO-1: reduce-scattered over its batch axes first, then all-reduced over the rest on the slice; the train step
     all-gathers each updated slice over the batch axes. (Cached: the layout search asks for thousands of layouts
     that share a model and a mesh shape.)"""
     rows: list[dict[str, Any]] = []
     add = _adder(rows, dict(zip(MESH_AXES, shape, strict=True)))
-    shards = _param_shards(model_cfg, shape, zero, folded)
+    shards = _param_shards(model_cfg, shape, zero, folded, vocab)
     for p in shards:
         over = tuple(a for a in MESH_AXES if a not in p["split"] and a not in p["zero"])
         add("reduce-scatter", p["zero"], p["local"] * 4, 1, f"ZeRO-1 gradient sum: {p['path']}")
@@ -245,7 +285,8 @@ def expected_serving_collectives(cfg: Config, step: str) -> list[dict[str, Any]]
     attention output and of the expert output are all-reduced in fp32 rather than reduce-scattered, and nothing is
     gathered. Routing is dropless: C = T = B/(M dp ep) x S rows per expert. Per tick one collective-permute moves the
     fp32 residual to the next stage (forward only); the last stage's logits [M, B/(M dp ep), V] are summed over pp
-    once. Router statistics are not used, so none is reduced."""
+    once. Router statistics are not used, so none is reduced. With the vocabulary split over tp, the embedding's rows
+    are summed over tp (each rank holds a slice of them) and the logits' columns gathered."""
     m, lay, run = cfg.model, cfg.layout, cfg.run
     sizes = dict(zip(MESH_AXES, lay.shape, strict=True))
     db = DTYPE_BYTES[run.dtype]
@@ -273,6 +314,11 @@ def expected_serving_collectives(cfg: Config, step: str) -> list[dict[str, Any]]
         add("all-reduce", ("tp",), tokens * d * db, runs, "folded experts' combined output, the tp copies settled")
     add("collective-permute", ("pp",), tokens * d * 4, sched.ticks, "stage to stage, fp32 residual")
     add("all-reduce", ("pp",), lay.microbatches * b * m.vocab * 4, 1, "last-position logits from the last stage")
+    if lay.vocab_parallel:  # every rank looks up its rows for every token: one sum; the logits' columns gathered
+        add("all-reduce", ("tp",), lay.microbatches * tokens * d * 4, 1, "embedding rows from the ranks that hold "
+            "them, fp32")  # fmt: skip
+        add("all-gather", ("tp",), lay.microbatches * b * storage_model(cfg).vocab // lay.tp * 4, 1,
+            "last-position logits, each rank's vocabulary columns")  # fmt: skip
     return rows
 
 

@@ -26,9 +26,9 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax.config import storage_model, uneven_units
 from moe_jax.model.layers import compute_dtype
-from moe_jax.model.transformer import Stack, cross_entropy, run_prologue
+from moe_jax.model.transformer import Stack, run_prologue
 from moe_jax.parallel.schedule import schedule_of
-from moe_jax.sharding import MESH_AXES, TOKEN_AXES, Axes, active_axes
+from moe_jax.sharding import MESH_AXES, TOKEN_AXES, active_axes
 
 # The parameters each kind of slot differentiates (the rest enter as constants): the stack's units, and the edges
 # (embedding, dense first layers, final norm, head).
@@ -48,14 +48,14 @@ def _join(a, b):
 def grads_fn(sm) -> Callable:
     """(params, rest, tokens, targets, scale) -> ((loss, metrics), gradients of scale x loss), one shard_map, the
     gradients sharded like the parameters. The same loss and metrics as `step.loss_fn` (GPipe)."""
-    from moe_jax.parallel.step import _to_varying, batch_spec, reduce_grads, ring, stage_unit
+    from moe_jax.parallel.step import _to_varying, batch_spec, reduce_grads, ring, sharded_axes, stage_unit
 
     cfg = sm.cfg
     m, lay = cfg.model, cfg.layout
     dtype = compute_dtype(cfg.run.dtype)
     n_tokens = cfg.run.batch * cfg.run.seq_len
     sizes = sm.sizes
-    axes = Axes.sharded(sizes, sm.rules, cfg.layout.ragged_exchange)
+    axes = sharded_axes(sm)
     sched = schedule_of(cfg)
     pp, v, mb = lay.pp, lay.repeats, lay.microbatches
     n_slots = sched.stash_slots
@@ -78,13 +78,14 @@ def grads_fn(sm) -> Callable:
         stack_p, edge_p = _split(params, STACK_KEYS)
         stage = lax.axis_index("pp") if pp_axes else 0
         n_units = jnp.asarray(uneven, jnp.int32)[stage] if uneven else None
+        targets_local = axes.loss_targets(targets_local)
 
         def model_of(p):
             return nnx.merge(sm.graphdef, p, rest, copy=True)
 
         def embed(edge, tokens, remat: str):
             model = model_of(_join(edge, stack_p))
-            x = model.embed_tokens(tokens)
+            x = model.embed_tokens(tokens, axes)
             return run_prologue(model, x, axes, dtype, remat) if m.dense_layers else x
 
         def segment(stack, x, i0):
@@ -98,7 +99,7 @@ def grads_fn(sm) -> Callable:
             return (y, lb_w * jnp.sum(stats["lb_loss"]) + z_w * jnp.sum(stats["z_loss"])), stats
 
         def head_ce(edge, y, targets):
-            return cross_entropy(model_of(_join(edge, stack_p)).logits(y, dtype), targets)
+            return model_of(_join(edge, stack_p)).loss_sum(y, targets, dtype, axes)
 
         def add(a, b):
             return jax.tree.map(jnp.add, a, b)

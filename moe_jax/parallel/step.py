@@ -22,7 +22,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.config import Config, storage_model, uneven_units
+from moe_jax.config import Config, padded_vocab, storage_model, uneven_units
 from moe_jax.mesh import layer_storage_order
 from moe_jax.model.layers import compute_dtype
 from moe_jax.model.transformer import (
@@ -31,7 +31,6 @@ from moe_jax.model.transformer import (
     abstract_model,
     aux_losses,
     check_tokens,
-    cross_entropy,
     run_prologue,
 )
 from moe_jax.parallel.schedule import Schedule
@@ -85,7 +84,7 @@ class ShardedModel:
     def global_graphdef(self):
         """The graph of the model in global layer order, for trees from `to_global` (the stored graph counts the
         padding units of uneven stages; otherwise they are the same)."""
-        if not self.cfg.layout.stage_layers:
+        if not self.cfg.layout.stage_layers and padded_vocab(self.cfg) == self.cfg.model.vocab:
             return self.graphdef
         return nnx.split(abstract_model(self.cfg), nnx.Param, ...)[0]
 
@@ -181,13 +180,62 @@ class ShardedModel:
 
         return jax.tree_util.tree_map_with_path(permute, state)
 
-    def to_storage(self, state):
-        """Global layer order -> the stacked storage order of this layout (each stage's chunks contiguous)."""
-        return self._permute_layers(state, self.layer_order())
+    def to_storage(self, state, moments: bool = False):
+        """Global layer order -> the stacked storage order of this layout (each stage's chunks contiguous), the
+        vocabulary padded to its stored size (`config.padded_vocab`). `moments`: the tree is optimizer state, whose
+        embedding and head moments are sharded like the gradients (ZeRO-1 splits them further)."""
+        return self._pad_vocab(self._permute_layers(state, self.layer_order()), padded_vocab(self.cfg), moments)
 
     def to_global(self, state):
-        """The storage order of this layout -> global layer order (what one device and checkpoints use)."""
-        return self._permute_layers(state, self.layer_order(inverse=True))
+        """The storage order of this layout -> global layer order (what one device and checkpoints use), the
+        vocabulary's padding cut."""
+        return self._pad_vocab(self._permute_layers(state, self.layer_order(inverse=True)), self.cfg.model.vocab)
+
+    def _pad_vocab(self, state, size: int, moments: bool = False):
+        """The embedding's rows and the head's columns (and their optimizer moments: any leaf under an 'embed' or
+        'head' key) padded with zeros, or cut, to `size`. A no-op unless the vocabulary split needs padding. Cut, a
+        sharded leaf comes out whole over the vocabulary (an uneven split cannot be stored), split as before
+        elsewhere."""
+        if padded_vocab(self.cfg) == self.cfg.model.vocab:
+            return state
+
+        def fix(path, x):
+            keys = [getattr(k, "key", None) for k in path]
+            dim = 0 if "embed" in keys else 1 if "head" in keys else None
+            if dim is None or not hasattr(x, "shape") or x.ndim != 2 or x.shape[dim] == size:
+                return x
+            have = x.shape[dim]
+            if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+                sharding = x.sharding
+                if size < have:  # cut: the vocabulary dimension whole
+                    spec = [*sharding.spec, *([None] * (x.ndim - len(sharding.spec)))]
+                    spec[dim] = None
+                    sharding = NamedSharding(sharding.mesh, P(*spec))
+                else:  # padded: stored as the layout places it
+                    specs = self._vocab_specs[1 if moments else 0]
+                    sharding = NamedSharding(self.mesh, specs["embed" if dim == 0 else "head"])
+                whole = [*x.sharding.spec, *([None] * (x.ndim - len(x.sharding.spec)))]
+                whole[dim] = None  # on an Explicit mesh the vocabulary dimension is made whole before it changes
+
+                def resize(a):
+                    a = _resize(jax.reshard(a, NamedSharding(x.sharding.mesh, P(*whole))), dim, size)
+                    return jax.reshard(a, sharding)
+
+                return jax.jit(resize, out_shardings=sharding)(x)
+            return _resize(x, dim, size)
+
+        return jax.tree_util.tree_map_with_path(fix, state)
+
+    @functools.cached_property
+    def _vocab_specs(self) -> tuple[dict[str, P], dict[str, P]]:
+        """The embedding's and the head's specs: as parameters, and as gradients and optimizer moments."""
+
+        def find(specs):
+            flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
+            return {getattr(path[0], "key", None): s for path, s in flat if getattr(path[0], "key", None) in
+                    ("embed", "head")}  # fmt: skip
+
+        return find(self.param_specs), find(self.grad_specs)
 
     def make_batch(self, source, step: int):
         """The batch of `step` as global [M, B / M, S] arrays; each process builds only the rows its own devices hold
@@ -236,6 +284,13 @@ def _build_sharded_model(cls, cfg: Config, mesh) -> ShardedModel:
     graphdef, params, rest = nnx.split(abstract_model(storage_model(cfg)), nnx.Param, ...)
     sizes, rules = dict(mesh.shape), rules_for(cfg.layout)
     return cls(cfg, mesh, graphdef, state_specs(params, sizes, rules), state_specs(rest, sizes, rules), params, rest)
+
+
+def sharded_axes(sm: ShardedModel) -> Axes:
+    """The train step's `Axes` (inside its shard_map), from the layout's rules."""
+    cfg = sm.cfg
+    vocab = cfg.model.vocab if padded_vocab(cfg) != cfg.model.vocab else 0  # the padding to mask, if any
+    return Axes.sharded(sm.sizes, sm.rules, cfg.layout.ragged_exchange, vocab)
 
 
 def _to_varying(tree, specs, sizes):
@@ -357,7 +412,7 @@ def _loss_body(sm: ShardedModel) -> Callable:
     dtype = compute_dtype(cfg.run.dtype)
     n_tokens = cfg.run.batch * cfg.run.seq_len
     sizes = sm.sizes
-    axes = Axes.sharded(sizes, sm.rules, cfg.layout.ragged_exchange)
+    axes = sharded_axes(sm)
     stored = storage_model(cfg).units
     sched = Schedule(lay.pp, lay.microbatches, lay.repeats, stored, lay.remat)
     pp, v, mb = lay.pp, lay.repeats, lay.microbatches
@@ -377,7 +432,7 @@ def _loss_body(sm: ShardedModel) -> Callable:
         stack = Stack(model)  # this stage's [v x Lc] units, its chunks in order
         stage = lax.axis_index("pp") if pp_axes else 0
         # Every stage embeds and runs the dense first layers (cheap, replicated over pp); only stage 0 uses them.
-        x_MBSD = model.embed_tokens(tokens_local)
+        x_MBSD = model.embed_tokens(tokens_local, axes)
         if m.dense_layers:
             x_MBSD = lax.map(lambda x: run_prologue(model, x, axes, dtype, remat_layer), x_MBSD)
         l_c = stored // (pp * v)
@@ -435,9 +490,11 @@ def _loss_body(sm: ShardedModel) -> Callable:
         @jax.checkpoint
         def microbatch_ce(ce, xs):
             x, y = xs
-            return ce + cross_entropy(model.logits(x, dtype), y), None
+            return ce + model.loss_sum(x, y, dtype, axes), None
 
-        ce_local, _ = lax.scan(microbatch_ce, jnp.zeros((), jnp.float32) * zero_act[0, 0, 0], (out, targets_local))
+        ce_local, _ = lax.scan(
+            microbatch_ce, jnp.zeros((), jnp.float32) * zero_act[0, 0, 0], (out, axes.loss_targets(targets_local))
+        )
         ce = psum(jnp.where(last, ce_local, 0.0), all_tokens) / n_tokens
         totals = psum(jnp.stack([acc["lb_loss"], acc["z_loss"], acc["dropped"], acc["routed"]]), pp_axes)
         lb, z = totals[0] / (m.moe_layers * mb), totals[1] / (m.moe_layers * mb)  # per MoE layer and microbatch
@@ -565,3 +622,12 @@ def one_device_params(cfg: Config, seed: int = 0):
 
 def to_host(tree):
     return jax.tree.map(np.array, tree)  # writable host copies
+
+
+def _resize(x, dim: int, size: int):
+    """x padded with zeros, or cut, along `dim` to `size` (numpy or jax)."""
+    if x.shape[dim] > size:
+        return x[:size] if dim == 0 else x[:, :size]
+    pad = [(0, 0)] * x.ndim
+    pad[dim] = (0, size - x.shape[dim])
+    return np.pad(x, pad) if isinstance(x, np.ndarray) else jnp.pad(x, pad)

@@ -47,9 +47,9 @@ def classify(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]]) -> st
         return "saved_for_backward"  # one tick (no pipeline, one microbatch): the layer scan's stacked inputs
     if m.dense_layers and shape == (lay.microbatches, m.dense_layers, *bsd):
         return "saved_for_backward"  # the dense first layers' inputs, every microbatch
-    if m.vocab in shape and "_take" in buf.op_name:
+    if loc["vocab"] in shape and "_take" in buf.op_name:
         return "gradients"  # the embedding's gradient (the transpose of its gather)
-    if m.vocab in shape:
+    if loc["vocab"] in shape:
         # The loss head's working set: one microbatch's logits, log-softmax and gradient, the head in the compute
         # dtype and the head's gradient being made. (When b s = d the logits have the head's shape: they are told
         # apart from the parameters by what made them, not by shape.)
@@ -76,7 +76,7 @@ def _classify_1f1b(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]],
         return "saved_for_backward"
     if dtype == "f32" and shape in param_shapes and buf.opcode == "parameter":
         return "gradients"  # an accumulator, inside the tick loop
-    if m.vocab in shape:
+    if loc["vocab"] in shape:
         return "logits"
     if dtype == "f32" and shape in param_shapes and len(shape) > 1 and shape[0] == sched.layers_per_chunk * lay.repeats:
         return "gradients"  # a segment's stacked gradient from jax.vjp, before it is added

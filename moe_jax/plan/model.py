@@ -174,7 +174,7 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
     if first:
         saved += first * (bsd if lay.remat == "layer" else dense_layer_residuals(cfg, backend))
     p_layers = stacked_local_params(cfg)  # the stage's stacked units
-    head = m.d_model * m.vocab
+    head = m.d_model * loc["vocab"]  # the head (or the tied embedding) this device holds
 
     # Phase 1, the loss head (its backward, one microbatch at a time): one microbatch's fp32 logits, their log-softmax
     # and their gradient, the head in the compute dtype (fp32 on CPU, which upcasts fp16 dots) and the head's
@@ -182,7 +182,7 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
     # With one microbatch the loss scan is a single trip and XLA keeps two logits-sized buffers, not three
     # (measured: OLMoE-1B-7B on 64 devices, capacity factor 0.25, where the head's backward is the peak).
     logit_copies = 2 if lay.microbatches == 1 else 3
-    head_ws = logit_copies * loc["batch"] * loc["seq"] * m.vocab * 4 + 2 * 4 * head
+    head_ws = logit_copies * loc["batch"] * loc["head_seq"] * loc["vocab"] * 4 + 2 * 4 * head
     head_grads = 4 * p_loc - 4 * head
     # Phase 2, a layer's backward: what the layers being differentiated keep (the tick's chunk of L / (pp v) layers
     # when it is recomputed whole or was never rematerialised; remat 'layer' recomputes one layer and frees as it
@@ -258,7 +258,7 @@ def _memory_1f1b(
     # Four logits-sized fp32 buffers (the logits, log-softmax's max and exp, the cross-entropy's gradient); with fp16's
     # loss scaling one more head-sized fp32 buffer (measured on seed-128: five in fp16, four in bf16 on the same
     # layout; OLMoE and Qwen1.5-MoE in bf16: four).
-    head_ws = 4 * loc["batch"] * loc["seq"] * m.vocab * 4 + (4 * head if run.dtype == "fp16" else 0)
+    head_ws = 4 * loc["batch"] * loc["head_seq"] * loc["vocab"] * 4 + (4 * head if run.dtype == "fp16" else 0)
     # Under remat 'tick' the chunk's jax.vjp returns the stage's stacked gradient whole before it is added (measured:
     # a copy); under 'layer' each unit's is added in place.
     stacked = 4 * p_layers if lay.remat == "tick" else 0
@@ -329,10 +329,11 @@ def flops(cfg: Config) -> dict[str, float]:
         first_passes * (proj + scores + dense_ffn) + (scores // 2 if blockwise else 0)
     )  # fmt: skip
     runs = sched.ticks * sched.layers_per_chunk
-    head = 2 * t * d * m.vocab * lay.microbatches * 4  # per microbatch, checkpointed: forward twice, backward
+    head_mm = 2 * loc["batch"] * loc["head_seq"] * d * loc["vocab"]  # one microbatch's logits on this device
+    head = head_mm * lay.microbatches * 4  # per microbatch, checkpointed: forward twice, backward
     if one_f_one_b:  # per slot: the head under jax.vjp (forward, backward), the first layers forward then under vjp
         first = first // lay.microbatches
-        head = 2 * t * d * m.vocab * 3
+        head = head_mm * 3
         total = per_run * runs + (head + first) * sched.ticks
         lockstep = per_run * sched.time_ticks * sched.layers_per_chunk + (head + first) * lay.microbatches
         scheduled = per_run * sched.useful_ticks * sched.layers_per_chunk + (head + first) * lay.microbatches
@@ -539,7 +540,7 @@ def serve_memory(cfg: Config, step: str) -> dict[str, int]:
         "kv_cache": cache,
         # compute-dtype copies of the stage's weights and of the head; one layer's k and v cache slices, old and
         # new, upcast to fp32 for the attention
-        "working_set": db * p_layers + db * m.d_model * m.vocab + 4 * 4 * slice_,
+        "working_set": db * p_layers + db * m.d_model * local_sizes(cfg)["vocab"] + 4 * 4 * slice_,
     }
     # The expert FFN of one layer, dropless (C = every token of the microbatch, E x C buffer rows in all): its input
     # after the all-to-all (compute dtype), the hidden in fp32 and its activation in the compute dtype, and the fp32
@@ -571,7 +572,7 @@ def serve_plan(cfg: Config, hw: Hardware, step: str = "decode") -> dict[str, Any
     cache_per_run = bm * run.seq_len * cache_per_token_layer(cfg) * db
     traffic = (
         sched.ticks * chunk_weights + lay.microbatches * 4 * prologue_local_params(cfg) + layer_runs * cache_per_run
-        + 4 * m.d_model * m.vocab * lay.microbatches
+        + 4 * m.d_model * local_sizes(cfg)["vocab"] * lay.microbatches
     )  # fmt: skip
     ad = attention_dims(cfg)
     f_loc = local_sizes(cfg)["hidden"]
@@ -583,7 +584,7 @@ def serve_plan(cfg: Config, hw: Hardware, step: str = "decode") -> dict[str, Any
     ffn_dense = 2 * mats * tokens * m.d_model * (m.dense_hidden // lay.tp)
     ffn_moe = 2 * mats * tokens * m.d_model * (m.top_k * f_loc + m.shared_hidden // lay.tp)
     flops = layer_runs * attention + runs * ffn_moe + (layer_runs - runs) * ffn_dense
-    flops += 2 * bm * lay.microbatches * m.d_model * m.vocab
+    flops += 2 * bm * lay.microbatches * m.d_model * local_sizes(cfg)["vocab"]
     rows = collectives(cfg, hw, step, latency=True)  # the serving audit's expected set (parallel/comm.py)
     compute = flops / (hw.peak_flops * hw.mfu)
     memory_s = traffic / (hw.hbm_bandwidth * hw.hbm_efficiency)

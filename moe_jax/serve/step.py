@@ -21,7 +21,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.config import Config, ConfigError, storage_model, uneven_units
+from moe_jax.config import Config, ConfigError, padded_vocab, storage_model, uneven_units
 from moe_jax.model.layers import compute_dtype
 from moe_jax.model.transformer import Stack, block_cached, check_tokens
 from moe_jax.parallel.schedule import Schedule
@@ -127,7 +127,7 @@ def _serve_step(srv: ServeModel, every_position: bool = False) -> Callable:
     m, lay = cfg.model, cfg.layout
     dtype = compute_dtype(cfg.run.dtype)
     sizes = sm.sizes
-    axes = Axes.serving(sizes, sm.rules)
+    axes = Axes.serving(sizes, sm.rules, cfg.model.vocab if padded_vocab(cfg) != cfg.model.vocab else 0)
     pp, v, mb = lay.pp, lay.repeats, lay.microbatches
     stored = storage_model(cfg).units
     sched = Schedule(pp, mb, v, stored)
@@ -142,7 +142,7 @@ def _serve_step(srv: ServeModel, every_position: bool = False) -> Callable:
         model = nnx.merge(sm.graphdef, params, rest, copy=True)
         stack = Stack(model)
         stage = lax.axis_index("pp") if pp_axes else 0
-        x_MBSD = model.embed_tokens(tokens_local)
+        x_MBSD = model.embed_tokens(tokens_local, axes)
 
         ck, cv = dict(ck), dict(cv)
 
@@ -208,7 +208,7 @@ def _serve_step(srv: ServeModel, every_position: bool = False) -> Callable:
         buf0 = jnp.broadcast_to(zero_act, (mb if v > 1 else 1, *zero_act.shape))
         out0 = jnp.broadcast_to(zero_act, (mb, *zero_act.shape))
         (_, _, out, ck, cv), _ = lax.scan(tick, (zero_act, buf0, out0, ck, cv), jnp.arange(sched.ticks))
-        logits = model.logits(out if every_position else out[:, :, -1, :], dtype)  # [M, B/M, (S,) V]
+        logits = model.logits(out if every_position else out[:, :, -1, :], dtype, axes)  # [M, B/M, (S,) V]
         if pp_axes:
             logits = lax.psum(jnp.where(stage == pp - 1, logits, 0.0), pp_axes)
         return logits, ck, cv

@@ -117,7 +117,7 @@ class Checkpoints:
         return TrainState(
             sm.to_storage(tree["params"]),
             sm.to_storage(tree["rest"]),
-            sm.to_storage(tree["opt_state"]),
+            sm.to_storage(tree["opt_state"], moments=True),
             LossScale(**tree["loss_scale"]),
             step,
         )

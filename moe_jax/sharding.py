@@ -53,7 +53,7 @@ def rules_for(layout) -> Mapping[str, str | tuple[str, ...] | None]:
     return _rules(layout.folded, layout.vocab_parallel)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rules(folded: bool, vocab: bool) -> Mapping[str, str | tuple[str, ...] | None]:
     base = FOLDED_RULES if folded else RULES
     return {**base, **VOCAB_RULES} if vocab else base

@@ -1,4 +1,4 @@
-"""ZeRO-1 and expert folding at full size, compile-only on fake CPU devices, each against the same layout without
+"""The vocabulary split, ZeRO-1 and expert folding at full size, compile-only on fake CPU devices, each against the same layout without
 it (GPipe, so that the comparison is of the option alone): per-device memory compiled and planned part by part
 (`moe-jax plan --check`'s comparison), collective bytes per kind against the HLO's, the train step's audit.
 
@@ -6,6 +6,8 @@ it (GPipe, so that the comparison is of the option alone): per-device memory com
         (its 64-device layout before folding: dp x ep = 16)
     expert folding (layout.expert_tp tp and 1): the seed on seed-128 (ep 16 x tp 2) and Mixtral-8x7B on its
         64-device layout (pp 4 x dp 2 x ep 4 x tp 2)
+    the vocabulary split (layout.vocab_split none and tp): the seed on seed-128 and Mixtral-8x7B on its 64-device
+        layout (tp 2 each)
 
 Writes docs/results/layouts_memory.json.
 
@@ -40,6 +42,8 @@ CASES = [
     ),
     ("seed-128", None, "meshes/seed-128.yaml", [], "expert_tp", ("tp", "1")),
     ("mixtral-8x7b-64", *MIXTRAL, ["layout.zero=0"], "expert_tp", ("tp", "1")),
+    ("seed-128", None, "meshes/seed-128.yaml", [], "vocab_split", ("none", "tp")),
+    ("mixtral-8x7b-64", *MIXTRAL, [], "vocab_split", ("none", "tp")),
 ]
 
 

@@ -58,6 +58,26 @@ def test_dropless_fp32_equals_one_device(name):
     assert audited["ok"], audited["unexpected"]
     if name == "ep8":
         check_the_audit_can_fail(cfg, before, after, table)
+    if cfg.layout.vocab_parallel:  # ep2-tp4: the vocabulary of 97 over tp 4, stored as 100 (3 padding ids)
+        check_no_vocabulary_sized_collective(cfg, before, after)
+
+
+def check_no_vocabulary_sized_collective(cfg, before, after):
+    """The vocabulary split over tp: no collective of the step moves an array with a vocabulary-sized dimension (no
+    [tokens, V] logits, no whole embedding or head): the cross-entropy reduces [tokens] statistics over tp, and the
+    embedding's and head's gradients are summed over (dp, ep) as [V / tp, D] slices."""
+    import re
+
+    from moe_jax.config import padded_vocab
+    from moe_jax.hlo import collectives
+
+    vocab = {cfg.model.vocab, padded_vocab(cfg)}
+    assert padded_vocab(cfg) == 100 and cfg.layout.tp == 4
+    moved = [c for text in (before, after) for c in collectives(text, cfg.layout.shape)]
+    assert any(c.kind == "all-reduce" and "tp" in c.axes for c in moved)  # the cross-entropy's statistics
+    for c in moved:
+        dims = {int(d) for d in re.findall(r"\d+", c.shape.split("{")[0].split("[", 1)[-1])}
+        assert not dims & vocab, (c.kind, c.axes, c.shape)
 
 
 @pytest.mark.parametrize("name", ["ep2-tp4"])  # bf16 on ep4-tp2 and pp2-ep2-tp2: docs/families.md
@@ -210,6 +230,24 @@ def test_committed_zero1_and_folding_results_cover_the_cases_and_pass():
     zero = {(r["name"], r["value"]): r["memory"]["compiled"] for r in full if r["option"] == "zero"}
     for name in {n for n, _ in zero}:
         assert zero[(name, 1)] < zero[(name, 0)], name
+    # The vocabulary split over tp lowers the compiled memory by at least what the embedding and head no longer hold
+    # (their fp32 weights, gradients and AdamW moments: V x D x (1 - 1 / tp) elements each, 16 bytes).
+    vocab = {(r["name"], r["value"]): r for r in full if r["option"] == "vocab_split"}
+    assert {n for n, _ in vocab} == {"seed-128", "mixtral-8x7b-64"}
+    for name in {n for n, _ in vocab}:
+        whole, split = vocab[(name, "none")], vocab[(name, "tp")]
+        share = edge_bytes(load_config(whole["model"], whole["layout"], whole["overrides"])) - edge_bytes(
+            load_config(split["model"], split["layout"], split["overrides"])
+        )
+        assert share > 0 and split["memory"]["compiled"] <= whole["memory"]["compiled"] - share, name
+
+
+def edge_bytes(cfg) -> int:
+    """A device's bytes of the embedding and head: fp32 weights and gradients, and their AdamW moments (ZeRO-1's
+    slice of them where it splits them)."""
+    from moe_jax.parallel.comm import param_shards
+
+    return sum(8 * p["local"] + 8 * p["zero_local"] for p in param_shards(cfg) if p["path"] in ("embed", "head"))
 
 
 @pytest.mark.parametrize(
@@ -226,6 +264,7 @@ def test_committed_zero1_and_folding_results_cover_the_cases_and_pass():
         # folded, the shared expert is still split over tp (only the routed experts are whole)
         (["layout.expert_tp=1", "model.shared_hidden=41"], r"layout.tp=2: must divide model.shared_hidden=41"),
         (["model.expert_hidden=41"], r"layout.tp=2: must divide model.expert_hidden=41"),
+        (["layout.vocab_split=pp"], r"layout.vocab_split='pp': valid: tp, none"),
     ],
 )  # fmt: skip
 def test_bad_zero_or_folding_input_is_one_line(overrides, match):

@@ -205,7 +205,10 @@ def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False)
     add("all-reduce", ("pp",), 4 * 4, 1, "router terms from every stage")
     add("all-reduce", MESH_AXES, 4, 1, "loss")
 
-    rows += [dict(row) for row in _gradient_rows(storage_model(cfg), lay.shape, lay.zero, lay.folded, lay.vocab_parallel, step)]
+    rows += [
+        dict(row)
+        for row in _gradient_rows(storage_model(cfg), lay.shape, lay.zero, lay.folded, lay.vocab_parallel, step)
+    ]
     return rows
 
 

@@ -122,12 +122,24 @@ def pipeline_cases() -> list[dict[str, Any]]:
 
 
 def layout_cases() -> list[dict[str, Any]]:
-    """ZeRO-1 and expert folding against one device (the gradient step, its train step's HLO audited) and through
-    the optimizer: five AdamW steps against the same layout without the option (layout.zero=0, layout.expert_tp=tp;
-    fp32 1e-5), on the seed's tiny model."""
+    """The vocabulary split, ZeRO-1 and expert folding against one device (the gradient step, its train step's HLO
+    audited) and through the optimizer: five AdamW steps against the same layout without the option
+    (layout.vocab_split=none, layout.zero=0, layout.expert_tp=tp; fp32 1e-5), on the seed's tiny model (its
+    vocabulary of 97 split over tp 2 is padded to 98, over tp 4 to 100)."""
     tiny = {"config": "configs/tiny.yaml", "kind": "zero"}
     fold = {"config": "configs/tiny.yaml", "kind": "fold"}
+    vocab = {"config": "configs/tiny.yaml", "kind": "vocab"}
     return [
+        {"id": "vocab_tp ep4-tp2", **vocab, "overrides": LAYOUTS["ep4-tp2"] + [VOCAB]},
+        {"id": "vocab_tp pp2-ep2-tp2", **vocab, "overrides": LAYOUTS["pp2-ep2-tp2"] + [VOCAB]},
+        {"id": "vocab_tp pp4-tp2", **vocab, "overrides": LAYOUTS["pp4-tp2"] + [VOCAB]},
+        {"id": "vocab_tp pp2-ep2-tp2 1f1b zero1", **vocab,
+         "overrides": LAYOUTS["pp2-ep2-tp2"] + [VOCAB, ONE_F_ONE_B, "layout.zero=1"]},
+        {"id": "vocab_tp ep2-tp4 tied", **vocab,
+         "overrides": ["layout.ep=2", "layout.tp=4", M4, VOCAB, "model.tie_embeddings=true"]},
+        {"id": "vocab_tp ep4-tp2 bf16", **vocab, "overrides": LAYOUTS["ep4-tp2"] + [VOCAB, "run.dtype=bf16"]},
+        {"id": "vocab_tp pp2-ep2-tp2 decode", "config": "configs/tiny.yaml", "kind": "decode",
+         "overrides": LAYOUTS["pp2-ep2-tp2"] + [VOCAB]},
         {"id": "zero1 dp2-ep2-tp2", **tiny, "overrides": LAYOUTS["dp2-ep2-tp2"] + ["layout.zero=1"]},
         {"id": "zero1 ep4-tp2", **tiny, "overrides": LAYOUTS["ep4-tp2"] + ["layout.zero=1"]},
         {"id": "zero1 pp2-ep2-tp2", **tiny, "overrides": LAYOUTS["pp2-ep2-tp2"] + ["layout.zero=1"]},
@@ -154,6 +166,7 @@ def layout_cases() -> list[dict[str, Any]]:
 
 
 FOLD = "layout.expert_tp=1"
+VOCAB = "layout.vocab_split=tp"
 
 
 def case(case_id: str) -> dict[str, Any]:
@@ -172,7 +185,7 @@ def run(c: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = config(c)
     kinds = {"train": run_train, "decode": run_decode, "train-fp16": run_schedules_fp16, "zero": run_zero,
-             "fold": run_fold}  # fmt: skip
+             "fold": run_fold, "vocab": run_vocab}  # fmt: skip
     out = kinds[c["kind"]](cfg)
     return {"id": c["id"], **out, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -190,6 +203,12 @@ def run_zero(cfg, steps: int = 5) -> dict[str, Any]:
     """ZeRO-1: `run_against(cfg, 'zero', 0)`: the reduce-scattered gradients and all-gathered updates against
     ZeRO-0."""
     return run_against(cfg, "zero", 0, steps)
+
+
+def run_vocab(cfg, steps: int = 5) -> dict[str, Any]:
+    """The vocabulary split over tp: `run_against(cfg, 'vocab_split', 'none')`: the split embedding, head and
+    cross-entropy against both whole on every device."""
+    return run_against(cfg, "vocab_split", "none", steps)
 
 
 def run_fold(cfg, steps: int = 5) -> dict[str, Any]:

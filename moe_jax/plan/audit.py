@@ -60,7 +60,7 @@ def claims(cfg: Config | None = None) -> list[dict[str, Any]]:
     rows.append(_row("parameters per device", "30B / 128 = 234 MB",
                      f"{per_dev / 1e6:.1f}M parameters = {2 * per_dev / 1e6:.0f} MB fp16, {4 * per_dev / 1e6:.0f} MB "
                      "fp32 on seed-128", "experts / (pp ep tp) + attention / (pp tp) + router, norms / pp + "
-                     "embedding + head", "wrong: 30B / 128 is 234M parameters (469 MB fp16), and the model is not "
+                     "(embedding + head) / tp", "wrong: 30B / 128 is 234M parameters (469 MB fp16), and the model is not "
                      "30B"))  # fmt: skip
     g, c = Schedule(4, 8, 1), Schedule(4, 8, 4)
     rows.append(_row("pipeline utilisation at 8 microbatches", "90%+",

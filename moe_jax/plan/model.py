@@ -182,7 +182,11 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
     # With one microbatch the loss scan is a single trip and XLA keeps two logits-sized buffers, not three
     # (measured: OLMoE-1B-7B on 64 devices, capacity factor 0.25, where the head's backward is the peak).
     logit_copies = 2 if lay.microbatches == 1 else 3
-    head_ws = logit_copies * loc["batch"] * loc["head_seq"] * loc["vocab"] * 4 + 2 * 4 * head
+    if lay.vocab_parallel:  # one of the copies (the logits' gradient, cast for the head's backward matmul) in the
+        # compute dtype, and the head's gradient alone (measured: the seed on seed-128, fp16)
+        head_ws = split_head_bytes(cfg, logit_copies, backend) * logits_elements(cfg) + 4 * head
+    else:
+        head_ws = logit_copies * logits_elements(cfg) * 4 + 2 * 4 * head
     head_grads = 4 * p_loc - 4 * head
     # Phase 2, a layer's backward: what the layers being differentiated keep (the tick's chunk of L / (pp v) layers
     # when it is recomputed whole or was never rematerialised; remat 'layer' recomputes one layer and frees as it
@@ -207,7 +211,12 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
     base = {"layer": recomputed, "tick": sched.layers_per_chunk * res, "none": sched.layers_per_chunk * res}[lay.remat]
     layer_ws = base + max(expert_bwd, attn_bwd)
     if lay.schedule == "1f1b":
-        return _memory_1f1b(cfg, sched, p_loc, bsd, head, p_layers, layer_ws, e_loc * rows * d * 4)
+        # 1F1B makes the causal mask of every score block once, outside the tick loop (blockwise attention): it is
+        # alive beside the expert FFN's backward too (measured: OLMoE on its 64-device layout, whose peak is a
+        # layer's backward once the vocabulary is split)
+        mask = attn_bwd - loc["batch"] * loc["heads"] * run.seq_len * 4 * blk * 4
+        layer_ws = base + max(expert_bwd + mask, attn_bwd)
+        return _memory_1f1b(cfg, sched, p_loc, bsd, head, p_layers, layer_ws, e_loc * rows * d * 4, backend)
     # One tick (no pipeline, one microbatch): XLA drops the one-trip tick loop, and with it the second copy of the
     # stacked gradients and the pipeline's buffers.
     one_tick = sched.ticks == 1
@@ -237,6 +246,22 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
     return out
 
 
+def logits_elements(cfg: Config) -> int:
+    """One microbatch's logits on one device: [B/(M dp ep), S/tp, V], or with the vocabulary split over tp
+    [B/(M dp ep), S, V/tp] (every token, this rank's columns)."""
+    loc = local_sizes(cfg)
+    return loc["batch"] * loc["head_seq"] * loc["vocab"]
+
+
+def split_head_bytes(cfg: Config, copies: int, backend: str) -> int:
+    """Bytes per logit of the vocabulary-parallel head's backward: `copies` logits-sized buffers, all fp32 but the
+    logits' gradient cast for the head's matmul, which is in the compute dtype (bf16 on XLA:CPU too; fp16 dots are
+    upcast there, so fp32)."""
+    dtype = cfg.run.dtype
+    cast = 4 if dtype == "fp32" or (dtype == "fp16" and backend == "cpu") else 2
+    return 4 * (copies - 1) + cast
+
+
 def optimizer_params(cfg: Config) -> int:
     """Per device, the parameters whose AdamW moments it holds: all it holds, or with layout.zero=1 its slice of
     each weight replicated over the batch axes (ZeRO-1; the fp32 weights themselves stay whole)."""
@@ -244,7 +269,15 @@ def optimizer_params(cfg: Config) -> int:
 
 
 def _memory_1f1b(
-    cfg: Config, sched: Schedule, p_loc: int, bsd: int, head: int, p_layers: int, layer_ws: int, expert_rows: int
+    cfg: Config,
+    sched: Schedule,
+    p_loc: int,
+    bsd: int,
+    head: int,
+    p_layers: int,
+    layer_ws: int,
+    expert_rows: int,
+    backend: str = "accelerator",
 ):
     """1F1B (parallel/one_f_one_b.py): nothing grows with M. Held all step: the fp32 gradient accumulators of every
     weight (the scan's carry), the stash ring (S slots of each unit's input under remat 'layer', of the chunk's input
@@ -252,13 +285,17 @@ def _memory_1f1b(
     last stage's loss head (one microbatch's fp32 logits and the three logits-sized buffers of its backward; in fp16
     one head-sized fp32 buffer more) and a backward slot's layer (the layer working set of GPipe's model, and under
     remat 'tick' the stage's stacked gradient the chunk's jax.vjp returns before it is added). See docs/planner.md."""
-    m, lay, run = cfg.model, cfg.layout, cfg.run
+    lay, run = cfg.layout, cfg.run
     loc = local_sizes(cfg)
     segments = sched.layers_per_chunk if lay.remat == "layer" else 1
     # Four logits-sized fp32 buffers (the logits, log-softmax's max and exp, the cross-entropy's gradient); with fp16's
     # loss scaling one more head-sized fp32 buffer (measured on seed-128: five in fp16, four in bf16 on the same
     # layout; OLMoE and Qwen1.5-MoE in bf16: four).
-    head_ws = 4 * loc["batch"] * loc["head_seq"] * loc["vocab"] * 4 + (4 * head if run.dtype == "fp16" else 0)
+    if lay.vocab_parallel:  # three logits-sized buffers, one in the compute dtype, and the head's gradient (measured:
+        # the seed on seed-128 in fp16, OLMoE and Qwen1.5-MoE on their 64-device layouts in bf16)
+        head_ws = split_head_bytes(cfg, 3, backend) * logits_elements(cfg) + 4 * head
+    else:
+        head_ws = 4 * logits_elements(cfg) * 4 + (4 * head if run.dtype == "fp16" else 0)
     # Under remat 'tick' the chunk's jax.vjp returns the stage's stacked gradient whole before it is added (measured:
     # a copy); under 'layer' each unit's is added in place.
     stacked = 4 * p_layers if lay.remat == "tick" else 0

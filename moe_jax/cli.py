@@ -362,13 +362,14 @@ def cmd_plan(args) -> int:
         result = search(cfg, args.devices, hw)
         t = Table(title=f"layouts of {args.devices} devices that fit ({len(result['fitting'])} of "
                   f"{result['candidates']}), {hw.name}, ranked by estimated step time", title_justify="left")  # fmt: skip
-        for col in ("rank", "pp", "dp", "ep", "tp", "m", "v", "remat", "schedule", "zero", "fold", "GB/dev", "step ms",
-                    "compute", "comm", "bubble", "MFU"):  # fmt: skip
+        for col in ("rank", "pp", "dp", "ep", "tp", "m", "v", "remat", "schedule", "zero", "fold", "vocab", "GB/dev",
+                    "step ms", "compute", "comm", "bubble", "MFU"):  # fmt: skip
             t.add_column(col, justify="right")
         for r in result["fitting"][: args.top]:
             t.add_row(str(r["rank"]), str(r["pp"]), str(r["dp"]), str(r["ep"]), str(r["tp"]), str(r["microbatches"]),
                       str(r["repeats"]), r["remat"], r["schedule"], str(r["zero"]),
-                      "yes" if r["expert_tp"] == "1" else "no", f"{r['memory_gb']:.2f}", f"{r['step_time_s'] * 1e3:.1f}",
+                      "yes" if r["expert_tp"] == "1" else "no", r["vocab_split"].replace("_", "+"),
+                      f"{r['memory_gb']:.2f}", f"{r['step_time_s'] * 1e3:.1f}",
                       f"{r['compute_s'] * 1e3:.1f}", f"{r['comm_s'] * 1e3:.1f}", f"{r['bubble_s'] * 1e3:.1f}",
                       f"{r['mfu']:.1%}")  # fmt: skip
         console.print(t)

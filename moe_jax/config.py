@@ -30,8 +30,9 @@ EXPERT_TP = ("tp", "1")
 # any backend).
 RAGGED_EXCHANGES = ("auto", "padded", "emulated")
 # layout.vocab_split: 'tp' splits the embedding's rows and the head's columns over tp (vocabulary-parallel embedding,
-# head and cross-entropy, Megatron-Core's); 'none' keeps both whole on every device.
-VOCAB_SPLITS = ("tp", "none")
+# head and cross-entropy, Megatron-Core's); 'tp_pp' over tp and pp (every stage computes its share of the head on the
+# last stage's outputs, GPipe); 'none' keeps both whole on every device.
+VOCAB_SPLITS = ("tp", "tp_pp", "none")
 ATTENTION_KINDS = ("mha", "mla")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blockwise")
 # DeepSeek's latent RMSNorms (q_a_layernorm, kv_a_layernorm) use their class default, not the model's norm_eps.
@@ -144,7 +145,8 @@ class LayoutConfig:
     # Ragged dispatch's exchange between expert shards: auto (ragged_all_to_all where the backend has it), padded or
     # emulated (RAGGED_EXCHANGES).
     ragged_exchange: str = "auto"
-    # The vocabulary (embedding rows, head columns) split over tp, padded to a multiple of tp (VOCAB_SPLITS).
+    # The vocabulary (embedding rows, head columns) split over tp (or tp and pp), padded to a multiple of the split
+    # (VOCAB_SPLITS).
     vocab_split: str = "tp"
     name: str = ""
     description: str = ""
@@ -162,7 +164,8 @@ class LayoutConfig:
         CLI headers'."""
         return (f"pp {self.pp}, dp {self.dp}, ep {self.ep}, tp {self.tp}, m {self.microbatches}, v {self.repeats}, "
                 + (f"remat {self.remat}, " if remat else "") + self.schedule + (", ZeRO-1" if self.zero else "")
-                + (", experts folded" if self.folded else "") + (", vocab whole" if self.tp > 1 and not self.vocab_parallel else ""))  # fmt: skip
+                + (", experts folded" if self.folded else "") + (", vocab whole" if self.tp > 1 and not self.vocab_parallel else "")
+                + (", vocab over tp x pp" if "pp" in self.vocab_axes else ""))  # fmt: skip
 
     @property
     def folded(self) -> bool:
@@ -170,9 +173,19 @@ class LayoutConfig:
         return self.expert_tp == "1" and self.tp > 1
 
     @property
+    def vocab_axes(self) -> tuple[str, ...]:
+        """The mesh axes the vocabulary is split over (those of more than one device): (), ('tp',), ('tp', 'pp')."""
+        axes = {"none": (), "tp": ("tp",), "tp_pp": ("tp", "pp")}.get(self.vocab_split, ())
+        return tuple(a for a in axes if getattr(self, a) > 1)
+
+    @property
+    def vocab_shards(self) -> int:
+        return math.prod(getattr(self, a) for a in self.vocab_axes)
+
+    @property
     def vocab_parallel(self) -> bool:
-        """The vocabulary split over tp: layout.vocab_split=tp on a layout with tp > 1."""
-        return self.vocab_split == "tp" and self.tp > 1
+        """The vocabulary split: layout.vocab_split=tp on a layout with tp > 1 (or tp_pp with tp or pp > 1)."""
+        return bool(self.vocab_axes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,7 +416,7 @@ def storage_model(cfg: Config) -> ModelConfig:
     """The model as the mesh stores it: with uneven stages every stage holds as many units as the largest (the others
     padded with units that are never applied: their output is their input), so the stacked units are pp x max."""
     m, lay = cfg.model, cfg.layout
-    if lay.vocab_parallel and m.vocab % lay.tp:  # the vocabulary split over tp: padded to a multiple of tp
+    if lay.vocab_parallel and m.vocab % lay.vocab_shards:  # the vocabulary split: padded to a multiple of the split
         m = dataclasses.replace(m, vocab=padded_vocab(cfg))
     if not lay.stage_layers:
         return m
@@ -411,12 +424,12 @@ def storage_model(cfg: Config) -> ModelConfig:
 
 
 def padded_vocab(cfg: Config) -> int:
-    """The vocabulary as stored: model.vocab, or split over tp (layout.vocab_split=tp) the next multiple of tp. The
+    """The vocabulary as stored: model.vocab, or split (layout.vocab_split) the next multiple of the split. The
     padding rows of the embedding are never looked up (token ids are checked against model.vocab where data enters)
     and the padding columns of the head are masked out of the cross-entropy and cut from served logits, so they get
     no gradient and stay zero; checkpoints and exports hold model.vocab rows only."""
-    v, tp = cfg.model.vocab, cfg.layout.tp
-    return -(-v // tp) * tp if cfg.layout.vocab_parallel else v
+    v, n = cfg.model.vocab, cfg.layout.vocab_shards
+    return -(-v // n) * n
 
 
 def _check_architecture(m: ModelConfig) -> None:

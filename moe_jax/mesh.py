@@ -196,10 +196,12 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
     rows_mb = run.batch // lay.microbatches
     rows_shard = rows_mb // shards
     s_local = run.seq_len // lay.tp
-    # The vocabulary split over tp (layout.vocab_split=tp): V / tp embedding rows and head columns of the padded
-    # vocabulary each; the last rank's last ids are padding (never looked up, masked out of the loss).
+    # The vocabulary split (layout.vocab_split): V / tp (or V / (tp pp), rank (t, p) holding block t pp + p)
+    # embedding rows and head columns of the padded vocabulary each; the last block's last ids are padding (never
+    # looked up, masked out of the loss).
     v_stored = padded_vocab(cfg)
-    v_local = v_stored // (lay.tp if lay.vocab_parallel else 1)
+    v_local = v_stored // lay.vocab_shards
+    over_pp = "pp" in lay.vocab_axes
 
     devices = []
     for pos in range(n):
@@ -211,6 +213,7 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
             for r in range(j * rows_mb + shard * rows_shard, j * rows_mb + (shard + 1) * rows_shard)
         ]
         host = int(procs[pp, dp, ep, tp]) if multi else pos // lay.devices_per_host
+        block = (tp * lay.pp + pp if over_pp else tp) if "tp" in lay.vocab_axes else (pp if over_pp else 0)
         kv_held, kv_used, kv_how = kv_heads_held(m, lay.tp, tp)
         devices.append(
             {
@@ -231,8 +234,8 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
                 "expert_hidden": [0, f_local] if lay.folded else [tp * f_local, (tp + 1) * f_local],
                 "shared_hidden": [tp * m.shared_hidden // lay.tp, (tp + 1) * m.shared_hidden // lay.tp],
                 "dense_hidden": [tp * m.dense_hidden // lay.tp, (tp + 1) * m.dense_hidden // lay.tp],
-                "vocab": [tp * v_local, (tp + 1) * v_local] if lay.vocab_parallel else [0, v_stored],
-                "vocab_padding": max(0, (tp + 1) * v_local - m.vocab) if lay.vocab_parallel else 0,
+                "vocab": [block * v_local, (block + 1) * v_local],
+                "vocab_padding": max(0, (block + 1) * v_local - max(m.vocab, block * v_local)),
                 "batch_rows": _ranges(rows),
                 "seq": [tp * s_local, (tp + 1) * s_local],
             }
@@ -253,6 +256,7 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
             "microbatches": lay.microbatches,
             "expert_tp": lay.expert_tp,
             "vocab_split": lay.vocab_split if lay.vocab_parallel else "none",
+            "vocab_axes": list(lay.vocab_axes),
             "devices_per_host": lay.devices_per_host,
             "devices": n,
             "hosts": len({d["host"] for d in devices}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.console import Console
@@ -42,8 +43,11 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
     split_vocab = lay.get("vocab_split", "none") != "none"
     if split_vocab:
         pad = model["vocab_stored"] - model["vocab"]
-        console.print(f"vocabulary {model['vocab']} split over tp (layout.vocab_split=tp): each device holds "
-                      f"{model['vocab_stored'] // lay['tp']} embedding rows and head columns (the vocab column)"
+        axes = lay.get("vocab_axes", ["tp"])
+        shards = math.prod(lay[a] for a in axes)
+        console.print(f"vocabulary {model['vocab']} split over {' x '.join(axes)} (layout.vocab_split="
+                      f"{lay['vocab_split']}): each device holds {model['vocab_stored'] // shards} embedding rows and "
+                      f"head columns (the vocab column)"
                       + (f"; padded to {model['vocab_stored']}, the last {pad} id(s) never looked up and masked out "
                          f"of the loss" if pad else ""))  # fmt: skip
     if model.get("kv_heads", model["heads"]) != model["heads"]:
@@ -104,7 +108,8 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
         "tp": "tensor: all-gather / reduce-scatter (sequence parallel)"
         + ("; the vocabulary-parallel embedding and cross-entropy" if split_vocab else ""),
         "ep": "expert parallel: the batch split, the experts split",
-        "pp": "pipeline ring: collective-permute",
+        "pp": "pipeline ring: collective-permute"
+        + ("; the embedding and head split over the stages" if "pp" in lay.get("vocab_axes", []) else ""),
         "dp": "data replicas",
         "grad_reduce": "gradient sum of attention weights over (dp, ep)",
         "expert_all_to_all": "expert dispatch and combine: all-to-all over "

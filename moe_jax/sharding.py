@@ -43,20 +43,25 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 # layout.expert_tp=1 (expert folding): the experts split over (ep, tp) jointly, each whole on its device. Attention,
 # the shared expert and dense layers keep tp.
 FOLDED_RULES: dict[str, str | tuple[str, ...] | None] = {**RULES, "experts": ("ep", "tp"), "expert_mlp": None}
-# layout.vocab_split=tp: the embedding's rows and the head's columns split over tp (vocabulary-parallel).
-VOCAB_RULES: dict[str, str | tuple[str, ...] | None] = {"vocab": "tp"}
+# layout.vocab_split: the embedding's rows and the head's columns split over tp, or over tp and pp (tp-major: rank
+# (t, p) holds block t pp + p), or whole (vocabulary-parallel, the default 'tp').
+VOCAB_RULES: dict[str, dict[str, str | tuple[str, ...] | None]] = {
+    "tp": {"vocab": "tp"},
+    "tp_pp": {"vocab": ("tp", "pp")},
+    "none": {},
+}
 
 
 def rules_for(layout) -> Mapping[str, str | tuple[str, ...] | None]:
     """The rules table a layout places its parameters by: RULES, or FOLDED_RULES with layout.expert_tp=1, with the
-    vocabulary over tp where layout.vocab_split=tp."""
-    return _rules(layout.folded, layout.vocab_parallel)
+    vocabulary over layout.vocab_split's axes."""
+    return _rules(layout.folded, layout.vocab_split)
 
 
 @functools.cache
-def _rules(folded: bool, vocab: bool) -> Mapping[str, str | tuple[str, ...] | None]:
+def _rules(folded: bool, vocab: str = "none") -> Mapping[str, str | tuple[str, ...] | None]:
     base = FOLDED_RULES if folded else RULES
-    return {**base, **VOCAB_RULES} if vocab else base
+    return {**base, **VOCAB_RULES[vocab]}
 
 
 def expert_axes(layout) -> tuple[str, ...]:
@@ -213,9 +218,9 @@ class Axes:
     # How ragged dispatch moves rows between expert shards: 'ragged' (jax.lax.ragged_all_to_all), 'padded' (every
     # expert's worst case) or 'emulated' (ragged_all_to_all's semantics from padded collectives).
     exchange: str = "padded"
-    # The axis the vocabulary (embedding rows, head columns) is split over (layout.vocab_split=tp), and the real
+    # The axes the vocabulary (embedding rows, head columns) is split over (layout.vocab_split), and the real
     # vocabulary size: the stored one is padded to a multiple of the split, the padding columns masked out.
-    vocab: str | None = None
+    vocab: str | tuple[str, ...] | None = None
     vocab_size: int = 0
 
     @classmethod
@@ -299,10 +304,19 @@ class Axes:
     def tp_index(self):
         return 0 if self.tp is None else lax.axis_index(self.tp)
 
-    # The vocabulary split over tp (layout.vocab_split=tp): each rank holds V / tp embedding rows and head columns.
+    # The vocabulary split (layout.vocab_split): each rank holds V / (tp [pp]) embedding rows and head columns.
     def vocab_start(self, n_local: int):
         """The first vocabulary id of this rank's rows (0 unsplit)."""
         return 0 if self.vocab is None else lax.axis_index(self.vocab) * n_local
+
+    @property
+    def vocab_pp(self) -> bool:
+        """The vocabulary is split over pp too: every stage holds a share of the embedding and the head."""
+        return self.vocab is not None and "pp" in spec_axes(self.vocab)
+
+    def sum_vocab_stages(self, x):
+        """The embedding split over pp as well: each stage's rows summed over the stages (after the tp sum)."""
+        return lax.psum(x, "pp") if self.vocab_pp else x
 
     def vocab_max(self, x):
         return x if self.vocab is None else lax.pmax(x, self.vocab)

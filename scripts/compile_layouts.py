@@ -6,8 +6,8 @@ it (GPipe, so that the comparison is of the option alone): per-device memory com
         (its 64-device layout before folding: dp x ep = 16)
     expert folding (layout.expert_tp tp and 1): the seed on seed-128 (ep 16 x tp 2) and Mixtral-8x7B on its
         64-device layout (pp 4 x dp 2 x ep 4 x tp 2)
-    the vocabulary split (layout.vocab_split none and tp): the seed on seed-128 and Mixtral-8x7B on its 64-device
-        layout (tp 2 each)
+    the vocabulary split (layout.vocab_split none, tp and tp_pp): the seed on seed-128, Mixtral-8x7B and
+        Qwen3-30B-A3B (vocabulary 151936) on their 64-device layouts
 
 Writes docs/results/layouts_memory.json.
 
@@ -42,8 +42,16 @@ CASES = [
     ),
     ("seed-128", None, "meshes/seed-128.yaml", [], "expert_tp", ("tp", "1")),
     ("mixtral-8x7b-64", *MIXTRAL, ["layout.zero=0"], "expert_tp", ("tp", "1")),
-    ("seed-128", None, "meshes/seed-128.yaml", [], "vocab_split", ("none", "tp")),
-    ("mixtral-8x7b-64", *MIXTRAL, [], "vocab_split", ("none", "tp")),
+    ("seed-128", None, "meshes/seed-128.yaml", [], "vocab_split", ("none", "tp", "tp_pp")),
+    ("mixtral-8x7b-64", *MIXTRAL, [], "vocab_split", ("none", "tp", "tp_pp")),
+    (
+        "qwen3-30b-a3b-64",
+        "configs/models/qwen3-30b-a3b.yaml",
+        "meshes/qwen3-30b-a3b-64.yaml",
+        [],
+        "vocab_split",
+        ("tp", "tp_pp"),
+    ),
 ]
 
 

@@ -229,7 +229,7 @@ def test_each_presets_layout_is_the_searchs_first_on_64_h100s_and_its_kv_cache_i
     cfg = load_pair(f"{preset}-64")
     best = search(cfg, 64, get_hardware("h100"))["fitting"][0]
     lay = cfg.layout
-    keys = ("pp", "dp", "ep", "tp", "microbatches", "repeats", "remat", "schedule", "zero", "expert_tp")
+    keys = ("pp", "dp", "ep", "tp", "microbatches", "repeats", "remat", "schedule", "zero", "expert_tp", "vocab_split")
     assert {k: best[k] for k in keys} == {k: getattr(lay, k) for k in keys}
     m = cfg.model
     layers_per_stage = m.layers // lay.pp

@@ -233,13 +233,18 @@ def test_committed_zero1_and_folding_results_cover_the_cases_and_pass():
     # The vocabulary split over tp lowers the compiled memory by at least what the embedding and head no longer hold
     # (their fp32 weights, gradients and AdamW moments: V x D x (1 - 1 / tp) elements each, 16 bytes).
     vocab = {(r["name"], r["value"]): r for r in full if r["option"] == "vocab_split"}
-    assert {n for n, _ in vocab} == {"seed-128", "mixtral-8x7b-64"}
-    for name in {n for n, _ in vocab}:
-        whole, split = vocab[(name, "none")], vocab[(name, "tp")]
+    assert {n for n, _ in vocab} == {"seed-128", "mixtral-8x7b-64", "qwen3-30b-a3b-64"}
+    for (name, value), split in vocab.items():  # each split against the one before it: none < tp < tp_pp
+        whole = vocab.get((name, {"tp": "none", "tp_pp": "tp"}.get(value)))
+        if whole is None:
+            continue
         share = edge_bytes(load_config(whole["model"], whole["layout"], whole["overrides"])) - edge_bytes(
             load_config(split["model"], split["layout"], split["overrides"])
         )
-        assert share > 0 and split["memory"]["compiled"] <= whole["memory"]["compiled"] - share, name
+        assert share > 0 and split["memory"]["compiled"] <= whole["memory"]["compiled"] - share, (name, value)
+    # Over pp as well, each stage computes its share of the head: fewer FLOPs per device (the compiled count).
+    for name in ("seed-128", "qwen3-30b-a3b-64"):
+        assert vocab[(name, "tp_pp")]["flops"]["compiled"] < 0.9 * vocab[(name, "tp")]["flops"]["compiled"], name
 
 
 def edge_bytes(cfg) -> int:
@@ -264,7 +269,7 @@ def edge_bytes(cfg) -> int:
         # folded, the shared expert is still split over tp (only the routed experts are whole)
         (["layout.expert_tp=1", "model.shared_hidden=41"], r"layout.tp=2: must divide model.shared_hidden=41"),
         (["model.expert_hidden=41"], r"layout.tp=2: must divide model.expert_hidden=41"),
-        (["layout.vocab_split=pp"], r"layout.vocab_split='pp': valid: tp, none"),
+        (["layout.vocab_split=pp"], r"layout.vocab_split='pp': valid: tp, tp_pp, none"),
     ],
 )  # fmt: skip
 def test_bad_zero_or_folding_input_is_one_line(overrides, match):

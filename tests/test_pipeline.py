@@ -187,9 +187,14 @@ def test_1f1b_slots_respect_every_dependency_and_the_stash_is_bounded_by_pp(pp, 
 def test_1f1b_interleaved_equals_one_device_and_its_audit_is_clean():
     """Interleaved 1F1B on pp4-tp2 (m 8, v 2) against one device (fp32 1e-5), and the HLO audit of the very program
     checked: every collective as many times as the schedule says (per tick a forward slot and a backward slot, each
-    a cond), the permutes over the pp ring only, both directions, two per tick."""
+    a cond), the permutes over the pp ring only, both directions, two per tick. With the vocabulary split over tp
+    and pp (97 over 8, stored as 104): every stage embeds and computes its share of the head outside the slots (the
+    vocabulary over tp alone: the same case in docs/pipeline-1f1b.md, and tests/test_train.py's folded 1F1B run)."""
+    from moe_jax.config import apply_overrides, padded_vocab
+
     c = matrix.case("1f1b pp4-tp2 m8 v2")
-    cfg = matrix.config(c)
+    cfg = apply_overrides(matrix.config(c), ["layout.vocab_split=tp_pp"])
+    assert cfg.layout.vocab_axes == ("tp", "pp") and padded_vocab(cfg) == 104
     mesh = make_mesh(cfg.layout)
     result = verify(cfg, mesh, programs=True)
     assert result["ok"] and result["tolerance"] == 1e-5, result["errors"]

@@ -119,7 +119,8 @@ class Transformer(nnx.Module):
         """[..., S] token ids -> [..., S, D] fp32 embeddings. Vocabulary split over tp: each rank looks its own rows
         up for every token of the whole sequence (training gathers the tp ranks' sequence slices first, int32), the
         other ranks' ids give zeros, and one sum over tp completes each row: reduce-scattered back to the sequence
-        slices in training, all-reduced in serving. Exact: one term of each sum is non-zero."""
+        slices in training, all-reduced in serving (split over pp too: then summed over the stages). Exact: one term
+        of each sum is non-zero."""
         table = self.embed[...]
         if axes.vocab is None:
             return jnp.take(table, tokens_BS, axis=0)
@@ -128,7 +129,7 @@ class Transformer(nnx.Module):
         local = ids - axes.vocab_start(n)
         mine = (local >= 0) & (local < n)
         x = jnp.where(mine[..., None], jnp.take(table, jnp.clip(local, 0, n - 1), axis=0), 0.0)
-        return axes.scatter_seq(x, x.ndim - 2)
+        return axes.sum_vocab_stages(axes.scatter_seq(x, x.ndim - 2))
 
     def local_logits(self, x_BSD, dtype):
         """fp32 logits of the vocabulary this device holds (all of it unless the vocabulary is split)."""

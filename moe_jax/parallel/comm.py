@@ -52,7 +52,7 @@ def local_sizes(cfg: Config) -> dict[str, int]:
         "expert_gather": 1 if lay.folded else lay.tp,
         # the vocabulary a device holds (embedding rows, head columns), and the sequence its head scores: split over
         # tp (layout.vocab_split=tp), V / tp of the padded vocabulary for the whole sequence; else V for its slice
-        "vocab": storage_model(cfg).vocab // (lay.tp if lay.vocab_parallel else 1),
+        "vocab": storage_model(cfg).vocab // lay.vocab_shards,
         "head_seq": run.seq_len if lay.vocab_parallel else s,
     }
 
@@ -70,11 +70,11 @@ def param_shards(cfg: Config) -> list[dict[str, Any]]:
     its local element count, from the abstract model and the one rules table (nothing allocated); `zero`: the batch
     axes ZeRO-1 splits its optimizer state over, `zero_split` and `zero_local` its split and count then."""
     lay = cfg.layout
-    return _param_shards(storage_model(cfg), lay.shape, lay.zero, lay.folded, lay.vocab_parallel)
+    return _param_shards(storage_model(cfg), lay.shape, lay.zero, lay.folded, lay.vocab_split)
 
 
 @functools.lru_cache(maxsize=4096)
-def _param_shards(model_cfg, shape_pdet: tuple[int, ...], zero: int, folded: bool, vocab: bool) -> list[dict[str, Any]]:
+def _param_shards(model_cfg, shape_pdet: tuple[int, ...], zero: int, folded: bool, vocab: str) -> list[dict[str, Any]]:
     from moe_jax.sharding import _rules, logical_to_mesh, zero_spec
 
     sizes = dict(zip(MESH_AXES, shape_pdet, strict=True))
@@ -206,8 +206,7 @@ def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False)
     add("all-reduce", MESH_AXES, 4, 1, "loss")
 
     rows += [
-        dict(row)
-        for row in _gradient_rows(storage_model(cfg), lay.shape, lay.zero, lay.folded, lay.vocab_parallel, step)
+        dict(row) for row in _gradient_rows(storage_model(cfg), lay.shape, lay.zero, lay.folded, lay.vocab_split, step)
     ]
     return rows
 
@@ -222,30 +221,57 @@ def _vocab_rows(add, cfg: Config, loc: dict[str, int], db: int) -> None:
                sequence slice of the tp-invariant losses); backward: reduce-scatter of the input's gradient
     GPipe embeds every microbatch at once and rematerialises the head per microbatch: its input gather, the max and
     the sum run twice (the target's logit enters linearly: not recomputed). 1F1B embeds in its forward slot and
-    again under jax.vjp in the backward slot (the lookup's reduce-scatter is not needed there), and runs the head
-    under jax.vjp in the backward slot, once per tick each."""
+    again under jax.vjp in the backward slot (where the lookup's reduce-scatter is needed only as the dense first
+    layers' input), and runs the head
+    under jax.vjp in the backward slot, once per tick each.
+    Split over pp as well (layout.vocab_split=tp_pp): the looked-up rows are summed over the stages too, and the last
+    stage's outputs fp32 are summed to every stage before the head (each an all-reduce over pp, and one more each in
+    the backward pass; GPipe every microbatch at once, 1F1B per tick); the cross-entropy's three statistics are
+    reduced over (pp, tp); in the backward pass the per-token losses' gradient is summed over tp and, GPipe, the
+    loss's over pp (one fp32)."""
     lay = cfg.layout
     t, d, tp, mb = loc["tokens"], cfg.model.d_model, lay.tp, lay.microbatches
+    vocab_axes = tuple(a for a in MESH_AXES if a in lay.vocab_axes)
     if lay.schedule == "1f1b":
         ticks = schedule_of(cfg).ticks
         lookups, embed_ids, heads, again = ticks, 2 * ticks, ticks, 0
+        # the backward slot's lookup feeds the dense first layers' recomputation where there are some
+        rows_summed = ticks * (2 if cfg.model.dense_layers else 1)
         ids = t
     else:
         lookups, embed_ids, heads, again = 1, 1, mb, 1
+        rows_summed = 1
         ids = t * mb  # every microbatch at once
     add("all-gather", ("tp",), ids * 4, embed_ids, "embedding: token ids over tp")
-    add("reduce-scatter", ("tp",), ids * tp * d * 4, lookups, "embedding rows from the ranks that hold them, fp32")
+    add("reduce-scatter", ("tp",), ids * tp * d * 4, rows_summed, "embedding rows from the ranks that hold them, fp32")
     add("all-gather", ("tp",), ids * d * 4, lookups, "backward of the embedding reduce-scatter, fp32")
     add("all-gather", ("tp",), t * mb * 4, 1, "head: the targets over tp, once")
     add("all-gather", ("tp",), t * d * db, (1 + again) * heads, "head input, tokens over tp")
-    add("all-reduce", ("tp",), t * tp * 4, (4 + 2 * again) * heads, "vocabulary-parallel cross-entropy: max, sum "
-        "of exponentials, target logit; the per-token losses' gradient")  # fmt: skip
+    add("all-reduce", vocab_axes, t * tp * 4, (3 + 2 * again) * heads, "vocabulary-parallel cross-entropy: max, sum "
+        "of exponentials, target logit")  # fmt: skip
+    add("all-reduce", ("tp",), t * tp * 4, heads, "the per-token losses' gradient (each rank summed its own slice)")
     add("reduce-scatter", ("tp",), t * tp * d * db, heads, "backward of the head input all-gather")
+    if "pp" in vocab_axes and lay.schedule == "1f1b":  # per tick, outside the slots (one_f_one_b.py)
+        add(
+            "all-reduce",
+            ("pp",),
+            t * d * 4,
+            lookups * (3 if cfg.model.dense_layers else 2),
+            "embedding rows "
+            "summed over the stages, and their gradient (and again for the dense first layers' recomputation), fp32",
+        )
+        add("all-reduce", ("pp",), t * d * 4, 2 * heads, "the last stage's output to every stage's head, and its "
+            "gradient, fp32")  # fmt: skip
+    elif "pp" in vocab_axes:
+        add("all-reduce", ("pp",), ids * d * 4, 2, "embedding rows summed over the stages, and their gradient, fp32")
+        add("all-reduce", ("pp",), t * mb * d * 4, 2, "the last stage's outputs to every stage's head, and their "
+            "gradient, fp32")  # fmt: skip
+        add("all-reduce", ("pp",), 4, heads, "the loss's gradient over the stages")
 
 
 @functools.lru_cache(maxsize=4096)
 def _gradient_rows(
-    model_cfg, shape: tuple[int, ...], zero: int, folded: bool, vocab: bool, step: str
+    model_cfg, shape: tuple[int, ...], zero: int, folded: bool, vocab: str, step: str
 ) -> tuple[dict, ...]:
     """Gradient sums: every parameter's gradient is summed over the mesh axes it is replicated over, once per step.
     ZeRO-1: reduce-scattered over its batch axes first, then all-reduced over the rest on the slice; the train step
@@ -316,11 +342,17 @@ def expected_serving_collectives(cfg: Config, step: str) -> list[dict[str, Any]]
     if lay.folded:  # each tp rank's result of its copy of a token: one (a max of equal values) makes it tp-invariant
         add("all-reduce", ("tp",), tokens * d * db, runs, "folded experts' combined output, the tp copies settled")
     add("collective-permute", ("pp",), tokens * d * 4, sched.ticks, "stage to stage, fp32 residual")
-    add("all-reduce", ("pp",), lay.microbatches * b * m.vocab * 4, 1, "last-position logits from the last stage")
+    vocab_axes = tuple(a for a in MESH_AXES if a in lay.vocab_axes)
+    if "pp" in vocab_axes:  # every stage computes its columns of the logits on the last stage's outputs
+        add("all-reduce", ("pp",), lay.microbatches * b * d * 4, 1, "the last stage's last-position outputs to every "
+            "stage, fp32")  # fmt: skip
+    else:
+        add("all-reduce", ("pp",), lay.microbatches * b * m.vocab * 4, 1, "last-position logits from the last stage")
     if lay.vocab_parallel:  # every rank looks up its rows for every token: one sum; the logits' columns gathered
-        add("all-reduce", ("tp",), lay.microbatches * tokens * d * 4, 1, "embedding rows from the ranks that hold "
-            "them, fp32")  # fmt: skip
-        add("all-gather", ("tp",), lay.microbatches * b * storage_model(cfg).vocab // lay.tp * 4, 1,
+        for axis in vocab_axes:
+            add("all-reduce", (axis,), lay.microbatches * tokens * d * 4, 1, f"embedding rows from the ranks that "
+                f"hold them, summed over {axis}, fp32")  # fmt: skip
+        add("all-gather", vocab_axes, lay.microbatches * b * storage_model(cfg).vocab // lay.vocab_shards * 4, 1,
             "last-position logits, each rank's vocabulary columns")  # fmt: skip
     return rows
 

@@ -140,6 +140,15 @@ def layout_cases() -> list[dict[str, Any]]:
         {"id": "vocab_tp ep4-tp2 bf16", **vocab, "overrides": LAYOUTS["ep4-tp2"] + [VOCAB, "run.dtype=bf16"]},
         {"id": "vocab_tp pp2-ep2-tp2 decode", "config": "configs/tiny.yaml", "kind": "decode",
          "overrides": LAYOUTS["pp2-ep2-tp2"] + [VOCAB]},
+        # over tp and pp: every stage computes its share of the head (97 over 4 and over 8: 100, 104 stored)
+        {"id": "vocab_tp_pp pp2-ep2-tp2", **vocab, "overrides": LAYOUTS["pp2-ep2-tp2"] + [VOCAB_PP]},
+        {"id": "vocab_tp_pp pp4-tp2 1f1b", **vocab, "overrides": LAYOUTS["pp4-tp2"] + [VOCAB_PP, ONE_F_ONE_B]},
+        {"id": "vocab_tp_pp pp2-circular 1f1b tied", **vocab,
+         "overrides": LAYOUTS["pp2-circular"] + [VOCAB_PP, ONE_F_ONE_B, "model.tie_embeddings=true"]},
+        {"id": "vocab_tp_pp pp2-ep4 zero1", **vocab, "overrides": ["layout.pp=2", "layout.ep=4", M4, VOCAB_PP,
+                                                                  "layout.zero=1"]},
+        {"id": "vocab_tp_pp pp2-ep2-tp2 decode", "config": "configs/tiny.yaml", "kind": "decode",
+         "overrides": LAYOUTS["pp2-ep2-tp2"] + [VOCAB_PP]},
         {"id": "zero1 dp2-ep2-tp2", **tiny, "overrides": LAYOUTS["dp2-ep2-tp2"] + ["layout.zero=1"]},
         {"id": "zero1 ep4-tp2", **tiny, "overrides": LAYOUTS["ep4-tp2"] + ["layout.zero=1"]},
         {"id": "zero1 pp2-ep2-tp2", **tiny, "overrides": LAYOUTS["pp2-ep2-tp2"] + ["layout.zero=1"]},
@@ -167,6 +176,7 @@ def layout_cases() -> list[dict[str, Any]]:
 
 FOLD = "layout.expert_tp=1"
 VOCAB = "layout.vocab_split=tp"
+VOCAB_PP = "layout.vocab_split=tp_pp"
 
 
 def case(case_id: str) -> dict[str, Any]:
@@ -206,8 +216,8 @@ def run_zero(cfg, steps: int = 5) -> dict[str, Any]:
 
 
 def run_vocab(cfg, steps: int = 5) -> dict[str, Any]:
-    """The vocabulary split over tp: `run_against(cfg, 'vocab_split', 'none')`: the split embedding, head and
-    cross-entropy against both whole on every device."""
+    """The vocabulary split over tp (or tp and pp): `run_against(cfg, 'vocab_split', 'none')`: the split embedding,
+    head and cross-entropy against both whole on every device."""
     return run_against(cfg, "vocab_split", "none", steps)
 
 

@@ -86,6 +86,8 @@ def grads_fn(sm) -> Callable:
         def embed(edge, tokens, remat: str):
             model = model_of(_join(edge, stack_p))
             x = model.embed_tokens(tokens, axes)
+            if axes.vocab_pp:  # summed over the stages: the same on each, typed as the activations are
+                x = lax.pcast(x, ("pp",), to="varying")
             return run_prologue(model, x, axes, dtype, remat) if m.dense_layers else x
 
         def segment(stack, x, i0):
@@ -112,7 +114,45 @@ def grads_fn(sm) -> Callable:
             else zero_act
         )
 
-        def forward(t, recv, stash):
+        # The vocabulary split over pp too (layout.vocab_split=tp_pp): the embedding and the head need every stage, so
+        # they run outside the stage-dependent slots, under conditions on the tick alone (stage 0's forward slot's
+        # microbatch; stage 0's and the last stage's backward slots'), and the stage that needs the result takes it.
+        def slot_of(t, stage_of, backward):
+            k = t - stage_of if not backward else t - sched.backward_offset - (pp - 1 - stage_of)
+            j, r = _slot(jnp.clip(k, 0, v * mb - 1), pp, v, backward=backward)
+            return (k >= 0) & (k < v * mb), j, r
+
+        def embed_all(t):
+            """Stage 0's embedding of this tick's first-repeat microbatch, computed by every stage (its rows)."""
+            valid, j, r = slot_of(t, 0, False)
+            return lax.cond(valid & (r == 0), lambda: embed(edge_p, tokens_local[j], "none"), lambda: zero_act)
+
+        def head_all(t, y_now, acc):
+            """The last stage's loss of this tick (its output summed to every stage, each its columns of the head):
+            (acc with the head's gradient and the loss, the output's cotangent)."""
+            valid, j, r = slot_of(t, pp - 1, True)
+
+            def head(acc):
+                y_last = lax.psum(jnp.where(stage == pp - 1, y_now, 0.0), "pp")
+                ce, pull_head = jax.vjp(lambda e, y: head_ce(e, y, targets_local[j]), edge_p, y_last)
+                d_edge, dy = pull_head(ce * 0.0 + scale / n_tokens)
+                ce = jnp.where(stage == pp - 1, ce, 0.0)  # the same on every stage: counted once
+                return dict(acc, edge=add(acc["edge"], d_edge), ce=acc["ce"] + ce), lax.pcast(dy, ("pp",), to="varying")
+
+            return lax.cond(valid & (r == v - 1), head, lambda acc: (acc, zero_act), acc)
+
+        def embed_back(t, dx, acc):
+            """Stage 0's embedding gradient of this tick (its input cotangent summed to every stage, each its rows)."""
+            valid, j, r = slot_of(t, 0, True)
+
+            def into(acc):
+                # stage 0's cotangent only: the embedding's cast to varying over pp sums it to every stage
+                _, pull_embed = jax.vjp(lambda e: embed(e, tokens_local[j], "none"), edge_p)
+                return dict(acc, edge=add(acc["edge"], pull_embed(jnp.where(stage == 0, dx, 0.0))[0]))
+
+            return lax.cond(valid & (r == 0), into, lambda acc: acc, acc)
+
+        def forward(t, recv, stash, x_embed=None):
             """The forward slot: the chunk on its input, each segment's input stashed; returns (output, stash)."""
             k = t - stage
             valid = (k >= 0) & (k < v * mb)
@@ -120,13 +160,16 @@ def grads_fn(sm) -> Callable:
             first = (stage == 0) & (r == 0)
 
             def run(stash):
-                x = lax.cond(first, lambda: embed(edge_p, tokens_local[j], "none"), lambda: recv)
+                if x_embed is not None:  # computed by every stage (embed_all)
+                    x = jnp.where(first, x_embed, recv)
+                else:
+                    x = lax.cond(first, lambda: embed(edge_p, tokens_local[j], "none"), lambda: recv)
                 y, xs = lax.scan(lambda x, i: (segment(stack_p, x, r * l_c + i * seg)[0][0], x), x, jnp.arange(n_seg))
                 return y, stash.at[k % n_slots].set(xs)
 
             return lax.cond(valid, run, lambda stash: (zero_act, stash), stash)
 
-        def backward(t, recv, y_now, stash, acc):
+        def backward(t, recv, y_now, stash, acc, dy_head=None):
             """The backward slot: each segment recomputed from its stashed input under jax.vjp, last to first."""
             k = t - sched.backward_offset - (pp - 1 - stage)
             valid = (k >= 0) & (k < v * mb)
@@ -142,7 +185,10 @@ def grads_fn(sm) -> Callable:
                     d_edge, dy = pull_head(ce * 0.0 + scale / n_tokens)
                     return dict(acc, edge=add(acc["edge"], d_edge), ce=acc["ce"] + ce), dy
 
-                acc, dy = lax.cond(last, from_loss, lambda acc: (acc, recv), acc)
+                if dy_head is not None:  # computed by every stage (head_all)
+                    dy = jnp.where(last, dy_head, recv)
+                else:
+                    acc, dy = lax.cond(last, from_loss, lambda acc: (acc, recv), acc)
 
                 def back(carry, xs):
                     dy, acc = carry
@@ -173,14 +219,22 @@ def grads_fn(sm) -> Callable:
                     _, pull_embed = jax.vjp(lambda e: embed(e, tokens_local[j], "none"), edge_p)
                     return dict(acc, edge=add(acc["edge"], pull_embed(dx)[0]))
 
+                if axes.vocab_pp:  # every stage's share of the embedding's gradient: embed_back
+                    return acc, dx
                 return lax.cond(first, into_embedding, lambda acc: acc, acc), dx
 
             return lax.cond(valid, run, lambda acc: (acc, zero_act), acc)
 
         def tick(carry, t):
             recv_f, recv_b, stash, acc = carry
-            y, stash = forward(t, recv_f, stash)  # first: the last stage's backward reads this tick's input and output
-            acc, dx = backward(t, recv_b, y, stash, acc)
+            if axes.vocab_pp:
+                y, stash = forward(t, recv_f, stash, embed_all(t))
+                acc, dy_head = head_all(t, y, acc)
+                acc, dx = backward(t, recv_b, y, stash, acc, dy_head)
+                acc = embed_back(t, dx, acc)
+            else:
+                y, stash = forward(t, recv_f, stash)  # first: the last stage's backward reads this tick's output
+                acc, dx = backward(t, recv_b, y, stash, acc)
             if pp_axes:
                 y, dx = lax.ppermute(y, "pp", fwd_perm), lax.ppermute(dx, "pp", bwd_perm)
             return (y, dx, stash, acc), None

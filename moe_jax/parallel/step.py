@@ -433,6 +433,9 @@ def _loss_body(sm: ShardedModel) -> Callable:
         stage = lax.axis_index("pp") if pp_axes else 0
         # Every stage embeds and runs the dense first layers (cheap, replicated over pp); only stage 0 uses them.
         x_MBSD = model.embed_tokens(tokens_local, axes)
+        if axes.vocab_pp:  # the embedding was summed over the stages: the same on each. Typed varying here, once,
+            # so its gradient is summed over the stages once, not at every tick that reads it
+            x_MBSD = lax.pcast(x_MBSD, ("pp",), to="varying")
         if m.dense_layers:
             x_MBSD = lax.map(lambda x: run_prologue(model, x, axes, dtype, remat_layer), x_MBSD)
         l_c = stored // (pp * v)
@@ -484,8 +487,12 @@ def _loss_body(sm: ShardedModel) -> Callable:
         (_, _, out, acc), _ = lax.scan(tick, (zero_act, buf0, out0, acc0), jnp.arange(sched.ticks))
 
         # Head and loss on the last stage's outputs (every stage computes; the others' share is masked out), one
-        # microbatch at a time and rematerialised: only one microbatch's [B, S, V] logits are ever alive.
+        # microbatch at a time and rematerialised: only one microbatch's [B, S, V] logits are ever alive. The
+        # vocabulary split over pp too: every stage computes its share of the head on the last stage's outputs,
+        # summed over the stages to every stage first (the other stages hold zeros).
         last = (stage == pp - 1) if pp_axes else True
+        if axes.vocab_pp:  # (typed varying again at once: the gradient's sum over the stages, once)
+            out = lax.pcast(lax.psum(out, "pp"), ("pp",), to="varying")
 
         @jax.checkpoint
         def microbatch_ce(ce, xs):

@@ -449,6 +449,7 @@ def _layout_row(lay) -> dict[str, Any]:
         "schedule",
         "zero",
         "expert_tp",
+        "vocab_split",
         "devices",
     )
     return {k: getattr(lay, k) for k in keys}

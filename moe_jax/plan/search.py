@@ -30,7 +30,8 @@ def balanced_stages(cfg: Config, pp: int) -> tuple[int, ...]:
 def candidates(cfg: Config, devices: int, devices_per_host: int) -> list[Config]:
     """(pp, dp, ep, tp) with pp dp ep tp = devices; microbatches dividing the batch; repeats 1, 2, 4; remat layer or
     tick; schedule GPipe or 1F1B where there is a pipeline; ZeRO-1 or not where there are batch axes; experts split
-    over tp or folded over (ep, tp) where tp > 1; where pp does not divide the pipelined units, uneven stages
+    over tp or folded over (ep, tp) where tp > 1; the vocabulary over tp, or over tp and pp where there is a
+    pipeline; where pp does not divide the pipelined units, uneven stages
     (`balanced_stages`, repeats 1). Only layouts that pass every config check."""
     out = []
     for pp in _divisors(devices):
@@ -47,15 +48,17 @@ def candidates(cfg: Config, devices: int, devices_per_host: int) -> list[Config]
                         continue  # fewer microbatches than stages leaves stages idle most of the step
                     stages = balanced_stages(cfg, pp)
                     for v in (1, 2, 4) if pp > 1 and not stages else (1,):
-                        for remat, schedule, zero, fold in itertools.product(
+                        for remat, schedule, zero, fold, vocab in itertools.product(
                             ("layer", "tick"),
                             ("gpipe", "1f1b") if pp > 1 else ("gpipe",),
                             (0, 1) if shards > 1 else (0,),
                             ("tp", "1") if tp > 1 else ("tp",),
+                            ("tp", "tp_pp") if pp > 1 else ("tp",),
                         ):
                             lay = LayoutConfig(pp=pp, dp=dp, ep=ep, tp=tp, repeats=v, microbatches=mb,
                                                devices_per_host=devices_per_host, remat=remat, stage_layers=stages,
-                                               schedule=schedule, zero=zero, expert_tp=fold)  # fmt: skip
+                                               schedule=schedule, zero=zero, expert_tp=fold,
+                                               vocab_split=vocab)  # fmt: skip
                             c = dataclasses.replace(cfg, layout=lay)
                             try:
                                 check_config(c)
@@ -148,7 +151,7 @@ def search(cfg: Config, devices: int, hw: Hardware) -> dict[str, Any]:
 # The seed's own 128-device layout (meshes/seed-128.yaml) as the search's rows name it: the row the audit, the CLI
 # and the tests rank it by.
 SEED_128 = {"pp": 4, "dp": 1, "ep": 16, "tp": 2, "microbatches": 8, "repeats": 1, "remat": "layer", "schedule": "gpipe",
-            "zero": 0, "expert_tp": "tp"}  # fmt: skip
+            "zero": 0, "expert_tp": "tp", "vocab_split": "tp"}  # fmt: skip
 
 
 def find(result: dict[str, Any], **layout) -> dict[str, Any] | None:

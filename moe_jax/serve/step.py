@@ -208,9 +208,13 @@ def _serve_step(srv: ServeModel, every_position: bool = False) -> Callable:
         buf0 = jnp.broadcast_to(zero_act, (mb if v > 1 else 1, *zero_act.shape))
         out0 = jnp.broadcast_to(zero_act, (mb, *zero_act.shape))
         (_, _, out, ck, cv), _ = lax.scan(tick, (zero_act, buf0, out0, ck, cv), jnp.arange(sched.ticks))
-        logits = model.logits(out if every_position else out[:, :, -1, :], dtype, axes)  # [M, B/M, (S,) V]
-        if pp_axes:
-            logits = lax.psum(jnp.where(stage == pp - 1, logits, 0.0), pp_axes)
+        out = out if every_position else out[:, :, -1, :]
+        if axes.vocab_pp:  # every stage computes its share of the logits on the last stage's outputs
+            logits = model.logits(lax.psum(out, "pp"), dtype, axes)  # [M, B/M, (S,) V]
+        else:
+            logits = model.logits(out, dtype, axes)
+            if pp_axes:
+                logits = lax.psum(jnp.where(stage == pp - 1, logits, 0.0), pp_axes)
         return logits, ck, cv
 
     cspec = cache_specs(cfg, sizes)

@@ -234,15 +234,17 @@ def test_committed_zero1_and_folding_results_cover_the_cases_and_pass():
     # (their fp32 weights, gradients and AdamW moments: V x D x (1 - 1 / tp) elements each, 16 bytes).
     vocab = {(r["name"], r["value"]): r for r in full if r["option"] == "vocab_split"}
     assert {n for n, _ in vocab} == {"seed-128", "mixtral-8x7b-64", "qwen3-30b-a3b-64"}
-    for (name, value), split in vocab.items():  # each split against the one before it: none < tp < tp_pp
-        whole = vocab.get((name, {"tp": "none", "tp_pp": "tp"}.get(value)))
-        if whole is None:
-            continue
+    for name in ("seed-128", "mixtral-8x7b-64"):
+        whole, split = vocab[(name, "none")], vocab[(name, "tp")]
         share = edge_bytes(load_config(whole["model"], whole["layout"], whole["overrides"])) - edge_bytes(
             load_config(split["model"], split["layout"], split["overrides"])
         )
-        assert share > 0 and split["memory"]["compiled"] <= whole["memory"]["compiled"] - share, (name, value)
-    # Over pp as well, each stage computes its share of the head: fewer FLOPs per device (the compiled count).
+        assert share > 0 and split["memory"]["compiled"] <= whole["memory"]["compiled"] - share, name
+    # Over pp as well, each stage holds and computes a share of the embedding and head: less memory (not by their
+    # whole share under GPipe, which holds the last stage's outputs summed to every stage, [M, B, S/tp, D] fp32) and,
+    # where the head is a large part of the step, fewer FLOPs per device (the compiled count).
+    for name in ("seed-128", "mixtral-8x7b-64", "qwen3-30b-a3b-64"):
+        assert vocab[(name, "tp_pp")]["memory"]["compiled"] < vocab[(name, "tp")]["memory"]["compiled"], name
     for name in ("seed-128", "qwen3-30b-a3b-64"):
         assert vocab[(name, "tp_pp")]["flops"]["compiled"] < 0.9 * vocab[(name, "tp")]["flops"]["compiled"], name
 

@@ -352,7 +352,7 @@ def cmd_plan(args) -> int:
     from moe_jax.plan.search import SEED_128, find, search
 
     hw = get_hardware(args.hardware)
-    console = Console(width=max(Console().width, 120))
+    console = Console(width=max(Console().width, 140))
     if args.check and (args.step != "train" or args.search):
         raise ConfigError("--check: checks the train step of one layout; leave out --search and --step")
     if args.search:

@@ -96,7 +96,8 @@ def claims(cfg: Config | None = None) -> list[dict[str, Any]]:
                      f"the seed's realisable (pp4, ep16, tp2, m8) ranks {own['rank']} of {len(result['fitting'])} "
                      f"at {own['step_time_s'] * 1e3:.1f} ms; best (pp{best['pp']}, dp{best['dp']}, ep{best['ep']}, "
                      f"tp{best['tp']}, m{best['microbatches']}, v{best['repeats']}, {best['schedule']}"
-                     f"{', ZeRO-1' if best['zero'] else ''}{', experts folded' if best['expert_tp'] == '1' else ''}) "
+                     f"{', ZeRO-1' if best['zero'] else ''}{', experts folded' if best['expert_tp'] == '1' else ''}"
+                     f"{', vocabulary over tp x pp' if best.get('vocab_split') == 'tp_pp' else ''}) "
                      f"{best['step_time_s'] * 1e3:.1f} ms",
                      "`moe-jax plan --devices 128 --search`", "the seed's layout is neither realisable nor best"))  # fmt: skip
     return rows

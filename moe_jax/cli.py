@@ -352,7 +352,7 @@ def cmd_plan(args) -> int:
     from moe_jax.plan.search import SEED_128, find, search
 
     hw = get_hardware(args.hardware)
-    console = Console(width=max(Console().width, 140))
+    console = Console(width=max(Console().width, 120))
     if args.check and (args.step != "train" or args.search):
         raise ConfigError("--check: checks the train step of one layout; leave out --search and --step")
     if args.search:
@@ -360,6 +360,7 @@ def cmd_plan(args) -> int:
             raise ConfigError("--search needs --devices N: the device count to lay out")
         cfg = load_config(args.config, None, args.overrides, check=False)
         result = search(cfg, args.devices, hw)
+        console = Console(width=max(Console().width, 140))  # the ranked table's 18 columns
         t = Table(title=f"layouts of {args.devices} devices that fit ({len(result['fitting'])} of "
                   f"{result['candidates']}), {hw.name}, ranked by estimated step time", title_justify="left")  # fmt: skip
         for col in ("rank", "pp", "dp", "ep", "tp", "m", "v", "remat", "schedule", "zero", "fold", "vocab", "GB/dev",

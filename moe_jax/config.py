@@ -7,6 +7,7 @@ that names the field, the value and what would be valid. The CLI prints that lin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -43,9 +44,26 @@ class ConfigError(ValueError):
     """A bad config, layout, override or file, described in one line."""
 
 
+def _cached_hash(self) -> int:
+    """The configs are lru_cache keys the layout search hashes hundreds of thousands of times: each instance hashes
+    its fields once. (The cache is not pickled, `_state`: string hashes differ between processes.)"""
+    h = self.__dict__.get("_hash")
+    if h is None:
+        h = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+        object.__setattr__(self, "_hash", h)
+    return h
+
+
+def _state(self) -> dict[str, Any]:
+    return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The MoE transformer. Defaults are the seed's model with the choices of design.md section 1."""
+
+    __hash__ = _cached_hash
+    __getstate__ = _state
 
     vocab: int = 32000
     d_model: int = 1024
@@ -124,6 +142,9 @@ class ModelConfig:
 class LayoutConfig:
     """A parallel layout over the mesh axes (pp, dp, ep, tp), row-major, tp fastest."""
 
+    __hash__ = _cached_hash
+    __getstate__ = _state
+
     pp: int = 1
     dp: int = 1
     ep: int = 1
@@ -172,13 +193,13 @@ class LayoutConfig:
         """Experts folded over (ep, tp): layout.expert_tp=1 on a layout with tp > 1."""
         return self.expert_tp == "1" and self.tp > 1
 
-    @property
+    @functools.cached_property  # (the layout search asks millions of times)
     def vocab_axes(self) -> tuple[str, ...]:
         """The mesh axes the vocabulary is split over (those of more than one device): (), ('tp',), ('tp', 'pp')."""
         axes = {"none": (), "tp": ("tp",), "tp_pp": ("tp", "pp")}.get(self.vocab_split, ())
         return tuple(a for a in axes if getattr(self, a) > 1)
 
-    @property
+    @functools.cached_property
     def vocab_shards(self) -> int:
         return math.prod(getattr(self, a) for a in self.vocab_axes)
 
@@ -191,6 +212,9 @@ class LayoutConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """What one step sees: the global batch, the sequence, the compute dtype, and the optimizer's settings."""
+
+    __hash__ = _cached_hash
+    __getstate__ = _state
 
     batch: int = 128
     seq_len: int = 2048
@@ -205,6 +229,9 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    __hash__ = _cached_hash
+    __getstate__ = _state
+
     model: ModelConfig = ModelConfig()
     layout: LayoutConfig = LayoutConfig()
     run: RunConfig = RunConfig()
@@ -412,6 +439,7 @@ def uneven_units(cfg: Config) -> tuple[int, ...]:
     return stage_units(cfg) if cfg.layout.stage_layers else ()
 
 
+@functools.lru_cache(maxsize=4096)  # (the layout search asks for it hundreds of thousands of times)
 def storage_model(cfg: Config) -> ModelConfig:
     """The model as the mesh stores it: with uneven stages every stage holds as many units as the largest (the others
     padded with units that are never applied: their output is their input), so the stacked units are pp x max."""

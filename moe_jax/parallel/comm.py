@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from moe_jax.config import Config, storage_model
@@ -34,7 +36,14 @@ from moe_jax.sharding import MESH_AXES, TOKEN_AXES, active_axes, expert_axes, re
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def local_sizes(cfg: Config) -> dict[str, int]:
+def local_sizes(cfg: Config) -> Mapping[str, int]:
+    """Per device and microbatch: batch rows, sequence, tokens, expert capacity, stacked units, experts, heads, expert
+    hidden, vocabulary. Read-only (cached: the layout search asks for it a hundred thousand times)."""
+    return MappingProxyType(_local_sizes(cfg))
+
+
+@functools.lru_cache(maxsize=4096)
+def _local_sizes(cfg: Config) -> dict[str, int]:
     m, lay, run = cfg.model, cfg.layout, cfg.run
     b = run.batch // (lay.dp * lay.ep * lay.microbatches)
     s = run.seq_len // lay.tp

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from moe_jax.config import ModelConfig
 
 SEED_CLAIMED_PARAMS = 30_000_000_000  # the seed's "30B parameters"
@@ -47,6 +49,7 @@ def mla_attention_params(cfg: ModelConfig) -> int:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def param_kind(path: str) -> str:
     """A parameter's kind (the keys of `param_counts`) from its path in the model tree."""
     parts = path.split("/")

@@ -29,6 +29,11 @@ def local_params(cfg: Config) -> dict[str, int]:
     """Parameters one device holds, by kind, from the parameter tree and the rules table (units split over pp,
     experts over ep, heads, K/V heads where tp divides them and every FFN hidden dimension over tp; the dense first
     layers, embedding, head and final norm on every stage)."""
+    return dict(_local_params(cfg))
+
+
+@functools.lru_cache(maxsize=4096)  # (a layout search plans each candidate's parameters three times)
+def _local_params(cfg: Config) -> dict[str, int]:
     out = dict.fromkeys(("experts", "attention", "router", "norms", "shared", "dense", "embedding", "head"), 0)
     for p in param_shards(cfg):
         out[param_kind(p["path"])] += p["local"]

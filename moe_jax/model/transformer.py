@@ -133,7 +133,10 @@ class Transformer(nnx.Module):
 
     def local_logits(self, x_BSD, dtype):
         """fp32 logits of the vocabulary this device holds (all of it unless the vocabulary is split)."""
-        x = self.final_norm(x_BSD).astype(dtype)
+        return self._head(self.final_norm(x_BSD).astype(dtype), dtype)
+
+    def _head(self, x, dtype):
+        """The head (or the tied embedding's transpose) on normed inputs in the compute dtype: fp32 logits."""
         if self.cfg.tie_embeddings:
             return jnp.einsum("...D,VD->...V", x, self.embed[...].astype(dtype)).astype(jnp.float32)
         return jnp.einsum("...D,DV->...V", x, self.head[...].astype(dtype)).astype(jnp.float32)
@@ -152,9 +155,7 @@ class Transformer(nnx.Module):
         if axes.vocab is None:
             return cross_entropy(self.local_logits(x_BSD, dtype), targets_BS)
         seq, n = x_BSD.ndim - 2, x_BSD.shape[-2]
-        x = axes.gather_seq(self.final_norm(x_BSD).astype(dtype), seq)
-        w = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
-        logits = jnp.einsum("...D,DV->...V", x, w.astype(dtype)).astype(jnp.float32)
+        logits = self._head(axes.gather_seq(self.final_norm(x_BSD).astype(dtype), seq), dtype)
         per_token = vocab_parallel_ce(logits, targets_BS, axes)
         if axes.tp is not None and axes.seq_parallel:
             per_token = lax.dynamic_slice_in_dim(per_token, lax.axis_index(axes.tp) * n, n, axis=-1)

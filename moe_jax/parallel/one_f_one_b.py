@@ -106,6 +106,18 @@ def grads_fn(sm) -> Callable:
         def add(a, b):
             return jax.tree.map(jnp.add, a, b)
 
+        def loss_vjp(acc, y, j):
+            """The loss of microbatch j on the last stage's output y under jax.vjp, its cotangent the loss scale over
+            the global token count: (acc with the head's gradient added, the summed loss, the cotangent of y)."""
+            ce, pull_head = jax.vjp(lambda e, y: head_ce(e, y, targets_local[j]), edge_p, y)
+            d_edge, dy = pull_head(ce * 0.0 + scale / n_tokens)
+            return dict(acc, edge=add(acc["edge"], d_edge)), ce, dy
+
+        def embed_vjp(acc, j, dx):
+            """acc with the gradient of microbatch j's embedding (and dense first layers) for output cotangent dx."""
+            _, pull_embed = jax.vjp(lambda e: embed(e, tokens_local[j], "none"), edge_p)
+            return dict(acc, edge=add(acc["edge"], pull_embed(dx)[0]))
+
         # A zero activation [B/(M dp ep), S/tp, D] of the activations' varying type (every active axis).
         zero_act = jnp.zeros((*tokens_local.shape[1:], m.d_model), jnp.float32)
         zero_act = (
@@ -133,11 +145,9 @@ def grads_fn(sm) -> Callable:
             valid, j, r = slot_of(t, pp - 1, True)
 
             def head(acc):
-                y_last = lax.psum(jnp.where(stage == pp - 1, y_now, 0.0), "pp")
-                ce, pull_head = jax.vjp(lambda e, y: head_ce(e, y, targets_local[j]), edge_p, y_last)
-                d_edge, dy = pull_head(ce * 0.0 + scale / n_tokens)
+                acc, ce, dy = loss_vjp(acc, lax.psum(jnp.where(stage == pp - 1, y_now, 0.0), "pp"), j)
                 ce = jnp.where(stage == pp - 1, ce, 0.0)  # the same on every stage: counted once
-                return dict(acc, edge=add(acc["edge"], d_edge), ce=acc["ce"] + ce), lax.pcast(dy, ("pp",), to="varying")
+                return dict(acc, ce=acc["ce"] + ce), lax.pcast(dy, ("pp",), to="varying")
 
             return lax.cond(valid & (r == v - 1), head, lambda acc: (acc, zero_act), acc)
 
@@ -145,12 +155,9 @@ def grads_fn(sm) -> Callable:
             """Stage 0's embedding gradient of this tick (its input cotangent summed to every stage, each its rows)."""
             valid, j, r = slot_of(t, 0, True)
 
-            def into(acc):
-                # stage 0's cotangent only: the embedding's cast to varying over pp sums it to every stage
-                _, pull_embed = jax.vjp(lambda e: embed(e, tokens_local[j], "none"), edge_p)
-                return dict(acc, edge=add(acc["edge"], pull_embed(jnp.where(stage == 0, dx, 0.0))[0]))
-
-            return lax.cond(valid & (r == 0), into, lambda acc: acc, acc)
+            # stage 0's cotangent only: the embedding's cast to varying over pp sums it to every stage
+            dx0 = jnp.where(stage == 0, dx, 0.0)
+            return lax.cond(valid & (r == 0), lambda acc: embed_vjp(acc, j, dx0), lambda acc: acc, acc)
 
         def forward(t, recv, stash, x_embed=None):
             """The forward slot: the chunk on its input, each segment's input stashed; returns (output, stash)."""
@@ -181,9 +188,8 @@ def grads_fn(sm) -> Callable:
 
             def run(acc):
                 def from_loss(acc):  # this tick's forward slot ran the same microbatch: its output is y_now
-                    ce, pull_head = jax.vjp(lambda e, y: head_ce(e, y, targets_local[j]), edge_p, y_now)
-                    d_edge, dy = pull_head(ce * 0.0 + scale / n_tokens)
-                    return dict(acc, edge=add(acc["edge"], d_edge), ce=acc["ce"] + ce), dy
+                    acc, ce, dy = loss_vjp(acc, y_now, j)
+                    return dict(acc, ce=acc["ce"] + ce), dy
 
                 if dy_head is not None:  # computed by every stage (head_all)
                     dy = jnp.where(last, dy_head, recv)
@@ -215,13 +221,9 @@ def grads_fn(sm) -> Callable:
 
                 (dx, acc), _ = lax.scan(back, (dy, acc), (jnp.arange(n_seg), stash[k_fwd % n_slots]), reverse=True)
 
-                def into_embedding(acc):
-                    _, pull_embed = jax.vjp(lambda e: embed(e, tokens_local[j], "none"), edge_p)
-                    return dict(acc, edge=add(acc["edge"], pull_embed(dx)[0]))
-
                 if axes.vocab_pp:  # every stage's share of the embedding's gradient: embed_back
                     return acc, dx
-                return lax.cond(first, into_embedding, lambda acc: acc, acc), dx
+                return lax.cond(first, lambda acc: embed_vjp(acc, j, dx), lambda acc: acc, acc), dx
 
             return lax.cond(valid, run, lambda acc: (acc, zero_act), acc)
 

@@ -460,6 +460,12 @@ def padded_vocab(cfg: Config) -> int:
     return -(-v // n) * n
 
 
+def masked_vocab(cfg: Config) -> int:
+    """model.vocab where the stored vocabulary is padded past it (the ids the loss masks and served logits cut at),
+    else 0: nothing to mask."""
+    return cfg.model.vocab if padded_vocab(cfg) != cfg.model.vocab else 0
+
+
 def _check_architecture(m: ModelConfig) -> None:
     """The model's own cross-field rules (no layout involved)."""
     if m.attention == "mla":

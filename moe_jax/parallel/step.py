@@ -22,7 +22,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.config import Config, padded_vocab, storage_model, uneven_units
+from moe_jax.config import Config, masked_vocab, padded_vocab, storage_model, uneven_units
 from moe_jax.mesh import layer_storage_order
 from moe_jax.model.layers import compute_dtype
 from moe_jax.model.transformer import (
@@ -84,7 +84,7 @@ class ShardedModel:
     def global_graphdef(self):
         """The graph of the model in global layer order, for trees from `to_global` (the stored graph counts the
         padding units of uneven stages; otherwise they are the same)."""
-        if not self.cfg.layout.stage_layers and padded_vocab(self.cfg) == self.cfg.model.vocab:
+        if not self.cfg.layout.stage_layers and not masked_vocab(self.cfg):
             return self.graphdef
         return nnx.split(abstract_model(self.cfg), nnx.Param, ...)[0]
 
@@ -196,7 +196,7 @@ class ShardedModel:
         'head' key) padded with zeros, or cut, to `size`. A no-op unless the vocabulary split needs padding. Cut, a
         sharded leaf comes out whole over the vocabulary (an uneven split cannot be stored), split as before
         elsewhere."""
-        if padded_vocab(self.cfg) == self.cfg.model.vocab:
+        if not masked_vocab(self.cfg):
             return state
 
         def fix(path, x):
@@ -204,22 +204,20 @@ class ShardedModel:
             dim = 0 if "embed" in keys else 1 if "head" in keys else None
             if dim is None or not hasattr(x, "shape") or x.ndim != 2 or x.shape[dim] == size:
                 return x
-            have = x.shape[dim]
             if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-                sharding = x.sharding
-                if size < have:  # cut: the vocabulary dimension whole
-                    spec = [*sharding.spec, *([None] * (x.ndim - len(sharding.spec)))]
-                    spec[dim] = None
-                    sharding = NamedSharding(sharding.mesh, P(*spec))
-                else:  # padded: stored as the layout places it
+                # On an Explicit mesh the vocabulary dimension is made whole before it changes size; cut, it stays
+                # whole; padded, it is stored as the layout places it.
+                spec = [*x.sharding.spec, *([None] * (x.ndim - len(x.sharding.spec)))]
+                spec[dim] = None
+                whole = NamedSharding(x.sharding.mesh, P(*spec))
+                if size < x.shape[dim]:
+                    sharding = whole
+                else:
                     specs = self._vocab_specs[1 if moments else 0]
                     sharding = NamedSharding(self.mesh, specs["embed" if dim == 0 else "head"])
-                whole = [*x.sharding.spec, *([None] * (x.ndim - len(x.sharding.spec)))]
-                whole[dim] = None  # on an Explicit mesh the vocabulary dimension is made whole before it changes
 
                 def resize(a):
-                    a = _resize(jax.reshard(a, NamedSharding(x.sharding.mesh, P(*whole))), dim, size)
-                    return jax.reshard(a, sharding)
+                    return jax.reshard(_resize(jax.reshard(a, whole), dim, size), sharding)
 
                 return jax.jit(resize, out_shardings=sharding)(x)
             return _resize(x, dim, size)
@@ -289,8 +287,7 @@ def _build_sharded_model(cls, cfg: Config, mesh) -> ShardedModel:
 def sharded_axes(sm: ShardedModel) -> Axes:
     """The train step's `Axes` (inside its shard_map), from the layout's rules."""
     cfg = sm.cfg
-    vocab = cfg.model.vocab if padded_vocab(cfg) != cfg.model.vocab else 0  # the padding to mask, if any
-    return Axes.sharded(sm.sizes, sm.rules, cfg.layout.ragged_exchange, vocab)
+    return Axes.sharded(sm.sizes, sm.rules, cfg.layout.ragged_exchange, masked_vocab(cfg))
 
 
 def _to_varying(tree, specs, sizes):

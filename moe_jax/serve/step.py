@@ -21,7 +21,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.config import Config, ConfigError, padded_vocab, storage_model, uneven_units
+from moe_jax.config import Config, ConfigError, masked_vocab, storage_model, uneven_units
 from moe_jax.model.layers import compute_dtype
 from moe_jax.model.transformer import Stack, block_cached, check_tokens
 from moe_jax.parallel.schedule import Schedule
@@ -127,7 +127,7 @@ def _serve_step(srv: ServeModel, every_position: bool = False) -> Callable:
     m, lay = cfg.model, cfg.layout
     dtype = compute_dtype(cfg.run.dtype)
     sizes = sm.sizes
-    axes = Axes.serving(sizes, sm.rules, cfg.model.vocab if padded_vocab(cfg) != cfg.model.vocab else 0)
+    axes = Axes.serving(sizes, sm.rules, masked_vocab(cfg))
     pp, v, mb = lay.pp, lay.repeats, lay.microbatches
     stored = storage_model(cfg).units
     sched = Schedule(pp, mb, v, stored)

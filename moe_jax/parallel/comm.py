@@ -240,7 +240,7 @@ def _vocab_rows(add, cfg: Config, loc: dict[str, int], db: int) -> None:
     loss's over pp (one fp32)."""
     lay = cfg.layout
     t, d, tp, mb = loc["tokens"], cfg.model.d_model, lay.tp, lay.microbatches
-    vocab_axes = tuple(a for a in MESH_AXES if a in lay.vocab_axes)
+    vocab_axes = lay.vocab_axes
     if lay.schedule == "1f1b":
         ticks = schedule_of(cfg).ticks
         lookups, embed_ids, heads, again = ticks, 2 * ticks, ticks, 0
@@ -302,13 +302,13 @@ def _gradient_rows(
 
 
 def _adder(rows: list[dict[str, Any]], sizes: dict[str, int]):
-    """add(kind, axes, bytes, count, what) appends a row, its axes of size 1 left out; a row over no axis (it would
-    span one device) or run zero times is dropped."""
+    """add(kind, axes, bytes, count, what) appends a row, its axes in mesh order (as the HLO's replica groups name
+    them) and those of size 1 left out; a row over no axis (it would span one device) or run zero times is dropped."""
 
     live = {a for a, n in sizes.items() if n > 1}
 
     def add(kind, axes, nbytes, count, what):
-        axes = tuple(a for a in axes if a in live)
+        axes = tuple(a for a in MESH_AXES if a in axes and a in live)
         if axes and count:
             rows.append({"kind": kind, "axes": list(axes), "bytes_per_device": nbytes, "count_per_step": count,
                          "what": what})  # fmt: skip
@@ -351,7 +351,7 @@ def expected_serving_collectives(cfg: Config, step: str) -> list[dict[str, Any]]
     if lay.folded:  # each tp rank's result of its copy of a token: one (a max of equal values) makes it tp-invariant
         add("all-reduce", ("tp",), tokens * d * db, runs, "folded experts' combined output, the tp copies settled")
     add("collective-permute", ("pp",), tokens * d * 4, sched.ticks, "stage to stage, fp32 residual")
-    vocab_axes = tuple(a for a in MESH_AXES if a in lay.vocab_axes)
+    vocab_axes = lay.vocab_axes
     if "pp" in vocab_axes:  # every stage computes its columns of the logits on the last stage's outputs
         add("all-reduce", ("pp",), lay.microbatches * b * d * 4, 1, "the last stage's last-position outputs to every "
             "stage, fp32")  # fmt: skip

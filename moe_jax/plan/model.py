@@ -208,7 +208,9 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
         # also keeps the recomputed activation's tanh in the compute dtype
         expert_bwd += e_loc * rows * (d * 4 + (f_loc * db if e_loc == 1 else 0))
     blk = min(512, run.seq_len) if run.seq_len % 512 == 0 else run.seq_len
-    attn_bwd = loc["batch"] * loc["heads"] * run.seq_len * (4 * blk * 4 + (run.seq_len if blk < run.seq_len else 0))
+    # blockwise attention (blocks shorter than the sequence) makes the causal mask of every score block, 1 byte each
+    mask = loc["batch"] * loc["heads"] * run.seq_len * run.seq_len if blk < run.seq_len else 0
+    attn_bwd = loc["batch"] * loc["heads"] * run.seq_len * 4 * blk * 4 + mask
     # Under remat 'layer' the recomputed layer's own residuals other than the expert rows (the residual stream, q, k,
     # v, o, the gathered sequence, the shared expert's hidden) stay alive through its backward, beside the expert FFN's.
     lr = layer_residuals(cfg, backend)
@@ -219,9 +221,8 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
         # 1F1B makes the causal mask of every score block once, outside the tick loop (blockwise attention): it is
         # alive beside the expert FFN's backward too (measured: OLMoE on its 64-device layout, whose peak is a
         # layer's backward once the vocabulary is split)
-        mask = attn_bwd - loc["batch"] * loc["heads"] * run.seq_len * 4 * blk * 4
         layer_ws = base + max(expert_bwd + mask, attn_bwd)
-        return _memory_1f1b(cfg, sched, p_loc, bsd, head, p_layers, layer_ws, e_loc * rows * d * 4, backend)
+        return _memory_1f1b(cfg, sched, p_loc, bsd, head, p_layers, layer_ws, e_loc * rows * d * 4, mask, backend)
     # One tick (no pipeline, one microbatch): XLA drops the one-trip tick loop, and with it the second copy of the
     # stacked gradients and the pipeline's buffers.
     one_tick = sched.ticks == 1
@@ -282,6 +283,7 @@ def _memory_1f1b(
     p_layers: int,
     layer_ws: int,
     expert_rows: int,
+    mask: int,
     backend: str = "accelerator",
 ):
     """1F1B (parallel/one_f_one_b.py): nothing grows with M. Held all step: the fp32 gradient accumulators of every
@@ -309,7 +311,6 @@ def _memory_1f1b(
     # (measured on seed-128: XLA keeps the head's buffers through the slot); under 'layer' they are not.
     head_peak = lay.remat == "tick" or head_ws >= layer_peak
     layer_too = lay.remat == "tick" or not head_peak
-    blk = min(512, run.seq_len) if run.seq_len % 512 == 0 else run.seq_len
     out: dict[str, Any] = {
         "parameters": 4 * p_loc,
         "optimizer_state": 8 * optimizer_params(cfg),
@@ -324,7 +325,7 @@ def _memory_1f1b(
         # attention only), and one fp32 expert-rows buffer of a layer's backward (measured: OLMoE on 64 devices)
         "layer_working_set": (layer_ws if layer_too else 0)
         + (0 if layer_too else expert_rows)
-        + (loc["batch"] * loc["heads"] * run.seq_len * run.seq_len if blk < run.seq_len and not layer_too else 0),
+        + (0 if layer_too else mask),
     }
     out["peak_phase"] = "the loss head's backward" if head_peak else "a layer's backward"
     out["total"] = sum(v for k, v in out.items() if k != "peak_phase")

@@ -11,7 +11,6 @@ ZeRO-1 over the batch axes, step time by part). Writes docs/results/deepseek_v3_
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -22,6 +21,8 @@ os.environ["JAX_NUM_CPU_DEVICES"] = "2048"
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from results import write_json  # noqa: E402  (first: it records the files the run opens)
 
 
 def main() -> None:
@@ -76,11 +77,7 @@ def main() -> None:
         },  # fmt: skip
         "plan_h800": plan(cfg, get_hardware("h800")),
     }
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1, default=float)
-        f.write("\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
+from results import header, write_json  # noqa: E402  (first: it records the files the run opens)
+
 MIXTRAL = ("configs/models/mixtral-8x7b.yaml", "meshes/mixtral-8x7b-64.yaml")
 # (name, model config, layout file, overrides, the option and its two values)
 CASES = [
@@ -63,7 +65,6 @@ def overrides(case, value) -> list[str]:
 
 def main() -> None:
     import jax  # noqa: F401  (after the device count is set)
-    from results import header, write_json
 
     from moe_jax.config import load_config
     from moe_jax.mesh import make_mesh

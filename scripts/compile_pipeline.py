@@ -21,6 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
+from results import header, write_json  # noqa: E402  (first: it records the files the run opens)
+
 MICROBATCHES = (8, 16, 32)
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -34,7 +36,6 @@ def config(schedule: str, mb: int):
 
 def main() -> None:
     import jax  # noqa: F401  (after the device count is set)
-    from results import header, write_json
 
     from moe_jax.mesh import make_mesh
     from moe_jax.plan.check import compare, compiled_figures

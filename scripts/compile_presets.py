@@ -12,7 +12,6 @@ committed compiled figures, which costs no compile. Rerun this script when the m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -20,6 +19,8 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["JAX_NUM_CPU_DEVICES"] = "64"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from results import write_json  # noqa: E402  (first: it records the files the run opens)
 
 PRESETS = ("mixtral-8x7b-64", "qwen3-30b-a3b-64", "olmoe-1b-7b-64", "qwen1.5-moe-a2.7b-64")
 
@@ -42,11 +43,7 @@ def main() -> None:
         mem = row["memory"]
         print(f"{name}: planned {mem['planned'] / 2**30:.3f} GiB, compiled {mem['compiled'] / 2**30:.3f} GiB "
               f"({mem['error']:+.1%}), FLOPs {row['flops']['error']:+.2%}, ok {row['ok']}", flush=True)  # fmt: skip
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
+from results import write_json  # noqa: E402  (first: it records the files the run opens)
+
 KEYS = ("machine", "sizes", "dense_matmul", "moe_layer", "attention", "train_step", "ragged_flops", "errors", "seconds")
 SIZES = {  # full: the seed's; smoke: every part at a size the CPU runs in seconds
     "full": {"d": 1024, "f": 2048, "experts": 64, "tokens": [8192, 32768], "seq": [2048, 10240], "heads": 16,
@@ -232,11 +234,7 @@ def main() -> int:
             out["errors"][name] = traceback.format_exc(limit=3)
         print(f"{name}: done at {time.perf_counter() - t0:.0f} s", flush=True)
     out["seconds"] = time.perf_counter() - t0
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1, default=float)
-        f.write("\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, out)
     print(json.dumps({k: out[k] for k in ("moe_layer", "train_step", "ragged_flops")}, indent=1, default=float))
     return 1 if out["errors"] else 0
 

@@ -14,14 +14,13 @@ checked. Runs in one process on 8 fake CPU devices (about 10 minutes on 2 cores;
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from results import header, write_json  # noqa: E402  (first: it records the files the run opens)
 
 
 def release_programs() -> None:
@@ -75,12 +74,9 @@ def main() -> int:
         release_programs()
     if args.match:
         return 0 if all(r["ok"] for r in rows) else 1
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = {"commit": commit, "jax": jax.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "devices": "8 fake CPU devices"}  # fmt: skip
-    with open(json_path, "w") as f:
-        json.dump({"meta": meta, "cases": rows}, f, indent=1)
-        f.write("\n")
+    meta = {**header(), "devices": "8 fake CPU devices"}
+    commit = meta["commit"]
+    write_json(json_path, {"meta": meta, "cases": rows})
     title, what = {
         "families": ("The model families against one device", "Decode cases: a prefill and 3 decode steps against "
                      "the full forward."),

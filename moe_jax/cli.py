@@ -306,15 +306,17 @@ def cmd_compile(args) -> int:
 
     cfg = _config(args)
     mesh = _setup_devices(args, cfg, compile_only=True)
-    report, lowered, compiled = compile_report(cfg, mesh, args.step)
+    report, lowered, compiled = compile_report(cfg, mesh, args.step, dump_buffers=bool(args.dump))
     console = Console()
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
-        for name, text in (("before_optimizations", lowered.as_text(dialect="hlo")),
-                           ("after_optimizations", compiled.as_text())):  # fmt: skip
-            with open(os.path.join(args.dump, f"{name}.hlo.txt"), "w") as f:
+        files = {"before_optimizations.hlo.txt": lowered.as_text(dialect="hlo"),
+                 "after_optimizations.hlo.txt": compiled.as_text(),
+                 "buffer_assignment.txt": report.pop("xla_dump")["assignment"]}  # fmt: skip
+        for name, text in files.items():
+            with open(os.path.join(args.dump, name), "w") as f:
                 f.write(text)
-        console.print(f"wrote {args.dump}/before_optimizations.hlo.txt and after_optimizations.hlo.txt")
+        console.print(f"wrote {args.dump}/" + ", ".join(files))
     mem = report["memory_per_device_bytes"]
     lay = cfg.layout
     console.print(
@@ -955,7 +957,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_device_args(p)
     p.add_argument("--step", default="train", choices=("train", "prefill", "decode"))
-    p.add_argument("--dump", help="write the HLO before and after optimisation here")
+    p.add_argument("--dump", help="write the HLO before and after optimisation and XLA's buffer assignment here")
     p.add_argument("--json")
     p.set_defaults(func=cmd_compile, outputs={"dump": True, "json": False})
 

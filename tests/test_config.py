@@ -121,8 +121,15 @@ def test_bad_override_is_one_line_naming_field_and_valid(overrides, field, why):
 def test_dropless_accepts_any_capacity_factor():
     """Dropless and ragged dispatch drop nothing, so they have no capacity: a capacity factor set with them is
     ignored (accepted whatever its value, with no effect: tests/test_model.py), not refused."""
-    assert load_config(SEED, None, ["model.dispatch=dropless", "model.capacity_factor=0"]).model.dispatch == "dropless"
-    assert load_config(SEED, None, ["model.dispatch=ragged", "model.capacity_factor=0"]).model.dispatch == "ragged"
+    from moe_jax.model.moe import capacity
+
+    for dispatch in ("dropless", "ragged"):
+        zero = load_config(SEED, None, [f"model.dispatch={dispatch}", "model.capacity_factor=0"])  # not refused
+        default = load_config(SEED, None, [f"model.dispatch={dispatch}"])
+        # and without effect: every expert's buffer holds all T tokens of its group, whatever the factor
+        assert capacity(zero.model, 1000) == capacity(default.model, 1000) == 1000
+    with pytest.raises(ConfigError, match="capacity_factor"):  # where it has an effect, 0 is refused
+        load_config(SEED, None, ["model.dispatch=capacity", "model.capacity_factor=0"])
 
 
 def test_device_count_mismatch():

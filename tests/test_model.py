@@ -246,15 +246,25 @@ def test_loss_is_cross_entropy_plus_weighted_router_terms():
     assert float(loss) == pytest.approx(want, rel=1e-5)
 
 
-def test_fp16_forward_at_sequence_10240_is_finite():
-    """Two layers: the second sees the first's fp16 output at every one of 10240 positions (more only costs time).
-    Capacity dispatch, the seed's: dropless gives each of the 8 experts a buffer of all 20480 routed rows."""
-    cfg = tiny("model.dispatch=capacity", "run.dtype=fp16", "run.seq_len=10240", "model.layers=2")
+def test_fp16_forward_at_sequence_10240_equals_fp32():
+    """The seed's dtype at its longest sequence: the fp16 forward's logits at every one of 10240 positions within 2e-2
+    of the fp32 forward's (relative to the largest logit; measured 6e-4, the same in every quarter of the sequence:
+    RoPE angles, the norms and the attention softmax keep their precision at late positions). Two layers: the second
+    sees the first's fp16 output. Every expert takes every token (top_k = experts, capacity dispatch with room for all
+    T), so no routing choice can flip between the dtypes: with top-2, a few positions whose two best experts are
+    within fp16's rounding pick differently, and their outputs differ by up to 0.16, which is routing, not
+    precision."""
+    cfg = tiny("model.dispatch=capacity", "model.top_k=8", "run.seq_len=10240", "model.layers=2")
     model = init_model(cfg)
     tok = jax.random.randint(jax.random.key(0), (1, 10240), 0, cfg.model.vocab)
-    logits, stats = jax.jit(lambda m, t: m(t, ONE_DEVICE, jnp.float16))(model, tok)
-    assert np.isfinite(np.asarray(logits)).all()
-    assert np.isfinite(np.asarray(stats["lb_loss"])).all()
+    forward = jax.jit(lambda m, t, dtype: m(t, ONE_DEVICE, dtype), static_argnums=2)
+    (l16, s16), (l32, s32) = forward(model, tok, jnp.float16), forward(model, tok, jnp.float32)
+    assert float(np.sum(s16["dropped"])) == float(np.sum(s32["dropped"])) == 0.0
+    l16, l32 = np.asarray(l16, np.float64), np.asarray(l32, np.float64)
+    assert np.isfinite(l16).all() and np.isfinite(np.asarray(s16["lb_loss"])).all()
+    err_S = np.max(np.abs(l16 - l32), axis=-1)[0] / np.max(np.abs(l32))
+    assert err_S.max() <= 2e-2, (err_S.argmax(), err_S.max())
+    assert err_S.max() > 0  # fp16 computed something in fp16
 
 
 def test_compute_dtype_policy_keeps_params_fp32_and_router_fp32():
@@ -289,10 +299,24 @@ def test_expert_bias_changes_choice_not_gates():
     biased = route(x, w, bias, cfg.model)
     assert (np.asarray(biased.experts_GTR)[..., 0] == 7).all()
     np.testing.assert_allclose(np.asarray(biased.probs_GTE), np.asarray(plain.probs_GTE))
-    g7 = np.asarray(plain.probs_GTE)[0, :, 7]
-    assert np.all(np.asarray(biased.gates_GTR)[0, :, 0] <= 1.0) and g7.max() < 1.0
+    # Not the gates: they are the unbiased probabilities of the chosen experts, renormalised over the k (numpy, from
+    # the plain routing's probabilities), so expert 7's gate is its own probability share, not one forced by the bias.
+    probs = np.asarray(plain.probs_GTE, np.float64)
+    chosen = np.take_along_axis(probs, np.asarray(biased.experts_GTR), axis=-1)
+    want = chosen / chosen.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(biased.gates_GTR), want, rtol=1e-6)
+    assert cfg.model.norm_topk and np.all(want[..., 0] < 1.0)
+    # and the bias moved the choice away from the plain one (else the test shows nothing)
+    assert (np.asarray(plain.experts_GTR)[..., 0] != 7).any()
 
 
-def test_dataclass_configs_round_trip():
-    cfg = tiny()
-    assert dataclasses.asdict(cfg)["model"]["experts"] == 8
+def test_config_round_trips_through_yaml(tmp_path):
+    """A config written as YAML (its dataclasses as dicts) loads back equal, field for field, with every section
+    changed from the defaults it is read over."""
+    import yaml
+
+    cfg = tiny("model.experts=6", "run.lr=0.003", "layout.ep=2", "layout.tp=2", "layout.microbatches=2")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    assert load_config(str(path)) == cfg
+    assert load_config(str(path)) != tiny()

@@ -3,11 +3,11 @@ count of which routed choices overflow capacity. Slow on purpose; nothing here i
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from moe_jax.model.moe import expert_ffn
 
 
 def overflow_mask(experts_TR: np.ndarray, num_experts: int, cap: int) -> np.ndarray:
@@ -26,20 +26,34 @@ def overflow_mask(experts_TR: np.ndarray, num_experts: int, cap: int) -> np.ndar
     return keep
 
 
+def gelu_tanh(x):
+    """GELU in its tanh form, written out (jax.nn.gelu's default, which the model uses):
+    x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def naive_ffn(x_TD, w_in_DF, w_gate_DF, w_out_FD, dtype=jnp.float32):
+    """One expert's FFN on every token, written out with plain matmuls (not the model's code): GELU(x W_in) W_out, or
+    SwiGLU: (silu(x W_gate) * x W_in) W_out, silu(z) = z / (1 + exp(-z)). fp32 out."""
+    x = x_TD.astype(dtype)
+    h = jnp.matmul(x, w_in_DF.astype(dtype))
+    if w_gate_DF is None:
+        h = gelu_tanh(h)
+    else:
+        z = jnp.matmul(x, w_gate_DF.astype(dtype))
+        h = z / (1.0 + jnp.exp(-z)) * h
+    return jnp.matmul(h, w_out_FD.astype(dtype), preferred_element_type=jnp.float32)
+
+
 def naive_moe(x_TD, experts_TR, gates_TR, keep_TR, w_in_EDF, w_gate_EDF, w_out_EFD, dtype=jnp.float32):
     """sum over experts e of (gate of e where chosen and kept) x FFN_e(x), each expert on every token, masked."""
     y = jnp.zeros(x_TD.shape, jnp.float32)
     for e in range(w_in_EDF.shape[0]):
         chosen_TR = (experts_TR == e) & keep_TR
         weight_T = jnp.sum(jnp.where(chosen_TR, gates_TR, 0.0), axis=-1)
-        out = expert_ffn(
-            x_TD[None].astype(dtype),
-            w_in_EDF[e : e + 1],
-            None if w_gate_EDF is None else w_gate_EDF[e : e + 1],
-            w_out_EFD[e : e + 1],
-            dtype,
-        )[0]
-        y = y + weight_T[:, None] * out.astype(jnp.float32)
+        w_gate = None if w_gate_EDF is None else w_gate_EDF[e]
+        out = naive_ffn(x_TD, w_in_EDF[e], w_gate, w_out_EFD[e], dtype)
+        y = y + weight_T[:, None] * out
     return y
 
 

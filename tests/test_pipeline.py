@@ -212,6 +212,14 @@ def test_1f1b_interleaved_equals_one_device_and_its_audit_is_clean():
     assert {tuple(p) for c in permutes for p in c.groups} == ring | {(b, a) for a, b in ring}
 
 
+def test_1f1b_equals_one_device_and_its_audit_is_clean():
+    """Non-interleaved 1F1B on pp2-ep2-tp2 (m 2, v 1) live, the matrix's case (docs/pipeline-1f1b.md): the schedule's
+    own gradients against one device (fp32 1e-5) and the audit of the program checked."""
+    row = matrix.run(matrix.case("1f1b pp2-ep2-tp2 m2 v1"))
+    assert row["ok"] and row["audit_ok"] and row["tolerance"] == 1e-5, (row["failed"], row["unexpected"])
+    assert {"grad/experts", "grad/attention", "grad/router", "grad_norm"} <= set(row["errors"])
+
+
 def test_committed_1f1b_results_cover_the_matrix_and_pass():
     """docs/results/pipeline_1f1b.json (scripts/verify_families.py --set pipeline) holds every case of the current
     1F1B matrix, each passing with its audit clean; the matrix covers what the issue asks for."""

@@ -7,7 +7,7 @@ bytes per collective kind exact, matmul FLOPs within 2%) for seed-128 at seq 102
 which is also run with a part made wrong), seed-128 circular and seed-512 at seq 2048 (docs/planner-accuracy.md's
 grid has the seed-128 and seed-512 points); the gradient step's collective audit with the all-to-all bytes of the
 seed's formula (32, and ep 64 at 128); serving's decode at cache 10240 and prefill of 2048 audited and planned within
-10%.
+5%.
 """
 
 import json
@@ -60,15 +60,16 @@ def check_planner(row: dict, name: str, card_gib: int = 64, nonzero: tuple[str, 
     assert row["ok"], row["failures"]
     assert abs(mem["error"]) <= 0.05 and abs(fl["error"]) <= 0.02
     assert row["bytes_by_kind"]["planned"] == row["bytes_by_kind"]["compiled"]
-    # The compiled side read from XLA's buffer assignment adds up to XLA's own total; the arena's packing loses
-    # under 1%; the arguments are the fp32 parameters and AdamW's two moments (and its step counters; with ZeRO-1
-    # each replicated weight's moments split over the batch axes).
+    # The compiled side read from XLA's buffer assignment adds up to XLA's own total; the arguments are the fp32
+    # parameters and AdamW's two moments (and its step counters; with ZeRO-1 each replicated weight's moments split
+    # over the batch axes).
     compiled = {r["part"]: r["compiled"] for r in row["parts"]}
     planned = {r["part"]: r["planned"] for r in row["parts"]}
     assert sum(compiled.values()) == mem["compiled"]
-    # XLA's heap packs GPipe's temporaries within 1%; 1F1B's (buffers of conditional branches) less tightly: 3.9% of
-    # OLMoE-64's total, measured (docs/planner.md). The planner does not model packing: its total is held to 5% above.
-    packing = 0.05 if "1f1b" in name else 0.01
+    # What the arena's packing loses (the planner does not model it): under 1% for GPipe's temporaries (the seed's
+    # layouts); 1F1B's, buffers of conditional branches, pack less tightly: 1.47% of Mixtral-64's total, 1.29%
+    # OLMoE's, 0.52% Qwen1.5-MoE's, 0.18% Qwen3's (docs/results/presets_64.json), so under 2%.
+    packing = 0.02 if "1f1b" in name else 0.01
     assert 0 <= compiled["arena_packing"] < packing * mem["compiled"]
     assert 0 <= compiled["optimizer_state"] - planned["optimizer_state"] <= 16
     for part in nonzero:
@@ -104,7 +105,8 @@ def check_seed_audit(out: dict, devices: int) -> None:
 
 
 def check_serving(decode: dict, prefill_report: dict) -> None:
-    """Decode at cache 10240 and a prefill of 2048 on seed-128: audited, and the planner within 10%."""
+    """Decode at cache 10240 and a prefill of 2048 on seed-128: audited, and the planner within 5% (measured
+    +1.9% and +2.6%)."""
     assert decode["audit_ok"], decode["unexpected"]
     assert prefill_report["audit_ok"], prefill_report["unexpected"]
     mem, prefill = decode["memory_per_device_bytes"], prefill_report["memory_per_device_bytes"]
@@ -114,13 +116,13 @@ def check_serving(decode: dict, prefill_report: dict) -> None:
     err = planned_prefill["total"] / prefill["total"] - 1
     print(f"prefill of 2048: compiled {prefill['total'] / 2**30:.3f} GiB, planned "
           f"{planned_prefill['total'] / 2**30:.3f} ({err:+.1%})")  # fmt: skip
-    assert abs(err) <= 0.10
+    assert abs(err) <= 0.05
     cfg = load_config("configs/seed.yaml", "meshes/seed-128.yaml", ["run.seq_len=10240"])
     planned = serve_memory(cfg, "decode")
     err = planned["total"] / mem["total"] - 1
     print(f"decode, batch 128, cache 10240: compiled {mem['total'] / 2**30:.3f} GiB, planned "
           f"{planned['total'] / 2**30:.3f} GiB ({err:+.1%}), KV cache {planned['kv_cache'] / 2**30:.3f} GiB")  # fmt: skip
-    assert abs(err) <= 0.10
+    assert abs(err) <= 0.05
     assert planned["kv_cache"] == 2 * 4 * 8 * 10240 * 8 * 64 * 2  # layers x rows x positions x heads x dim, fp16
 
 
@@ -172,8 +174,11 @@ def test_deepseek_v3_on_2048_fake_devices():
     committed in docs/results/deepseek_v3_2048.json). The current planner agrees with those compiled figures: every
     memory part and the total within 5% of the compiled total, matmul FLOPs within 2%, collective bytes per kind
     equal, the HLO audit was clean; the decode step compiled with the latent cache (576 values per token and layer)
-    and the serving plan within 10% of it (as the seed's decode). The memory is XLA:CPU's (bf16 stored as fp32); the
-    layout does not fit an 80 GB card as moe_jax trains it today (docs/benchmarks.md)."""
+    and the serving plan within 10% of it, the one planner check held to more than 5%, and why: the arguments (the
+    weights and the latent cache, 24.93 GB) agree to the byte, but the planned decode working set (8.68 GB) is 29%
+    under XLA:CPU's temporaries (12.23 GB), a gap in the serving model not yet explained (measured -9.7% in all; the
+    seed's decode is within 5%). The memory is XLA:CPU's (bf16 stored as fp32); the layout does not fit an 80 GB card
+    as moe_jax trains it today (docs/benchmarks.md)."""
     from moe_jax.plan.check import compare, compiled_from_row
 
     with open(os.path.join("docs", "results", "deepseek_v3_2048.json")) as f:

@@ -50,7 +50,7 @@ CASES = [(f, lay) for f in FAMILIES for lay in LAYOUTS if not f.startswith("deep
     ("deepseek_v3", "pp"),
     ("deepseek_v2", "tp4"),
 ]
-LOGITS_RTOL = 1e-4  # fp32, of the largest |logit|: the issue's bound; measured about 6e-7
+LOGITS_RTOL = 1e-5  # fp32, of the largest |logit|; measured at most about 6e-7
 
 
 def fixture(family: str) -> str:

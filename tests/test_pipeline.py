@@ -246,7 +246,7 @@ def test_committed_1f1b_results_cover_the_matrix_and_pass():
 def test_1f1b_memory_at_full_size_is_flat_in_m_and_planned():
     """scripts/compile_pipeline.py's compiled figures (the seed on seed-128, remat 'layer', M = 8, 16, 32 at the same
     microbatch size): 1F1B's temporary memory grows by at most 10% from M = 8 to 32 while GPipe's grows with M, and
-    the current planner is within 10% of the compiler for every row (total)."""
+    the current planner is within 5% of the compiler for every row (total; measured -1.3% to +0.9%)."""
     from moe_jax.plan.model import memory
 
     with open(os.path.join(ROOT, "docs", "results", "pipeline_memory.json")) as f:
@@ -260,7 +260,7 @@ def test_1f1b_memory_at_full_size_is_flat_in_m_and_planned():
                           [f"layout.schedule={r['schedule']}", f"layout.microbatches={r['microbatches']}",
                            f"run.batch={r['batch']}"])  # fmt: skip
         planned = memory(cfg, backend="cpu")["total"]
-        assert abs(planned / r["compiled_total"] - 1) <= 0.10, (r["schedule"], r["microbatches"])
+        assert abs(planned / r["compiled_total"] - 1) <= 0.05, (r["schedule"], r["microbatches"])
         assert r["audit_ok"]
 
 

@@ -164,14 +164,19 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, str(d)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    assert proc.stdout.readline().strip() == "saved", proc.stderr.read()
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill while a save is in flight (its temporary directory exists)
-        if any("tmp" in name for name in os.listdir(d)):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.001)
-    proc.wait(timeout=60)
+    try:
+        assert proc.stdout.readline().strip() == "saved", proc.stderr.read()
+        deadline = time.time() + 120
+        while time.time() < deadline:  # kill while a save is in flight (its temporary directory exists)
+            if any("tmp" in name for name in os.listdir(d)):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.001)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert any("tmp" in name for name in os.listdir(d)), "the kill must land during a save"
     cfg = load_config("configs/tiny.yaml", "meshes/cpu8-ep8.yaml", ["model.d_model=192", "model.head_dim=48"])
@@ -238,6 +243,12 @@ def test_train_cli_on_a_token_file(tmp_path, cli):
     rows = [json.loads(x) for x in m.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert {"loss", "router_loss", "tokens_per_s", "dropped_share", "max_over_mean_load"} <= set(rows[0])
+    npy, m2 = tmp_path / "t.npy", tmp_path / "m2.jsonl"  # the same tokens as a .npy file: the same run
+    np.save(npy, tokens.astype(np.int32))
+    proc = cli("train", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-ep8.yaml", "--steps", "3",
+                   "--data", str(npy), "--metrics", str(m2))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(x)["loss"] for x in m2.read_text().splitlines()] == [r["loss"] for r in rows]
     bad = cli("train", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-ep8.yaml", "--data",
                   str(tmp_path / "nope.bin"))  # fmt: skip
     assert bad.returncode == 2 and "no such file" in bad.stderr and bad.stderr.count("\n") == 1

@@ -225,3 +225,77 @@ def test_the_readme_family_commands(cli):
         assert dataclasses.replace(load_pair(f"{preset}-64").layout, name="", description="") == embedded, preset
     out = cli(*verify[1:])
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------------- user paths no other test runs as a user would
+
+
+def test_hlo_prints_its_collectives_and_a_clean_audit(tmp_path):
+    """`moe-jax hlo` as a process: the train step's collective table, the audit clean, the HLO written."""
+    j, d = tmp_path / "h.json", tmp_path / "hlo"
+    out = run(
+        f"moe-jax hlo --config configs/tiny.yaml --layout meshes/cpu8-pp2-ep2-tp2.yaml --json {j} --out {d}", ROOT
+    )
+    assert "audit: the collectives equal the expected set exactly" in out
+    result = json.loads(j.read_text())
+    assert result["ok"] and not result["unexpected"]
+    kinds = {(r["kind"], tuple(r["axes"])) for r in result["collectives"]}
+    assert {("all-to-all", ("ep",)), ("collective-permute", ("pp",))} <= kinds, kinds
+    assert "all-to-all" in (d / "after_optimizations.hlo.txt").read_text()
+
+
+def test_mesh_full_lists_every_group():
+    """`moe-jax mesh --full` as a process: every group of seed-128 listed, none elided; the pp rings are the ids
+    k, k + 32, k + 64, k + 96 (pp outermost of (pp 4, ep 16, tp 2))."""
+    out = run("moe-jax mesh --full", ROOT)
+    assert "more)" not in out and "placement check: 12 parameters x 128 devices" in out
+    flat = out.replace("\n", " ")
+    for k in range(32):
+        assert f"[{k},{k + 32},{k + 64},{k + 96}]" in flat, k
+    assert " ".join(f"[{i}]" for i in range(128)) in " ".join(flat.split())  # dp: 128 groups of one
+
+
+def test_a_qwen3_demo_then_sampling_export_and_training_from_the_export(tmp_path, cli):
+    """A user's path through a family other than the seed's, in one process (its compiled programs shared): `demo
+    --config configs/tiny-qwen3.yaml` trains and checks against one device; `generate` samples from its checkpoint
+    with --temperature and --top-k (top-k 1 is greedy whatever the temperature); `export-hf --dtype bfloat16
+    --max-shard-size` writes several bf16 safetensors shards and an index; `train --init-from-hf` starts from them (its
+    first loss is the trained model's, not a fresh one's)."""
+    demo = cli("demo", "--config", "configs/tiny-qwen3.yaml", "--steps", "20", "--out", str(tmp_path / "demo"))
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    assert "equal" in demo.stdout.split("1. the sharded first step against one device")[1].splitlines()[1]
+    trained = [json.loads(x)["loss"] for x in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(trained) == 20 and trained[-1] < trained[0] - 0.3
+    checkpoint = str(tmp_path / "demo" / "checkpoint")
+
+    def generate(*extra):
+        args = ["--checkpoint", checkpoint, "--config", "configs/tiny-qwen3.yaml", "--prompt-tokens", "2,67,32",
+                "--max-new", "6", "--seed", "3", *extra]  # fmt: skip
+        proc = cli("generate", *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(re.search(r"\[2, 67, 32\] -> (\[[\d, ]+\])", proc.stdout).group(1))
+
+    greedy = generate()
+    assert generate("--temperature", "0.8", "--top-k", "1") == greedy
+    sampled = generate("--temperature", "1.5", "--top-k", "50")
+    assert len(sampled) == 6 and all(0 <= t < 151 for t in sampled)
+    assert generate("--temperature", "1.5", "--top-k", "50") == sampled  # the seed fixes the draw
+
+    hf = tmp_path / "hf"
+    proc = cli("export-hf", checkpoint, "--out", str(hf), "--dtype", "bfloat16", "--max-shard-size", "200KB")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    shards = sorted(hf.glob("*.safetensors"))
+    assert len(shards) > 1 and {p.name for p in shards} == set(index["weight_map"].values())
+    for shard in shards:
+        raw = shard.read_bytes()
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}, shard.name
+    assert json.loads((hf / "config.json").read_text())["model_type"] == "qwen3_moe"
+
+    m = tmp_path / "m.jsonl"
+    proc = cli("train", "--init-from-hf", str(hf), "--config", "configs/tiny-qwen3.yaml", "--layout",
+               "meshes/cpu8-pp2-ep2-tp2.yaml", "--steps", "2", "--metrics", str(m))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    started = [json.loads(x)["loss"] for x in m.read_text().splitlines()]
+    assert len(started) == 2 and started[0] < trained[0] - 0.3, (started, trained)

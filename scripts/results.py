@@ -97,11 +97,16 @@ def stale(record: dict[str, Any], root: str = ROOT) -> list[str]:
     return out
 
 
-def freshness_error(path: str, root: str = ROOT) -> str | None:
-    """One line saying why the results file at `path` (relative to root) is stale and what remakes it; None if
-    fresh."""
+def read_record(path: str, root: str = ROOT) -> dict[str, Any] | None:
+    """The "sources" record of the results file at `path` (relative to root), or None if it has none."""
     with open(os.path.join(root, path)) as f:
-        record = json.load(f).get("sources")
+        return json.load(f).get("sources")
+
+
+def freshness_error(path: str, root: str = ROOT, record: dict[str, Any] | None = None) -> str | None:
+    """One line saying why the results file at `path` (relative to root) is stale and what remakes it; None if
+    fresh. `record`: its "sources", if the caller has read them already."""
+    record = record or read_record(path, root)
     if record is None:
         return f"{path} records no sources: remake it with its script (it writes them through scripts/results.py)"
     changed = stale(record, root)
@@ -134,10 +139,9 @@ def main() -> int:
         if not name.endswith(".json"):
             continue
         path = os.path.join(folder, name)
-        why = freshness_error(path)
-        print(f"{path}: {why or 'fresh'}")
-        with open(os.path.join(ROOT, path)) as f:
-            record = json.load(f).get("sources")
+        record = read_record(path)
+        why = freshness_error(path, record=record)
+        print(why or f"{path}: fresh")  # a reason starts with the path
         if why and record:
             todo.append(record["command"])
     if args.rerun:

@@ -224,3 +224,19 @@ def test_gpu_check_cpu_smoke_ran_every_part():
     assert set(out["attention"]) == {f"{i}/{s}" for i in ("blockwise", "blockwise_skip", "xla") for s in seqs}
     assert out["train_step"]["measured_s"] > 0 and out["train_step"]["planned_s"] > 0
     assert out["ragged_flops"]["capacity"] > 0 and out["ragged_flops"]["ragged"] > 0
+
+
+def test_planned_figures_are_the_golden_ones():
+    """`plan --json` byte for byte (by its SHA-256) for every full-size committed layout, hardware profile and step,
+    the seed's 128-device search and the seed audit, against tests/fixtures/plan_golden.json: a refactor keeps the
+    planner's figures. A change meant to move them reruns scripts/plan_golden.py and says why."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import plan_golden
+
+    with open(plan_golden.GOLDEN) as f:
+        golden = json.load(f)["cases"]
+    live = plan_golden.cases()
+    differ = sorted(k for k in golden.keys() | live.keys() if golden.get(k) != live.get(k))
+    assert not differ, f"{len(differ)} planned cases changed (rerun scripts/plan_golden.py if meant): {differ[:8]}"

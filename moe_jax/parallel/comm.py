@@ -296,7 +296,7 @@ def _gradient_rows(
         if step == "train":
             add("all-gather", p["zero"], p["zero_local"] * 4, 1, f"ZeRO-1 updated slice: {p['path']}")
     if step == "train":
-        for split in {p["zero_split"] for p in shards}:
+        for split in dict.fromkeys(p["zero_split"] for p in shards):  # first-seen order: a set's varies by process
             add("all-reduce", split, 4, 1, "gradient norm (its finiteness is the overflow check)")
     return tuple(rows)
 

@@ -13,7 +13,8 @@ import sys
 import tempfile
 from typing import Any
 
-from moe_jax.config import Config, ConfigError, check_devices, load_config
+from moe_jax.config import Config, ConfigError, check_devices
+from moe_jax.load import load_config
 from moe_jax.plan.hardware import PROFILES
 
 
@@ -156,7 +157,7 @@ def cmd_mesh(args) -> int:
 def cmd_verify(args) -> int:
     from rich.console import Console
 
-    from moe_jax.parallel.verify import verify
+    from moe_jax.verify import verify
 
     cfg = _config(args)
     mesh = _setup_devices(args, cfg)
@@ -202,7 +203,8 @@ def cmd_hlo(args) -> int:
 
     from moe_jax.hlo import audit
     from moe_jax.mesh import assignment
-    from moe_jax.parallel.step import ShardedModel, lower_step
+    from moe_jax.parallel.sharded import ShardedModel
+    from moe_jax.parallel.step import lower_step
 
     cfg = _config(args)
     mesh = _setup_devices(args, cfg, compile_only=True)
@@ -593,11 +595,11 @@ def cmd_demo(args) -> int:
     from moe_jax.layouts import MESHES, config_for
     from moe_jax.mesh import assignment
     from moe_jax.model.params import param_formula, total_params
-    from moe_jax.parallel.verify import verify
     from moe_jax.serve.generate import continue_sequences
     from moe_jax.serve.step import ServeModel
     from moe_jax.train.data import SyntheticTask
     from moe_jax.train.loop import train
+    from moe_jax.verify import verify
     from moe_jax.viz import draw_loss, draw_mesh
 
     layout = os.path.join(MESHES, f"{args.layout}.yaml")
@@ -773,7 +775,7 @@ def cmd_import_hf(args) -> int:
     from moe_jax.hf.checkpoint import import_state, prepare_out, replace_dir, rest_shapes
     from moe_jax.hf.families import family_of
     from moe_jax.model.params import total_params
-    from moe_jax.parallel.step import ShardedModel
+    from moe_jax.parallel.sharded import ShardedModel
     from moe_jax.train.checkpoint import Checkpoints
 
     cfg, hf = config_from_hf(args.dir, args.config, args.layout, args.overrides)
@@ -817,7 +819,7 @@ def cmd_export_hf(args) -> int:
 
     from moe_jax.hf.checkpoint import export, parse_size, prepare_out
     from moe_jax.hf.families import FAMILIES, family_for_model
-    from moe_jax.parallel.step import ShardedModel
+    from moe_jax.parallel.sharded import ShardedModel
     from moe_jax.train.checkpoint import Checkpoints, read_meta
     from moe_jax.train.step import init_train_state, make_optimizer
 

@@ -7,10 +7,15 @@ from typing import Any
 
 import jax
 
+from moe_jax.buffers import compile_with_dump
+from moe_jax.collectives import bytes_by_kind
 from moe_jax.config import Config, ConfigError
 from moe_jax.hlo import audit, dot_flops
 from moe_jax.mesh import assignment
-from moe_jax.parallel.step import ShardedModel
+from moe_jax.model.layers import compute_dtype
+from moe_jax.parallel.sharded import ShardedModel, abstract_inputs
+from moe_jax.serve.step import ServeModel, cache_shapes, cache_specs, tokens_spec
+from moe_jax.train.step import abstract_train_inputs, make_optimizer, train_step
 
 
 def lower(cfg: Config, mesh, step: str = "train"):
@@ -18,7 +23,6 @@ def lower(cfg: Config, mesh, step: str = "train"):
         return _lower_serve(cfg, mesh, step)
     if step != "train":
         raise ConfigError(f"--step={step!r}: valid: train, prefill, decode")
-    from moe_jax.train.step import abstract_train_inputs, make_optimizer, train_step
 
     sm = ShardedModel.build(cfg, mesh)
     tx = make_optimizer(cfg.run)
@@ -31,10 +35,6 @@ def _lower_serve(cfg: Config, mesh, step: str):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
-
-    from moe_jax.model.layers import compute_dtype
-    from moe_jax.parallel.step import abstract_inputs
-    from moe_jax.serve.step import ServeModel, cache_shapes, cache_specs, tokens_spec
 
     srv = ServeModel.build(cfg, mesh, max_len=cfg.run.seq_len)
     params, rest, _, _ = abstract_inputs(srv.sm)
@@ -61,9 +61,6 @@ def compile_report(cfg: Config, mesh, step: str = "train", dump_buffers: bool = 
                    ) -> tuple[dict[str, Any], Any, Any]:  # fmt: skip
     """Returns (report, lowered, compiled). Memory is per device: total = argument + output + temp - alias.
     `dump_buffers`: XLA's buffer assignment texts too, under report["xla_dump"] (`plan.buffers`)."""
-    from moe_jax.parallel.comm import bytes_by_kind
-    from moe_jax.plan.buffers import compile_with_dump
-
     t0 = time.perf_counter()
     lowered = lower(cfg, mesh, step)
     t1 = time.perf_counter()

@@ -1,7 +1,8 @@
 """Configs: frozen dataclasses for the model, the layout and the run, loaded from YAML, overridable with key=value.
 
-Every check lives in this module (`check_config`, `check_devices`); a failed check raises `ConfigError` with one line
-that names the field, the value and what would be valid. The CLI prints that line and exits 2.
+Every check of the config alone lives in this module (`check_config`, `check_devices`); the one that needs the model's
+parameters (layout.zero) is in load.py, whose `load_config` runs both. A failed check raises `ConfigError` with one
+line that names the field, the value and what would be valid. The CLI prints that line and exits 2.
 """
 
 from __future__ import annotations
@@ -400,10 +401,6 @@ def check_config(cfg: Config) -> Config:
             lay.remat,
             "a 1f1b schedule recomputes each chunk from its stashed input; valid: tick or layer",
         )
-    if lay.zero:  # every weight needs a dimension the batch axes it is replicated over divide (sharding.zero_spec)
-        from moe_jax.parallel.comm import param_shards
-
-        param_shards(cfg)
     return cfg
 
 
@@ -580,7 +577,7 @@ def _replace(obj: Any, section: str, updates: Mapping[str, Any]) -> Any:
     return dataclasses.replace(obj, **coerced)
 
 
-def _read_yaml(path: str | os.PathLike, what: str) -> dict[str, Any]:
+def read_yaml(path: str | os.PathLike, what: str) -> dict[str, Any]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"{what}={path!r}: no such file")
@@ -598,7 +595,7 @@ def _read_yaml(path: str | os.PathLike, what: str) -> dict[str, Any]:
     return data
 
 
-def _apply_sections(cfg: Config, data: Mapping[str, Any], origin: str) -> Config:
+def apply_sections(cfg: Config, data: Mapping[str, Any], origin: str) -> Config:
     for section, values in data.items():
         if section not in SECTIONS:
             _fail(f"{origin}: {section}", values, f"unknown section; valid: {', '.join(SECTIONS)}")
@@ -625,37 +622,15 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, name, value
 
 
-def load_config(
-    config: str | os.PathLike | None = None,
-    layout: str | os.PathLike | None = None,
-    overrides: Iterable[str] = (),
-    check: bool = True,
-    base: Mapping[str, Mapping[str, Any]] | None = None,
-) -> Config:
-    """Defaults <- config YAML (sections model/run/layout) <- layout YAML (flat layout keys) <- key=value overrides.
-    `base`: sections that replace the defaults first (a Hugging Face config.json's model, a checkpoint's saved
-    config); a layout it does not give is one device."""
-    cfg = Config() if config is not None or layout is not None or base is not None else EMBEDDED_DEFAULT
-    if base is not None:
-        cfg = _apply_sections(cfg, base, "saved config")
-    if config is not None:
-        cfg = _apply_sections(cfg, _read_yaml(config, "--config"), os.fspath(config))
-    if layout is not None:
-        # A layout file is a whole layout: what it leaves out takes LayoutConfig's defaults, not the config's layout.
-        cfg = dataclasses.replace(cfg, layout=load_layout(layout))
-    cfg = apply_overrides(cfg, overrides)
-    return check_config(cfg) if check else cfg
-
-
 def load_layout(path: str | os.PathLike) -> LayoutConfig:
-    data = _read_yaml(path, "--layout")
+    data = read_yaml(path, "--layout")
     if "layout" in data and isinstance(data["layout"], dict) and len(data) == 1:
         data = data["layout"]
     return _replace(LayoutConfig(), "layout", data)
 
 
 def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
-    """Applies key=value overrides in order (unchecked: call check_config after)."""
+    """Applies key=value overrides in order (unchecked: call load.check_with_model after)."""
     for text in overrides:
         section, name, value = parse_override(text)
         cfg = dataclasses.replace(cfg, **{section: _replace(getattr(cfg, section), section, {name: value})})

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from moe_jax.collectives import aggregate, expected_collectives
 from moe_jax.sharding import MESH_AXES
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all", "collective-permute")
@@ -289,8 +290,6 @@ def audit(lowered_text: str, compiled_text: str, cfg, table: dict[str, Any], ste
     run as often as expected (XLA may merge all-reduces, so those are checked on the lowered text), no replica group
     may be a single device, and every replica group must be a group of the assignment table.
     """
-    from moe_jax.parallel.comm import aggregate, expected_collectives
-
     shape = cfg.layout.shape
     low, comp = collectives(lowered_text, shape), collectives(compiled_text, shape)
     expected_rows = expected_collectives(cfg, step)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from moe_jax.config import Config, load_config
+from moe_jax.config import Config
+from moe_jax.load import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = os.path.join(ROOT, "meshes")

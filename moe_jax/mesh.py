@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from moe_jax.config import Config, ConfigError, LayoutConfig, check_devices, padded_vocab, uneven_units
-from moe_jax.sharding import MESH_AXES, expert_axes, rules_for
+from moe_jax.sharding import MESH_AXES, expert_axes, logical_to_mesh, rules_for
 
 # ------------------------------------------------------------------------------------------------------- devices
 
@@ -331,8 +331,6 @@ def check_placement(
     says that device holds. Returns the number of (parameter, device) pairs checked; raises AssertionError naming the
     first parameter and device that disagree."""
     from jax.sharding import NamedSharding
-
-    from moe_jax.sharding import logical_to_mesh
 
     table = assignment(cfg, mesh) if table is None else table
     rows = {d["id"]: d for d in table["devices"]}

@@ -14,6 +14,8 @@ import jax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from moe_jax.config import ConfigError
+
 MESH_AXES = ("pp", "dp", "ep", "tp")
 
 # Every logical name the model uses, replicated ones included: an unmapped name would fail deep inside JAX.
@@ -55,11 +57,11 @@ VOCAB_RULES: dict[str, dict[str, str | tuple[str, ...] | None]] = {
 def rules_for(layout) -> Mapping[str, str | tuple[str, ...] | None]:
     """The rules table a layout places its parameters by: RULES, or FOLDED_RULES with layout.expert_tp=1, with the
     vocabulary over layout.vocab_split's axes."""
-    return _rules(layout.folded, layout.vocab_split)
+    return rules_of(layout.folded, layout.vocab_split)
 
 
 @functools.cache
-def _rules(folded: bool, vocab: str = "none") -> Mapping[str, str | tuple[str, ...] | None]:
+def rules_of(folded: bool, vocab: str = "none") -> Mapping[str, str | tuple[str, ...] | None]:
     base = FOLDED_RULES if folded else RULES
     return {**base, **VOCAB_RULES[vocab]}
 
@@ -166,7 +168,6 @@ def zero_spec(spec: P, names: Sequence[str | None], shape: Sequence[int], sizes:
         axes = (*have, *z)
         parts[i] = axes[0] if len(axes) == 1 else axes
         return P(*parts), z, i
-    from moe_jax.config import ConfigError
 
     local = tuple(d // math.prod(sizes[a] for a in spec_axes(p)) for d, p in zip(shape, parts, strict=True))
     dims = tuple(d for d, name in zip(local, names, strict=True) if name not in STACK_NAMES)

@@ -18,8 +18,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import numpy as np  # noqa: E402
 
-from moe_jax.config import load_config  # noqa: E402
 from moe_jax.layouts import config_for, load_pair  # noqa: E402
+from moe_jax.load import load_config  # noqa: E402
 from moe_jax.mesh import make_mesh  # noqa: E402
 from moe_jax.plan.hardware import get_hardware  # noqa: E402
 from moe_jax.plan.model import serve_plan  # noqa: E402

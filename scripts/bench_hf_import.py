@@ -32,7 +32,7 @@ import jax
 from moe_jax.hf import config_from_hf
 from moe_jax.hf.checkpoint import import_params
 from moe_jax.mesh import make_mesh
-from moe_jax.parallel.step import ShardedModel
+from moe_jax.parallel.sharded import ShardedModel
 
 def rss():
     with open("/proc/self/status") as f:
@@ -65,7 +65,7 @@ def write_checkpoint(directory: str) -> int:
     from moe_jax.model.transformer import param_table
 
     fields = model_fields(CONFIG, "bench")
-    from moe_jax.config import load_config
+    from moe_jax.load import load_config
 
     cfg = load_config(None, None, ["run.seq_len=2048"], base={"model": fields})
     _, shapes = param_table(cfg)

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
-from moe_jax.model.layers import DTYPES
-from moe_jax.model.moe import MoE, capacity, expert_ffn, route
+from moe_jax.model.layers import DTYPES, expert_ffn
+from moe_jax.model.moe import MoE, capacity, route
 from moe_jax.sharding import Axes
 
 

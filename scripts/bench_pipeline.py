@@ -37,10 +37,11 @@ def main() -> None:
     from bench_moe import machine, timed
     from results import write_json
 
-    from moe_jax.config import load_config
+    from moe_jax.load import load_config
     from moe_jax.mesh import make_mesh
-    from moe_jax.parallel.step import ShardedModel, grad_step
-    from moe_jax.parallel.verify import synthetic_batch
+    from moe_jax.parallel.sharded import ShardedModel
+    from moe_jax.parallel.step import grad_step
+    from moe_jax.verify import synthetic_batch
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5)

@@ -13,7 +13,7 @@ import os
 import statistics
 import time
 
-from moe_jax.config import load_config
+from moe_jax.load import load_config
 from moe_jax.plan.hardware import get_hardware
 from moe_jax.plan.search import search
 

@@ -66,7 +66,7 @@ def overrides(case, value) -> list[str]:
 def main() -> None:
     import jax  # noqa: F401  (after the device count is set)
 
-    from moe_jax.config import load_config
+    from moe_jax.load import load_config
     from moe_jax.mesh import make_mesh
     from moe_jax.plan.check import compare, compiled_figures
 

@@ -28,7 +28,7 @@ SCHEDULES = ("gpipe", "1f1b")
 
 
 def config(schedule: str, mb: int):
-    from moe_jax.config import load_config
+    from moe_jax.load import load_config
 
     return load_config(None, os.path.join(ROOT, "meshes", "seed-128.yaml"),
                        [f"layout.schedule={schedule}", f"layout.microbatches={mb}", f"run.batch={16 * mb}"])  # fmt: skip

@@ -136,7 +136,7 @@ def attention_part(sz, backend):
 
 
 def seed_config(sz, smoke, dispatch="capacity"):
-    from moe_jax.config import load_config
+    from moe_jax.load import load_config
 
     model = ["model.layers=4"] + ([f"model.d_model={sz['d']}", f"model.expert_hidden={sz['f']}",
                                   f"model.experts={sz['experts']}", "model.heads=4", "model.head_dim=16",
@@ -151,7 +151,7 @@ def train_part(sz, smoke, hardware):
     import numpy as np
 
     from moe_jax.mesh import make_mesh
-    from moe_jax.parallel.step import ShardedModel
+    from moe_jax.parallel.sharded import ShardedModel
     from moe_jax.plan.hardware import get_hardware
     from moe_jax.plan.model import plan
     from moe_jax.train.step import init_train_state, make_optimizer, train_step

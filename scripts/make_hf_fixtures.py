@@ -249,7 +249,7 @@ def check_export(family: str, made: dict) -> float:
     from moe_jax.hf.checkpoint import export, import_state
     from moe_jax.hf.families import FAMILIES as TABLES
     from moe_jax.mesh import make_mesh
-    from moe_jax.parallel.step import ShardedModel
+    from moe_jax.parallel.sharded import ShardedModel
 
     cfg, hf = config_from_hf(made["dir"], layout=os.path.join(ROOT, "meshes", "cpu8-pp2-ep2-tp2.yaml"),
                              overrides=["run.dtype=fp32", "run.seq_len=16", "run.batch=8"])  # fmt: skip

@@ -20,8 +20,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from moe_jax.config import load_config  # noqa: E402
 from moe_jax.layouts import committed_layouts, load_pair  # noqa: E402
+from moe_jax.load import load_config  # noqa: E402
 from moe_jax.plan.audit import claims, markdown  # noqa: E402
 from moe_jax.plan.hardware import PROFILES, get_hardware  # noqa: E402
 from moe_jax.plan.model import plan, serve_plan  # noqa: E402
@@ -45,7 +45,9 @@ def cases() -> dict[str, str]:
         for hw_name in PROFILES:
             hw = get_hardware(hw_name)
             for step in STEPS:
-                out[f"{name}/{hw_name}/{step}"] = _digest(plan(cfg, hw) if step == "train" else serve_plan(cfg, hw, step))
+                out[f"{name}/{hw_name}/{step}"] = _digest(
+                    plan(cfg, hw) if step == "train" else serve_plan(cfg, hw, step)
+                )
     seed = load_config(None, None, [], check=False)
     out["search/seed/128/seed"] = _digest(search(seed, 128, get_hardware("seed")))
     out["audit"] = hashlib.sha256(markdown(claims()).encode()).hexdigest()

@@ -1,4 +1,4 @@
-"""Every model family against one device (moe_jax/parallel/matrix.py): each tiny family on ep4-tp2, dp2-ep2-tp2,
+"""Every model family against one device (moe_jax/verify/matrix.py): each tiny family on ep4-tp2, dp2-ep2-tp2,
 pp2-ep2-tp2, pp2 circular and pp4-tp2 in fp32, bf16 on two layouts, dense first layers under pp, MoE every second
 layer under circular pp, tp 4, and prefill + decode per family; each train case with the HLO audit of the program it
 checked. Runs in one process on 8 fake CPU devices (about 10 minutes on 2 cores; XLA:CPU at LLVM -O0 as in the tests).
@@ -60,7 +60,7 @@ def main() -> int:
     use_fake_devices(8)
     import jax
 
-    from moe_jax.parallel.matrix import cases, layout_cases, pipeline_cases, run
+    from moe_jax.verify.matrix import cases, layout_cases, pipeline_cases, run
 
     rows = []
     for c in {"families": cases, "pipeline": pipeline_cases, "layouts": layout_cases}[args.set]():
@@ -89,7 +89,7 @@ def main() -> int:
                     "parameters' difference is reported, not held to the tolerance: AdamW's first steps move a weight "
                     "by about the learning rate whatever its gradient's size, so a gradient below bf16's rounding "
                     "that changes sign between two programs (folding sums an expert's hidden in one matmul, not tp "
-                    "partial sums) leaves that weight about 2 lr away (moe_jax/parallel/matrix.py, `run_against`). "
+                    "partial sums) leaves that weight about 2 lr away (moe_jax/verify/matrix.py, `run_against`). "
                     "The audit is of the train step: reduce-scatter and all-gather over the batch axes for ZeRO-1, "
                     "the experts' all-to-all over (ep, tp) and no tp collective of expert rows for folding. The "
                     "ragged_exchange cases are ragged dispatch's own exchange (layout.ragged_exchange=emulated: "
@@ -101,7 +101,7 @@ def main() -> int:
         f"# {title}",
         "",
         f"`{cmd}` at commit {commit} (jax {jax.__version__}, {meta['machine']}, "
-        "8 fake CPU devices); the cases are moe_jax/parallel/matrix.py's. Train cases: loss, router terms, every "
+        "8 fake CPU devices); the cases are moe_jax/verify/matrix.py's. Train cases: loss, router terms, every "
         "gradient group and the gradient norm against one device (relative to each leaf's largest element), then the "
         f"HLO audit of the program checked. {what}",
         "",

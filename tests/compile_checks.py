@@ -10,13 +10,15 @@ import sys
 import numpy as np
 
 from moe_jax.compile import compile_report
-from moe_jax.config import load_config, storage_model
+from moe_jax.config import storage_model
 from moe_jax.hlo import audit, collectives
 from moe_jax.layouts import load_pair
+from moe_jax.load import load_config
 from moe_jax.mesh import assignment, check_placement, make_mesh
 from moe_jax.model.moe import capacity
 from moe_jax.model.transformer import param_table
-from moe_jax.parallel.step import ShardedModel, lower_step
+from moe_jax.parallel.sharded import ShardedModel
+from moe_jax.parallel.step import lower_step
 from moe_jax.sharding import MESH_AXES
 
 
@@ -60,7 +62,7 @@ def plan_check_cli() -> dict:
     import tempfile
 
     from moe_jax import cli
-    from moe_jax.plan import model
+    from moe_jax.plan import check
 
     report = os.path.join(tempfile.mkdtemp(), "check.json")
     args = ["plan", "--check", "--config", "configs/seed.yaml", "--layout", "meshes/seed-128.yaml",
@@ -75,7 +77,7 @@ def plan_check_cli() -> dict:
     right = run()
     with open(report) as f:
         right["report"] = json.load(f)  # the grid point seed-128 s10240 layer capacity fp16
-    real = model.memory
+    real = check.memory  # as plan.check.compare looks it up
 
     def wrong(cfg, step="train", backend="accelerator"):
         out = dict(real(cfg, step, backend))
@@ -83,11 +85,11 @@ def plan_check_cli() -> dict:
         out["total"] += out["saved_for_backward"] // 2
         return out
 
-    model.memory = wrong
+    check.memory = wrong
     try:
         bad = run()  # the compiled step is cached: only the plan changes
     finally:
-        model.memory = real
+        check.memory = real
     return {"right": right, "wrong": bad}
 
 

@@ -13,8 +13,8 @@ import pytest
 from conftest import ROOT
 
 from moe_jax import cli
-from moe_jax.config import load_config
 from moe_jax.layouts import load_pair
+from moe_jax.load import load_config
 from moe_jax.mesh import assignment
 from moe_jax.plan.hardware import get_hardware
 from moe_jax.plan.search import candidates, layout_counts

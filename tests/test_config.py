@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 
 from moe_jax import cli
-from moe_jax.config import ConfigError, check_devices, load_config
+from moe_jax.config import ConfigError, check_devices
+from moe_jax.load import load_config
 
 SEED = "configs/seed.yaml"
 TINY = "configs/tiny.yaml"

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli
 
-from moe_jax.config import load_config
+from moe_jax.load import load_config
 from moe_jax.mesh import make_mesh
-from moe_jax.parallel.step import ShardedModel
+from moe_jax.parallel.sharded import ShardedModel
 from moe_jax.train.checkpoint import Checkpoints
 from moe_jax.train.data import SyntheticTask
 from moe_jax.train.loop import train

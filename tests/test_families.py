@@ -3,10 +3,10 @@ figures, the options' one-device semantics against plain references, the sharded
 decode against the full forward, and the presets' layouts and KV caches as planned.
 
 The whole matrix (every tiny family on ep4-tp2, dp2-ep2-tp2, pp2-ep2-tp2, pp2 circular and pp4-tp2 in fp32, bf16 on
-two layouts, the structure variants, tp 4, decode per family: moe_jax/parallel/matrix.py) costs about 10 minutes of
+two layouts, the structure variants, tp 4, decode per family: moe_jax/verify/matrix.py) costs about 10 minutes of
 this machine, more than the suite's whole margin: `scripts/verify_families.py` runs it and commits docs/families.md,
 and this file runs one train case that exercises most options on a pipeline, and checks that the committed
-results cover the rest and pass (prefill + decode of every family against transformers: test_hf.py). Tolerances (moe_jax.parallel.verify.TOLERANCE, relative to
+results cover the rest and pass (prefill + decode of every family against transformers: test_hf.py). Tolerances (moe_jax.verify.TOLERANCE, relative to
 each leaf's largest element): fp32 1e-5, bf16 2e-2. The full-size presets compile on 64 fake devices in
 tests/test_full_size.py.
 """
@@ -22,14 +22,14 @@ import pytest
 from conftest import ROOT
 from flax import nnx
 
-from moe_jax.config import load_config
+from moe_jax.load import load_config
 from moe_jax.mesh import assignment
 from moe_jax.model.layers import Attention, rms_norm_heads
 from moe_jax.model.moe import route
 from moe_jax.model.params import active_params_per_token, total_params
 from moe_jax.model.transformer import abstract_model
-from moe_jax.parallel import matrix
 from moe_jax.sharding import Axes
+from moe_jax.verify import matrix
 
 # Published totals and active parameters per token, in billions, with the precision they are published to.
 PUBLISHED = {
@@ -243,7 +243,7 @@ def test_uneven_stages_store_padding_and_checkpoints_stay_in_global_order():
     to_global gives back the global 7 units exactly (what checkpoints and exports hold), so a checkpoint of an uneven
     run restores on any layout."""
     from moe_jax.mesh import make_mesh
-    from moe_jax.parallel.step import ShardedModel, one_device_params
+    from moe_jax.parallel.sharded import ShardedModel, one_device_params
 
     cfg = matrix.config(matrix.case("deepseek uneven pp4-tp2 fp32"))
     sm = ShardedModel.build(cfg, make_mesh(cfg.layout))

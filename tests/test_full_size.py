@@ -16,8 +16,8 @@ import os
 import pytest
 from conftest import run_script_with_devices
 
-from moe_jax.config import load_config
 from moe_jax.layouts import load_pair
+from moe_jax.load import load_config
 from moe_jax.plan.model import serve_memory
 
 pytestmark = pytest.mark.slow

@@ -27,7 +27,7 @@ from moe_jax.hf.checkpoint import HFTensors, export, import_params, import_state
 from moe_jax.hf.families import FAMILIES
 from moe_jax.mesh import make_mesh
 from moe_jax.model.params import total_params
-from moe_jax.parallel.step import ShardedModel
+from moe_jax.parallel.sharded import ShardedModel
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf")
 LAYOUTS = {  # name -> (layout file, overrides); 8 devices each

@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from moe_jax.config import load_config, storage_model
+from moe_jax.config import storage_model
 from moe_jax.layouts import committed_layouts, golden_layouts, golden_path, load_pair
+from moe_jax.load import load_config
 from moe_jax.mesh import GRAD_REDUCE_AXES, assignment, check_placement, layer_storage_order, make_mesh, stage_layers
 from moe_jax.model.transformer import param_table
 from moe_jax.sharding import MESH_AXES

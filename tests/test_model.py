@@ -14,7 +14,8 @@ import pytest
 from conftest import assert_tree_close
 from flax import nnx
 
-from moe_jax.config import ConfigError, load_config
+from moe_jax.config import ConfigError
+from moe_jax.load import load_config
 from moe_jax.model.moe import MoE, Routing, capacity, plan_dispatch, route, router_stats
 from moe_jax.model.params import active_params_per_token, param_counts, total_params
 from moe_jax.model.reference import naive_moe, naive_router_losses, overflow_mask

@@ -1,6 +1,6 @@
 """The shard_map step over (dp, ep, tp) on 8 fake devices equals one device; the HLO audit of the seed, compile-only.
 
-Tolerances (moe_jax.parallel.verify.TOLERANCE): fp32 relative 1e-5, bf16 2e-2, relative to each leaf's largest element.
+Tolerances (moe_jax.verify.TOLERANCE): fp32 relative 1e-5, bf16 2e-2, relative to each leaf's largest element.
 Dropless mode compares with the plain one-device model; capacity mode with one device cut into the same dispatch
 groups as the shards (rows over dp x ep, sequence over tp), i.e. the same per-shard capacity rule.
 """
@@ -9,11 +9,11 @@ import json
 
 import pytest
 
-from moe_jax.config import load_config
 from moe_jax.hlo import _iota_groups, audit, group_axes, replica_groups
+from moe_jax.load import load_config
 from moe_jax.mesh import assignment, make_mesh
-from moe_jax.parallel.step import ShardedModel
-from moe_jax.parallel.verify import verify
+from moe_jax.parallel.sharded import ShardedModel
+from moe_jax.verify import verify
 
 # (dp, ep, tp) layouts of 8 devices that the tiny config admits (4 heads, expert hidden 40, sequence 12, 8 experts).
 LAYOUTS = {
@@ -150,7 +150,8 @@ def test_ragged_exchange_lowers_for_cuda_and_its_audit_is_clean(monkeypatch):
     all-to-all of rows."""
     import jax
 
-    from moe_jax.parallel.step import abstract_inputs, grad_step
+    from moe_jax.parallel.sharded import abstract_inputs
+    from moe_jax.parallel.step import grad_step
 
     cfg = load_config("configs/tiny.yaml", "meshes/cpu8-ep4-tp2.yaml",
                       ["model.dispatch=ragged", "run.dtype=bf16", "model.attention_impl=blockwise"])  # fmt: skip
@@ -216,8 +217,8 @@ def test_committed_zero1_and_folding_results_cover_the_cases_and_pass():
     ZeRO-1 train step and a live folded 1F1B one, resumed and audited, are tests/test_train.py's."""
     from conftest import ROOT
 
-    from moe_jax.parallel import matrix
     from moe_jax.plan.model import memory
+    from moe_jax.verify import matrix
 
     with open(f"{ROOT}/docs/results/layouts.json") as f:
         rows = {r["id"]: r for r in json.load(f)["cases"]}
@@ -269,7 +270,7 @@ def test_committed_zero1_and_folding_results_cover_the_cases_and_pass():
 def edge_bytes(cfg) -> int:
     """A device's bytes of the embedding and head: fp32 weights and gradients, and their AdamW moments (ZeRO-1's
     slice of them where it splits them)."""
-    from moe_jax.parallel.comm import param_shards
+    from moe_jax.model.params import param_shards
 
     return sum(8 * p["local"] + 8 * p["zero_local"] for p in param_shards(cfg) if p["path"] in ("embed", "head"))
 
@@ -278,7 +279,7 @@ def test_zero1_gradients_equal_one_device_and_leave_by_reduce_scatter():
     """ZeRO-1 on dp2-ep2-tp2 live (the matrix's case, docs/layouts.md, where it also trains against ZeRO-0): its own
     gradient step (gradients reduce-scattered over the batch axes to the shards that update them) against one
     device, fp32 1e-5, and the audit of the very program checked."""
-    from moe_jax.parallel import matrix
+    from moe_jax.verify import matrix
 
     cfg = matrix.config(matrix.case("zero1 dp2-ep2-tp2"))
     assert cfg.layout.zero == 1 and (cfg.layout.dp, cfg.layout.ep, cfg.layout.tp) == (2, 2, 2)

@@ -1,6 +1,6 @@
 """Pipeline parallelism over pp on 8 fake devices equals the unpipelined one-device model; schedules and their HLO.
 
-Tolerance: fp32 relative 1e-5 (moe_jax.parallel.verify.TOLERANCE), relative to each leaf's largest element. The router
+Tolerance: fp32 relative 1e-5 (moe_jax.verify.TOLERANCE), relative to each leaf's largest element. The router
 terms are per global microbatch in both runs (rows j B/M .. (j+1) B/M), dropless dispatch.
 
 1F1B: one case live here (interleaved, pp 4, against one device and its HLO audited); the rest of its matrix (pp 2, 4
@@ -16,13 +16,14 @@ import os
 import pytest
 from conftest import ROOT
 
-from moe_jax.config import ConfigError, load_config
+from moe_jax.config import ConfigError
 from moe_jax.hlo import audit, collectives, while_trip_counts
+from moe_jax.load import load_config
 from moe_jax.mesh import assignment, make_mesh
-from moe_jax.parallel import matrix
 from moe_jax.parallel.schedule import Schedule
-from moe_jax.parallel.step import ShardedModel, lower_step
-from moe_jax.parallel.verify import verify
+from moe_jax.parallel.sharded import ShardedModel
+from moe_jax.parallel.step import lower_step
+from moe_jax.verify import matrix, verify
 
 # (pp, dp, ep, tp), microbatches, repeats, layers: m = pp, 2 pp and 4 pp, v = 1 and 2, pp 2, 4 and 8, with ep, tp
 # and dp.

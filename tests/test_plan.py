@@ -8,7 +8,7 @@ import re
 import pytest
 from conftest import ROOT
 
-from moe_jax.config import load_config
+from moe_jax.load import load_config
 from moe_jax.plan.audit import claims, markdown
 from moe_jax.plan.hardware import PROFILES, get_hardware
 from moe_jax.plan.search import SEED_128, find, search
@@ -170,9 +170,10 @@ def test_link_of_every_group_agrees_with_the_assignment(name, per_host):
 
 SAME_PROGRAM = """
 import hashlib, json, jax
-from moe_jax.config import load_config
+from moe_jax.load import load_config
 from moe_jax.mesh import make_mesh
-from moe_jax.parallel.step import ShardedModel, abstract_inputs, loss_fn
+from moe_jax.parallel.sharded import ShardedModel, abstract_inputs
+from moe_jax.parallel.step import loss_fn
 cfg = load_config("configs/tiny.yaml", "meshes/cpu8-pp2-ep2-tp2.yaml", ["model.dispatch=capacity", "run.dtype=bf16"])
 sm = ShardedModel.build(cfg, make_mesh(cfg.layout))
 with jax.set_mesh(sm.mesh):  # the sharded loss: pipeline, attention, dispatch, every kind of collective

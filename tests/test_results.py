@@ -42,7 +42,7 @@ def test_a_one_line_change_to_the_step_makes_the_matrix_stale(tmp_path):
     path = "docs/results/families.json"
     with open(os.path.join(ROOT, path)) as f:
         record = json.load(f)["sources"]
-    assert {"moe_jax/parallel/step.py", "moe_jax/parallel/matrix.py", "scripts/verify_families.py"} <= set(
+    assert {"moe_jax/parallel/step.py", "moe_jax/verify/matrix.py", "scripts/verify_families.py"} <= set(
         record["files"]
     )
     assert {f"configs/tiny-{family}.yaml" for family in ("mixtral", "qwen3", "olmoe", "deepseek")} <= set(

@@ -11,14 +11,15 @@ import pytest
 from conftest import ROOT
 
 from moe_jax.compile import lower
-from moe_jax.config import ConfigError, load_config
+from moe_jax.config import ConfigError
 from moe_jax.hlo import audit
+from moe_jax.load import load_config
 from moe_jax.mesh import assignment, make_mesh
-from moe_jax.parallel.matrix import decode_against_forward
-from moe_jax.parallel.step import ShardedModel
+from moe_jax.parallel.sharded import ShardedModel
 from moe_jax.serve.generate import check_lengths, sample
 from moe_jax.train.checkpoint import Checkpoints
 from moe_jax.train.step import init_train_state, make_optimizer
+from moe_jax.verify.matrix import decode_against_forward
 
 FP32_RTOL = 1e-5
 

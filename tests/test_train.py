@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from conftest import ROOT, assert_tree_close
 
-from moe_jax.config import ConfigError, load_config
+from moe_jax.config import ConfigError
+from moe_jax.load import load_config
 from moe_jax.mesh import make_mesh
-from moe_jax.parallel.step import ShardedModel
+from moe_jax.parallel.sharded import ShardedModel
 from moe_jax.train.checkpoint import Checkpoints
 from moe_jax.train.data import SyntheticTask, TokenFile
 from moe_jax.train.loop import train
@@ -138,11 +139,11 @@ KILL_DURING_SAVE = textwrap.dedent(
     """
     import jax, sys
     jax.config.update("jax_num_cpu_devices", 8)
-    from moe_jax.config import load_config
+    from moe_jax.load import load_config
     from moe_jax.mesh import make_mesh
     from moe_jax.train.data import SyntheticTask
     from moe_jax.train.loop import train
-    from moe_jax.parallel.step import ShardedModel
+    from moe_jax.parallel.sharded import ShardedModel
     from moe_jax.train.checkpoint import Checkpoints
     from moe_jax.train.step import init_train_state, make_optimizer
     cfg = load_config("configs/tiny.yaml", "meshes/cpu8-ep8.yaml", ["model.d_model=192", "model.head_dim=48"])

@@ -7,7 +7,10 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from moe_jax.config import Config, ConfigError, load_config
+from moe_jax.config import Config, ConfigError
+from moe_jax.hf.checkpoint import TOKENIZER_FILES, read_hf_config
+from moe_jax.hf.families import model_fields
+from moe_jax.load import load_config
 
 RUN_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -16,9 +19,6 @@ def config_from_hf(directory: str, config: str | None = None, layout: str | None
                    overrides: Iterable[str] = ()) -> tuple[Config, dict[str, Any]]:  # fmt: skip
     """(Config, config.json): the model from config.json; the compute dtype from its dtype and the sequence length
     capped at its context unless --config gives a run; then --config, --layout and the overrides as everywhere."""
-    from moe_jax.hf.checkpoint import read_hf_config
-    from moe_jax.hf.families import model_fields
-
     hf = read_hf_config(directory)
     fields = model_fields(hf, os.path.join(directory, "config.json"))
     run = []
@@ -30,8 +30,6 @@ def config_from_hf(directory: str, config: str | None = None, layout: str | None
 
 def read_tokenizer_files(directory: str) -> dict[str, str]:
     """The tokenizer's files of a checkpoint directory (kept with an imported checkpoint, written back on export)."""
-    from moe_jax.hf.checkpoint import TOKENIZER_FILES
-
     out = {}
     for name in TOKENIZER_FILES:
         path = os.path.join(directory, name)

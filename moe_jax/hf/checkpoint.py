@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from moe_jax.config import ConfigError, ModelConfig
-from moe_jax.hf.families import GLOBAL, Family
+from moe_jax.hf.families import GLOBAL, Family, family_of, hf_config
+from moe_jax.model.transformer import abstract_model, param_table
 
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -311,8 +312,6 @@ def rest_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """The model's non-parameter state (the routing bias) by path, global shapes."""
     from flax import nnx
 
-    from moe_jax.model.transformer import abstract_model
-
     _, _, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)
     return {"/".join(map(str, k)): tuple(v.shape) for k, v in nnx.to_flat_state(rest)}
 
@@ -326,9 +325,6 @@ def import_params(sm, directory: str):
 def import_state(sm, directory: str, seed: int = 0):
     """(params, rest, tensors): the parameters and, where the family stores it (DeepSeek-V3's
     e_score_correction_bias), the routing bias; otherwise the rest is freshly initialised (zero bias)."""
-    from moe_jax.hf.families import family_of
-    from moe_jax.model.transformer import param_table
-
     family = family_of(read_hf_config(directory), os.path.join(directory, "config.json"))
     tensors = HFTensors(directory)
     _, shapes = param_table(sm.cfg)
@@ -431,8 +427,6 @@ def export(
     """Writes config.json and the safetensors (sharded above max_shard_bytes, with the index) into `out`, atomically:
     a temporary directory beside it, renamed into place when complete. Returns a summary."""
     from safetensors.numpy import save_file
-
-    from moe_jax.hf.families import hf_config
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype={dtype!r}: valid: {', '.join(DTYPES)}")

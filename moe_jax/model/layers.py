@@ -338,8 +338,6 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BSD, axes: Axes, dtype):
         """x_BSD: normed fp32, the local sequence slice. Returns fp32, same shape (tp partial sums reduce-scattered)."""
-        from moe_jax.model.moe import expert_ffn
-
         b, s, d = x_BSD.shape
         x_full = axes.gather_seq(x_BSD.astype(dtype), axis=1)
         w_gate = None if self.w_gate is None else self.w_gate[...][None]
@@ -348,3 +346,24 @@ class MLP(nnx.Module):
         if self.output_gate is not None:
             y_BSD = y_BSD * jax.nn.sigmoid(jnp.einsum("BSD,D->BS", x_BSD, self.output_gate[...]))[..., None]
         return y_BSD
+
+
+def ffn(matmul, x, w_in, w_gate, w_out, dtype):
+    """GELU(x W_in) W_out, or SwiGLU with W_gate, each product `matmul(x, w)`; fp32 out."""
+    h = matmul(x, w_in.astype(dtype))
+    if w_gate is None:
+        h = jax.nn.gelu(h)
+    else:
+        h = jax.nn.silu(matmul(x, w_gate.astype(dtype))) * h
+    return matmul(h, w_out.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def expert_ffn(x_ECD, w_in_EDF, w_gate_EDF, w_out_EFD, dtype):
+    """Each expert's FFN on its buffer: GELU(x W_in) W_out, or SwiGLU with W_gate. Batched over local experts.
+
+    Returns fp32: with the hidden dimension split over tp these are partial sums, reduced in fp32 like attention's."""
+
+    def batched(a, w, **kw):  # [E, C, I] x [E, I, O] -> [E, C, O]
+        return jnp.einsum("ECI,EIO->ECO", a, w, **kw)
+
+    return ffn(batched, x_ECD, w_in_EDF, w_gate_EDF, w_out_EFD, dtype)

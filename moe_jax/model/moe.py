@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
-from moe_jax.model.layers import param
+from moe_jax.model.layers import expert_ffn, ffn, param
 from moe_jax.sharding import Axes
 
 
@@ -106,27 +106,6 @@ def combine_from_buffers(y_ECD, plan: DispatchPlan, gates_TR):
     return jnp.einsum("TR,TRD->TD", w_TR, y_TRD)
 
 
-def _ffn(matmul, x, w_in, w_gate, w_out, dtype):
-    """GELU(x W_in) W_out, or SwiGLU with W_gate, each product `matmul(x, w)`; fp32 out."""
-    h = matmul(x, w_in.astype(dtype))
-    if w_gate is None:
-        h = jax.nn.gelu(h)
-    else:
-        h = jax.nn.silu(matmul(x, w_gate.astype(dtype))) * h
-    return matmul(h, w_out.astype(dtype), preferred_element_type=jnp.float32)
-
-
-def expert_ffn(x_ECD, w_in_EDF, w_gate_EDF, w_out_EFD, dtype):
-    """Each expert's FFN on its buffer: GELU(x W_in) W_out, or SwiGLU with W_gate. Batched over local experts.
-
-    Returns fp32: with the hidden dimension split over tp these are partial sums, reduced in fp32 like attention's."""
-
-    def batched(a, w, **kw):  # [E, C, I] x [E, I, O] -> [E, C, O]
-        return jnp.einsum("ECI,EIO->ECO", a, w, **kw)
-
-    return _ffn(batched, x_ECD, w_in_EDF, w_gate_EDF, w_out_EFD, dtype)
-
-
 def ragged_ffn(x_RD, sizes_E, w_in_EDF, w_gate_EDF, w_out_EFD, dtype):
     """The experts' FFN over rows sorted by expert (`sizes_E` rows each, in order; rows past their sum give zeros) as
     grouped matmuls (`lax.ragged_dot`): each expert computes only its own rows. fp32 out, as `expert_ffn`."""
@@ -134,7 +113,7 @@ def ragged_ffn(x_RD, sizes_E, w_in_EDF, w_gate_EDF, w_out_EFD, dtype):
     def grouped(a, w, **kw):  # [R, I] x [E, I, O] -> [R, O], row r by its group's matrix
         return jax.lax.ragged_dot(a, w, sizes_E, **kw)
 
-    return _ffn(grouped, x_RD, w_in_EDF, w_gate_EDF, w_out_EFD, dtype)
+    return ffn(grouped, x_RD, w_in_EDF, w_gate_EDF, w_out_EFD, dtype)
 
 
 def filled_rows_ffn(x_ECD, rows_ES, weights, dtype):

@@ -1,10 +1,15 @@
-"""The analytic parameter count: total, per kind, and active per token. Tests check it against the initialised tree."""
+"""The parameters: their analytic count (total, per kind, active per token; tests check it against the initialised
+tree) and their shards on a layout, from the abstract model and the one rules table."""
 
 from __future__ import annotations
 
 import functools
+import math
+from typing import Any
 
-from moe_jax.config import ModelConfig
+from moe_jax.config import Config, ModelConfig, storage_model
+from moe_jax.model.transformer import param_table
+from moe_jax.sharding import MESH_AXES, logical_to_mesh, rules_of, zero_spec
 
 SEED_CLAIMED_PARAMS = 30_000_000_000  # the seed's "30B parameters"
 
@@ -91,3 +96,41 @@ def param_formula(cfg: ModelConfig) -> str:
         f"{l} x ({e} x {mats} x {d} x {f} + 4 x {d} x {hk} + {d} x {e} + {2 * d}) + 2 x {v} x {d} + {d} "
         f"= {total_params(cfg):,}"
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _param_table(model_cfg) -> tuple[tuple[str, tuple[str, ...], tuple[int, ...]], ...]:
+    names, shapes = param_table(model_cfg)
+    return tuple((path, names[path], shapes[path]) for path in sorted(names))
+
+
+def param_shards(cfg: Config) -> list[dict[str, Any]]:
+    """Every parameter with the mesh axes it is split over (mesh order, size-1 axes left out), its local shape and
+    its local element count, from the abstract model and the one rules table (nothing allocated); `zero`: the batch
+    axes ZeRO-1 splits its optimizer state over, `zero_split` and `zero_local` its split and count then."""
+    lay = cfg.layout
+    return param_shards_for(storage_model(cfg), lay.shape, lay.zero, lay.folded, lay.vocab_split)
+
+
+@functools.lru_cache(maxsize=4096)
+def param_shards_for(
+    model_cfg, shape_pdet: tuple[int, ...], zero: int, folded: bool, vocab: str
+) -> list[dict[str, Any]]:
+    sizes = dict(zip(MESH_AXES, shape_pdet, strict=True))
+    rules = rules_of(folded, vocab)
+    out = []
+    for path, names, shape in _param_table(model_cfg):
+        spec = logical_to_mesh(names, sizes, shape, rules)
+        z = zero_spec(spec, names, shape, sizes, path)[1] if zero else ()
+        used: list[str] = []
+        local = []
+        for dim, part in zip(shape, spec, strict=True):
+            axes = () if part is None else (part,) if isinstance(part, str) else tuple(part)
+            used += axes
+            local.append(dim // math.prod(sizes[a] for a in axes))
+        split = tuple(a for a in MESH_AXES if a in used)
+        n = math.prod(local)
+        out.append({"path": path, "split": split, "local_shape": tuple(local), "local": n,
+                    "zero": z, "zero_split": tuple(a for a in MESH_AXES if a in used or a in z),
+                    "zero_local": n // math.prod(sizes[a] for a in z)})  # fmt: skip
+    return out

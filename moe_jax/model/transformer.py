@@ -20,7 +20,7 @@ from jax import lax
 from moe_jax.config import Config, ConfigError, ModelConfig
 from moe_jax.model.layers import MLP, Attention, LatentAttention, RMSNorm, compute_dtype, param
 from moe_jax.model.moe import MoE
-from moe_jax.sharding import Axes
+from moe_jax.sharding import Axes, state_names
 
 ONE_DEVICE = Axes()
 
@@ -323,8 +323,6 @@ __all__ = [
 
 def param_table(cfg: Config | ModelConfig) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[int, ...]]]:
     """Every parameter's path -> its logical names and its global shape, from the abstract model (nothing allocated)."""
-    from moe_jax.sharding import state_names
-
     _, params, _ = nnx.split(abstract_model(cfg), nnx.Param, ...)
     names = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(state_names(params))}
     shapes = {"/".join(map(str, k)): tuple(v.shape) for k, v in nnx.to_flat_state(params)}

@@ -16,7 +16,9 @@ weight is replicated on once, at the end, as autodiff of the GPipe scan does.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +26,12 @@ from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.config import storage_model, uneven_units
 from moe_jax.model.layers import compute_dtype
 from moe_jax.model.transformer import Stack, run_prologue
-from moe_jax.parallel.schedule import schedule_of
-from moe_jax.sharding import MESH_AXES, TOKEN_AXES, active_axes
+from moe_jax.parallel.pipeline import RouterStats, Stage, metric_specs, reduce_grads, ring, stage_unit, to_varying
+from moe_jax.parallel.schedule import Schedule, schedule_of
+from moe_jax.parallel.sharded import ShardedModel, batch_spec, sharded_axes
+from moe_jax.sharding import MESH_AXES, TOKEN_AXES, Axes, active_axes
 
 # The parameters each kind of slot differentiates (the rest enter as constants): the stack's units, and the edges
 # (embedding, dense first layers, final norm, head).
@@ -45,240 +48,36 @@ def _join(a, b):
     return nnx.State({**a, **b})
 
 
-def grads_fn(sm) -> Callable:
+def _add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def grads_fn(sm: ShardedModel) -> Callable:
     """(params, rest, tokens, targets, scale) -> ((loss, metrics), gradients of scale x loss), one shard_map, the
     gradients sharded like the parameters. The same loss and metrics as `step.loss_fn` (GPipe)."""
-    from moe_jax.parallel.step import _to_varying, batch_spec, reduce_grads, ring, sharded_axes, stage_unit
-
-    cfg = sm.cfg
-    m, lay = cfg.model, cfg.layout
-    dtype = compute_dtype(cfg.run.dtype)
-    n_tokens = cfg.run.batch * cfg.run.seq_len
     sizes = sm.sizes
+    schedule = schedule_of(sm.cfg)
     axes = sharded_axes(sm)
-    sched = schedule_of(cfg)
-    pp, v, mb = lay.pp, lay.repeats, lay.microbatches
-    n_slots = sched.stash_slots
-    uneven = uneven_units(cfg)
     all_tokens = active_axes((*TOKEN_AXES, "pp"), sizes)
-    pp_axes = active_axes(("pp",), sizes)
-    fwd_perm = ring(pp, v)
-    bwd_perm = [(b, a) for a, b in fwd_perm]
-    l_c = storage_model(cfg).units // (pp * v)
-    # What a stage stashes per microbatch and chunk: every unit's input (remat 'layer'; the backward slot then holds
-    # one unit's activations at a time) or the chunk's input ('tick'; the backward slot holds the chunk's).
-    seg = 1 if lay.remat == "layer" else l_c
-    n_seg = l_c // seg
-    lb_w = m.lb_loss_weight / (m.moe_layers * mb)
-    z_w = m.z_loss_weight / (m.moe_layers * mb)
 
     def body(params, rest, tokens_local, targets_local, scale):
         structure = jax.tree.structure(params)
-        params = _to_varying(params, sm.param_specs, sizes)
-        stack_p, edge_p = _split(params, STACK_KEYS)
-        stage = lax.axis_index("pp") if pp_axes else 0
-        n_units = jnp.asarray(uneven, jnp.int32)[stage] if uneven else None
-        targets_local = axes.loss_targets(targets_local)
-
-        def model_of(p):
-            return nnx.merge(sm.graphdef, p, rest, copy=True)
-
-        def embed(edge, tokens, remat: str):
-            model = model_of(_join(edge, stack_p))
-            x = model.embed_tokens(tokens, axes)
-            if axes.vocab_pp:  # summed over the stages: the same on each, typed as the activations are
-                x = lax.pcast(x, ("pp",), to="varying")
-            return run_prologue(model, x, axes, dtype, remat) if m.dense_layers else x
-
-        def segment(stack, x, i0):
-            """Units i0 .. i0 + seg - 1 of the stage's stack: ((output, its router loss share), statistics)."""
-            units = Stack(model_of(_join(edge_p, stack)))
-
-            def layer(x, i):
-                return stage_unit(units, x, i, axes, dtype, n_units)
-
-            y, stats = lax.scan(layer, x, i0 + jnp.arange(seg))
-            return (y, lb_w * jnp.sum(stats["lb_loss"]) + z_w * jnp.sum(stats["z_loss"])), stats
-
-        def head_ce(edge, y, targets):
-            return model_of(_join(edge, stack_p)).loss_sum(y, targets, dtype, axes)
-
-        def add(a, b):
-            return jax.tree.map(jnp.add, a, b)
-
-        def loss_vjp(acc, y, j):
-            """The loss of microbatch j on the last stage's output y under jax.vjp, its cotangent the loss scale over
-            the global token count: (acc with the head's gradient added, the summed loss, the cotangent of y)."""
-            ce, pull_head = jax.vjp(lambda e, y: head_ce(e, y, targets_local[j]), edge_p, y)
-            d_edge, dy = pull_head(ce * 0.0 + scale / n_tokens)
-            return dict(acc, edge=add(acc["edge"], d_edge)), ce, dy
-
-        def embed_vjp(acc, j, dx):
-            """acc with the gradient of microbatch j's embedding (and dense first layers) for output cotangent dx."""
-            _, pull_embed = jax.vjp(lambda e: embed(e, tokens_local[j], "none"), edge_p)
-            return dict(acc, edge=add(acc["edge"], pull_embed(dx)[0]))
-
-        # A zero activation [B/(M dp ep), S/tp, D] of the activations' varying type (every active axis).
-        zero_act = jnp.zeros((*tokens_local.shape[1:], m.d_model), jnp.float32)
-        zero_act = (
-            lax.pcast(zero_act, active_axes(MESH_AXES, sizes), to="varying")
-            if active_axes(MESH_AXES, sizes)
-            else zero_act
-        )
-
-        # The vocabulary split over pp too (layout.vocab_split=tp_pp): the embedding and the head need every stage, so
-        # they run outside the stage-dependent slots, under conditions on the tick alone (stage 0's forward slot's
-        # microbatch; stage 0's and the last stage's backward slots'), and the stage that needs the result takes it.
-        def slot_of(t, stage_of, backward):
-            k = t - stage_of if not backward else t - sched.backward_offset - (pp - 1 - stage_of)
-            j, r = _slot(jnp.clip(k, 0, v * mb - 1), pp, v, backward=backward)
-            return (k >= 0) & (k < v * mb), j, r
-
-        def embed_all(t):
-            """Stage 0's embedding of this tick's first-repeat microbatch, computed by every stage (its rows)."""
-            valid, j, r = slot_of(t, 0, False)
-            return lax.cond(valid & (r == 0), lambda: embed(edge_p, tokens_local[j], "none"), lambda: zero_act)
-
-        def head_all(t, y_now, acc):
-            """The last stage's loss of this tick (its output summed to every stage, each its columns of the head):
-            (acc with the head's gradient and the loss, the output's cotangent)."""
-            valid, j, r = slot_of(t, pp - 1, True)
-
-            def head(acc):
-                acc, ce, dy = loss_vjp(acc, lax.psum(jnp.where(stage == pp - 1, y_now, 0.0), "pp"), j)
-                ce = jnp.where(stage == pp - 1, ce, 0.0)  # the same on every stage: counted once
-                return dict(acc, ce=acc["ce"] + ce), lax.pcast(dy, ("pp",), to="varying")
-
-            return lax.cond(valid & (r == v - 1), head, lambda acc: (acc, zero_act), acc)
-
-        def embed_back(t, dx, acc):
-            """Stage 0's embedding gradient of this tick (its input cotangent summed to every stage, each its rows)."""
-            valid, j, r = slot_of(t, 0, True)
-
-            # stage 0's cotangent only: the embedding's cast to varying over pp sums it to every stage
-            dx0 = jnp.where(stage == 0, dx, 0.0)
-            return lax.cond(valid & (r == 0), lambda acc: embed_vjp(acc, j, dx0), lambda acc: acc, acc)
-
-        def forward(t, recv, stash, x_embed=None):
-            """The forward slot: the chunk on its input, each segment's input stashed; returns (output, stash)."""
-            k = t - stage
-            valid = (k >= 0) & (k < v * mb)
-            j, r = _slot(jnp.clip(k, 0, v * mb - 1), pp, v, backward=False)
-            first = (stage == 0) & (r == 0)
-
-            def run(stash):
-                if x_embed is not None:  # computed by every stage (embed_all)
-                    x = jnp.where(first, x_embed, recv)
-                else:
-                    x = lax.cond(first, lambda: embed(edge_p, tokens_local[j], "none"), lambda: recv)
-                y, xs = lax.scan(lambda x, i: (segment(stack_p, x, r * l_c + i * seg)[0][0], x), x, jnp.arange(n_seg))
-                return y, stash.at[k % n_slots].set(xs)
-
-            return lax.cond(valid, run, lambda stash: (zero_act, stash), stash)
-
-        def backward(t, recv, y_now, stash, acc, dy_head=None):
-            """The backward slot: each segment recomputed from its stashed input under jax.vjp, last to first."""
-            k = t - sched.backward_offset - (pp - 1 - stage)
-            valid = (k >= 0) & (k < v * mb)
-            kc = jnp.clip(k, 0, v * mb - 1)
-            j, r = _slot(kc, pp, v, backward=True)
-            k_fwd = (kc // (v * pp)) * (v * pp) + r * pp + kc % pp
-            last = (stage == pp - 1) & (r == v - 1)
-            first = (stage == 0) & (r == 0)
-
-            def run(acc):
-                def from_loss(acc):  # this tick's forward slot ran the same microbatch: its output is y_now
-                    acc, ce, dy = loss_vjp(acc, y_now, j)
-                    return dict(acc, ce=acc["ce"] + ce), dy
-
-                if dy_head is not None:  # computed by every stage (head_all)
-                    dy = jnp.where(last, dy_head, recv)
-                else:
-                    acc, dy = lax.cond(last, from_loss, lambda acc: (acc, recv), acc)
-
-                def back(carry, xs):
-                    dy, acc = carry
-                    i, x = xs
-                    (_, router), pull, stats = jax.vjp(
-                        lambda s, x: segment(s, x, r * l_c + i * seg), stack_p, x, has_aux=True
-                    )
-                    d_stack, dx = pull((dy, router * 0.0 + scale))
-                    acc = dict(
-                        acc,
-                        stack=add(acc["stack"], d_stack),
-                        lb_loss=acc["lb_loss"] + jnp.sum(stats["lb_loss"]),
-                        z_loss=acc["z_loss"] + jnp.sum(stats["z_loss"]),
-                        dropped=acc["dropped"] + jnp.sum(stats["dropped"]),
-                        routed=acc["routed"] + jnp.sum(stats["routed"]),
-                        tokens_per_expert=lax.dynamic_update_slice(
-                            acc["tokens_per_expert"],
-                            lax.dynamic_slice(acc["tokens_per_expert"], (r, i * seg, 0), (1, seg, m.experts))
-                            + stats["tokens_per_expert"][None],
-                            (r, i * seg, 0),
-                        ),
-                    )
-                    return (dx, acc), None
-
-                (dx, acc), _ = lax.scan(back, (dy, acc), (jnp.arange(n_seg), stash[k_fwd % n_slots]), reverse=True)
-
-                if axes.vocab_pp:  # every stage's share of the embedding's gradient: embed_back
-                    return acc, dx
-                return lax.cond(first, lambda acc: embed_vjp(acc, j, dx), lambda acc: acc, acc), dx
-
-            return lax.cond(valid, run, lambda acc: (acc, zero_act), acc)
-
-        def tick(carry, t):
-            recv_f, recv_b, stash, acc = carry
-            if axes.vocab_pp:
-                y, stash = forward(t, recv_f, stash, embed_all(t))
-                acc, dy_head = head_all(t, y, acc)
-                acc, dx = backward(t, recv_b, y, stash, acc, dy_head)
-                acc = embed_back(t, dx, acc)
-            else:
-                y, stash = forward(t, recv_f, stash)  # first: the last stage's backward reads this tick's output
-                acc, dx = backward(t, recv_b, y, stash, acc)
-            if pp_axes:
-                y, dx = lax.ppermute(y, "pp", fwd_perm), lax.ppermute(dx, "pp", bwd_perm)
-            return (y, dx, stash, acc), None
-
-        # The router statistics are summed over the token axes inside each layer: varying over pp only, as in GPipe.
-        zero_stat = jnp.zeros((), jnp.float32)
-        zero_tpe = jnp.zeros((v, l_c, m.experts), jnp.float32)
-        if pp_axes:
-            zero_stat, zero_tpe = (
-                lax.pcast(zero_stat, pp_axes, to="varying"),
-                lax.pcast(zero_tpe, pp_axes, to="varying"),
-            )
-        acc0 = {
-            "stack": jax.tree.map(lambda a: jnp.zeros_like(a, jnp.float32), stack_p),
-            "edge": jax.tree.map(lambda a: jnp.zeros_like(a, jnp.float32), edge_p),
-            "ce": jnp.zeros((), jnp.float32) * zero_act[0, 0, 0],
-            "tokens_per_expert": zero_tpe,
-        } | {k: zero_stat for k in ("lb_loss", "z_loss", "dropped", "routed")}
-        stash0 = jnp.broadcast_to(zero_act, (n_slots, n_seg, *zero_act.shape))
-        (_, _, _, acc), _ = lax.scan(tick, (zero_act, zero_act, stash0, acc0), jnp.arange(sched.ticks))
-
-        ce = lax.psum(acc["ce"], all_tokens) / n_tokens if all_tokens else acc["ce"] / n_tokens
-        totals = jnp.stack([acc["lb_loss"], acc["z_loss"], acc["dropped"], acc["routed"]])
-        totals = lax.psum(totals, pp_axes) if pp_axes else totals
-        lb, z = totals[0] / (m.moe_layers * mb), totals[1] / (m.moe_layers * mb)
-        router_loss = m.lb_loss_weight * lb + m.z_loss_weight * z
-        tpe = acc["tokens_per_expert"]
-        metrics = {
-            "ce": ce,
-            "lb_loss": lb,
-            "z_loss": z,
-            "router_loss": router_loss,
-            "dropped": totals[2],
-            "routed": totals[3],
-            "tokens_per_expert": tpe.reshape(v * l_c, m.experts),
+        params = to_varying(params, sm.param_specs, sizes)
+        slots = _Slots.inside(sm, schedule, axes, params, rest, tokens_local, targets_local, scale)
+        stash0 = jnp.broadcast_to(slots.zero_act, (schedule.stash_slots, slots.n_seg, *slots.zero_act.shape))
+        acc0 = RouterStats.zero(slots.stage) | {
+            "stack": jax.tree.map(lambda a: jnp.zeros_like(a, jnp.float32), slots.stack_p),
+            "edge": jax.tree.map(lambda a: jnp.zeros_like(a, jnp.float32), slots.edge_p),
+            "ce": jnp.zeros((), jnp.float32) * slots.zero_act[0, 0, 0],
         }
+        carry0 = (slots.zero_act, slots.zero_act, stash0, acc0)
+        (_, _, _, acc), _ = lax.scan(slots.tick, carry0, jnp.arange(schedule.ticks))
+        n_tokens = sm.cfg.run.batch * sm.cfg.run.seq_len
+        ce = lax.psum(acc["ce"], all_tokens) / n_tokens if all_tokens else acc["ce"] / n_tokens
         # The gradients in the parameters' own tree (both flatten in sorted key order), each summed over the axes its
         # weight is replicated on (the transpose of the pcast above; ZeRO-1: reduce-scattered over the batch axes).
         grads = jax.tree.unflatten(structure, jax.tree.leaves(_join(acc["edge"], acc["stack"])))
-        return (ce + router_loss, metrics), reduce_grads(sm, grads)
-
-    from moe_jax.parallel.step import metric_specs
+        return RouterStats.finalize(acc, slots.stage, ce), reduce_grads(sm, grads)
 
     return jax.shard_map(
         body,
@@ -287,6 +86,199 @@ def grads_fn(sm) -> Callable:
         out_specs=((P(), metric_specs(sizes)), sm.grad_specs),
         check_vma=True,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slots:
+    """One stage's forward and backward slots inside the shard_map body, and the tick that runs them."""
+
+    sm: ShardedModel
+    schedule: Schedule
+    stage: Stage
+    axes: Axes
+    dtype: Any
+    stack_p: Any
+    edge_p: Any
+    rest: Any
+    tokens: Any
+    targets: Any
+    scale: Any
+    zero_act: Any
+    seg: int  # units per stashed segment: 1 (remat 'layer'; a backward slot holds one unit's activations) or l_c
+    n_seg: int
+
+    @classmethod
+    def inside(cls, sm, schedule, axes, params, rest, tokens, targets, scale) -> _Slots:
+        cfg = sm.cfg
+        stage = Stage.inside(cfg, sm.sizes, schedule)
+        stack_p, edge_p = _split(params, STACK_KEYS)
+        # A zero activation [B/(M dp ep), S/tp, D] of the activations' varying type (every active axis).
+        zero_act = jnp.zeros((*tokens.shape[1:], cfg.model.d_model), jnp.float32)
+        active = active_axes(MESH_AXES, sm.sizes)
+        zero_act = lax.pcast(zero_act, active, to="varying") if active else zero_act
+        seg = 1 if cfg.layout.remat == "layer" else stage.l_c
+        return cls(sm, schedule, stage, axes, compute_dtype(cfg.run.dtype), stack_p, edge_p, rest, tokens,
+                   axes.loss_targets(targets), scale, zero_act, seg, stage.l_c // seg)  # fmt: skip
+
+    # ---------------------------------------------------------------------------------------------- the model's parts
+
+    def model_of(self, p):
+        return nnx.merge(self.sm.graphdef, p, self.rest, copy=True)
+
+    def embed(self, edge, tokens, remat: str):
+        model = self.model_of(_join(edge, self.stack_p))
+        x = model.embed_tokens(tokens, self.axes)
+        if self.axes.vocab_pp:  # summed over the stages: the same on each, typed as the activations are
+            x = lax.pcast(x, ("pp",), to="varying")
+        return run_prologue(model, x, self.axes, self.dtype, remat) if self.stage.model.dense_layers else x
+
+    def segment(self, stack, x, i0):
+        """Units i0 .. i0 + seg - 1 of the stage's stack: ((output, its router loss share), statistics)."""
+        units = Stack(self.model_of(_join(self.edge_p, stack)))
+        m, mb = self.stage.model, self.stage.mb
+
+        def layer(x, i):
+            return stage_unit(units, x, i, self.axes, self.dtype, self.stage.n_units)
+
+        y, stats = lax.scan(layer, x, i0 + jnp.arange(self.seg))
+        lb_w, z_w = m.lb_loss_weight / (m.moe_layers * mb), m.z_loss_weight / (m.moe_layers * mb)
+        return (y, lb_w * jnp.sum(stats["lb_loss"]) + z_w * jnp.sum(stats["z_loss"])), stats
+
+    def loss_vjp(self, acc, y, j):
+        """The loss of microbatch j on the last stage's output y under jax.vjp, its cotangent the loss scale over
+        the global token count: (acc with the head's gradient added, the summed loss, the cotangent of y)."""
+        run = self.sm.cfg.run
+
+        def head_ce(edge, y):
+            return self.model_of(_join(edge, self.stack_p)).loss_sum(y, self.targets[j], self.dtype, self.axes)
+
+        ce, pull_head = jax.vjp(head_ce, self.edge_p, y)
+        d_edge, dy = pull_head(ce * 0.0 + self.scale / (run.batch * run.seq_len))
+        return dict(acc, edge=_add(acc["edge"], d_edge)), ce, dy
+
+    def embed_vjp(self, acc, j, dx):
+        """acc with the gradient of microbatch j's embedding (and dense first layers) for output cotangent dx."""
+        _, pull_embed = jax.vjp(lambda e: self.embed(e, self.tokens[j], "none"), self.edge_p)
+        return dict(acc, edge=_add(acc["edge"], pull_embed(dx)[0]))
+
+    # ------------------------------------------------- the vocabulary split over pp: the edges outside the stage slots
+    # (layout.vocab_split=tp_pp) The embedding and the head need every stage, so they run outside the stage-dependent
+    # slots, under conditions on the tick alone (stage 0's forward slot's microbatch; stage 0's and the last stage's
+    # backward slots'), and the stage that needs the result takes it.
+
+    def slot_of(self, t, stage_of, backward):
+        pp, v, mb = self.stage.pp, self.stage.v, self.stage.mb
+        k = t - stage_of if not backward else t - self.schedule.backward_offset - (pp - 1 - stage_of)
+        j, r = _slot(jnp.clip(k, 0, v * mb - 1), pp, v, backward=backward)
+        return (k >= 0) & (k < v * mb), j, r
+
+    def embed_all(self, t):
+        """Stage 0's embedding of this tick's first-repeat microbatch, computed by every stage (its rows)."""
+        valid, j, r = self.slot_of(t, 0, False)
+        return lax.cond(
+            valid & (r == 0), lambda: self.embed(self.edge_p, self.tokens[j], "none"), lambda: self.zero_act
+        )
+
+    def head_all(self, t, y_now, acc):
+        """The last stage's loss of this tick (its output summed to every stage, each its columns of the head):
+        (acc with the head's gradient and the loss, the output's cotangent)."""
+        valid, j, r = self.slot_of(t, self.stage.pp - 1, True)
+        last = self.stage.index == self.stage.pp - 1
+
+        def head(acc):
+            acc, ce, dy = self.loss_vjp(acc, lax.psum(jnp.where(last, y_now, 0.0), "pp"), j)
+            ce = jnp.where(last, ce, 0.0)  # the same on every stage: counted once
+            return dict(acc, ce=acc["ce"] + ce), lax.pcast(dy, ("pp",), to="varying")
+
+        return lax.cond(valid & (r == self.stage.v - 1), head, lambda acc: (acc, self.zero_act), acc)
+
+    def embed_back(self, t, dx, acc):
+        """Stage 0's embedding gradient of this tick (its input cotangent summed to every stage, each its rows)."""
+        valid, j, r = self.slot_of(t, 0, True)
+        # stage 0's cotangent only: the embedding's cast to varying over pp sums it to every stage
+        dx0 = jnp.where(self.stage.index == 0, dx, 0.0)
+        return lax.cond(valid & (r == 0), lambda acc: self.embed_vjp(acc, j, dx0), lambda acc: acc, acc)
+
+    # ------------------------------------------------------------------------------------------------------ the slots
+
+    def forward(self, t, recv, stash, x_embed=None):
+        """The forward slot: the chunk on its input, each segment's input stashed; returns (output, stash)."""
+        st = self.stage
+        k = t - st.index
+        valid = (k >= 0) & (k < st.v * st.mb)
+        j, r = _slot(jnp.clip(k, 0, st.v * st.mb - 1), st.pp, st.v, backward=False)
+        first = (st.index == 0) & (r == 0)
+
+        def run(stash):
+            if x_embed is not None:  # computed by every stage (embed_all)
+                x = jnp.where(first, x_embed, recv)
+            else:
+                x = lax.cond(first, lambda: self.embed(self.edge_p, self.tokens[j], "none"), lambda: recv)
+
+            def seg_fwd(x, i):
+                return self.segment(self.stack_p, x, r * st.l_c + i * self.seg)[0][0], x
+
+            y, xs = lax.scan(seg_fwd, x, jnp.arange(self.n_seg))
+            return y, stash.at[k % self.schedule.stash_slots].set(xs)
+
+        return lax.cond(valid, run, lambda stash: (self.zero_act, stash), stash)
+
+    def backward(self, t, recv, y_now, stash, acc, dy_head=None):
+        """The backward slot: each segment recomputed from its stashed input under jax.vjp, last to first."""
+        st = self.stage
+        pp, v, mb = st.pp, st.v, st.mb
+        k = t - self.schedule.backward_offset - (pp - 1 - st.index)
+        valid = (k >= 0) & (k < v * mb)
+        kc = jnp.clip(k, 0, v * mb - 1)
+        j, r = _slot(kc, pp, v, backward=True)
+        k_fwd = (kc // (v * pp)) * (v * pp) + r * pp + kc % pp
+        last = (st.index == pp - 1) & (r == v - 1)
+        first = (st.index == 0) & (r == 0)
+
+        def run(acc):
+            def from_loss(acc):  # this tick's forward slot ran the same microbatch: its output is y_now
+                acc, ce, dy = self.loss_vjp(acc, y_now, j)
+                return dict(acc, ce=acc["ce"] + ce), dy
+
+            if dy_head is not None:  # computed by every stage (head_all)
+                dy = jnp.where(last, dy_head, recv)
+            else:
+                acc, dy = lax.cond(last, from_loss, lambda acc: (acc, recv), acc)
+            segments = (jnp.arange(self.n_seg), stash[k_fwd % self.schedule.stash_slots])
+            (dx, acc), _ = lax.scan(lambda c, xs: self.segment_back(c, xs, r), (dy, acc), segments, reverse=True)
+            if self.axes.vocab_pp:  # every stage's share of the embedding's gradient: embed_back
+                return acc, dx
+            return lax.cond(first, lambda acc: self.embed_vjp(acc, j, dx), lambda acc: acc, acc), dx
+
+        return lax.cond(valid, run, lambda acc: (acc, self.zero_act), acc)
+
+    def segment_back(self, carry, xs, r):
+        """One segment of a backward slot: recomputed under jax.vjp from its stashed input x, its output's cotangent
+        dy and its router loss share's (the loss scale) pulled back; the stack's gradient and the segment's router
+        statistics added to acc. Returns ((the input's cotangent, acc), None)."""
+        dy, acc = carry
+        i, x = xs
+        (_, router), pull, stats = jax.vjp(
+            lambda s, x: self.segment(s, x, r * self.stage.l_c + i * self.seg), self.stack_p, x, has_aux=True
+        )
+        d_stack, dx = pull((dy, router * 0.0 + self.scale))
+        acc = RouterStats.add(dict(acc, stack=_add(acc["stack"], d_stack)), stats, r, unit0=i * self.seg)
+        return (dx, acc), None
+
+    def tick(self, carry, t):
+        recv_f, recv_b, stash, acc = carry
+        if self.axes.vocab_pp:
+            y, stash = self.forward(t, recv_f, stash, self.embed_all(t))
+            acc, dy_head = self.head_all(t, y, acc)
+            acc, dx = self.backward(t, recv_b, y, stash, acc, dy_head)
+            acc = self.embed_back(t, dx, acc)
+        else:
+            y, stash = self.forward(t, recv_f, stash)  # first: the last stage's backward reads this tick's output
+            acc, dx = self.backward(t, recv_b, y, stash, acc)
+        if self.stage.pp_axes:
+            fwd_perm = ring(self.stage.pp, self.stage.v)
+            y, dx = lax.ppermute(y, "pp", fwd_perm), lax.ppermute(dx, "pp", [(b, a) for a, b in fwd_perm])
+        return (y, dx, stash, acc), None
 
 
 def _slot(k, pp: int, v: int, backward: bool):

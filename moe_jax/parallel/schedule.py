@@ -24,7 +24,7 @@ import dataclasses
 import functools
 from typing import Any
 
-from moe_jax.config import ConfigError
+from moe_jax.config import ConfigError, storage_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +205,5 @@ def _in_flight(pp: int, microbatches: int, repeats: int, stage: int) -> int:
 
 def schedule_of(cfg) -> Schedule:
     """The schedule a config's layout runs: its stages over the stored units (uneven stages' padding included)."""
-    from moe_jax.config import storage_model
-
     lay = cfg.layout
     return Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units, lay.remat, lay.schedule)

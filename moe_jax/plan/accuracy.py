@@ -7,7 +7,9 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from moe_jax.config import Config, load_config
+from moe_jax.config import Config
+from moe_jax.load import load_config
+from moe_jax.plan.check import compare, compiled_figures
 
 LAYOUTS = {
     "seed-128": ("meshes/seed-128.yaml", []),  # pp 4, ep 16, tp 2, m 8
@@ -66,8 +68,6 @@ def point_config(p: dict[str, Any]) -> Config:
 def evaluate(p: dict[str, Any], mesh, tolerance: float = 0.05) -> dict[str, Any]:
     """Compile the point's train step on `mesh` and compare it with the plan (CPU-compiled dtype sizes)."""
     import time
-
-    from moe_jax.plan.check import compare, compiled_figures
 
     cfg = point_config(p)
     t0 = time.perf_counter()

@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from moe_jax.config import Config, LayoutConfig, check_config, load_config
+from moe_jax.collectives import bytes_by_kind, expected_collectives
+from moe_jax.config import Config, LayoutConfig
+from moe_jax.load import check_with_model, load_config
 from moe_jax.mesh import assignment
 from moe_jax.model.params import SEED_CLAIMED_PARAMS, param_formula, total_params
-from moe_jax.parallel.comm import bytes_by_kind, expected_collectives
 from moe_jax.parallel.schedule import Schedule
 from moe_jax.plan.hardware import get_hardware
 from moe_jax.plan.model import local_params, plan
@@ -69,7 +70,7 @@ def claims(cfg: Config | None = None) -> list[dict[str, Any]]:
                      "wrong for the seed's schedule; holds only with circular repeats v >= 4"))  # fmt: skip
     tp2 = plan(seed128, hw)
     # The same 128 devices without tp: ep 32 splits the batch 32 ways, so at most 4 microbatches.
-    no_tp = check_config(dataclasses.replace(seed128, layout=dataclasses.replace(seed128.layout, ep=32, tp=1,
+    no_tp = check_with_model(dataclasses.replace(seed128, layout=dataclasses.replace(seed128.layout, ep=32, tp=1,
                                                                                   microbatches=4)))  # fmt: skip
     tp1 = plan(no_tp, hw)
     tp_cost = sum(r["seconds"] for r in tp2["collectives"] if r["axes"] == ["tp"])

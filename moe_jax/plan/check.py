@@ -10,18 +10,19 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from moe_jax.buffers import Buffer, peak_buffers
+from moe_jax.collectives import bytes_by_kind, expected_collectives, local_sizes
+from moe_jax.compile import compile_report
 from moe_jax.config import Config, storage_model
 from moe_jax.hlo import array_dims
-from moe_jax.parallel.comm import bytes_by_kind, expected_collectives, local_sizes
 from moe_jax.parallel.schedule import Schedule, schedule_of
-from moe_jax.plan.buffers import Buffer, peak_buffers
+from moe_jax.parallel.sharded import ShardedModel
+from moe_jax.plan.model import flops, memory
 
 
 def _param_shapes(cfg: Config, mesh) -> set[tuple[int, ...]]:
     """Every parameter's local (per-device) shape."""
     import jax
-
-    from moe_jax.parallel.step import ShardedModel
 
     sm = ShardedModel.build(cfg, mesh)
     return {sharding.shard_shape(a.shape) for a, sharding in
@@ -88,8 +89,6 @@ def _classify_1f1b(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]],
 @functools.lru_cache(maxsize=8)
 def compiled_figures(cfg: Config, mesh) -> dict[str, Any]:
     """Compile the train step on `mesh` (fake devices) and read memory by part, FLOPs and collective bytes."""
-    from moe_jax.compile import compile_report
-
     report, _, _ = compile_report(cfg, mesh, "train", dump_buffers=True)
     mem = report["memory_per_device_bytes"]
     peak = peak_buffers(report.pop("xla_dump"))
@@ -119,8 +118,6 @@ def compare(cfg: Config, compiled: dict[str, Any], tolerance: float, backend: st
     """Rows {part, planned, compiled, error of the total} and the verdict. A part fails when its planned and compiled
     bytes differ by more than `tolerance` of the compiled total; the total, when off by more than `tolerance`; FLOPs,
     by more than `tolerance`; collective bytes, when not equal."""
-    from moe_jax.plan.model import flops, memory
-
     planned = memory(cfg, backend=backend)
     total_c = compiled["memory_total"]
     names = [k for k in planned if k not in ("total", "peak_phase")]

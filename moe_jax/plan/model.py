@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from moe_jax.collectives import DTYPE_BYTES, bytes_by_kind, expected_collectives, local_sizes
 from moe_jax.config import Config, storage_model
-from moe_jax.model.params import active_params_per_token, param_kind, total_params
-from moe_jax.parallel.comm import DTYPE_BYTES, bytes_by_kind, expected_collectives, local_sizes, param_shards
+from moe_jax.model.params import active_params_per_token, param_kind, param_shards, total_params
 from moe_jax.parallel.schedule import Schedule, schedule_of
 from moe_jax.plan.hardware import Hardware
 from moe_jax.sharding import MESH_AXES
@@ -629,7 +629,7 @@ def serve_plan(cfg: Config, hw: Hardware, step: str = "decode") -> dict[str, Any
     ffn_moe = 2 * mats * tokens * m.d_model * (m.top_k * f_loc + m.shared_hidden // lay.tp)
     flops = layer_runs * attention + runs * ffn_moe + (layer_runs - runs) * ffn_dense
     flops += 2 * bm * lay.microbatches * m.d_model * local_sizes(cfg)["vocab"]
-    rows = collectives(cfg, hw, step, latency=True)  # the serving audit's expected set (parallel/comm.py)
+    rows = collectives(cfg, hw, step, latency=True)  # the serving audit's expected set (collectives.py)
     compute = flops / (hw.peak_flops * hw.mfu)
     memory_s = traffic / (hw.hbm_bandwidth * hw.hbm_efficiency)
     comm = sum(r["seconds"] for r in rows)

@@ -8,7 +8,8 @@ import itertools
 import math
 from typing import Any
 
-from moe_jax.config import Config, ConfigError, LayoutConfig, check_config
+from moe_jax.config import Config, ConfigError, LayoutConfig
+from moe_jax.load import check_with_model
 from moe_jax.plan.hardware import Hardware
 from moe_jax.plan.model import plan
 
@@ -61,7 +62,7 @@ def candidates(cfg: Config, devices: int, devices_per_host: int) -> list[Config]
                                                vocab_split=vocab)  # fmt: skip
                             c = dataclasses.replace(cfg, layout=lay)
                             try:
-                                check_config(c)
+                                check_with_model(c)
                             except ConfigError:
                                 continue
                             out.append(c)

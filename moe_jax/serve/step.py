@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +22,13 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.config import Config, ConfigError, masked_vocab, storage_model, uneven_units
+from moe_jax.config import Config, ConfigError, masked_vocab, storage_model
 from moe_jax.model.layers import compute_dtype
 from moe_jax.model.transformer import Stack, block_cached, check_tokens
+from moe_jax.parallel.pipeline import Stage, run_ticks
 from moe_jax.parallel.schedule import Schedule
-from moe_jax.parallel.step import ShardedModel, ring, tick_input
-from moe_jax.sharding import Axes, active_axes, logical_to_mesh
+from moe_jax.parallel.sharded import ShardedModel
+from moe_jax.sharding import Axes, logical_to_mesh
 
 
 def cache_specs(cfg: Config, sizes) -> dict[str, P]:
@@ -121,112 +123,115 @@ class ServeModel:
 
 @functools.lru_cache(maxsize=16)
 def _serve_step(srv: ServeModel, every_position: bool = False) -> Callable:
-    """The jitted prefill/decode step of `ServeModel.step_fn`."""
+    """The jitted prefill/decode step of `ServeModel.step_fn`: the GPipe tick loop (parallel/pipeline.py), forward
+    only, each unit reading and writing its cache entries; then the logits of the last stage's outputs."""
     sm = srv.sm
     cfg = sm.cfg
-    m, lay = cfg.model, cfg.layout
+    lay = cfg.layout
     dtype = compute_dtype(cfg.run.dtype)
     sizes = sm.sizes
     axes = Axes.serving(sizes, sm.rules, masked_vocab(cfg))
-    pp, v, mb = lay.pp, lay.repeats, lay.microbatches
-    stored = storage_model(cfg).units
-    sched = Schedule(pp, mb, v, stored)
-    pp_axes = active_axes(("pp",), sizes)
-    l_c = stored // (pp * v)
-    uneven = uneven_units(cfg)
-    perm = ring(pp, v)
+    schedule = Schedule(lay.pp, lay.microbatches, lay.repeats, storage_model(cfg).units)
 
     def body(params, rest, ck, cv, tokens_local, pos):
         # No pcast of the replicated weights here: nothing is differentiated, so they stay invariant and so do
         # the logits (over tp every partial sum is all-reduced).
         model = nnx.merge(sm.graphdef, params, rest, copy=True)
-        stack = Stack(model)
-        stage = lax.axis_index("pp") if pp_axes else 0
+        stage = Stage.inside(cfg, sizes, schedule)
         x_MBSD = model.embed_tokens(tokens_local, axes)
-
+        cache = _Cache(pos, axes, dtype)
         ck, cv = dict(ck), dict(cv)
-
-        def cached(graph, state, layer, mb_j, x, ck_, cv_, valid):
-            """The block at index `layer` of a stack (weights `state`) on microbatch mb_j, with its cache entries."""
-            blk = nnx.merge(graph, jax.tree.map(lambda a: a[layer], state))
-            index = (*layer, mb_j)
-            k_old, v_old = ck_[index], cv_[index]
-            y, k_new, v_new = block_cached(blk, x, k_old, v_old, pos, axes, dtype)
-            return (
-                y,
-                ck_.at[index].set(jnp.where(valid, k_new, k_old)),
-                cv_.at[index].set(jnp.where(valid, v_new, v_old)),
+        if cfg.model.dense_layers:  # every stage, every microbatch, before the pipeline (as in training)
+            x_MBSD, ck["prologue"], cv["prologue"] = cache.prologue(
+                model, cfg.model.dense_layers, x_MBSD, ck["prologue"], cv["prologue"]
             )
+        stack = Stack(model)
 
-        if m.dense_layers:  # every stage, every microbatch, before the pipeline (as in training)
-            graph, state = nnx.split(model.prologue)
-
-            def prologue(carry, j):
-                x_MBSD, ck_, cv_ = carry
-                x = x_MBSD[j]
-                for i in range(m.dense_layers):
-                    x, ck_, cv_ = cached(graph, state, (i,), j, x, ck_, cv_, True)
-                return (x_MBSD.at[j].set(x), ck_, cv_), None
-
-            (x_MBSD, ck["prologue"], cv["prologue"]), _ = lax.scan(
-                prologue, (x_MBSD, ck["prologue"], cv["prologue"]), jnp.arange(mb)
-            )
-
-        n_units = jnp.asarray(uneven, jnp.int32)[stage] if uneven else None
-
-        def unit(carry, i):
-            x_in, ck, cv, j, valid_tick = carry
-            x = x_in
-            # uneven stages (v = 1: i is the stage's own index): a padding unit writes no cache, passes its input on
-            real = True if n_units is None else i < n_units
-            valid = valid_tick & real
-            ck, cv = dict(ck), dict(cv)
-            if stack.dense is not None:
-                graph, state = stack.dense
-                for sub in range(m.moe_every - 1):
-                    x, ck["dense_blocks"], cv["dense_blocks"] = cached(
-                        graph, state, (i, sub), j, x, ck["dense_blocks"], cv["dense_blocks"], valid
-                    )
-            graph, state = stack.moe
-            x, ck["blocks"], cv["blocks"] = cached(graph, state, (i,), j, x, ck["blocks"], cv["blocks"], valid)
-            if n_units is not None:
-                x = jnp.where(real, x, x_in)
-            return (x, ck, cv, j, valid_tick), None
+        def chunk(x, j, r, valid, caches):
+            units = r * stage.l_c + jnp.arange(stage.l_c)
+            (y, ck, cv, _, _), _ = lax.scan(cache.unit_fn(stack, stage), (x, *caches, j, valid), units)
+            return y, (ck, cv)
 
         zero_act = x_MBSD[0] * 0.0
-        if pp_axes:  # activations differ by stage once they pass through a stage's layers
-            zero_act = lax.pcast(zero_act, pp_axes, to="varying")
-
-        def tick(carry, t):
-            recv, buf, out, ck, cv = carry
-            valid, j, r, buf, x_in = tick_input(t, stage, recv, buf, x_MBSD, pp, v, mb)
-            (y, ck, cv, _, _), _ = lax.scan(unit, (x_in, ck, cv, j, valid), r * l_c + jnp.arange(l_c))
-            out = out.at[j].set(jnp.where(valid & (stage == pp - 1) & (r == v - 1), y, out[j]))
-            send = lax.ppermute(y, "pp", perm) if pp_axes else y
-            return (send, buf, out, ck, cv), None
-
-        buf0 = jnp.broadcast_to(zero_act, (mb if v > 1 else 1, *zero_act.shape))
-        out0 = jnp.broadcast_to(zero_act, (mb, *zero_act.shape))
-        (_, _, out, ck, cv), _ = lax.scan(tick, (zero_act, buf0, out0, ck, cv), jnp.arange(sched.ticks))
+        if stage.pp_axes:  # activations differ by stage once they pass through a stage's layers
+            zero_act = lax.pcast(zero_act, stage.pp_axes, to="varying")
+        out, (ck, cv) = run_ticks(stage, x_MBSD, zero_act, chunk, lambda _, new, r, valid: new, (ck, cv))
         out = out if every_position else out[:, :, -1, :]
         if axes.vocab_pp:  # every stage computes its share of the logits on the last stage's outputs
             logits = model.logits(lax.psum(out, "pp"), dtype, axes)  # [M, B/M, (S,) V]
         else:
             logits = model.logits(out, dtype, axes)
-            if pp_axes:
-                logits = lax.psum(jnp.where(stage == pp - 1, logits, 0.0), pp_axes)
+            if stage.pp_axes:
+                logits = lax.psum(jnp.where(stage.index == stage.pp - 1, logits, 0.0), stage.pp_axes)
         return logits, ck, cv
 
     cspec = cache_specs(cfg, sizes)
+    logits_spec = logical_to_mesh(("microbatch", "batch", None, None)[: 4 if every_position else 3], sizes)
     f = jax.shard_map(
         body,
         mesh=sm.mesh,
         in_specs=(sm.param_specs, sm.rest_specs, cspec, cspec, tokens_spec(sizes), P()),
-        out_specs=(
-            logical_to_mesh(("microbatch", "batch", None, None)[: 4 if every_position else 3], sizes),
-            cspec,
-            cspec,
-        ),  # fmt: skip
+        out_specs=(logits_spec, cspec, cspec),
         check_vma=True,
     )
     return jax.jit(f, donate_argnums=(2, 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cache:
+    """Blocks run with their KV cache entries at position `pos` (inside the serving shard_map)."""
+
+    pos: Any
+    axes: Axes
+    dtype: Any
+
+    def cached(self, graph, state, layer, mb_j, x, ck_, cv_, valid):
+        """The block at index `layer` of a stack (weights `state`) on microbatch mb_j, with its cache entries."""
+        blk = nnx.merge(graph, jax.tree.map(lambda a: a[layer], state))
+        index = (*layer, mb_j)
+        k_old, v_old = ck_[index], cv_[index]
+        y, k_new, v_new = block_cached(blk, x, k_old, v_old, self.pos, self.axes, self.dtype)
+        return (
+            y,
+            ck_.at[index].set(jnp.where(valid, k_new, k_old)),
+            cv_.at[index].set(jnp.where(valid, v_new, v_old)),
+        )
+
+    def prologue(self, model, n: int, x_MBSD, ck, cv):
+        """The n dense first layers on every microbatch: (x_MBSD, their k cache, their v cache)."""
+        graph, state = nnx.split(model.prologue)
+
+        def one(carry, j):
+            x_MBSD, ck_, cv_ = carry
+            x = x_MBSD[j]
+            for i in range(n):
+                x, ck_, cv_ = self.cached(graph, state, (i,), j, x, ck_, cv_, True)
+            return (x_MBSD.at[j].set(x), ck_, cv_), None
+
+        (x_MBSD, ck, cv), _ = lax.scan(one, (x_MBSD, ck, cv), jnp.arange(x_MBSD.shape[0]))
+        return x_MBSD, ck, cv
+
+    def unit_fn(self, stack: Stack, stage: Stage):
+        """The scan body over a chunk's units: unit i on (x, caches, microbatch j, the tick's validity)."""
+        moe_every = stage.model.moe_every
+
+        def unit(carry, i):
+            x_in, ck, cv, j, valid_tick = carry
+            x = x_in
+            # uneven stages (v = 1: i is the stage's own index): a padding unit writes no cache, passes its input on
+            real = True if stage.n_units is None else i < stage.n_units
+            valid = valid_tick & real
+            ck, cv = dict(ck), dict(cv)
+            if stack.dense is not None:
+                graph, state = stack.dense
+                for sub in range(moe_every - 1):
+                    x, ck["dense_blocks"], cv["dense_blocks"] = self.cached(
+                        graph, state, (i, sub), j, x, ck["dense_blocks"], cv["dense_blocks"], valid
+                    )
+            graph, state = stack.moe
+            x, ck["blocks"], cv["blocks"] = self.cached(graph, state, (i,), j, x, ck["blocks"], cv["blocks"], valid)
+            if stage.n_units is not None:
+                x = jnp.where(real, x, x_in)
+            return (x, ck, cv, j, valid_tick), None
+
+        return unit

@@ -13,8 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from moe_jax.config import Config, ConfigError, to_dict
-from moe_jax.parallel.step import ShardedModel
-from moe_jax.train.step import TrainState
+from moe_jax.parallel.sharded import ShardedModel
+from moe_jax.train.step import LossScale, TrainState
 
 
 def _shapes(tree) -> dict[str, list[int]]:
@@ -112,8 +112,6 @@ class Checkpoints:
 
     @staticmethod
     def _from_global(sm: ShardedModel, tree: dict[str, Any], step: int) -> TrainState:
-        from moe_jax.train.step import LossScale
-
         return TrainState(
             sm.to_storage(tree["params"]),
             sm.to_storage(tree["rest"]),

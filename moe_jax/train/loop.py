@@ -12,7 +12,7 @@ import numpy as np
 
 from moe_jax.config import Config, ConfigError, to_dict
 from moe_jax.model.moe import update_expert_bias
-from moe_jax.parallel.step import ShardedModel
+from moe_jax.parallel.sharded import ShardedModel
 from moe_jax.train.checkpoint import Checkpoints
 from moe_jax.train.step import TrainState, init_train_state, make_optimizer, train_state_from_params, train_step
 

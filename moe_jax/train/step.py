@@ -16,7 +16,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moe_jax.config import RunConfig
-from moe_jax.parallel.step import ShardedModel, value_and_grad_fn
+from moe_jax.parallel.sharded import ShardedModel, abstract_inputs
+from moe_jax.parallel.step import value_and_grad_fn
 
 GROWTH_INTERVAL = 1000  # good steps before the fp16 loss scale doubles
 INITIAL_SCALE = 2.0**15
@@ -200,8 +201,6 @@ def _opt_init(sm: ShardedModel, tx: optax.GradientTransformation) -> Callable:
 
 def abstract_train_inputs(sm: ShardedModel, tx: optax.GradientTransformation):
     """Abstract (params, rest, opt_state, loss_scale, tokens, targets) with shardings: nothing allocated."""
-    from moe_jax.parallel.step import abstract_inputs
-
     params, rest, tokens, targets = abstract_inputs(sm)
     shardings = opt_shardings(sm, tx)
     opt = jax.tree.map(

@@ -13,6 +13,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from moe_jax.compile import compile_report
+from moe_jax.hlo import audit
+from moe_jax.load import load_config
+from moe_jax.mesh import assignment, make_mesh
+from moe_jax.parallel.sharded import ShardedModel, to_host
+from moe_jax.serve.step import ServeModel
+from moe_jax.train.data import SyntheticTask
+from moe_jax.train.loop import train
+from moe_jax.verify import TOLERANCE, _rel, verify
+
 FAMILIES = ("mixtral", "qwen3", "olmoe", "qwen1.5-moe", "deepseek")
 
 # All with 4 microbatches, so one one-device reference per family serves every layout (the router terms are per
@@ -184,8 +194,6 @@ def case(case_id: str) -> dict[str, Any]:
 
 
 def config(c: dict[str, Any]):
-    from moe_jax.config import load_config
-
     path = c.get("config") or f"configs/tiny-{c['family']}.yaml"
     return load_config(path, None, ["layout.pp=1", "layout.dp=1", *c["overrides"]])
 
@@ -203,8 +211,6 @@ def run(c: dict[str, Any]) -> dict[str, Any]:
 def largest_error(got, want) -> float:
     """The largest of every leaf's error relative to its largest element (verify's measure), over two trees."""
     import jax
-
-    from moe_jax.parallel.verify import _rel
 
     return max(_rel(x, y) for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
 
@@ -234,13 +240,6 @@ def run_against(cfg, field: str, baseline, steps: int = 5) -> dict[str, Any]:
     import dataclasses
 
     import numpy as np
-
-    from moe_jax.compile import compile_report
-    from moe_jax.mesh import make_mesh
-    from moe_jax.parallel.step import ShardedModel, to_host
-    from moe_jax.parallel.verify import TOLERANCE, verify
-    from moe_jax.train.data import SyntheticTask
-    from moe_jax.train.loop import train
 
     mesh = make_mesh(cfg.layout)
     result = verify(cfg, mesh)
@@ -280,11 +279,6 @@ def run_schedules_fp16(cfg, steps: int = 3) -> dict[str, Any]:
 
     import numpy as np
 
-    from moe_jax.mesh import make_mesh
-    from moe_jax.parallel.step import to_host
-    from moe_jax.train.data import SyntheticTask
-    from moe_jax.train.loop import train
-
     out = {}
     for schedule in ("1f1b", "gpipe"):
         c = dataclasses.replace(cfg, layout=dataclasses.replace(cfg.layout, schedule=schedule))
@@ -298,10 +292,6 @@ def run_schedules_fp16(cfg, steps: int = 3) -> dict[str, Any]:
 
 
 def run_train(cfg) -> dict[str, Any]:
-    from moe_jax.hlo import audit
-    from moe_jax.mesh import assignment, make_mesh
-    from moe_jax.parallel.verify import verify
-
     mesh = make_mesh(cfg.layout)
     result = verify(cfg, mesh, programs=True)
     lowered, compiled = result.pop("programs")
@@ -324,10 +314,6 @@ def decode_against_forward(cfg, prompt: int = 5, n: int = 4) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
-
-    from moe_jax.mesh import make_mesh
-    from moe_jax.parallel.step import to_host
-    from moe_jax.serve.step import ServeModel
 
     mesh = make_mesh(cfg.layout)
     srv = ServeModel.build(cfg, mesh, max_len=16)

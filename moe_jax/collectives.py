@@ -30,6 +30,7 @@ from typing import Any
 
 from moe_jax.config import Config, storage_model
 from moe_jax.model.moe import capacity
+from moe_jax.model.params import param_shards_for
 from moe_jax.parallel.schedule import Schedule, schedule_of
 from moe_jax.sharding import MESH_AXES, TOKEN_AXES, active_axes, expert_axes, resolve_exchange
 
@@ -64,46 +65,6 @@ def _local_sizes(cfg: Config) -> dict[str, int]:
         "vocab": storage_model(cfg).vocab // lay.vocab_shards,
         "head_seq": run.seq_len if lay.vocab_parallel else s,
     }
-
-
-@functools.lru_cache(maxsize=64)
-def _param_table(model_cfg) -> tuple[tuple[str, tuple[str, ...], tuple[int, ...]], ...]:
-    from moe_jax.model.transformer import param_table
-
-    names, shapes = param_table(model_cfg)
-    return tuple((path, names[path], shapes[path]) for path in sorted(names))
-
-
-def param_shards(cfg: Config) -> list[dict[str, Any]]:
-    """Every parameter with the mesh axes it is split over (mesh order, size-1 axes left out), its local shape and
-    its local element count, from the abstract model and the one rules table (nothing allocated); `zero`: the batch
-    axes ZeRO-1 splits its optimizer state over, `zero_split` and `zero_local` its split and count then."""
-    lay = cfg.layout
-    return _param_shards(storage_model(cfg), lay.shape, lay.zero, lay.folded, lay.vocab_split)
-
-
-@functools.lru_cache(maxsize=4096)
-def _param_shards(model_cfg, shape_pdet: tuple[int, ...], zero: int, folded: bool, vocab: str) -> list[dict[str, Any]]:
-    from moe_jax.sharding import _rules, logical_to_mesh, zero_spec
-
-    sizes = dict(zip(MESH_AXES, shape_pdet, strict=True))
-    rules = _rules(folded, vocab)
-    out = []
-    for path, names, shape in _param_table(model_cfg):
-        spec = logical_to_mesh(names, sizes, shape, rules)
-        z = zero_spec(spec, names, shape, sizes, path)[1] if zero else ()
-        used: list[str] = []
-        local = []
-        for dim, part in zip(shape, spec, strict=True):
-            axes = () if part is None else (part,) if isinstance(part, str) else tuple(part)
-            used += axes
-            local.append(dim // math.prod(sizes[a] for a in axes))
-        split = tuple(a for a in MESH_AXES if a in used)
-        n = math.prod(local)
-        out.append({"path": path, "split": split, "local_shape": tuple(local), "local": n,
-                    "zero": z, "zero_split": tuple(a for a in MESH_AXES if a in used or a in z),
-                    "zero_local": n // math.prod(sizes[a] for a in z)})  # fmt: skip
-    return out
 
 
 def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False) -> list[dict[str, Any]]:
@@ -288,7 +249,7 @@ def _gradient_rows(
     that share a model and a mesh shape.)"""
     rows: list[dict[str, Any]] = []
     add = _adder(rows, dict(zip(MESH_AXES, shape, strict=True)))
-    shards = _param_shards(model_cfg, shape, zero, folded, vocab)
+    shards = param_shards_for(model_cfg, shape, zero, folded, vocab)
     for p in shards:
         over = tuple(a for a in MESH_AXES if a not in p["split"] and a not in p["zero"])
         add("reduce-scatter", p["zero"], p["local"] * 4, 1, f"ZeRO-1 gradient sum: {p['path']}")

@@ -10,7 +10,8 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.config import Config
-from moe_jax.parallel.step import ShardedModel, grad_step, one_device_params, reference_grad_step, to_host
+from moe_jax.parallel.sharded import ShardedModel, one_device_params, to_host
+from moe_jax.parallel.step import grad_step, reference_grad_step
 
 # Written-down tolerances: relative to each leaf's largest element (fp32 about 1e-5; bf16 / fp16 about 1e-2).
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 2e-2}

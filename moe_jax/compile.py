@@ -6,6 +6,9 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moe_jax.buffers import compile_with_dump
 from moe_jax.collectives import bytes_by_kind
@@ -32,10 +35,6 @@ def lower(cfg: Config, mesh, step: str = "train"):
 
 def _lower_serve(cfg: Config, mesh, step: str):
     """Prefill: run.seq_len prompt tokens into an empty cache of run.seq_len; decode: one token with that cache."""
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     srv = ServeModel.build(cfg, mesh, max_len=cfg.run.seq_len)
     params, rest, _, _ = abstract_inputs(srv.sm)
     sizes = srv.sm.sizes
@@ -57,10 +56,11 @@ def _lower_serve(cfg: Config, mesh, step: str):
         return srv.step_fn().lower(params, rest, cache("k"), cache("v"), tokens, pos)
 
 
-def compile_report(cfg: Config, mesh, step: str = "train", dump_buffers: bool = False
-                   ) -> tuple[dict[str, Any], Any, Any]:  # fmt: skip
+def compile_report(
+    cfg: Config, mesh, step: str = "train", dump_buffers: bool = False
+) -> tuple[dict[str, Any], Any, Any]:
     """Returns (report, lowered, compiled). Memory is per device: total = argument + output + temp - alias.
-    `dump_buffers`: XLA's buffer assignment texts too, under report["xla_dump"] (`plan.buffers`)."""
+    `dump_buffers`: XLA's buffer assignment texts too, under report["xla_dump"] (`buffers.py`)."""
     t0 = time.perf_counter()
     lowered = lower(cfg, mesh, step)
     t1 = time.perf_counter()

@@ -59,12 +59,16 @@ def _state(self) -> dict[str, Any]:
     return {k: v for k, v in self.__dict__.items() if k != "_hash"}
 
 
-@dataclasses.dataclass(frozen=True)
+def _config_section(cls):
+    """A frozen dataclass that hashes its fields once (`_cached_hash`) and pickles without that cache."""
+    cls.__hash__ = _cached_hash
+    cls.__getstate__ = _state
+    return dataclasses.dataclass(frozen=True)(cls)
+
+
+@_config_section
 class ModelConfig:
     """The MoE transformer. Defaults are the seed's model with the choices of design.md section 1."""
-
-    __hash__ = _cached_hash
-    __getstate__ = _state
 
     vocab: int = 32000
     d_model: int = 1024
@@ -125,6 +129,11 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
     @property
+    def ffn_matrices(self) -> int:
+        """Weight matrices of an FFN: in, out, and SwiGLU's gate."""
+        return 3 if self.ffn == "swiglu" else 2
+
+    @property
     def moe_layers(self) -> int:
         """MoE layers: one per scanned unit of the pipelined stack (each unit: moe_every - 1 dense layers, then MoE)."""
         return (self.layers - self.dense_layers) // self.moe_every
@@ -139,12 +148,11 @@ class ModelConfig:
         return layer >= self.dense_layers and (layer - self.dense_layers + 1) % self.moe_every == 0
 
 
-@dataclasses.dataclass(frozen=True)
+@_config_section
 class LayoutConfig:
-    """A parallel layout over the mesh axes (pp, dp, ep, tp), row-major, tp fastest."""
+    """A parallel layout over the mesh axes (pp, dp, ep, tp), row-major, tp fastest.
 
-    __hash__ = _cached_hash
-    __getstate__ = _state
+    `check_config` holds it against the model and the run; `load.check_with_model` against the weights' shapes."""
 
     pp: int = 1
     dp: int = 1
@@ -184,10 +192,15 @@ class LayoutConfig:
     def summary(self, remat: bool = False) -> str:
         """'pp 4, dp 2, ep 4, tp 2, m 32, v 4[, remat layer], 1f1b[, ZeRO-1][, experts folded][, vocab whole]': the
         CLI headers'."""
-        return (f"pp {self.pp}, dp {self.dp}, ep {self.ep}, tp {self.tp}, m {self.microbatches}, v {self.repeats}, "
-                + (f"remat {self.remat}, " if remat else "") + self.schedule + (", ZeRO-1" if self.zero else "")
-                + (", experts folded" if self.folded else "") + (", vocab whole" if self.tp > 1 and not self.vocab_parallel else "")
-                + (", vocab over tp x pp" if "pp" in self.vocab_axes else ""))  # fmt: skip
+        return (
+            f"pp {self.pp}, dp {self.dp}, ep {self.ep}, tp {self.tp}, m {self.microbatches}, v {self.repeats}, "
+            + (f"remat {self.remat}, " if remat else "")
+            + self.schedule
+            + (", ZeRO-1" if self.zero else "")
+            + (", experts folded" if self.folded else "")
+            + (", vocab whole" if self.tp > 1 and not self.vocab_parallel else "")
+            + (", vocab over tp x pp" if "pp" in self.vocab_axes else "")
+        )
 
     @property
     def folded(self) -> bool:
@@ -210,12 +223,10 @@ class LayoutConfig:
         return bool(self.vocab_axes)
 
 
-@dataclasses.dataclass(frozen=True)
+@_config_section
 class RunConfig:
-    """What one step sees: the global batch, the sequence, the compute dtype, and the optimizer's settings."""
-
-    __hash__ = _cached_hash
-    __getstate__ = _state
+    """What one step sees: the global batch, the sequence, the compute dtype, and the optimizer's settings (AdamW,
+    warmup then cosine decay over run.steps, gradients clipped by their global norm: train/step.py)."""
 
     batch: int = 128
     seq_len: int = 2048
@@ -228,11 +239,8 @@ class RunConfig:
     grad_clip: float = 1.0
 
 
-@dataclasses.dataclass(frozen=True)
+@_config_section
 class Config:
-    __hash__ = _cached_hash
-    __getstate__ = _state
-
     model: ModelConfig = ModelConfig()
     layout: LayoutConfig = LayoutConfig()
     run: RunConfig = RunConfig()
@@ -254,7 +262,7 @@ _POSITIVE_INTS = {
         "moe_every",
         "expert_groups",
         "group_top_k",
-    ),  # fmt: skip
+    ),
     "layout": ("pp", "dp", "ep", "tp", "repeats", "microbatches", "devices_per_host"),
     "run": ("batch", "seq_len", "steps"),
 }
@@ -273,7 +281,7 @@ _NON_NEGATIVE = {
         "qk_nope_head_dim",
         "qk_rope_head_dim",
         "v_head_dim",
-    ),  # fmt: skip
+    ),
     "run": ("warmup_steps", "weight_decay", "grad_clip", "seed"),
 }
 _CHOICES = {
@@ -345,10 +353,14 @@ def check_config(cfg: Config) -> Config:
         _check_stage_layers(m, lay)
     elif m.units % (lay.pp * lay.repeats):
         what = "model.layers" if m.units == m.layers else "the pipelined units"
-        unit = "" if m.units == m.layers else (
+        unit = (
+            ""
+            if m.units == m.layers
+            else (
                 f" (model.layers={m.layers} less model.dense_layers={m.dense_layers}, in units of model.moe_every="
                 f"{m.moe_every} layers)"
-            )  # fmt: skip
+            )
+        )
         _fail(
             "layout.pp",
             lay.pp,

@@ -6,6 +6,10 @@ On pods each host runs one process; locally `scripts/launch_local.sh` starts N p
 from __future__ import annotations
 
 import re
+import socket
+import time
+
+import jax
 
 from moe_jax.config import ConfigError
 
@@ -21,8 +25,6 @@ def initialize(
 ) -> None:
     """Joins the job. With `auto`, JAX detects everything itself (Slurm, TPU pods, ...); otherwise all three of
     coordinator, num_processes and process_id are needed. `local_devices` asks for that many fake CPU devices here."""
-    import jax
-
     if not auto:
         if coordinator is None or num_processes is None or process_id is None:
             raise ConfigError("--coordinator, --num-processes and --process-id go together (or use --distributed)")
@@ -60,9 +62,6 @@ def initialize(
 
 def _wait_for_coordinator(address: str, timeout: int) -> None:
     """JAX aborts the whole process (no exception) when the coordinator never answers: probe it first."""
-    import socket
-    import time
-
     host, port = address.rsplit(":", 1)
     deadline = time.monotonic() + timeout
     while True:

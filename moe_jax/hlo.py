@@ -12,6 +12,7 @@ import dataclasses
 import math
 import re
 from collections import defaultdict
+from itertools import combinations
 from typing import Any
 
 import numpy as np
@@ -21,9 +22,20 @@ from moe_jax.sharding import MESH_AXES
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all", "collective-permute")
 _DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-    "s64": 8, "u64": 8, "f64": 8,
-}  # fmt: skip
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+}
 
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*\)\s*->.*)?\{\s*$")
 _INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -270,8 +282,6 @@ def totals(colls: list[Collective]) -> dict[tuple[str, tuple[str, ...]], dict[st
 def assignment_groups(table: dict[str, Any]) -> set[frozenset[int]]:
     """Every group the assignment defines: for each set of mesh axes, the devices that agree on all other
     coordinates (the table's tp, ep, pp, dp and gradient groups are among them)."""
-    from itertools import combinations
-
     out: set[frozenset[int]] = set()
     for n in range(1, len(MESH_AXES) + 1):
         for axes in combinations(MESH_AXES, n):
@@ -300,9 +310,15 @@ def audit(lowered_text: str, compiled_text: str, cfg, table: dict[str, Any], ste
         if found.get(key, 0) != expected.get(key, 0):
             kind, axes, nbytes = key
             unexpected.append(
-                {"kind": kind, "axes": list(axes), "bytes_per_device": nbytes, "found": found.get(key, 0),
-                 "expected": expected.get(key, 0), "where": "lowered"}
-            )  # fmt: skip
+                {
+                    "kind": kind,
+                    "axes": list(axes),
+                    "bytes_per_device": nbytes,
+                    "found": found.get(key, 0),
+                    "expected": expected.get(key, 0),
+                    "where": "lowered",
+                }
+            )
 
     allowed = {(k, a) for k, a, _ in expected}  # the same kinds and axes either way
     known_groups = assignment_groups(table)
@@ -326,15 +342,32 @@ def audit(lowered_text: str, compiled_text: str, cfg, table: dict[str, Any], ste
         elif any(frozenset(g) not in known_groups for g in c.groups):
             why = "a replica group that is no group of the assignment"
         if why:
-            unexpected.append({"kind": c.kind, "axes": list(c.axes), "name": c.name, "shape": c.shape,
-                               "count_per_step": c.count_per_step, "why": why, "where": "compiled"})  # fmt: skip
+            unexpected.append(
+                {
+                    "kind": c.kind,
+                    "axes": list(c.axes),
+                    "name": c.name,
+                    "shape": c.shape,
+                    "count_per_step": c.count_per_step,
+                    "why": why,
+                    "where": "compiled",
+                }
+            )
     want_counts: dict[tuple[str, tuple[str, ...]], int] = defaultdict(int)
     for (k, a, _), n in aggregate(expected_rows).items():
         want_counts[(k, a)] += n
     for key, n in sorted(want_counts.items()):
         if key[0] != "all-reduce" and counts.get(key, 0) != n:
-            unexpected.append({"kind": key[0], "axes": list(key[1]), "found": counts.get(key, 0), "expected": n,
-                               "why": "count per step differs", "where": "compiled"})  # fmt: skip
+            unexpected.append(
+                {
+                    "kind": key[0],
+                    "axes": list(key[1]),
+                    "found": counts.get(key, 0),
+                    "expected": n,
+                    "why": "count per step differs",
+                    "where": "compiled",
+                }
+            )
     return {
         "collectives": summarize(low),
         "compiled_collectives": summarize(comp),

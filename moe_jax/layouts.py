@@ -44,3 +44,8 @@ def load_pair(name: str) -> Config:
 
 def golden_path(name: str) -> str:
     return os.path.join(MESHES, f"{name}.json")
+
+
+# The demo's layout and where it leaves its trained model: `moe-jax generate` uses both when given no weights.
+DEMO_LAYOUT = "cpu8-pp2-ep2-tp2"
+DEMO_CHECKPOINT = os.path.join("out", "demo", "checkpoint")

@@ -11,12 +11,17 @@ compiled collectives.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
 
 from moe_jax.config import Config, ConfigError, LayoutConfig, check_devices, padded_vocab, uneven_units
+from moe_jax.distributed import initialize
 from moe_jax.sharding import MESH_AXES, expert_axes, logical_to_mesh, rules_for
 
 # ------------------------------------------------------------------------------------------------------- devices
@@ -24,8 +29,6 @@ from moe_jax.sharding import MESH_AXES, expert_axes, logical_to_mesh, rules_for
 
 def use_fake_devices(n: int) -> None:
     """Asks JAX for n fake CPU devices. Must run before JAX starts its backends (any JAX operation does that)."""
-    import jax
-
     try:
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", n)
@@ -38,6 +41,33 @@ def use_fake_devices(n: int) -> None:
             ) from None
 
 
+def setup_devices(
+    cfg: Config,
+    real: bool = False,
+    devices: int | None = None,
+    compile_only: bool = False,
+    distributed: dict[str, Any] | None = None,
+):
+    """The mesh of cfg's layout on the devices a command asked for: fake CPU devices (`devices` of them, default the
+    layout's count), this machine's accelerators (`real`), or every process's (`distributed`: the keyword arguments
+    of `distributed.initialize`). `compile_only` (the program is compiled, never run, on fake devices) asks XLA:CPU
+    for LLVM -O0 code: the HLO, memory and collectives are the same (tests/test_plan.py checks the compiled text on a
+    pipelined tiny layout), and compiling takes about a third less time."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if compile_only and not real and "xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()  # read when JAX starts XLA
+    if distributed:
+        initialize(**distributed)
+        return make_mesh(cfg.layout)
+    if not real:
+        if devices is not None:
+            if devices < 1:
+                raise ConfigError(f"--devices={devices}: must be a positive integer")
+            check_devices(cfg.layout, devices)  # before JAX makes them: 100000 fake devices take minutes
+        use_fake_devices(devices if devices is not None else cfg.layout.devices)
+    return make_mesh(cfg.layout)
+
+
 def make_mesh(layout: LayoutConfig, devices: Sequence[Any] | None = None, explicit: bool = True):
     """The (pp, dp, ep, tp) mesh of a layout.
 
@@ -45,10 +75,6 @@ def make_mesh(layout: LayoutConfig, devices: Sequence[Any] | None = None, explic
     process, `create_device_mesh` may reorder to follow the physical topology). Several processes: a hybrid mesh whose
     in-host (ICI) part takes tp, then ep, then dp, then pp, and whose cross-host (DCN) part takes what is left.
     """
-    import jax
-    from jax.experimental import mesh_utils
-    from jax.sharding import AxisType, Mesh
-
     devices = list(jax.devices() if devices is None else devices)
     check_devices(layout, len(devices))
     shape = layout.shape
@@ -330,8 +356,6 @@ def check_placement(
     """For every parameter, the slice JAX places on each device (`devices_indices_map`) equals what the assignment
     says that device holds. Returns the number of (parameter, device) pairs checked; raises AssertionError naming the
     first parameter and device that disagree."""
-    from jax.sharding import NamedSharding
-
     table = assignment(cfg, mesh) if table is None else table
     rows = {d["id"]: d for d in table["devices"]}
     storage = layer_storage_order(cfg.model.units, cfg.layout.pp, cfg.layout.repeats, uneven_units(cfg))

@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
+from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -129,7 +130,6 @@ def active_axes(axes: Sequence[str], sizes: Mapping[str, int]) -> tuple[str, ...
 def state_specs(state, sizes: Mapping[str, int] | None = None, rules=RULES):
     """An nnx.State of Variables carrying `out_sharding` logical names -> the same tree, each Variable now holding
     its mesh PartitionSpec (the structure matches the state's, so the two map together leaf by leaf)."""
-    from flax import nnx
 
     def spec(v):
         names = v.get_metadata().get("out_sharding")
@@ -181,7 +181,6 @@ def zero_spec(spec: P, names: Sequence[str | None], shape: Sequence[int], sizes:
 def zero_specs(state, sizes: Mapping[str, int], rules=RULES):
     """An nnx.State of Variables carrying logical names -> the same tree of (ZeRO-1 spec, batch axes, dimension)
     triples (`zero_spec`), as Variables."""
-    from flax import nnx
 
     def one(path, v):
         names = v.get_metadata().get("out_sharding")
@@ -194,8 +193,6 @@ def zero_specs(state, sizes: Mapping[str, int], rules=RULES):
 
 def state_names(state):
     """An nnx.State -> the same tree of logical name tuples (for reports and the assignment check)."""
-    from flax import nnx
-
     return jax.tree.map(
         lambda v: tuple(v.get_metadata().get("out_sharding") or ()),
         state,

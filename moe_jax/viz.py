@@ -3,9 +3,22 @@ hosts outlined)."""
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 from moe_jax.mesh import ranges_text
+
+
+def _matplotlib():
+    """(pyplot on the Agg backend, Rectangle): imported when a picture is drawn, lazily on purpose: matplotlib takes
+    about half a second to import and most commands draw nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    return plt, Rectangle
 
 
 def _span(ids: list[int]) -> str:
@@ -13,8 +26,7 @@ def _span(ids: list[int]) -> str:
 
 
 def draw_mesh(table: dict[str, Any], path: str) -> None:
-    import matplotlib.pyplot as plt
-
+    plt, _ = _matplotlib()
     fig = mesh_figure(table)
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -22,11 +34,7 @@ def draw_mesh(table: dict[str, Any], path: str) -> None:
 
 def mesh_figure(table: dict[str, Any]):
     """The mesh map as a matplotlib figure, laid out so that every text lies inside it (tests check this)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
+    plt, Rectangle = _matplotlib()
 
     lay = table["layout"]
     pp, dp, ep, tp = lay["pp"], lay["dp"], lay["ep"], lay["tp"]
@@ -52,8 +60,9 @@ def mesh_figure(table: dict[str, Any]):
     # Expert ranges above each ep group (folded, layout.expert_tp=1: above each device, whose experts are its own),
     # on the top row; layers at the left of each row.
     folded = lay.get("expert_tp") == "1" and tp > 1
-    experts_at = {c["ep"] * tp + c["tp"] if folded else c["ep"]: d["experts"]
-                  for d in table["devices"] for c in [d["coords"]]}  # fmt: skip
+    experts_at = {
+        c["ep"] * tp + c["tp"] if folded else c["ep"]: d["experts"] for d in table["devices"] for c in [d["coords"]]
+    }
     groups, width = (ep * tp, 1) if folded else (ep, tp)
     label_every = max(1, groups // 32)
     for e in range(0, groups, label_every):
@@ -105,8 +114,6 @@ def mesh_figure(table: dict[str, Any]):
 
 def _wrap(text: str, width_in: float, fontsize: float) -> str:
     """Breaks a title into lines that fit a figure `width_in` inches wide (an average glyph is about 0.55 em)."""
-    import textwrap
-
     chars = max(20, int(width_in * 72 / (0.55 * fontsize)) - 4)
     return "\n".join(textwrap.wrap(text, chars))
 
@@ -116,11 +123,7 @@ def draw_schedule(sched, path: str) -> None:
     1F1B: each tick's forward slot above its backward slot, and each stage's stash at its peak."""
     if sched.kind == "1f1b":
         return _draw_1f1b(sched, path)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
+    plt, Rectangle = _matplotlib()
 
     t_all = sched.ticks
     fig_w = min(40.0, 2.0 + 0.32 * 2 * t_all)
@@ -134,11 +137,7 @@ def draw_schedule(sched, path: str) -> None:
                 if w is None:
                     ax.add_patch(Rectangle((x, y), 1, 1, facecolor="white", edgecolor="0.8", linewidth=0.5))
                     continue
-                j, r = w
-                ax.add_patch(Rectangle((x, y), 1, 1, facecolor=cmap(j % 20), edgecolor="white", linewidth=0.5,
-                                       hatch="//" if backward else None, alpha=0.6 if backward else 1.0))  # fmt: skip
-                label = f"{j}" if sched.repeats == 1 else f"{j}.{r}"
-                ax.text(x + 0.5, y + 0.5, label, ha="center", va="center", fontsize=6)
+                _slot(ax, Rectangle, cmap, (x, y), w, sched.repeats, backward, "")
         ax.text(-0.3, y + 0.5, f"stage {s}", ha="right", va="center", fontsize=8)
     ax.axvline(t_all + 0.5, color="black", linewidth=1)
     ax.text(t_all / 2, sched.pp + 0.15, "forward ticks", ha="center", fontsize=8)
@@ -158,11 +157,7 @@ def draw_schedule(sched, path: str) -> None:
 
 
 def _draw_1f1b(sched, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
+    plt, Rectangle = _matplotlib()
 
     t_all = sched.ticks
     fig_w = min(40.0, 3.0 + 0.36 * t_all)
@@ -176,12 +171,7 @@ def _draw_1f1b(sched, path: str) -> None:
                 if w is None:
                     ax.add_patch(Rectangle((t, y0 + dy), 1, 1, facecolor="white", edgecolor="0.85", linewidth=0.5))
                     continue
-                j, r = w
-                ax.add_patch(Rectangle((t, y0 + dy), 1, 1, facecolor=cmap(j % 20), edgecolor="white", linewidth=0.5,
-                                       hatch="//" if backward else None, alpha=0.6 if backward else 1.0))  # fmt: skip
-                label = f"{j}" if sched.repeats == 1 else f"{j}.{r}"
-                ax.text(t + 0.5, y0 + dy + 0.5, ("b" if backward else "") + label, ha="center", va="center",
-                        fontsize=6)  # fmt: skip
+                _slot(ax, Rectangle, cmap, (t, y0 + dy), w, sched.repeats, backward, "b" if backward else "")
         ax.text(-0.3, y0 + 1, f"stage {s}\nF / B", ha="right", va="center", fontsize=8)
         ax.text(t_all + 0.3, y0 + 1, f"peak stash {in_flight[s]}", ha="left", va="center", fontsize=8)
     ax.set_xlim(-2.5, t_all + 4)
@@ -202,10 +192,7 @@ def _draw_1f1b(sched, path: str) -> None:
 
 def draw_loss(records: list[dict], path: str, title: str, chance: float | None = None) -> None:
     """Loss (and its cross-entropy part) against step, with chance level if given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt, _ = _matplotlib()
 
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -221,3 +208,12 @@ def draw_loss(records: list[dict], path: str, title: str, chance: float | None =
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def _slot(ax, rectangle, cmap, xy, work, repeats: int, backward: bool, mark: str) -> None:
+    """One tick's cell of a schedule chart: microbatch j (repeat r) coloured by j, hatched when backward."""
+    j, r = work
+    ax.add_patch(rectangle(xy, 1, 1, facecolor=cmap(j % 20), edgecolor="white", linewidth=0.5,
+                           hatch="//" if backward else None, alpha=0.6 if backward else 1.0))  # fmt: skip
+    label = mark + (f"{j}" if repeats == 1 else f"{j}.{r}")
+    ax.text(xy[0] + 0.5, xy[1] + 0.5, label, ha="center", va="center", fontsize=6)

@@ -153,7 +153,7 @@ def test_the_demo_and_every_command_it_and_the_readme_print_run_as_printed(tmp_p
     command = re.search(r"continue a prompt with it: (moe-jax generate .*)", demo).group(1).strip()
     assert f"--prompt-tokens {','.join(map(str, prompt))}" in command
 
-    from moe_jax.cli import DEMO_NEXT
+    from moe_jax.demo import DEMO_NEXT
     from moe_jax.train.data import SyntheticTask
 
     commands = _readme_commands()

@@ -267,12 +267,12 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, tmp_path):
 def test_an_interrupted_export_leaves_no_directory(tmp_path, monkeypatch):
     """The export is written beside --out and renamed into place when complete: killed after its first file, there
     is no --out (and no partial directory left), and an existing --out stays as it was."""
-    import safetensors.numpy
+    from moe_jax.hf import checkpoint
 
     cfg = hf_config("olmoe", "ep8")
     sm = ShardedModel.build(cfg, make_mesh(cfg.layout))
     params, _ = import_params(sm, fixture("olmoe"))
-    real, calls = safetensors.numpy.save_file, []
+    real, calls = checkpoint.save_file, []
 
     def dies_on_the_second(*a, **k):
         calls.append(1)
@@ -280,7 +280,7 @@ def test_an_interrupted_export_leaves_no_directory(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", dies_on_the_second)
+    monkeypatch.setattr(checkpoint, "save_file", dies_on_the_second)  # as export looks it up
     out = tmp_path / "export"
     with pytest.raises(KeyboardInterrupt):
         export(sm, params, str(out), FAMILIES["olmoe"], max_shard_bytes=300_000)

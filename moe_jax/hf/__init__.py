@@ -3,20 +3,30 @@ per family), read into and written from the shards of any layout (`checkpoint.py
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 from collections.abc import Iterable
 from typing import Any
 
+import jax
+from jax.experimental import multihost_utils
+from tokenizers import Tokenizer
+
 from moe_jax.config import Config, ConfigError
-from moe_jax.hf.checkpoint import TOKENIZER_FILES, read_hf_config
-from moe_jax.hf.families import model_fields
+from moe_jax.hf.checkpoint import TOKENIZER_FILES, import_state, read_hf_config, replace_dir, rest_shapes
+from moe_jax.hf.families import family_of, model_fields
 from moe_jax.load import load_config
+from moe_jax.model.params import total_params
+from moe_jax.parallel.sharded import ShardedModel
+from moe_jax.train.checkpoint import Checkpoints
 
 RUN_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
-def config_from_hf(directory: str, config: str | None = None, layout: str | None = None,
-                   overrides: Iterable[str] = ()) -> tuple[Config, dict[str, Any]]:  # fmt: skip
+def config_from_hf(
+    directory: str, config: str | None = None, layout: str | None = None, overrides: Iterable[str] = ()
+) -> tuple[Config, dict[str, Any]]:
     """(Config, config.json): the model from config.json; the compute dtype from its dtype and the sequence length
     capped at its context unless --config gives a run; then --config, --layout and the overrides as everywhere."""
     hf = read_hf_config(directory)
@@ -43,9 +53,36 @@ def load_tokenizer(text: str | None, where: str):
     """A `tokenizers.Tokenizer` from tokenizer.json's text; a clear error when there is none."""
     if text is None:
         raise ConfigError(f"--prompt: {where} has no tokenizer.json; give token ids with --prompt-tokens")
-    from tokenizers import Tokenizer
-
     try:
         return Tokenizer.from_str(text)
     except Exception as e:
         raise ConfigError(f"{where}/tokenizer.json: not a tokenizer the tokenizers package reads ({e})") from None
+
+
+def import_checkpoint(cfg: Config, hf: dict[str, Any], directory: str, out: str, mesh) -> dict[str, Any]:
+    """A Hugging Face directory read into the shards of `mesh` (each device its own slices) and written as a
+    weights-only moe_jax checkpoint at `out`: first to out.partial, then moved into place, so `out` is whole or absent.
+    The element count of the safetensors must equal the model's parameters (the tables and the config agree on every
+    tensor; this is their sum). Returns {tensors, parameters}."""
+    sm = ShardedModel.build(cfg, mesh)
+    params, rest, tensors = import_state(sm, directory, cfg.run.seed)
+    family = family_of(hf, directory)
+    counted = total_params(cfg.model) + (sum(math.prod(s) for s in rest_shapes(cfg).values()) if family.rest else 0)
+    below = cfg.model.layers if family.extra_layers_ok else None
+    if counted != tensors.total_elements(below):
+        raise ConfigError(
+            f"{directory}: {tensors.total_elements(below):,} elements in the safetensors, the model has "
+            f"{counted:,} parameters"
+        )
+    out = os.path.abspath(out.rstrip("/"))
+    tmp = f"{out}.partial"
+    if jax.process_index() == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    Checkpoints(tmp, every=1, keep=1).save_weights(
+        sm, cfg, params, rest, {"hf_config": hf, "hf_files": read_tokenizer_files(directory)}
+    )
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("import-hf written")
+    if jax.process_index() == 0:
+        replace_dir(tmp, out)
+    return {"tensors": len(tensors.shapes), "parameters": counted}

@@ -22,7 +22,12 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
+import jax
+import ml_dtypes
 import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from moe_jax.config import ConfigError, ModelConfig
 from moe_jax.hf.families import GLOBAL, Family, family_of, hf_config
@@ -109,8 +114,6 @@ class HFTensors:
     read from the headers only. `read` opens the file for each slice and closes it again."""
 
     def __init__(self, directory: str):
-        from safetensors import safe_open
-
         self.directory = directory
         index = os.path.join(directory, INDEX)
         if os.path.isfile(index):
@@ -143,8 +146,9 @@ class HFTensors:
                         self.shapes[key] = tuple(s.get_shape())
                         self.dtypes[key] = s.get_dtype()
             except Exception as e:  # the header is unreadable or promises more bytes than the file has
-                raise ConfigError(f"{path}: not a readable safetensors file ({size} bytes): "
-                                  f"{str(e).splitlines()[0][:200]}") from None  # fmt: skip
+                raise ConfigError(
+                    f"{path}: not a readable safetensors file ({size} bytes): {str(e).splitlines()[0][:200]}"
+                ) from None
         if weight_map is not None:
             stray = sorted(k for k, f in weight_map.items() if self.where.get(k) != os.path.join(directory, f))
             if stray:
@@ -153,8 +157,6 @@ class HFTensors:
                 )
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        from safetensors import safe_open
-
         with safe_open(self.where[name], "np") as f:
             return f.get_slice(name)[index]
 
@@ -221,8 +223,9 @@ def letter_sizes(rule: str, shape: tuple[int, ...]) -> dict[str, int]:
     return dict(zip(ours, shape, strict=True))
 
 
-def expected_tensors(m: ModelConfig, family: Family, shapes: dict[str, tuple[int, ...]],
-                     rows: dict | None = None) -> dict[str, tuple]:  # fmt: skip
+def expected_tensors(
+    m: ModelConfig, family: Family, shapes: dict[str, tuple[int, ...]], rows: dict | None = None
+) -> dict[str, tuple]:
     """Every HF tensor the model needs -> (its shape, our path). shapes: our paths -> global shapes."""
     out = {}
     for path, shape in shapes.items():
@@ -244,20 +247,22 @@ def check_tensors(tensors: HFTensors, expected: dict[str, tuple], beyond_layers:
         if name not in tensors.shapes:
             raise ConfigError(f"{tensors.directory}: tensor {name} missing (needed for {path}, shape {shape})")
         if tensors.shapes[name] != shape:
-            raise ConfigError(f"{tensors.directory}: tensor {name} has shape {tensors.shapes[name]}, the config "
-                              f"needs {shape} (for {path})")  # fmt: skip
+            raise ConfigError(
+                f"{tensors.directory}: tensor {name} has shape {tensors.shapes[name]}, the config "
+                f"needs {shape} (for {path})"
+            )
     extra = [n for n in sorted(set(tensors.shapes) - set(expected)) if below(n, beyond_layers)]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise ConfigError(f"{tensors.directory}: tensor {extra[0]}{more} is not part of this model; moe_jax would "
-                          "drop it (rotary inv_freq buffers and MTP layers are not read: remove them)")  # fmt: skip
+        raise ConfigError(
+            f"{tensors.directory}: tensor {extra[0]}{more} is not part of this model; moe_jax would "
+            "drop it (rotary inv_freq buffers and MTP layers are not read: remove them)"
+        )
 
 
 def load_params(sm, family: Family, tensors: HFTensors, rest: bool = False):
     """The model's parameters (or, `rest`, the family's non-parameter state) read from `tensors` into their shards
     on sm's mesh, in the layout's storage order."""
-    import jax
-
     m = sm.cfg.model
     order = sm.layer_order()  # storage position -> global unit
     shardings = sm.shardings(sm.rest_specs if rest else sm.param_specs)
@@ -297,8 +302,9 @@ def load_params(sm, family: Family, tensors: HFTensors, rest: bool = False):
                 if n == 0:
                     x = one(())
                 else:
-                    x = np.stack([np.stack([one((u, j)) for j in ranges[1]]) if n == 2 else one((u,))
-                                  for u in ranges[0]])  # fmt: skip
+                    x = np.stack(
+                        [np.stack([one((u, j)) for j in ranges[1]]) if n == 2 else one((u,)) for u in ranges[0]]
+                    )
                 seen.clear()
                 seen[key] = x.astype(np.float32)
             return seen[key]
@@ -310,8 +316,6 @@ def load_params(sm, family: Family, tensors: HFTensors, rest: bool = False):
 
 def rest_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """The model's non-parameter state (the routing bias) by path, global shapes."""
-    from flax import nnx
-
     _, _, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)
     return {"/".join(map(str, k)): tuple(v.shape) for k, v in nnx.to_flat_state(rest)}
 
@@ -360,8 +364,6 @@ def host_slice(arr, lead: tuple[int, ...]) -> np.ndarray:
 
 def hf_tensors_of(sm, params, family: Family, dtype, rows: dict | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, host array) for every tensor, one stack position's slice of a parameter fetched at a time."""
-    import jax
-
     m = sm.cfg.model
     inverse = sm.layer_order(inverse=True)  # global unit -> storage position
     for key_path, arr in jax.tree_util.tree_leaves_with_path(params):
@@ -426,15 +428,11 @@ def export(
 ) -> dict:
     """Writes config.json and the safetensors (sharded above max_shard_bytes, with the index) into `out`, atomically:
     a temporary directory beside it, renamed into place when complete. Returns a summary."""
-    from safetensors.numpy import save_file
-
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype={dtype!r}: valid: {', '.join(DTYPES)}")
     prepare_out(out, force)
     np_dtype = DTYPES[dtype]
     if np_dtype == "bfloat16":
-        import ml_dtypes
-
         np_dtype = ml_dtypes.bfloat16
     out = os.path.abspath(out.rstrip("/"))
     tmp = f"{out}.partial-{os.getpid()}"
@@ -465,8 +463,10 @@ def export(
             total += x.nbytes
         flush()
         n = len(files)
-        final = {f: "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                 for i, f in enumerate(files)}  # fmt: skip
+        final = {
+            f: "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            for i, f in enumerate(files)
+        }
         for a, b in final.items():
             os.rename(os.path.join(tmp, a), os.path.join(tmp, b))
         weight_map = {k: final[f] for k, f in sorted(weight_map.items())}
@@ -483,5 +483,9 @@ def export(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"files": sorted(final.values()), "tensors": len(weight_map), "bytes": total,
-            "model_type": family.model_type}  # fmt: skip
+    return {
+        "files": sorted(final.values()),
+        "tensors": len(weight_map),
+        "bytes": total,
+        "model_type": family.model_type,
+    }

@@ -16,6 +16,9 @@ from moe_jax.sharding import Axes
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
+# Query (and key) block of blockwise attention: a sequence longer than this that it divides is scored block by block.
+ATTENTION_BLOCK = 512
+
 
 def compute_dtype(name: str):
     return DTYPES[name]
@@ -71,7 +74,9 @@ def deinterleave(x):
     return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
 
 
-def causal_attention(q_BQHK, k_BSGK, v_BSGK, q_offset: int = 0, block: int = 512, scale=None, skip: bool = False):
+def causal_attention(
+    q_BQHK, k_BSGK, v_BSGK, q_offset: int = 0, block: int = ATTENTION_BLOCK, scale=None, skip: bool = False
+):
     """Softmax(q k^T / sqrt(K)) v with a causal mask, scores and softmax in fp32. G = H / g K/V heads, each read by g
     consecutive query heads (grouped-query attention; G = H is multi-head, G = 1 multi-query). Values may be narrower
     or wider than K (latent attention); `scale` replaces 1 / sqrt(K).
@@ -111,11 +116,13 @@ def causal_attention(q_BQHK, k_BSGK, v_BSGK, q_offset: int = 0, block: int = 512
     if skip and q_offset == 0 and s_len == q_len:
         outs = [
             jax.checkpoint(one_block, static_argnums=(1,))(
-                q_BQHK[:, i * block : (i + 1) * block], i * block, k_BSGK[:, : (i + 1) * block],
+                q_BQHK[:, i * block : (i + 1) * block],
+                i * block,
+                k_BSGK[:, : (i + 1) * block],
                 v_BSGK[:, : (i + 1) * block],
             )
             for i in range(blocks)
-        ]  # fmt: skip
+        ]
         return jnp.concatenate(outs, axis=1).astype(q_BQHK.dtype)
     q_NBQHK = q_BQHK.reshape(b, blocks, block, h, k).swapaxes(0, 1)
 
@@ -133,8 +140,10 @@ def attention_impl(impl: str) -> str:
     if impl == "auto":
         return "cudnn" if backend == "gpu" else "blockwise"
     if impl == "cudnn" and backend != "gpu":
-        raise ConfigError(f"model.attention_impl='cudnn': cuDNN fused attention needs a GPU; this process runs on "
-                          f"{backend}; valid here: auto, xla, blockwise")  # fmt: skip
+        raise ConfigError(
+            f"model.attention_impl='cudnn': cuDNN fused attention needs a GPU; this process runs on "
+            f"{backend}; valid here: auto, xla, blockwise"
+        )
     return impl
 
 
@@ -174,9 +183,10 @@ class Attention(nnx.Module):
         if cfg.qk_norm != "none":
             q_shape, k_shape = ((k,), (k,)) if cfg.qk_norm == "head" else ((h, k), (kv, k))
             q_names, k_names = (
-                (("head_dim",), ("head_dim",)) if cfg.qk_norm == "head" else
-                (("heads", "head_dim"), ("kv_heads", "head_dim"))
-            )  # fmt: skip
+                (("head_dim",), ("head_dim",))
+                if cfg.qk_norm == "head"
+                else (("heads", "head_dim"), ("kv_heads", "head_dim"))
+            )
             self.q_norm = nnx.Param(jnp.ones(q_shape, jnp.float32), out_sharding=q_names)
             self.k_norm = nnx.Param(jnp.ones(k_shape, jnp.float32), out_sharding=k_names)
         self.heads, self.kv_heads, self.theta, self.eps = h, kv, cfg.rope_theta, cfg.norm_eps
@@ -319,8 +329,7 @@ class LatentAttention(nnx.Module):
         q_lat = jnp.einsum("BSHN,RHN->BSHR", q_nope, w[..., : self.nope])
         c_all = cache_c_BT1R.astype(dtype)
         keys = jnp.concatenate([c_all, cache_r_BT1P.astype(dtype)], axis=-1)
-        o_lat = causal_attention(jnp.concatenate([q_lat, q_rope], axis=-1), keys, c_all, q_offset=pos,
-                                 scale=self.scale)  # fmt: skip
+        o_lat = causal_attention(jnp.concatenate([q_lat, q_rope], axis=-1), keys, c_all, q_offset=pos, scale=self.scale)
         o = jnp.einsum("BSHR,RHV->BSHV", o_lat, w[..., self.nope :])
         return axes.scatter_seq(self.out(o, dtype), axis=1), cache_c_BT1R, cache_r_BT1P
 

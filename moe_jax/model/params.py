@@ -21,7 +21,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     per layer and the final one; router, experts, shared: per MoE layer; dense: the dense layers' FFNs."""
     d, l, e, f = cfg.d_model, cfg.layers, cfg.experts, cfg.expert_hidden
     hk, gk = cfg.heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    mats = 3 if cfg.ffn == "swiglu" else 2
+    mats = cfg.ffn_matrices
     moe, dense = cfg.moe_layers, cfg.layers - cfg.moe_layers
     qk_norm = {"none": 0, "head": 2 * cfg.head_dim, "projection": hk + gk}[cfg.qk_norm]
     attention = 2 * d * hk + 2 * d * gk + (hk + 2 * gk if cfg.qkv_bias else 0) + qk_norm
@@ -60,8 +60,13 @@ def param_kind(path: str) -> str:
     parts = path.split("/")
     if parts[0] in ("embed", "head"):
         return "embedding" if parts[0] == "embed" else "head"
-    for key, kind in (("attn", "attention"), ("router", "router"), ("shared", "shared"), ("mlp", "dense"),
-                      ("moe", "experts")):  # fmt: skip
+    for key, kind in (
+        ("attn", "attention"),
+        ("router", "router"),
+        ("shared", "shared"),
+        ("mlp", "dense"),
+        ("moe", "experts"),
+    ):
         if key in parts:
             return kind
     return "norms"  # attn_norm, ffn_norm, final_norm
@@ -82,13 +87,18 @@ def param_formula(cfg: ModelConfig) -> str:
     """The count as a formula with the config's numbers in it, for the CLI and the seed audit (the seed's plain
     structure; other models get the sum by kind)."""
     plain = (
-        cfg.n_kv_heads == cfg.heads and cfg.qk_norm == "none" and not cfg.qkv_bias and not cfg.shared_hidden
-        and cfg.moe_layers == cfg.layers and not cfg.tie_embeddings and cfg.attention == "mha"
-    )  # fmt: skip
+        cfg.n_kv_heads == cfg.heads
+        and cfg.qk_norm == "none"
+        and not cfg.qkv_bias
+        and not cfg.shared_hidden
+        and cfg.moe_layers == cfg.layers
+        and not cfg.tie_embeddings
+        and cfg.attention == "mha"
+    )
     if not plain:
         c = param_counts(cfg)
         return " + ".join(f"{k} {v:,}" for k, v in c.items() if v) + f" = {total_params(cfg):,}"
-    mats = 3 if cfg.ffn == "swiglu" else 2
+    mats = cfg.ffn_matrices
     d, l, e, f, v = cfg.d_model, cfg.layers, cfg.experts, cfg.expert_hidden, cfg.vocab
     hk = cfg.heads * cfg.head_dim
     return (
@@ -130,7 +140,15 @@ def param_shards_for(
             local.append(dim // math.prod(sizes[a] for a in axes))
         split = tuple(a for a in MESH_AXES if a in used)
         n = math.prod(local)
-        out.append({"path": path, "split": split, "local_shape": tuple(local), "local": n,
-                    "zero": z, "zero_split": tuple(a for a in MESH_AXES if a in used or a in z),
-                    "zero_local": n // math.prod(sizes[a] for a in z)})  # fmt: skip
+        out.append(
+            {
+                "path": path,
+                "split": split,
+                "local_shape": tuple(local),
+                "local": n,
+                "zero": z,
+                "zero_split": tuple(a for a in MESH_AXES if a in used or a in z),
+                "zero_local": n // math.prod(sizes[a] for a in z),
+            }
+        )
     return out

@@ -5,6 +5,7 @@ runs it and writes docs/planner-accuracy.md; tests/compile_checks.py runs a subs
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 from moe_jax.config import Config
@@ -38,8 +39,9 @@ def grid() -> list[dict[str, Any]]:
     return points
 
 
-def point(layout: str, seq: int, remat: str, dispatch: str, dtype: str, model: list[str] | None = None
-          ) -> dict[str, Any]:  # fmt: skip
+def point(
+    layout: str, seq: int, remat: str, dispatch: str, dtype: str, model: list[str] | None = None
+) -> dict[str, Any]:
     path, overrides = LAYOUTS[layout]
     model = model or []
     return {
@@ -57,7 +59,7 @@ def point(layout: str, seq: int, remat: str, dispatch: str, dtype: str, model: l
             f"layout.remat={remat}",
             f"model.dispatch={dispatch}",
             f"run.dtype={dtype}",
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -67,8 +69,6 @@ def point_config(p: dict[str, Any]) -> Config:
 
 def evaluate(p: dict[str, Any], mesh, tolerance: float = 0.05) -> dict[str, Any]:
     """Compile the point's train step on `mesh` and compare it with the plan (CPU-compiled dtype sizes)."""
-    import time
-
     cfg = point_config(p)
     t0 = time.perf_counter()
     compiled = compiled_figures(cfg, mesh)
@@ -79,10 +79,13 @@ def evaluate(p: dict[str, Any], mesh, tolerance: float = 0.05) -> dict[str, Any]
 
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
     """The accuracy table: one row per point, then each miss with the part that misses."""
-    lines = [header, "",
-             "| point | devices | compiled GiB | planned GiB | memory error | planned peak | FLOPs error | "
-             "collective bytes | worst part (share of the total) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        header,
+        "",
+        "| point | devices | compiled GiB | planned GiB | memory error | planned peak | FLOPs error | "
+        "collective bytes | worst part (share of the total) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         mem, fl = r["memory"], r["flops"]
         worst = max(r["parts"], key=lambda x: abs(x["error_of_total"]))
@@ -93,8 +96,11 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
             f"{worst['part']} ({worst['error_of_total']:+.1%}) |"
         )
     misses = [r for r in rows if r["failures"]]
-    lines += ["", f"{len(rows) - len(misses)} of {len(rows)} points within the tolerance on every part, the total, the "
-              "FLOPs and the collective bytes."]  # fmt: skip
+    lines += [
+        "",
+        f"{len(rows) - len(misses)} of {len(rows)} points within the tolerance on every part, the total, the "
+        "FLOPs and the collective bytes.",
+    ]
     if misses:
         lines += ["", "Misses: the part, and why (the compiled buffers behind each part: docs/planner.md):", ""]
         for r in misses:
@@ -111,9 +117,13 @@ def why(row: dict[str, Any]) -> str:
         else "a layer's backward"
     )
     if row["point"]["dtype"] == "bf16":
-        return ("bf16 on XLA:CPU: its float normalisation keeps some bf16 intermediates in bf16, some as fp32 copies "
-                "and some both; the plan counts all in fp32 (on an accelerator they are all bf16)")  # fmt: skip
+        return (
+            "bf16 on XLA:CPU: its float normalisation keeps some bf16 intermediates in bf16, some as fp32 copies "
+            "and some both; the plan counts all in fp32 (on an accelerator they are all bf16)"
+        )
     if compiled_phase != row["memory"]["peak_phase"]:
-        return (f"the plan's two phases are close and the compiler's peak is in the other one ({compiled_phase}); "
-                "the totals agree, the parts are those of different phases")  # fmt: skip
+        return (
+            f"the plan's two phases are close and the compiler's peak is in the other one ({compiled_phase}); "
+            "the totals agree, the parts are those of different phases"
+        )
     return "XLA's fusion keeps a different set of temporaries than the plan's formula for this part"

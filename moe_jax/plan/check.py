@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import jax
+
 from moe_jax.buffers import Buffer, peak_buffers
 from moe_jax.collectives import bytes_by_kind, expected_collectives, local_sizes
 from moe_jax.compile import compile_report
@@ -22,11 +24,13 @@ from moe_jax.plan.model import flops, memory
 
 def _param_shapes(cfg: Config, mesh) -> set[tuple[int, ...]]:
     """Every parameter's local (per-device) shape."""
-    import jax
-
     sm = ShardedModel.build(cfg, mesh)
-    return {sharding.shard_shape(a.shape) for a, sharding in
-            zip(jax.tree.leaves(sm.abstract_params), jax.tree.leaves(sm.shardings(sm.param_specs)), strict=True)}  # fmt: skip
+    return {
+        sharding.shard_shape(a.shape)
+        for a, sharding in zip(
+            jax.tree.leaves(sm.abstract_params), jax.tree.leaves(sm.shardings(sm.param_specs)), strict=True
+        )
+    }
 
 
 def classify(buf: Buffer, cfg: Config, param_shapes: set[tuple[int, ...]]) -> str:
@@ -94,8 +98,15 @@ def compiled_figures(cfg: Config, mesh) -> dict[str, Any]:
     peak = peak_buffers(report.pop("xla_dump"))
     parts: dict[str, int] = {}
     for a in peak["arguments"]:
-        key = ("parameters" if a.op_name.startswith("params") else "optimizer_state" if a.op_name.startswith("opt")
-               else "batch" if a.op_name in ("tokens", "targets") else "scalars")  # fmt: skip
+        key = (
+            "parameters"
+            if a.op_name.startswith("params")
+            else "optimizer_state"
+            if a.op_name.startswith("opt")
+            else "batch"
+            if a.op_name in ("tokens", "targets")
+            else "scalars"
+        )
         parts[key] = parts.get(key, 0) + a.nbytes
     shapes = _param_shapes(cfg, mesh)
     for b in peak["buffers"]:
@@ -128,12 +139,16 @@ def compare(cfg: Config, compiled: dict[str, Any], tolerance: float, backend: st
         err = (p - c) / total_c
         rows.append({"part": name, "planned": p, "compiled": c, "error_of_total": err})
         if abs(err) > tolerance:
-            failures.append(f"memory part {name}: planned {p / 2**30:.3f} GiB, compiled {c / 2**30:.3f} GiB "
-                            f"({err:+.1%} of the compiled total)")  # fmt: skip
+            failures.append(
+                f"memory part {name}: planned {p / 2**30:.3f} GiB, compiled {c / 2**30:.3f} GiB "
+                f"({err:+.1%} of the compiled total)"
+            )
     total_err = (planned["total"] - total_c) / total_c
     if abs(total_err) > tolerance:
-        failures.append(f"memory total: planned {planned['total'] / 2**30:.3f} GiB, compiled {total_c / 2**30:.3f} GiB "
-                        f"({total_err:+.1%})")  # fmt: skip
+        failures.append(
+            f"memory total: planned {planned['total'] / 2**30:.3f} GiB, compiled {total_c / 2**30:.3f} GiB "
+            f"({total_err:+.1%})"
+        )
     fl = flops(cfg)  # 'total': what the program holds (1F1B: every slot, the skipped ones too), as the HLO is read
     flops_err = fl["total"] / compiled["flops"] - 1
     if abs(flops_err) > tolerance:
@@ -150,7 +165,7 @@ def compare(cfg: Config, compiled: dict[str, Any], tolerance: float, backend: st
             "compiled": total_c,
             "error": total_err,
             "peak_phase": planned.get("peak_phase", ""),
-        },  # fmt: skip
+        },
         "flops": {"planned": fl["total"], "compiled": compiled["flops"], "error": flops_err, "useful": fl["useful"]},
         "bytes_by_kind": {"planned": planned_bytes, "compiled": compiled["bytes_by_kind"]},
         "audit_ok": compiled["audit_ok"],

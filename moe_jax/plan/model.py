@@ -1,9 +1,10 @@
 """The analytic model of a layout: parameters, per-device memory by part, FLOPs, collectives with the links they
 cross, and the step time split into compute, communication and bubble.
 
-The collectives are `parallel.comm.expected_collectives`, the list the HLO audit checks the compiled program against,
-so the planner's bytes per collective kind are the compiler's. Memory and FLOPs are checked against the compiled
-train step (tests/test_plan.py).
+The collectives are `collectives.expected_collectives`, the list the HLO audit checks the compiled program against,
+so the planner's bytes per collective kind are the compiler's; the parameters each device holds are the abstract
+model's shards (`model.params.param_shards`). Memory and FLOPs are checked against the compiled train step
+(tests/test_plan.py, docs/planner-accuracy.md); docs/planner.md says what each term stands for.
 """
 
 from __future__ import annotations
@@ -17,12 +18,38 @@ import numpy as np
 
 from moe_jax.collectives import DTYPE_BYTES, bytes_by_kind, expected_collectives, local_sizes
 from moe_jax.config import Config, storage_model
+from moe_jax.model.layers import ATTENTION_BLOCK
 from moe_jax.model.params import active_params_per_token, param_kind, param_shards, total_params
 from moe_jax.parallel.schedule import Schedule, schedule_of
 from moe_jax.plan.hardware import Hardware
 from moe_jax.sharding import MESH_AXES
 
 GIB = 2**30
+
+# What XLA keeps beyond the model's own arithmetic, read off compiled programs' buffer assignments: each figure once,
+# with where it was measured (docs/planner.md tells each story).
+MEASURED = {
+    # an expert FFN's hidden and its activation's intermediates kept for the backward pass (the seed's grid; the presets)
+    "hidden_copies": {"gelu": 6, "swiglu": 7},
+    # fp32 [E, rows, d] buffers of the expert FFN's backward (SwiGLU: its two input matrices' gradients)
+    "expert_grad_rows": {"gelu": 2, "swiglu": 3},
+    # logits-sized buffers of the loss head's backward; two when the loss scan has one trip (OLMoE-1B-7B on 64
+    # devices, capacity factor 0.25)
+    "logit_copies": 3,
+    "logit_copies_one_microbatch": 2,
+    # GPipe's fp32 pipeline buffers of M microbatch activations: outputs, their gradient, the stage input; circular:
+    # the wrap-around and its gradient; dense first layers: their input and their output's gradient (DeepSeek-V3 on
+    # 2048 fake devices)
+    "pipeline_buffers": 3,
+    "pipeline_buffers_circular": 2,
+    "pipeline_buffers_dense_first": 2,
+    # 1F1B: activations and cotangents in flight and the forward slot's input and output (seed-128; OLMoE-64)
+    "pipeline_buffers_1f1b": 6,
+    # 1F1B's loss head: fp32 logits-sized buffers, with the head whole (seed-128: four in bf16, and one head-sized
+    # buffer more in fp16) and with the vocabulary split (seed-128 fp16; OLMoE-64 and Qwen1.5-MoE-64 in bf16)
+    "logit_buffers_1f1b": 4,
+    "split_logit_buffers_1f1b": 3,
+}
 
 
 def local_params(cfg: Config) -> dict[str, int]:
@@ -86,37 +113,43 @@ def cache_per_token_layer(cfg: Config) -> int:
     return 2 * g_cache * m.head_dim
 
 
+def _attention_residuals(cfg: Config, backend: str) -> dict[str, int]:
+    """One attention layer's residuals, bytes per device: the fp32 residual stream (the block's input, the norms'
+    inputs and outputs), q, k, v and o over the local heads, the gathered sequence, and the scores when the sequence
+    is one attention block."""
+    m, run = cfg.model, cfg.run
+    loc = local_sizes(cfg)
+    db = compiled_dtype_bytes(run.dtype, backend)
+    b, big_s, d = loc["batch"], run.seq_len, m.d_model
+    single_block = big_s <= ATTENTION_BLOCK or big_s % ATTENTION_BLOCK
+    return {
+        "residual_stream": 5 * b * loc["seq"] * d * 4,
+        "q_k_v_o": b * big_s * attention_dims(cfg)["acts"] * db,
+        "gathered_sequence": b * big_s * d * db,
+        "scores": b * loc["heads"] * big_s * big_s * (4 + db) if single_block else 0,
+    }
+
+
 def layer_residuals(cfg: Config, backend: str = "accelerator") -> dict[str, int]:
     """What the backward pass of one layer run needs from its forward (JAX's residuals, bytes per device), when the
     layer is not rematerialised: read off the compiled programs (docs/planner.md), one term per tensor kind."""
     m, lay, run = cfg.model, cfg.layout, cfg.run
     loc = local_sizes(cfg)
     db = compiled_dtype_bytes(run.dtype, backend)
-    b, s, big_s, d = loc["batch"], loc["seq"], run.seq_len, m.d_model
-    t, e_loc, f_loc, h_loc = b * s, loc["experts"], loc["hidden"], loc["heads"]
+    t, e_loc, f_loc, d = loc["tokens"], loc["experts"], loc["hidden"], m.d_model
     rows = lay.tp * lay.ep * loc["capacity"]  # an expert's buffer rows after the all-to-all and the tp gather
-    mats = 3 if m.ffn == "swiglu" else 2
-    hidden_copies = 6 if m.ffn == "gelu" else 7  # the hidden and the activation's intermediates (gelu: measured)
-    single_block = big_s <= 512 or big_s % 512
-    ad = attention_dims(cfg)
-    attn_weights = ad["weights"]
+    copies = MEASURED["hidden_copies"][m.ffn]
     shared_loc = m.shared_hidden // lay.tp
-    attention_part = {
-        "residual_stream": 5 * t * d * 4,  # fp32: the block's input, the norms' inputs and outputs
-        "q_k_v_o": b * big_s * ad["acts"] * db,
-        "gathered_sequence": b * big_s * d * db,
-        "scores": b * h_loc * big_s * big_s * (4 + db) if single_block else 0,
-    }
-    # A unit's dense layers (moe_every - 1 of them), each as `dense_layer_residuals`.
-    dense = (m.moe_every - 1) * dense_layer_residuals(cfg, backend)
+    weights = m.ffn_matrices * e_loc * d * f_loc + attention_dims(cfg)["weights"] + m.ffn_matrices * d * shared_loc
     return {
-        "expert_rows": e_loc * rows * (d + hidden_copies * f_loc) * db,  # the gathered input, the hidden's terms
-        **attention_part,
-        "weights_in_compute_dtype": (mats * e_loc * d * f_loc + attn_weights + mats * d * shared_loc) * db,
+        "expert_rows": e_loc * rows * (d + copies * f_loc) * db,  # the gathered input, the hidden's terms
+        **_attention_residuals(cfg, backend),
+        "weights_in_compute_dtype": weights * db,
         "combine": t * m.top_k * d * db,
         "router": 2 * t * m.experts * 4 + d * m.experts * 4,
-        "shared_expert": b * big_s * hidden_copies * shared_loc * db,
-        "dense_layers_of_the_unit": dense,
+        "shared_expert": loc["batch"] * run.seq_len * copies * shared_loc * db,
+        # a unit's dense layers (moe_every - 1 of them), each as `dense_layer_residuals`
+        "dense_layers_of_the_unit": (m.moe_every - 1) * dense_layer_residuals(cfg, backend),
     }
 
 
@@ -126,19 +159,10 @@ def dense_layer_residuals(cfg: Config, backend: str = "accelerator") -> int:
     m, lay, run = cfg.model, cfg.layout, cfg.run
     loc = local_sizes(cfg)
     db = compiled_dtype_bytes(run.dtype, backend)
-    b, s, big_s, d = loc["batch"], loc["seq"], run.seq_len, m.d_model
-    h_loc, f_loc = loc["heads"], m.dense_hidden // lay.tp
-    ad = attention_dims(cfg)
-    mats = 3 if m.ffn == "swiglu" else 2
-    hidden_copies = 6 if m.ffn == "gelu" else 7
-    single_block = big_s <= 512 or big_s % 512
-    attention = (
-        5 * b * s * d * 4 + ad["acts"] * b * big_s * db + b * big_s * d * db
-        + (b * h_loc * big_s * big_s * (4 + db) if single_block else 0)
-    )  # fmt: skip
-    ffn = b * big_s * (d + hidden_copies * f_loc) * db
-    weights = (ad["weights"] + mats * d * f_loc) * db
-    return attention + ffn + weights
+    f_loc = m.dense_hidden // lay.tp
+    ffn = loc["batch"] * run.seq_len * (m.d_model + MEASURED["hidden_copies"][m.ffn] * f_loc) * db
+    weights = (attention_dims(cfg)["weights"] + m.ffn_matrices * m.d_model * f_loc) * db
+    return sum(_attention_residuals(cfg, backend).values()) + ffn + weights
 
 
 def stage_cached_layers(cfg: Config) -> int:
@@ -165,7 +189,7 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
     copies) plus the largest of the working sets of the backward pass's phases: the loss head (its fp32 logits) or a
     layer (its recomputed residuals and its backward's temporaries). `peak_phase` names the larger. See docs/planner.md
     for each term and the compiled buffers it stands for; `moe-jax plan --check` compares them."""
-    m, lay, run = cfg.model, cfg.layout, cfg.run
+    m, lay = cfg.model, cfg.layout
     loc = local_sizes(cfg)
     p_loc = sum(local_params(cfg).values())
     sched = schedule_of(cfg)
@@ -180,49 +204,16 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
         saved += first * (bsd if lay.remat == "layer" else dense_layer_residuals(cfg, backend))
     p_layers = stacked_local_params(cfg)  # the stage's stacked units
     head = m.d_model * loc["vocab"]  # the head (or the tied embedding) this device holds
-
-    # Phase 1, the loss head (its backward, one microbatch at a time): one microbatch's fp32 logits, their log-softmax
-    # and their gradient, the head in the compute dtype (fp32 on CPU, which upcasts fp16 dots) and the head's
-    # gradient being made (counted here, not under gradients).
-    # With one microbatch the loss scan is a single trip and XLA keeps two logits-sized buffers, not three
-    # (measured: OLMoE-1B-7B on 64 devices, capacity factor 0.25, where the head's backward is the peak).
-    logit_copies = 2 if lay.microbatches == 1 else 3
-    if lay.vocab_parallel:  # one of the copies (the logits' gradient, cast for the head's backward matmul) in the
-        # compute dtype, and the head's gradient alone (measured: the seed on seed-128, fp16)
-        head_ws = split_head_bytes(cfg, logit_copies, backend) * logits_elements(cfg) + 4 * head
-    else:
-        head_ws = logit_copies * logits_elements(cfg) * 4 + 2 * 4 * head
+    head_ws = _head_working_set(cfg, head, backend)
     head_grads = 4 * p_loc - 4 * head
-    # Phase 2, a layer's backward: what the layers being differentiated keep (the tick's chunk of L / (pp v) layers
-    # when it is recomputed whole or was never rematerialised; remat 'layer' recomputes one layer and frees as it
-    # goes), plus the larger of the expert FFN's backward (fp32 gradients of its buffers and of its weights) and the
-    # attention's (fp32 score-block temporaries and the causal mask of every block). The stacked layer gradients are
-    # held twice (the backward scan's carry in and out); the head's is not yet made.
-    rows = lay.tp * lay.ep * loc["capacity"]
-    e_loc, f_loc, d = loc["experts"], loc["hidden"], m.d_model
-    db = compiled_dtype_bytes(run.dtype, backend)
-    # SwiGLU's backward keeps one more fp32 [E, rows, d] buffer than GELU's (its two input matrices' gradients).
-    d_rows = 3 if m.ffn == "swiglu" else 2
-    expert_bwd = e_loc * rows * (2 * f_loc + d_rows * d) * 4 + 2 * e_loc * d * f_loc * 4
-    if lay.remat == "layer":  # one more fp32 row buffer; with one local expert (2-D buffers, fused differently) XLA
-        # also keeps the recomputed activation's tanh in the compute dtype
-        expert_bwd += e_loc * rows * (d * 4 + (f_loc * db if e_loc == 1 else 0))
-    blk = min(512, run.seq_len) if run.seq_len % 512 == 0 else run.seq_len
-    # blockwise attention (blocks shorter than the sequence) makes the causal mask of every score block, 1 byte each
-    mask = loc["batch"] * loc["heads"] * run.seq_len * run.seq_len if blk < run.seq_len else 0
-    attn_bwd = loc["batch"] * loc["heads"] * run.seq_len * 4 * blk * 4 + mask
-    # Under remat 'layer' the recomputed layer's own residuals other than the expert rows (the residual stream, q, k,
-    # v, o, the gathered sequence, the shared expert's hidden) stay alive through its backward, beside the expert FFN's.
-    lr = layer_residuals(cfg, backend)
-    recomputed = sum(lr[k] for k in ("residual_stream", "q_k_v_o", "gathered_sequence", "shared_expert"))
-    base = {"layer": recomputed, "tick": sched.layers_per_chunk * res, "none": sched.layers_per_chunk * res}[lay.remat]
+    layer = _layer_working_set(cfg, sched, res, backend)
+    base, expert_bwd, attn_bwd, mask = layer["base"], layer["expert_bwd"], layer["attn_bwd"], layer["mask"]
     layer_ws = base + max(expert_bwd, attn_bwd)
     if lay.schedule == "1f1b":
-        # 1F1B makes the causal mask of every score block once, outside the tick loop (blockwise attention): it is
-        # alive beside the expert FFN's backward too (measured: OLMoE on its 64-device layout, whose peak is a
-        # layer's backward once the vocabulary is split)
+        # 1F1B makes the causal mask of every score block once, outside the tick loop: it is alive beside the expert
+        # FFN's backward too (OLMoE-64, whose peak is a layer's backward once the vocabulary is split)
         layer_ws = base + max(expert_bwd + mask, attn_bwd)
-        return _memory_1f1b(cfg, sched, p_loc, bsd, head, p_layers, layer_ws, e_loc * rows * d * 4, mask, backend)
+        return _memory_1f1b(cfg, sched, p_loc, bsd, head, p_layers, layer_ws, layer["expert_rows"], mask, backend)
     # One tick (no pipeline, one microbatch): XLA drops the one-trip tick loop, and with it the second copy of the
     # stacked gradients and the pipeline's buffers.
     one_tick = sched.ticks == 1
@@ -238,18 +229,64 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
         "head_copy_or_gradient": 4 * (head + m.d_model),
         "gradients": head_grads if head_peak else layer_grads,
         "saved_for_backward": saved,
-        # the last stage's outputs [M, b, s, d], their gradient and the stage input (fp32); circular: the wrap-around
-        # with dense first layers, two more: the embedding's output (their input) and the gradient of their output
-        # (measured: DeepSeek-V3 on 2048 fake devices, docs/planner.md)
-        "pipeline_buffers": 0
-        if one_tick
-        else (3 + (2 if lay.repeats > 1 else 0) + (2 if m.dense_layers else 0)) * lay.microbatches * bsd,
+        "pipeline_buffers": 0 if one_tick else _pipeline_buffers(cfg) * lay.microbatches * bsd,
         "logits": head_ws if head_peak else 0,
         "layer_working_set": 0 if head_peak else layer_ws,
     }
     out["peak_phase"] = "the loss head's backward" if head_peak else "a layer's backward"
     out["total"] = sum(v for k, v in out.items() if k != "peak_phase")
     return out
+
+
+def _pipeline_buffers(cfg: Config) -> int:
+    """GPipe's fp32 buffers of M microbatch activations (MEASURED: outputs, their gradient, the stage input; the
+    wrap-around's when circular; the dense first layers' input and output gradient)."""
+    lay = cfg.layout
+    circular = MEASURED["pipeline_buffers_circular"] if lay.repeats > 1 else 0
+    first = MEASURED["pipeline_buffers_dense_first"] if cfg.model.dense_layers else 0
+    return MEASURED["pipeline_buffers"] + circular + first
+
+
+def _head_working_set(cfg: Config, head: int, backend: str) -> int:
+    """The loss head's backward, one microbatch at a time: its fp32 logits-sized buffers (the logits, their
+    log-softmax and their gradient), the head in the compute dtype and the head's gradient being made (counted here,
+    not under gradients). With the vocabulary split, one of the buffers (the logits' gradient, cast for the head's
+    backward matmul) is in the compute dtype and the head's gradient is alone."""
+    one_trip = cfg.layout.microbatches == 1
+    copies = MEASURED["logit_copies_one_microbatch"] if one_trip else MEASURED["logit_copies"]
+    if cfg.layout.vocab_parallel:
+        return split_head_bytes(cfg, copies, backend) * logits_elements(cfg) + 4 * head
+    return copies * logits_elements(cfg) * 4 + 2 * 4 * head
+
+
+def _layer_working_set(cfg: Config, sched: Schedule, res: int, backend: str) -> dict[str, int]:
+    """A layer's backward: `base`, what the layers being differentiated keep (the tick's chunk when it is recomputed
+    whole or never rematerialised; remat 'layer' recomputes one layer, whose residuals other than the expert rows stay
+    alive through its backward), and the two candidates for the rest: the expert FFN's backward (fp32 gradients of its
+    buffers and of its weights) and the attention's (fp32 score-block temporaries and, blockwise, the causal mask of
+    every block, 1 byte each). `res`: one layer run's residuals."""
+    m, lay, run = cfg.model, cfg.layout, cfg.run
+    loc = local_sizes(cfg)
+    rows = lay.tp * lay.ep * loc["capacity"]
+    e_loc, f_loc, d = loc["experts"], loc["hidden"], m.d_model
+    db = compiled_dtype_bytes(run.dtype, backend)
+    expert_bwd = e_loc * rows * (2 * f_loc + MEASURED["expert_grad_rows"][m.ffn] * d) * 4 + 2 * e_loc * d * f_loc * 4
+    if lay.remat == "layer":  # one more fp32 row buffer; with one local expert (2-D buffers, fused differently) XLA
+        # also keeps the recomputed activation's tanh in the compute dtype
+        expert_bwd += e_loc * rows * (d * 4 + (f_loc * db if e_loc == 1 else 0))
+    s = run.seq_len
+    blk = min(ATTENTION_BLOCK, s) if s % ATTENTION_BLOCK == 0 else s
+    mask = loc["batch"] * loc["heads"] * s * s if blk < s else 0
+    lr = layer_residuals(cfg, backend)
+    recomputed = sum(lr[k] for k in ("residual_stream", "q_k_v_o", "gathered_sequence", "shared_expert"))
+    chunk = sched.layers_per_chunk * res
+    return {
+        "base": {"layer": recomputed, "tick": chunk, "none": chunk}[lay.remat],
+        "expert_bwd": expert_bwd,
+        "attn_bwd": loc["batch"] * loc["heads"] * s * 4 * blk * 4 + mask,
+        "mask": mask,
+        "expert_rows": e_loc * rows * d * 4,
+    }
 
 
 def logits_elements(cfg: Config) -> int:
@@ -295,20 +332,20 @@ def _memory_1f1b(
     lay, run = cfg.layout, cfg.run
     loc = local_sizes(cfg)
     segments = sched.layers_per_chunk if lay.remat == "layer" else 1
-    # Four logits-sized fp32 buffers (the logits, log-softmax's max and exp, the cross-entropy's gradient); with fp16's
-    # loss scaling one more head-sized fp32 buffer (measured on seed-128: five in fp16, four in bf16 on the same
-    # layout; OLMoE and Qwen1.5-MoE in bf16: four).
-    if lay.vocab_parallel:  # three logits-sized buffers, one in the compute dtype, and the head's gradient (measured:
-        # the seed on seed-128 in fp16, OLMoE and Qwen1.5-MoE on their 64-device layouts in bf16)
-        head_ws = split_head_bytes(cfg, 3, backend) * logits_elements(cfg) + 4 * head
+    # The loss head: fp32 logits-sized buffers (the logits, log-softmax's max and exp, the cross-entropy's gradient)
+    # and with fp16's loss scaling one head-sized fp32 buffer more; with the vocabulary split, one of them in the
+    # compute dtype and the head's gradient.
+    if lay.vocab_parallel:
+        head_ws = split_head_bytes(cfg, MEASURED["split_logit_buffers_1f1b"], backend) * logits_elements(cfg) + 4 * head
     else:
-        head_ws = 4 * logits_elements(cfg) * 4 + (4 * head if run.dtype == "fp16" else 0)
-    # Under remat 'tick' the chunk's jax.vjp returns the stage's stacked gradient whole before it is added (measured:
-    # a copy); under 'layer' each unit's is added in place.
+        fp16 = 4 * head if run.dtype == "fp16" else 0
+        head_ws = MEASURED["logit_buffers_1f1b"] * logits_elements(cfg) * 4 + fp16
+    # Under remat 'tick' the chunk's jax.vjp returns the stage's stacked gradient whole before it is added (a copy);
+    # under 'layer' each unit's is added in place.
     stacked = 4 * p_layers if lay.remat == "tick" else 0
     layer_peak = stacked + layer_ws
-    # Under remat 'tick' the recomputed chunk's backward and the loss head's working set are alive together
-    # (measured on seed-128: XLA keeps the head's buffers through the slot); under 'layer' they are not.
+    # Under remat 'tick' the recomputed chunk's backward and the loss head's working set are alive together (XLA keeps
+    # the head's buffers through the slot, seed-128); under 'layer' they are not.
     head_peak = lay.remat == "tick" or head_ws >= layer_peak
     layer_too = lay.remat == "tick" or not head_peak
     out: dict[str, Any] = {
@@ -318,11 +355,10 @@ def _memory_1f1b(
         "head_copy_or_gradient": 0,
         "gradients": 4 * p_loc + (stacked if layer_too else 0),
         "saved_for_backward": sched.stash_slots * segments * bsd,
-        # received and sent activations and cotangents, the forward slot's input and output (measured: 6)
-        "pipeline_buffers": 6 * bsd,
+        "pipeline_buffers": MEASURED["pipeline_buffers_1f1b"] * bsd,
         "logits": head_ws if head_peak else 0,
         # at the loss head's peak: the causal mask of every score block, made once outside the tick loop (blockwise
-        # attention only), and one fp32 expert-rows buffer of a layer's backward (measured: OLMoE on 64 devices)
+        # attention only), and one fp32 expert-rows buffer of a layer's backward (OLMoE-64)
         "layer_working_set": (layer_ws if layer_too else 0)
         + (0 if layer_too else expert_rows)
         + (0 if layer_too else mask),
@@ -345,7 +381,7 @@ def flops(cfg: Config) -> dict[str, float]:
     one_f_one_b = lay.schedule == "1f1b"
     rows = loc["batch"] * run.seq_len  # after the tp all-gather
     ad = attention_dims(cfg)
-    mats = 3 if m.ffn == "swiglu" else 2
+    mats = m.ffn_matrices
     t, d = loc["tokens"], m.d_model
     proj = 2 * rows * ad["weights"]  # q and o over the local heads, k and v over the K/V heads computed (or MLA's)
     # scores (at the q/k width) and weighted values (at the value width)
@@ -361,16 +397,18 @@ def flops(cfg: Config) -> dict[str, float]:
     passes = 4 if lay.remat != "none" else 3  # forward, backward (2x), and the recomputed forward
     # Blockwise attention checkpoints each query block: its backward recomputes the block's q k^T once more (the
     # weighted values are not needed there).
-    blockwise = run.seq_len > 512 and run.seq_len % 512 == 0
+    blockwise = run.seq_len > ATTENTION_BLOCK and run.seq_len % ATTENTION_BLOCK == 0
     attention = passes * (proj + scores) + (scores // 2 if blockwise else 0)
     dense_layer = attention + passes * dense_ffn
     # A unit: its MoE layer and its moe_every - 1 dense layers.
     per_run = attention + passes * (router + experts + combine + shared) + (m.moe_every - 1) * dense_layer
     # The dense first layers: every microbatch on every stage, rematerialised only under remat 'layer'.
     first_passes = 4 if lay.remat == "layer" else 3
-    first = lay.microbatches * m.dense_layers * (
-        first_passes * (proj + scores + dense_ffn) + (scores // 2 if blockwise else 0)
-    )  # fmt: skip
+    first = (
+        lay.microbatches
+        * m.dense_layers
+        * (first_passes * (proj + scores + dense_ffn) + (scores // 2 if blockwise else 0))
+    )
     runs = sched.ticks * sched.layers_per_chunk
     head_mm = 2 * loc["batch"] * loc["head_seq"] * d * loc["vocab"]  # one microbatch's logits on this device
     head = head_mm * lay.microbatches * 4  # per microbatch, checkpointed: forward twice, backward
@@ -385,15 +423,20 @@ def flops(cfg: Config) -> dict[str, float]:
         total = lockstep = per_run * runs + head + first
         scheduled = per_run * sched.useful_ticks * sched.layers_per_chunk + head + first
     useful_unit = (
-        proj + scores / 2 + router + 2 * mats * m.top_k * t * d * m.expert_hidden + shared
+        proj
+        + scores / 2
+        + router
+        + 2 * mats * m.top_k * t * d * m.expert_hidden
+        + shared
         + (m.moe_every - 1) * (proj + scores / 2 + dense_ffn)
-    )  # fmt: skip
+    )
     # Useful work counts the dense first layers once per token (on stage 0), not on every stage.
     useful_first = lay.microbatches * m.dense_layers * (proj + scores / 2 + dense_ffn) / lay.pp
     useful = (
-        3 * useful_unit * sched.useful_ticks * sched.layers_per_chunk + 3 * useful_first
+        3 * useful_unit * sched.useful_ticks * sched.layers_per_chunk
+        + 3 * useful_first
         + 3 * 2 * t * d * m.vocab * lay.microbatches
-    )  # fmt: skip
+    )
     return {"total": float(total), "scheduled": float(scheduled), "useful": float(useful), "lockstep": float(lockstep)}
 
 
@@ -495,8 +538,12 @@ def ragged_rows(cfg: Config) -> dict[str, int]:
     db = DTYPE_BYTES[cfg.run.dtype]
     worst = loc["experts"] * lay.ep * lay.tp * loc["tokens"]
     expected = m.top_k * loc["tokens"] * loc["expert_gather"]
-    return {"worst_case_rows": worst, "expected_rows": expected, "worst_case_bytes": worst * m.d_model * db,
-            "expected_bytes": expected * m.d_model * db}  # fmt: skip
+    return {
+        "worst_case_rows": worst,
+        "expected_rows": expected,
+        "worst_case_bytes": worst * m.d_model * db,
+        "expected_bytes": expected * m.d_model * db,
+    }
 
 
 _COMM_SECONDS: dict[tuple[Config, Hardware], float] = {}  # a GPipe layout's communication time, for its 1F1B twin
@@ -556,7 +603,7 @@ def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
             "time_ticks": sched.time_ticks,
             "utilization": sched.utilization,
             "activation_slots": sched.activation_slots(),
-        },  # fmt: skip
+        },
         "step_time_s": {"compute": compute, "comm": comm, "bubble": bubble, "total": total},
         "tokens_per_s": tokens / total,
         "mfu": fl["useful"] * lay.devices / total / (hw.peak_flops * lay.devices),
@@ -615,12 +662,14 @@ def serve_plan(cfg: Config, hw: Hardware, step: str = "decode") -> dict[str, Any
     chunk_weights = 4 * p_layers // lay.repeats
     cache_per_run = bm * run.seq_len * cache_per_token_layer(cfg) * db
     traffic = (
-        sched.ticks * chunk_weights + lay.microbatches * 4 * prologue_local_params(cfg) + layer_runs * cache_per_run
+        sched.ticks * chunk_weights
+        + lay.microbatches * 4 * prologue_local_params(cfg)
+        + layer_runs * cache_per_run
         + 4 * m.d_model * local_sizes(cfg)["vocab"] * lay.microbatches
-    )  # fmt: skip
+    )
     ad = attention_dims(cfg)
     f_loc = local_sizes(cfg)["hidden"]
-    mats = 3 if m.ffn == "swiglu" else 2
+    mats = m.ffn_matrices
     # scores and weighted values against the cache: MHA at the head width; MLA in the latent space (latent + RoPE
     # key, then the latent), its per-head expansions absorbed into q and o (the same count as `weights`)
     widths = ad["qk"] + ad["v"] if m.attention == "mha" else 2 * m.kv_lora_rank + m.qk_rope_head_dim

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,13 +39,20 @@ def check_lengths(prompt_len: int, max_new: int, max_len: int) -> None:
         )
 
 
-def generate(srv: ServeModel, params, rest, prompts_BP: np.ndarray, max_new: int, temperature: float = 0.0,
-             top_k: int = 0, seed: int = 0, every_position: bool = False) -> tuple[np.ndarray, dict]:  # fmt: skip
+def generate(
+    srv: ServeModel,
+    params,
+    rest,
+    prompts_BP: np.ndarray,
+    max_new: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+    every_position: bool = False,
+) -> tuple[np.ndarray, dict]:
     """Returns (new tokens [B, max_new], timings). One prefill of the prompt, then max_new - 1 decode steps.
     every_position: the steps return the logits of every new position, and timings["logits"] holds them all,
     [B, P + max_new - 1, V] (what a check against another implementation's forward compares)."""
-    import time
-
     b, p = prompts_BP.shape
     check_lengths(p, max_new, srv.max_len)
     rng = np.random.default_rng(seed)

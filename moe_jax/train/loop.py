@@ -8,7 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from moe_jax.config import Config, ConfigError, to_dict
 from moe_jax.model.moe import update_expert_bias
@@ -59,22 +61,7 @@ def train(
     checkpoint is written there. Resuming from a checkpoint of another model or run config is refused unless
     `allow_config_change`. `init_params(sm)` gives the starting parameters (imported weights) instead of the
     random initialisation. Returns the state and the records."""
-    if stop_at is not None and not 1 <= stop_at <= steps:
-        raise ConfigError(f"--stop-at={stop_at}: must be in 1..{steps} (the run's last step, run.steps)")
-    # Everything that can refuse the run is read before the model is built and a checkpoint restored: a refusal
-    # costs a metadata read, not a restore of the whole state.
-    ckpt = Checkpoints(checkpoint_dir, checkpoint_every, keep) if checkpoint_dir else None
-    if resume:
-        if ckpt is None:
-            raise ConfigError("--resume needs --checkpoint-dir: the directory to resume from")
-        latest = ckpt.latest()
-        if latest is not None and not allow_config_change:
-            check_same_run(ckpt.saved_config(latest), cfg, ckpt.directory)
-    elif ckpt is not None and ckpt.latest() is not None:
-        raise ConfigError(
-            f"--checkpoint-dir={checkpoint_dir}: already holds checkpoints (latest step {ckpt.latest()}); pass --resume "
-            "to continue from it, or choose another directory"
-        )
+    ckpt = _checkpoints(cfg, checkpoint_dir, checkpoint_every, keep, resume, allow_config_change, stop_at, steps)
     sm = ShardedModel.build(cfg, mesh)
     tx = make_optimizer(cfg.run)
     if init_params is not None and not resume:
@@ -103,10 +90,10 @@ def train(
             with jax.set_mesh(mesh):
                 params, opt, ls, metrics = fn(params, rest, opt, ls, *batch)
             if jax.process_count() > 1:  # per-layer loads live on the stages' processes: gather them
-                from jax.experimental import multihost_utils
-
-                metrics = dict(metrics, tokens_per_expert=multihost_utils.process_allgather(
-                    metrics["tokens_per_expert"], tiled=True))  # fmt: skip
+                metrics = dict(
+                    metrics,
+                    tokens_per_expert=multihost_utils.process_allgather(metrics["tokens_per_expert"], tiled=True),
+                )
             metrics = jax.device_get(metrics)
             seconds = time.perf_counter() - t0
             if bias_fn is not None:
@@ -132,6 +119,35 @@ def train(
     return TrainState(params, rest, opt, ls, step), records
 
 
+def _checkpoints(
+    cfg: Config,
+    directory: str | None,
+    every: int,
+    keep: int,
+    resume: bool,
+    allow_config_change: bool,
+    stop_at: int | None,
+    steps: int,
+) -> Checkpoints | None:
+    """The run's checkpoints, after everything that can refuse the run: it is read before the model is built and a
+    checkpoint restored, so a refusal costs a metadata read, not a restore of the whole state."""
+    if stop_at is not None and not 1 <= stop_at <= steps:
+        raise ConfigError(f"--stop-at={stop_at}: must be in 1..{steps} (the run's last step, run.steps)")
+    ckpt = Checkpoints(directory, every, keep) if directory else None
+    if resume:
+        if ckpt is None:
+            raise ConfigError("--resume needs --checkpoint-dir: the directory to resume from")
+        latest = ckpt.latest()
+        if latest is not None and not allow_config_change:
+            check_same_run(ckpt.saved_config(latest), cfg, ckpt.directory)
+    elif ckpt is not None and ckpt.latest() is not None:
+        raise ConfigError(
+            f"--checkpoint-dir={directory}: already holds checkpoints (latest step {ckpt.latest()}); pass --resume "
+            "to continue from it, or choose another directory"
+        )
+    return ckpt
+
+
 # The config sections a resumed run must share with its checkpoint: what it computes. The layout (where it runs) may
 # differ, since checkpoints restore onto any layout.
 CHECKED_ON_RESUME = ("model", "run")
@@ -145,8 +161,14 @@ def check_same_run(saved: dict[str, dict[str, Any]], cfg: Config, directory: str
         for key, value in here[section].items():
             there = saved.get(section, {}).get(key, value)
             if there != value:
-                hint = (" (it sets the learning-rate schedule's length; to end a run early and resume it on the same "
-                        "schedule, use --stop-at)") if (section, key) == ("run", "steps") else ""  # fmt: skip
+                hint = (
+                    (
+                        " (it sets the learning-rate schedule's length; to end a run early and resume it on the same "
+                        "schedule, use --stop-at)"
+                    )
+                    if (section, key) == ("run", "steps")
+                    else ""
+                )
                 raise ConfigError(
                     f"--resume: {section}.{key}={value!r} here, but the checkpoint in {directory} was written with "
                     f"{section}.{key}={there!r}{hint}; pass --allow-config-change to resume with the new value"
@@ -154,8 +176,6 @@ def check_same_run(saved: dict[str, dict[str, Any]], cfg: Config, directory: str
 
 
 def _update_bias(rest, tokens_per_expert, rate, fn):
-    import jax.numpy as jnp
-
     def upd(path, x):
         if any(getattr(k, "key", None) == "bias" for k in path):
             return fn(x, jnp.asarray(tokens_per_expert), rate)

@@ -124,3 +124,18 @@ def verify(cfg: Config, mesh, seed: int = 0, perturb: Callable | None = None, pr
     if programs:
         out["programs"] = (lowered, compiled)
     return out
+
+
+def perturb_one_gradient(eps: float):
+    """Self-test of the check: adds eps x max|g| to one element of the first expert gradient of the sharded result."""
+
+    def perturb(sharded):
+        (loss, met), grads = sharded
+        flat = dict(nnx.to_flat_state(grads))
+        path = next(p for p in flat if "w_in" in map(str, p))
+        g = flat[path][...].copy()
+        g.flat[0] += eps * float(abs(g).max())
+        flat[path][...] = g
+        return (loss, met), grads
+
+    return perturb

@@ -41,11 +41,8 @@ def compile_with_dump(lowered):
     with tempfile.TemporaryDirectory(prefix="moe_jax_buffers_") as dump_dir:
         compiled = lowered.compile({"xla_dump_to": dump_dir, "xla_dump_hlo_as_text": True})
         texts = {}
-        for suffix, key in (
-            ("after_optimizations.txt", "hlo"),
-            ("after_optimizations-live-range.txt", "live"),
-            ("after_optimizations-buffer-assignment.txt", "assignment"),
-        ):
+        for suffix, key in (("after_optimizations.txt", "hlo"), ("after_optimizations-live-range.txt", "live"),
+                            ("after_optimizations-buffer-assignment.txt", "assignment")):  # fmt: skip
             hits = sorted(glob.glob(os.path.join(dump_dir, f"*{suffix}")))
             if not hits:
                 raise RuntimeError(f"XLA wrote no *{suffix} under {dump_dir}")
@@ -61,12 +58,8 @@ def _instructions(module: Module) -> dict[str, dict[str, Any]]:
         for ins in instrs:
             op = _OP_NAME.search(ins.rest)
             operands = tuple(re.findall(r"%([\w.\-]+)", ins.rest.partition(")")[0]))
-            out[ins.name] = {
-                "shape": ins.shape,
-                "opcode": ins.opcode,
-                "op_name": op.group(1) if op else "",
-                "operands": operands,
-            }
+            out[ins.name] = {"shape": ins.shape, "opcode": ins.opcode, "op_name": op.group(1) if op else "",
+                             "operands": operands}  # fmt: skip
     return out
 
 
@@ -78,17 +71,8 @@ def _assignment(text: str) -> dict[str, tuple[int, str, int, int]]:
         a = _ALLOC.match(line)
         if a:
             alloc, desc = int(a.group(1)), a.group(3)
-            kind = (
-                "argument"
-                if desc.startswith("parameter")
-                else "temp"
-                if "preallocated-temp" in desc
-                else "constant"
-                if "constant" in desc
-                else "thread-local"
-                if "thread-local" in desc
-                else "output"
-            )
+            kind = ("argument" if desc.startswith("parameter") else "temp" if "preallocated-temp" in desc else
+                    "constant" if "constant" in desc else "thread-local" if "thread-local" in desc else "output")  # fmt: skip
             continue
         v = _VALUE.match(line)
         if v:
@@ -130,15 +114,10 @@ def peak_buffers(texts: dict[str, str]) -> dict[str, Any]:
             continue  # the same bytes as a value already counted (an in-place update, a bitcast)
         kept.append((off, size))
         buffers.append(_buffer(key, size, "temp", instrs))
-    names = {
-        int(ins.rest.partition(")")[0]): _unescape(op.group(1)) if (op := _OP_NAME.search(ins.rest)) else ""
-        for ins in module.computations[module.entry]
-        if ins.opcode == "parameter"
-    }
-    arguments = [
-        Buffer(f"parameter {n}", size, shape, "parameter", names.get(n, ""), "argument", ())
-        for n, size, shape in _argument_allocations(texts["assignment"])
-    ]
+    names = {int(ins.rest.partition(")")[0]): _unescape(op.group(1)) if (op := _OP_NAME.search(ins.rest)) else ""
+             for ins in module.computations[module.entry] if ins.opcode == "parameter"}  # fmt: skip
+    arguments = [Buffer(f"parameter {n}", size, shape, "parameter", names.get(n, ""), "argument", ())
+                 for n, size, shape in _argument_allocations(texts["assignment"])]  # fmt: skip
     return {"peak_index": best_t, "buffers": buffers, "live_bytes": best, "arguments": arguments}
 
 
@@ -171,15 +150,8 @@ def _buffer(key: str, nbytes: int, allocation: str, instrs: dict[str, dict[str, 
     shape = ins["shape"]
     if index != "{}" and shape.startswith("("):
         shape = _tuple_element(shape, int(index.strip("{}").split(",")[0]))
-    return Buffer(
-        name + (index if index != "{}" else ""),
-        nbytes,
-        shape,
-        ins["opcode"],
-        _unescape(ins["op_name"]),
-        allocation,
-        ins["operands"],
-    )
+    return Buffer(name + (index if index != "{}" else ""), nbytes, shape, ins["opcode"], _unescape(ins["op_name"]),
+                  allocation, ins["operands"])  # fmt: skip
 
 
 def _tuple_element(shape: str, i: int) -> str:

@@ -114,13 +114,8 @@ def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False)
         if m.qk_norm == "projection":  # the norm's sum of squares over every head: [B/(dp ep), S] fp32
             kv_split = m.n_kv_heads % tp == 0
             for _ in range(2 if kv_split else 1):
-                add(
-                    "all-reduce",
-                    ("tp",),
-                    loc["batch"] * run.seq_len * 4,
-                    (f + 1) * n_runs,
-                    "QK-norm statistics over the heads (forward and backward)",
-                )
+                add("all-reduce", ("tp",), loc["batch"] * run.seq_len * 4, (f + 1) * n_runs,
+                    "QK-norm statistics over the heads (forward and backward)")  # fmt: skip
     # A recomputed forward skips what only feeds the end of its checkpoint (a residual add whose backward needs no
     # value): under remat 'layer', the dense FFN output reduce-scatter of a first layer and an ungated shared
     # expert's output reduce-scatter (a 'tick' checkpoint ends with the stage's send, which still needs them).
@@ -154,14 +149,8 @@ def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False)
         if exchange == "ragged":  # and each source's block offsets, for the way back; the HLO's instruction is
             # sized by its output buffer: n blocks out (and in the backward pass back), k T rows back
             add("all-to-all", ex, n * 4, fwd * runs, "ragged exchange: each source's block offsets")
-            add(
-                "all-to-all",
-                ex,
-                n * 4,
-                4 * runs,
-                "ragged exchange's backward: JAX's transpose of each ragged "
-                "all-to-all exchanges its input and output offsets",
-            )
+            add("all-to-all", ex, n * 4, 4 * runs, "ragged exchange's backward: JAX's transpose of each ragged "
+                "all-to-all exchanges its input and output offsets")  # fmt: skip
             add("ragged-all-to-all", ex, n * b * d * db, r * runs, "ragged exchange: the routed rows out")
             add("ragged-all-to-all", ex, p * d * db, r * runs, "ragged exchange: the expert outputs back")
         else:
@@ -228,13 +217,8 @@ def _vocab_rows(add, cfg: Config, loc: dict[str, int], db: int) -> None:
     add("all-gather", ("tp",), ids * d * 4, lookups, "backward of the embedding reduce-scatter, fp32")
     add("all-gather", ("tp",), t * mb * 4, 1, "head: the targets over tp, once")
     add("all-gather", ("tp",), t * d * db, (1 + again) * heads, "head input, tokens over tp")
-    add(
-        "all-reduce",
-        vocab_axes,
-        t * tp * 4,
-        (3 + 2 * again) * heads,
-        "vocabulary-parallel cross-entropy: max, sum of exponentials, target logit",
-    )
+    add("all-reduce", vocab_axes, t * tp * 4, (3 + 2 * again) * heads, "vocabulary-parallel cross-entropy: max, sum "
+        "of exponentials, target logit")  # fmt: skip
     add("all-reduce", ("tp",), t * tp * 4, heads, "the per-token losses' gradient (each rank summed its own slice)")
     add("reduce-scatter", ("tp",), t * tp * d * db, heads, "backward of the head input all-gather")
     if "pp" in vocab_axes and lay.schedule == "1f1b":  # per tick, outside the slots (one_f_one_b.py)
@@ -246,22 +230,12 @@ def _vocab_rows(add, cfg: Config, loc: dict[str, int], db: int) -> None:
             "embedding rows "
             "summed over the stages, and their gradient (and again for the dense first layers' recomputation), fp32",
         )
-        add(
-            "all-reduce",
-            ("pp",),
-            t * d * 4,
-            2 * heads,
-            "the last stage's output to every stage's head, and its gradient, fp32",
-        )
+        add("all-reduce", ("pp",), t * d * 4, 2 * heads, "the last stage's output to every stage's head, and its "
+            "gradient, fp32")  # fmt: skip
     elif "pp" in vocab_axes:
         add("all-reduce", ("pp",), ids * d * 4, 2, "embedding rows summed over the stages, and their gradient, fp32")
-        add(
-            "all-reduce",
-            ("pp",),
-            t * mb * d * 4,
-            2,
-            "the last stage's outputs to every stage's head, and their gradient, fp32",
-        )
+        add("all-reduce", ("pp",), t * mb * d * 4, 2, "the last stage's outputs to every stage's head, and their "
+            "gradient, fp32")  # fmt: skip
         add("all-reduce", ("pp",), 4, heads, "the loss's gradient over the stages")
 
 
@@ -297,9 +271,8 @@ def _adder(rows: list[dict[str, Any]], sizes: dict[str, int]):
     def add(kind, axes, nbytes, count, what):
         axes = tuple(a for a in MESH_AXES if a in axes and a in live)
         if axes and count:
-            rows.append(
-                {"kind": kind, "axes": list(axes), "bytes_per_device": nbytes, "count_per_step": count, "what": what}
-            )
+            rows.append({"kind": kind, "axes": list(axes), "bytes_per_device": nbytes, "count_per_step": count,
+                         "what": what})  # fmt: skip
 
     return add
 
@@ -330,13 +303,8 @@ def expected_serving_collectives(cfg: Config, step: str) -> list[dict[str, Any]]
     if m.qk_norm == "projection":
         for _ in range(2 if m.n_kv_heads % lay.tp == 0 else 1):
             add("all-reduce", ("tp",), tokens * 4, runs + dense_runs, "QK-norm statistics over the heads")
-    add(
-        "all-reduce",
-        ("tp",),
-        tokens * d * 4,
-        dense_runs + (runs if m.shared_hidden else 0),
-        "dense FFN and shared expert output partial sums, fp32",
-    )
+    add("all-reduce", ("tp",), tokens * d * 4, dense_runs + (runs if m.shared_hidden else 0),
+        "dense FFN and shared expert output partial sums, fp32")  # fmt: skip
     if not lay.folded:  # folded experts are whole: each tp rank's tokens go to them and come back complete
         add("all-reduce", ("tp",), e * tokens * d * 4, runs, "expert output partial sums, fp32")
     ex = expert_axes(lay)
@@ -346,31 +314,16 @@ def expected_serving_collectives(cfg: Config, step: str) -> list[dict[str, Any]]
     add("collective-permute", ("pp",), tokens * d * 4, sched.ticks, "stage to stage, fp32 residual")
     vocab_axes = lay.vocab_axes
     if "pp" in vocab_axes:  # every stage computes its columns of the logits on the last stage's outputs
-        add(
-            "all-reduce",
-            ("pp",),
-            lay.microbatches * b * d * 4,
-            1,
-            "the last stage's last-position outputs to every stage, fp32",
-        )
+        add("all-reduce", ("pp",), lay.microbatches * b * d * 4, 1, "the last stage's last-position outputs to every "
+            "stage, fp32")  # fmt: skip
     else:
         add("all-reduce", ("pp",), lay.microbatches * b * m.vocab * 4, 1, "last-position logits from the last stage")
     if lay.vocab_parallel:  # every rank looks up its rows for every token: one sum; the logits' columns gathered
         for axis in vocab_axes:
-            add(
-                "all-reduce",
-                (axis,),
-                lay.microbatches * tokens * d * 4,
-                1,
-                f"embedding rows from the ranks that hold them, summed over {axis}, fp32",
-            )
-        add(
-            "all-gather",
-            vocab_axes,
-            lay.microbatches * b * storage_model(cfg).vocab // lay.vocab_shards * 4,
-            1,
-            "last-position logits, each rank's vocabulary columns",
-        )
+            add("all-reduce", (axis,), lay.microbatches * tokens * d * 4, 1, f"embedding rows from the ranks that "
+                f"hold them, summed over {axis}, fp32")  # fmt: skip
+        add("all-gather", vocab_axes, lay.microbatches * b * storage_model(cfg).vocab // lay.vocab_shards * 4, 1,
+            "last-position logits, each rank's vocabulary columns")  # fmt: skip
     return rows
 
 

@@ -353,14 +353,10 @@ def check_config(cfg: Config) -> Config:
         _check_stage_layers(m, lay)
     elif m.units % (lay.pp * lay.repeats):
         what = "model.layers" if m.units == m.layers else "the pipelined units"
-        unit = (
-            ""
-            if m.units == m.layers
-            else (
+        unit = "" if m.units == m.layers else (
                 f" (model.layers={m.layers} less model.dense_layers={m.dense_layers}, in units of model.moe_every="
                 f"{m.moe_every} layers)"
-            )
-        )
+            )  # fmt: skip
         _fail(
             "layout.pp",
             lay.pp,

@@ -310,15 +310,9 @@ def audit(lowered_text: str, compiled_text: str, cfg, table: dict[str, Any], ste
         if found.get(key, 0) != expected.get(key, 0):
             kind, axes, nbytes = key
             unexpected.append(
-                {
-                    "kind": kind,
-                    "axes": list(axes),
-                    "bytes_per_device": nbytes,
-                    "found": found.get(key, 0),
-                    "expected": expected.get(key, 0),
-                    "where": "lowered",
-                }
-            )
+                {"kind": kind, "axes": list(axes), "bytes_per_device": nbytes, "found": found.get(key, 0),
+                 "expected": expected.get(key, 0), "where": "lowered"}
+            )  # fmt: skip
 
     allowed = {(k, a) for k, a, _ in expected}  # the same kinds and axes either way
     known_groups = assignment_groups(table)
@@ -342,32 +336,15 @@ def audit(lowered_text: str, compiled_text: str, cfg, table: dict[str, Any], ste
         elif any(frozenset(g) not in known_groups for g in c.groups):
             why = "a replica group that is no group of the assignment"
         if why:
-            unexpected.append(
-                {
-                    "kind": c.kind,
-                    "axes": list(c.axes),
-                    "name": c.name,
-                    "shape": c.shape,
-                    "count_per_step": c.count_per_step,
-                    "why": why,
-                    "where": "compiled",
-                }
-            )
+            unexpected.append({"kind": c.kind, "axes": list(c.axes), "name": c.name, "shape": c.shape,
+                               "count_per_step": c.count_per_step, "why": why, "where": "compiled"})  # fmt: skip
     want_counts: dict[tuple[str, tuple[str, ...]], int] = defaultdict(int)
     for (k, a, _), n in aggregate(expected_rows).items():
         want_counts[(k, a)] += n
     for key, n in sorted(want_counts.items()):
         if key[0] != "all-reduce" and counts.get(key, 0) != n:
-            unexpected.append(
-                {
-                    "kind": key[0],
-                    "axes": list(key[1]),
-                    "found": counts.get(key, 0),
-                    "expected": n,
-                    "why": "count per step differs",
-                    "where": "compiled",
-                }
-            )
+            unexpected.append({"kind": key[0], "axes": list(key[1]), "found": counts.get(key, 0), "expected": n,
+                               "why": "count per step differs", "where": "compiled"})  # fmt: skip
     return {
         "collectives": summarize(low),
         "compiled_collectives": summarize(comp),

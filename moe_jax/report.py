@@ -42,39 +42,28 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
         f" expert hidden {model['expert_hidden']}; batch {model['batch']} x seq {model['seq_len']}"
     )
     if lay.get("expert_tp") == "1" and lay["tp"] > 1:
-        console.print(
-            f"experts folded over ep x tp (layout.expert_tp=1): each device holds "
-            f"{model['experts'] // (lay['ep'] * lay['tp'])} whole expert(s) (F slice: the whole hidden); the "
-            f"dispatch all-to-all spans each expert_all_to_all group; attention keeps tp"
-        )
+        console.print(f"experts folded over ep x tp (layout.expert_tp=1): each device holds "
+                      f"{model['experts'] // (lay['ep'] * lay['tp'])} whole expert(s) (F slice: the whole hidden); the "
+                      f"dispatch all-to-all spans each expert_all_to_all group; attention keeps tp")  # fmt: skip
     split_vocab = lay.get("vocab_split", "none") != "none"
     if split_vocab:
         pad = model["vocab_stored"] - model["vocab"]
         axes = lay.get("vocab_axes", ["tp"])
         shards = math.prod(lay[a] for a in axes)
-        console.print(
-            f"vocabulary {model['vocab']} split over {' x '.join(axes)} (layout.vocab_split="
-            f"{lay['vocab_split']}): each device holds {model['vocab_stored'] // shards} embedding rows and "
-            f"head columns (the vocab column)"
-            + (
-                f"; padded to {model['vocab_stored']}, the last {pad} id(s) never looked up and masked out of the loss"
-                if pad
-                else ""
-            )
-        )
+        console.print(f"vocabulary {model['vocab']} split over {' x '.join(axes)} (layout.vocab_split="
+                      f"{lay['vocab_split']}): each device holds {model['vocab_stored'] // shards} embedding rows and "
+                      f"head columns (the vocab column)"
+                      + (f"; padded to {model['vocab_stored']}, the last {pad} id(s) never looked up and masked out "
+                         f"of the loss" if pad else ""))  # fmt: skip
     if model.get("kv_heads", model["heads"]) != model["heads"]:
         console.print(f"K/V heads: {model['kv_heads']} for {model['heads']} query heads, {model['kv_heads_placement']}")
     if model.get("dense_layers") or model.get("moe_every", 1) > 1:
-        console.print(
-            f"layers: the first {model['dense_layers']} dense (held by every stage, run by stage 0), then "
-            f"{model['units']} units of {model['moe_every'] - 1} dense + 1 MoE layer split over the stages"
-        )
+        console.print(f"layers: the first {model['dense_layers']} dense (held by every stage, run by stage 0), then "
+                      f"{model['units']} units of {model['moe_every'] - 1} dense + 1 MoE layer split over the stages")  # fmt: skip
     uneven = table["layout"].get("stage_layers")
     if uneven:
-        console.print(
-            f"uneven stages: {', '.join(map(str, uneven))} pipelined layers; each stage's stack is padded to "
-            f"{max(uneven)} with units never applied"
-        )
+        console.print(f"uneven stages: {', '.join(map(str, uneven))} pipelined layers; each stage's stack is padded to "
+                      f"{max(uneven)} with units never applied")  # fmt: skip
     stages = sorted({d["coords"]["pp"] for d in table["devices"]})
     for s in stages:
         devs = [d for d in table["devices"] if d["coords"]["pp"] == s]
@@ -87,19 +76,8 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
             pad_edge=False,
         )
         kv = model.get("kv_heads", model["heads"]) != model["heads"]
-        cols = (
-            "host",
-            "dev",
-            "proc",
-            "dp,ep,tp",
-            "experts",
-            "heads",
-            *(("K/V heads",) if kv else ()),
-            "F slice",
-            *(("vocab",) if split_vocab else ()),
-            "batch rows",
-            "seq",
-        )
+        cols = ("host", "dev", "proc", "dp,ep,tp", "experts", "heads", *(("K/V heads",) if kv else ()), "F slice",
+                *(("vocab",) if split_vocab else ()), "batch rows", "seq")  # fmt: skip
         for col in cols:
             t.add_column(col, no_wrap=True)
         host = None
@@ -121,7 +99,7 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
                     )
                     if kv
                     else ()
-                ),
+                ),  # fmt: skip
                 f"{d['expert_hidden'][0]}:{d['expert_hidden'][1]}",
                 *((f"{d['vocab'][0]}:{d['vocab'][1]}",) if split_vocab else ()),
                 rows_text(d["batch_rows"]),

@@ -24,9 +24,8 @@ from moe_jax.train.checkpoint import Checkpoints
 RUN_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
-def config_from_hf(
-    directory: str, config: str | None = None, layout: str | None = None, overrides: Iterable[str] = ()
-) -> tuple[Config, dict[str, Any]]:
+def config_from_hf(directory: str, config: str | None = None, layout: str | None = None,
+                   overrides: Iterable[str] = ()) -> tuple[Config, dict[str, Any]]:  # fmt: skip
     """(Config, config.json): the model from config.json; the compute dtype from its dtype and the sequence length
     capped at its context unless --config gives a run; then --config, --layout and the overrides as everywhere."""
     hf = read_hf_config(directory)

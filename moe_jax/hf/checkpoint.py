@@ -223,9 +223,8 @@ def letter_sizes(rule: str, shape: tuple[int, ...]) -> dict[str, int]:
     return dict(zip(ours, shape, strict=True))
 
 
-def expected_tensors(
-    m: ModelConfig, family: Family, shapes: dict[str, tuple[int, ...]], rows: dict | None = None
-) -> dict[str, tuple]:
+def expected_tensors(m: ModelConfig, family: Family, shapes: dict[str, tuple[int, ...]],
+                     rows: dict | None = None) -> dict[str, tuple]:  # fmt: skip
     """Every HF tensor the model needs -> (its shape, our path). shapes: our paths -> global shapes."""
     out = {}
     for path, shape in shapes.items():
@@ -247,17 +246,13 @@ def check_tensors(tensors: HFTensors, expected: dict[str, tuple], beyond_layers:
         if name not in tensors.shapes:
             raise ConfigError(f"{tensors.directory}: tensor {name} missing (needed for {path}, shape {shape})")
         if tensors.shapes[name] != shape:
-            raise ConfigError(
-                f"{tensors.directory}: tensor {name} has shape {tensors.shapes[name]}, the config "
-                f"needs {shape} (for {path})"
-            )
+            raise ConfigError(f"{tensors.directory}: tensor {name} has shape {tensors.shapes[name]}, the config "
+                              f"needs {shape} (for {path})")  # fmt: skip
     extra = [n for n in sorted(set(tensors.shapes) - set(expected)) if below(n, beyond_layers)]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise ConfigError(
-            f"{tensors.directory}: tensor {extra[0]}{more} is not part of this model; moe_jax would "
-            "drop it (rotary inv_freq buffers and MTP layers are not read: remove them)"
-        )
+        raise ConfigError(f"{tensors.directory}: tensor {extra[0]}{more} is not part of this model; moe_jax would "
+                          "drop it (rotary inv_freq buffers and MTP layers are not read: remove them)")  # fmt: skip
 
 
 def load_params(sm, family: Family, tensors: HFTensors, rest: bool = False):

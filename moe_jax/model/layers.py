@@ -140,10 +140,8 @@ def attention_impl(impl: str) -> str:
     if impl == "auto":
         return "cudnn" if backend == "gpu" else "blockwise"
     if impl == "cudnn" and backend != "gpu":
-        raise ConfigError(
-            f"model.attention_impl='cudnn': cuDNN fused attention needs a GPU; this process runs on "
-            f"{backend}; valid here: auto, xla, blockwise"
-        )
+        raise ConfigError(f"model.attention_impl='cudnn': cuDNN fused attention needs a GPU; this process runs on "
+                          f"{backend}; valid here: auto, xla, blockwise")  # fmt: skip
     return impl
 
 
@@ -183,10 +181,9 @@ class Attention(nnx.Module):
         if cfg.qk_norm != "none":
             q_shape, k_shape = ((k,), (k,)) if cfg.qk_norm == "head" else ((h, k), (kv, k))
             q_names, k_names = (
-                (("head_dim",), ("head_dim",))
-                if cfg.qk_norm == "head"
-                else (("heads", "head_dim"), ("kv_heads", "head_dim"))
-            )
+                (("head_dim",), ("head_dim",)) if cfg.qk_norm == "head" else
+                (("heads", "head_dim"), ("kv_heads", "head_dim"))
+            )  # fmt: skip
             self.q_norm = nnx.Param(jnp.ones(q_shape, jnp.float32), out_sharding=q_names)
             self.k_norm = nnx.Param(jnp.ones(k_shape, jnp.float32), out_sharding=k_names)
         self.heads, self.kv_heads, self.theta, self.eps = h, kv, cfg.rope_theta, cfg.norm_eps
@@ -329,7 +326,8 @@ class LatentAttention(nnx.Module):
         q_lat = jnp.einsum("BSHN,RHN->BSHR", q_nope, w[..., : self.nope])
         c_all = cache_c_BT1R.astype(dtype)
         keys = jnp.concatenate([c_all, cache_r_BT1P.astype(dtype)], axis=-1)
-        o_lat = causal_attention(jnp.concatenate([q_lat, q_rope], axis=-1), keys, c_all, q_offset=pos, scale=self.scale)
+        o_lat = causal_attention(jnp.concatenate([q_lat, q_rope], axis=-1), keys, c_all, q_offset=pos,
+                                 scale=self.scale)  # fmt: skip
         o = jnp.einsum("BSHR,RHV->BSHV", o_lat, w[..., self.nope :])
         return axes.scatter_seq(self.out(o, dtype), axis=1), cache_c_BT1R, cache_r_BT1P
 

@@ -137,18 +137,14 @@ def say_padded_exchange(backend: str) -> None:
     if backend in _FALLBACK_SAID:
         return
     _FALLBACK_SAID.add(backend)
-    why = "XLA:CPU cannot compile ragged_all_to_all" if backend == "cpu" else "layout.ragged_exchange=padded"
-    print(
-        f"moe_jax: ragged dispatch exchanges over ep with the padded all-to-all (the worst case, T rows per expert "
-        f"and source; the experts still compute only their rows): {why}",
-        file=sys.stderr,
-        flush=True,
-    )
+    why = ("XLA:CPU cannot compile ragged_all_to_all" if backend == "cpu" else
+           "layout.ragged_exchange=padded")  # fmt: skip
+    print(f"moe_jax: ragged dispatch exchanges over ep with the padded all-to-all (the worst case, T rows per expert "
+          f"and source; the experts still compute only their rows): {why}", file=sys.stderr, flush=True)  # fmt: skip
 
 
-def ragged_all_to_all_emulated(
-    operand, output, input_offsets, send_sizes, recv_offsets, recv_sizes, *, axis_name, max_rows: int
-):
+def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, recv_offsets, recv_sizes, *, axis_name,
+                               max_rows: int):  # fmt: skip
     """`jax.lax.ragged_all_to_all`'s semantics from a padded all-to-all, for backends that cannot compile it
     (layout.ragged_exchange=emulated): chunk j, rows input_offsets[j] .. + send_sizes[j] of `operand`, goes to peer j;
     what source s sends lands in `output` at recv_offsets[s] for recv_sizes[s] rows. (ragged_all_to_all takes the
@@ -190,9 +186,8 @@ def ragged_exchange_ffn(x_GTD, r: Routing, weights, dtype, axes: Axes, num_exper
         peer_off = jax.lax.all_to_all(in_off, axes.experts, 0, 0, tiled=True)  # where our block sits at source s
 
         def out(x, buf):
-            return jax.lax.ragged_all_to_all(
-                x, buf, in_off, send, jnp.full((n,), me * b, jnp.int32), recv, axis_name=axes.experts
-            )
+            return jax.lax.ragged_all_to_all(x, buf, in_off, send, jnp.full((n,), me * b, jnp.int32), recv,
+                                             axis_name=axes.experts)  # fmt: skip
 
         def back(y, buf):
             return jax.lax.ragged_all_to_all(y, buf, blocks_here, recv, peer_off, send, axis_name=axes.experts)

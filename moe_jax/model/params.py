@@ -60,13 +60,8 @@ def param_kind(path: str) -> str:
     parts = path.split("/")
     if parts[0] in ("embed", "head"):
         return "embedding" if parts[0] == "embed" else "head"
-    for key, kind in (
-        ("attn", "attention"),
-        ("router", "router"),
-        ("shared", "shared"),
-        ("mlp", "dense"),
-        ("moe", "experts"),
-    ):
+    for key, kind in (("attn", "attention"), ("router", "router"), ("shared", "shared"), ("mlp", "dense"),
+                      ("moe", "experts")):  # fmt: skip
         if key in parts:
             return kind
     return "norms"  # attn_norm, ffn_norm, final_norm
@@ -140,15 +135,7 @@ def param_shards_for(
             local.append(dim // math.prod(sizes[a] for a in axes))
         split = tuple(a for a in MESH_AXES if a in used)
         n = math.prod(local)
-        out.append(
-            {
-                "path": path,
-                "split": split,
-                "local_shape": tuple(local),
-                "local": n,
-                "zero": z,
-                "zero_split": tuple(a for a in MESH_AXES if a in used or a in z),
-                "zero_local": n // math.prod(sizes[a] for a in z),
-            }
-        )
+        out.append({"path": path, "split": split, "local_shape": tuple(local), "local": n,
+                    "zero": z, "zero_split": tuple(a for a in MESH_AXES if a in used or a in z),
+                    "zero_local": n // math.prod(sizes[a] for a in z)})  # fmt: skip
     return out

@@ -117,22 +117,8 @@ class _Slots:
         active = active_axes(MESH_AXES, sm.sizes)
         zero_act = lax.pcast(zero_act, active, to="varying") if active else zero_act
         seg = 1 if cfg.layout.remat == "layer" else stage.l_c
-        return cls(
-            sm,
-            schedule,
-            stage,
-            axes,
-            compute_dtype(cfg.run.dtype),
-            stack_p,
-            edge_p,
-            rest,
-            tokens,
-            axes.loss_targets(targets),
-            scale,
-            zero_act,
-            seg,
-            stage.l_c // seg,
-        )
+        return cls(sm, schedule, stage, axes, compute_dtype(cfg.run.dtype), stack_p, edge_p, rest, tokens,
+                   axes.loss_targets(targets), scale, zero_act, seg, stage.l_c // seg)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------- the model's parts
 

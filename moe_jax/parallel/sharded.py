@@ -205,11 +205,8 @@ class ShardedModel:
 
         def find(specs):
             flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
-            return {
-                getattr(path[0], "key", None): s
-                for path, s in flat
-                if getattr(path[0], "key", None) in ("embed", "head")
-            }
+            return {getattr(path[0], "key", None): s for path, s in flat if getattr(path[0], "key", None) in
+                    ("embed", "head")}  # fmt: skip
 
         return find(self.param_specs), find(self.grad_specs)
 

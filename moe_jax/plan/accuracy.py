@@ -39,9 +39,8 @@ def grid() -> list[dict[str, Any]]:
     return points
 
 
-def point(
-    layout: str, seq: int, remat: str, dispatch: str, dtype: str, model: list[str] | None = None
-) -> dict[str, Any]:
+def point(layout: str, seq: int, remat: str, dispatch: str, dtype: str, model: list[str] | None = None
+          ) -> dict[str, Any]:  # fmt: skip
     path, overrides = LAYOUTS[layout]
     model = model or []
     return {
@@ -59,7 +58,7 @@ def point(
             f"layout.remat={remat}",
             f"model.dispatch={dispatch}",
             f"run.dtype={dtype}",
-        ],
+        ],  # fmt: skip
     }
 
 
@@ -79,13 +78,10 @@ def evaluate(p: dict[str, Any], mesh, tolerance: float = 0.05) -> dict[str, Any]
 
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
     """The accuracy table: one row per point, then each miss with the part that misses."""
-    lines = [
-        header,
-        "",
-        "| point | devices | compiled GiB | planned GiB | memory error | planned peak | FLOPs error | "
-        "collective bytes | worst part (share of the total) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    lines = [header, "",
+             "| point | devices | compiled GiB | planned GiB | memory error | planned peak | FLOPs error | "
+             "collective bytes | worst part (share of the total) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         mem, fl = r["memory"], r["flops"]
         worst = max(r["parts"], key=lambda x: abs(x["error_of_total"]))
@@ -96,11 +92,8 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
             f"{worst['part']} ({worst['error_of_total']:+.1%}) |"
         )
     misses = [r for r in rows if r["failures"]]
-    lines += [
-        "",
-        f"{len(rows) - len(misses)} of {len(rows)} points within the tolerance on every part, the total, the "
-        "FLOPs and the collective bytes.",
-    ]
+    lines += ["", f"{len(rows) - len(misses)} of {len(rows)} points within the tolerance on every part, the total, the "
+              "FLOPs and the collective bytes."]  # fmt: skip
     if misses:
         lines += ["", "Misses: the part, and why (the compiled buffers behind each part: docs/planner.md):", ""]
         for r in misses:
@@ -117,13 +110,9 @@ def why(row: dict[str, Any]) -> str:
         else "a layer's backward"
     )
     if row["point"]["dtype"] == "bf16":
-        return (
-            "bf16 on XLA:CPU: its float normalisation keeps some bf16 intermediates in bf16, some as fp32 copies "
-            "and some both; the plan counts all in fp32 (on an accelerator they are all bf16)"
-        )
+        return ("bf16 on XLA:CPU: its float normalisation keeps some bf16 intermediates in bf16, some as fp32 copies "
+                "and some both; the plan counts all in fp32 (on an accelerator they are all bf16)")  # fmt: skip
     if compiled_phase != row["memory"]["peak_phase"]:
-        return (
-            f"the plan's two phases are close and the compiler's peak is in the other one ({compiled_phase}); "
-            "the totals agree, the parts are those of different phases"
-        )
+        return (f"the plan's two phases are close and the compiler's peak is in the other one ({compiled_phase}); "
+                "the totals agree, the parts are those of different phases")  # fmt: skip
     return "XLA's fusion keeps a different set of temporaries than the plan's formula for this part"

@@ -98,15 +98,8 @@ def compiled_figures(cfg: Config, mesh) -> dict[str, Any]:
     peak = peak_buffers(report.pop("xla_dump"))
     parts: dict[str, int] = {}
     for a in peak["arguments"]:
-        key = (
-            "parameters"
-            if a.op_name.startswith("params")
-            else "optimizer_state"
-            if a.op_name.startswith("opt")
-            else "batch"
-            if a.op_name in ("tokens", "targets")
-            else "scalars"
-        )
+        key = ("parameters" if a.op_name.startswith("params") else "optimizer_state" if a.op_name.startswith("opt")
+               else "batch" if a.op_name in ("tokens", "targets") else "scalars")  # fmt: skip
         parts[key] = parts.get(key, 0) + a.nbytes
     shapes = _param_shapes(cfg, mesh)
     for b in peak["buffers"]:
@@ -139,16 +132,12 @@ def compare(cfg: Config, compiled: dict[str, Any], tolerance: float, backend: st
         err = (p - c) / total_c
         rows.append({"part": name, "planned": p, "compiled": c, "error_of_total": err})
         if abs(err) > tolerance:
-            failures.append(
-                f"memory part {name}: planned {p / 2**30:.3f} GiB, compiled {c / 2**30:.3f} GiB "
-                f"({err:+.1%} of the compiled total)"
-            )
+            failures.append(f"memory part {name}: planned {p / 2**30:.3f} GiB, compiled {c / 2**30:.3f} GiB "
+                            f"({err:+.1%} of the compiled total)")  # fmt: skip
     total_err = (planned["total"] - total_c) / total_c
     if abs(total_err) > tolerance:
-        failures.append(
-            f"memory total: planned {planned['total'] / 2**30:.3f} GiB, compiled {total_c / 2**30:.3f} GiB "
-            f"({total_err:+.1%})"
-        )
+        failures.append(f"memory total: planned {planned['total'] / 2**30:.3f} GiB, compiled {total_c / 2**30:.3f} GiB "
+                        f"({total_err:+.1%})")  # fmt: skip
     fl = flops(cfg)  # 'total': what the program holds (1F1B: every slot, the skipped ones too), as the HLO is read
     flops_err = fl["total"] / compiled["flops"] - 1
     if abs(flops_err) > tolerance:
@@ -165,7 +154,7 @@ def compare(cfg: Config, compiled: dict[str, Any], tolerance: float, backend: st
             "compiled": total_c,
             "error": total_err,
             "peak_phase": planned.get("peak_phase", ""),
-        },
+        },  # fmt: skip
         "flops": {"planned": fl["total"], "compiled": compiled["flops"], "error": flops_err, "useful": fl["useful"]},
         "bytes_by_kind": {"planned": planned_bytes, "compiled": compiled["bytes_by_kind"]},
         "audit_ok": compiled["audit_ok"],

@@ -538,12 +538,8 @@ def ragged_rows(cfg: Config) -> dict[str, int]:
     db = DTYPE_BYTES[cfg.run.dtype]
     worst = loc["experts"] * lay.ep * lay.tp * loc["tokens"]
     expected = m.top_k * loc["tokens"] * loc["expert_gather"]
-    return {
-        "worst_case_rows": worst,
-        "expected_rows": expected,
-        "worst_case_bytes": worst * m.d_model * db,
-        "expected_bytes": expected * m.d_model * db,
-    }
+    return {"worst_case_rows": worst, "expected_rows": expected, "worst_case_bytes": worst * m.d_model * db,
+            "expected_bytes": expected * m.d_model * db}  # fmt: skip
 
 
 _COMM_SECONDS: dict[tuple[Config, Hardware], float] = {}  # a GPipe layout's communication time, for its 1F1B twin
@@ -603,7 +599,7 @@ def plan(cfg: Config, hw: Hardware) -> dict[str, Any]:
             "time_ticks": sched.time_ticks,
             "utilization": sched.utilization,
             "activation_slots": sched.activation_slots(),
-        },
+        },  # fmt: skip
         "step_time_s": {"compute": compute, "comm": comm, "bubble": bubble, "total": total},
         "tokens_per_s": tokens / total,
         "mfu": fl["useful"] * lay.devices / total / (hw.peak_flops * lay.devices),

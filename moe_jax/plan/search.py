@@ -100,14 +100,8 @@ def no_layout_reason(cfg: Config, devices: int) -> str:
         f"divide run.batch={run.batch} (with at least pp microbatches)"
     )
     counts = layout_counts(cfg)
-    near = [
-        n
-        for n in (
-            max((c for c in counts if c < devices), default=None),
-            min((c for c in counts if c > devices), default=None),
-        )
-        if n is not None
-    ]
+    near = [n for n in (max((c for c in counts if c < devices), default=None),
+                        min((c for c in counts if c > devices), default=None)) if n is not None]  # fmt: skip
     return (
         f"--devices={devices}: no layout of {devices} devices exists for this model and batch: {rules}; the nearest "
         f"device counts with layouts: {' and '.join(map(str, near))} (at most {counts[-1]})"
@@ -151,30 +145,14 @@ def search(cfg: Config, devices: int, hw: Hardware) -> dict[str, Any]:
         )
     for rank, r in enumerate(fitting, 1):
         r["rank"] = rank
-    return {
-        "devices": devices,
-        "hardware": hw.name,
-        "candidates": len(rows),
-        "fitting": fitting,
-        "not_fitting": sum(not r["fits"] for r in rows),
-    }
+    return {"devices": devices, "hardware": hw.name, "candidates": len(rows), "fitting": fitting,
+            "not_fitting": sum(not r["fits"] for r in rows)}  # fmt: skip
 
 
 # The seed's own 128-device layout (meshes/seed-128.yaml) as the search's rows name it: the row the audit, the CLI
 # and the tests rank it by.
-SEED_128 = {
-    "pp": 4,
-    "dp": 1,
-    "ep": 16,
-    "tp": 2,
-    "microbatches": 8,
-    "repeats": 1,
-    "remat": "layer",
-    "schedule": "gpipe",
-    "zero": 0,
-    "expert_tp": "tp",
-    "vocab_split": "tp",
-}
+SEED_128 = {"pp": 4, "dp": 1, "ep": 16, "tp": 2, "microbatches": 8, "repeats": 1, "remat": "layer", "schedule": "gpipe",
+            "zero": 0, "expert_tp": "tp", "vocab_split": "tp"}  # fmt: skip
 
 
 def find(result: dict[str, Any], **layout) -> dict[str, Any] | None:

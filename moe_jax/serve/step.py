@@ -37,11 +37,8 @@ def cache_specs(cfg: Config, sizes) -> dict[str, P]:
     rank caches the one head it reads, so G = tp."""
     shapes = cache_shapes(cfg, 1)
     # latent attention: the latent and the RoPE key, one "head" each, whole on every tp rank
-    tail = (
-        ("microbatch", "batch", None, "kv_heads", "head_dim")
-        if cfg.model.attention == "mha"
-        else ("microbatch", "batch", None, None, None)
-    )
+    tail = ("microbatch", "batch", None, "kv_heads", "head_dim") if cfg.model.attention == "mha" else (
+        "microbatch", "batch", None, None, None)  # fmt: skip
     lead = {"blocks": ("layers",), "dense_blocks": ("layers", "sublayers"), "prologue": ("prologue",)}
     return {k: logical_to_mesh((*lead[k], *tail), sizes, shape) for k, shape in shapes.items()}
 

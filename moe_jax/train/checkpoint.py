@@ -97,9 +97,8 @@ class Checkpoints:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
         tree = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         if meta.get("weights_only"):  # imported weights: the template's fresh optimizer state and loss scale
-            return TrainState(
-                sm.to_storage(tree["params"]), sm.to_storage(tree["rest"]), template.opt_state, template.loss_scale, 0
-            )
+            return TrainState(sm.to_storage(tree["params"]), sm.to_storage(tree["rest"]), template.opt_state,
+                              template.loss_scale, 0)  # fmt: skip
         return self._from_global(sm, tree, int(meta["step"]))
 
     @staticmethod

@@ -59,9 +59,8 @@ class TokenFile:
             except ValueError as e:
                 raise ConfigError(f"--data={path!r}: not a readable .npy file ({e})") from None
             if not np.issubdtype(self.tokens.dtype, np.integer):
-                raise ConfigError(
-                    f"--data={path!r}: dtype {self.tokens.dtype} is not an integer type; token ids must be integers"
-                )
+                raise ConfigError(f"--data={path!r}: dtype {self.tokens.dtype} is not an integer type; token ids "
+                                  "must be integers")  # fmt: skip
             self.tokens = self.tokens.reshape(-1)
         elif path.endswith(".bin"):
             if dtype not in ("uint16", "uint32"):
@@ -69,9 +68,8 @@ class TokenFile:
             size = os.path.getsize(path)
             width = np.dtype(dtype).itemsize
             if size % width:
-                raise ConfigError(
-                    f"--data={path!r}: {size} bytes is not a whole number of {dtype} tokens; is --data-dtype right?"
-                )
+                raise ConfigError(f"--data={path!r}: {size} bytes is not a whole number of {dtype} tokens; "
+                                  "is --data-dtype right?")  # fmt: skip
             self.tokens = np.memmap(path, dtype=dtype, mode="r")
         else:
             raise ConfigError(f"--data={path!r}: unknown format; valid: .npy, or .bin of uint16 / uint32")
@@ -79,10 +77,8 @@ class TokenFile:
             raise ConfigError(f"--data={path!r}: {len(self.tokens)} tokens, fewer than run.seq_len + 1 = {seq_len + 1}")
         hi = int(np.max(self.tokens))
         if hi >= vocab:
-            raise ConfigError(
-                f"--data={path!r}: token id {hi} is outside the vocabulary; valid ids: "
-                f"0..{vocab - 1} (model.vocab={vocab})"
-            )
+            raise ConfigError(f"--data={path!r}: token id {hi} is outside the vocabulary; valid ids: "
+                              f"0..{vocab - 1} (model.vocab={vocab})")  # fmt: skip
         self.path, self.vocab, self.seq_len, self.seed = path, vocab, seq_len, seed
 
     def describe(self) -> str:

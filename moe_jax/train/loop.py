@@ -161,14 +161,8 @@ def check_same_run(saved: dict[str, dict[str, Any]], cfg: Config, directory: str
         for key, value in here[section].items():
             there = saved.get(section, {}).get(key, value)
             if there != value:
-                hint = (
-                    (
-                        " (it sets the learning-rate schedule's length; to end a run early and resume it on the same "
-                        "schedule, use --stop-at)"
-                    )
-                    if (section, key) == ("run", "steps")
-                    else ""
-                )
+                hint = (" (it sets the learning-rate schedule's length; to end a run early and resume it on the same "
+                        "schedule, use --stop-at)") if (section, key) == ("run", "steps") else ""  # fmt: skip
                 raise ConfigError(
                     f"--resume: {section}.{key}={value!r} here, but the checkpoint in {directory} was written with "
                     f"{section}.{key}={there!r}{hint}; pass --allow-config-change to resume with the new value"

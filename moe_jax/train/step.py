@@ -61,9 +61,8 @@ def grad_stats(sm: ShardedModel) -> Callable:
 
     def body(grads, specs):
         sums = {axes: jnp.zeros((), jnp.float32) for axes in groups}
-        for g, spec in zip(
-            jax.tree.leaves(grads), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)), strict=True
-        ):
+        for g, spec in zip(jax.tree.leaves(grads), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)),
+                           strict=True):  # fmt: skip
             key = tuple(sorted(_used_axes(spec)))
             sums[key] = sums[key] + jnp.sum(jnp.square(g))
         total = jnp.zeros((), jnp.float32)
@@ -89,13 +88,9 @@ def opt_specs(sm: ShardedModel, tx: optax.GradientTransformation):
     axes), counters replicated."""
     abstract = jax.eval_shape(tx.init, sm.abstract_params)
     return optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abstract,
-        sm.grad_specs,
-        transform_non_params=lambda _: P(),
+        tx, lambda _, s: s, abstract, sm.grad_specs, transform_non_params=lambda _: P(),
         is_leaf=lambda x: isinstance(x, P),
-    )
+    )  # fmt: skip
 
 
 def opt_shardings(sm: ShardedModel, tx: optax.GradientTransformation):
@@ -127,13 +122,8 @@ def zero_update(sm: ShardedModel, tx: optax.GradientTransformation) -> Callable:
         return jax.tree.unflatten(tree, whole), opt_state
 
     specs = opt_specs(sm, tx)
-    return jax.shard_map(
-        body,
-        mesh=sm.mesh,
-        in_specs=(sm.grad_specs, specs, sm.param_specs),
-        out_specs=(sm.param_specs, specs),
-        check_vma=True,
-    )
+    return jax.shard_map(body, mesh=sm.mesh, in_specs=(sm.grad_specs, specs, sm.param_specs),
+                         out_specs=(sm.param_specs, specs), check_vma=True)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=32)

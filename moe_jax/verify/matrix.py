@@ -46,16 +46,10 @@ LAYOUTS = {
 # shared expert (on Qwen1.5-MoE's structure); MoE every second layer under circular pp with the head tied to the
 # embedding (on Mixtral's).
 DENSE_FIRST = [
-    "model.layers=5",
-    "model.dense_layers=1",
-    "model.dense_hidden=36",
-    "model.router_score=sigmoid",
-    "model.expert_groups=4",
-    "model.group_top_k=2",
-    "model.routed_scale=2.5",
-    "model.expert_bias=true",
+    "model.layers=5", "model.dense_layers=1", "model.dense_hidden=36", "model.router_score=sigmoid",
+    "model.expert_groups=4", "model.group_top_k=2", "model.routed_scale=2.5", "model.expert_bias=true",
     "model.shared_gate=false",
-]
+]  # fmt: skip
 INTERLEAVED = ["model.layers=8", "model.moe_every=2", "model.dense_hidden=36", "model.tie_embeddings=true"]
 # Uneven stages: the DeepSeek model with 7 pipelined layers on 4 stages of 2, 2, 2 and 1 (the last stage's stack padded
 # with a unit that is never applied).
@@ -68,71 +62,30 @@ def cases() -> list[dict[str, Any]]:
         for name, layout in LAYOUTS.items():
             out.append({"id": f"{family} {name} fp32", "family": family, "kind": "train", "overrides": layout})
     out += [
-        {
-            "id": "mixtral ep4-tp2 bf16",
-            "family": "mixtral",
-            "kind": "train",
-            "overrides": [*LAYOUTS["ep4-tp2"], "run.dtype=bf16"],
-        },
-        {
-            "id": "qwen1.5-moe pp2-ep2-tp2 bf16",
-            "family": "qwen1.5-moe",
-            "kind": "train",
-            "overrides": [*LAYOUTS["pp2-ep2-tp2"], "run.dtype=bf16"],
-        },
-        {
-            "id": "qwen1.5-moe dense-first pp2-ep2-tp2 fp32",
-            "family": "qwen1.5-moe",
-            "kind": "train",
-            "overrides": [*LAYOUTS["pp2-ep2-tp2"], *DENSE_FIRST],
-        },
-        {
-            "id": "mixtral moe-every-2 tied pp2-circular fp32",
-            "family": "mixtral",
-            "kind": "train",
-            "overrides": [*LAYOUTS["pp2-circular"], *INTERLEAVED],
-        },
-        {
-            "id": "olmoe ep2-tp4 fp32",
-            "family": "olmoe",
-            "kind": "train",
-            "overrides": ["layout.ep=2", "layout.tp=4", M4],
-        },
-        {
-            "id": "qwen3 projection-norm ep2-tp4 fp32",
-            "family": "qwen3",
-            "kind": "train",
-            "overrides": ["layout.ep=2", "layout.tp=4", M4, "model.qk_norm=projection"],
-        },
-        {
-            "id": "mixtral moe-every-2 tied pp2-circular decode",
-            "family": "mixtral",
-            "kind": "decode",
-            "overrides": [*LAYOUTS["pp2-circular"], *INTERLEAVED],
-        },
+        {"id": "mixtral ep4-tp2 bf16", "family": "mixtral", "kind": "train",
+         "overrides": [*LAYOUTS["ep4-tp2"], "run.dtype=bf16"]},
+        {"id": "qwen1.5-moe pp2-ep2-tp2 bf16", "family": "qwen1.5-moe", "kind": "train",
+         "overrides": [*LAYOUTS["pp2-ep2-tp2"], "run.dtype=bf16"]},
+        {"id": "qwen1.5-moe dense-first pp2-ep2-tp2 fp32", "family": "qwen1.5-moe", "kind": "train",
+         "overrides": [*LAYOUTS["pp2-ep2-tp2"], *DENSE_FIRST]},
+        {"id": "mixtral moe-every-2 tied pp2-circular fp32", "family": "mixtral", "kind": "train",
+         "overrides": [*LAYOUTS["pp2-circular"], *INTERLEAVED]},
+        {"id": "olmoe ep2-tp4 fp32", "family": "olmoe", "kind": "train", "overrides": ["layout.ep=2", "layout.tp=4", M4]},
+        {"id": "qwen3 projection-norm ep2-tp4 fp32", "family": "qwen3", "kind": "train",
+         "overrides": ["layout.ep=2", "layout.tp=4", M4, "model.qk_norm=projection"]},
+        {"id": "mixtral moe-every-2 tied pp2-circular decode", "family": "mixtral", "kind": "decode",
+         "overrides": [*LAYOUTS["pp2-circular"], *INTERLEAVED]},
         {"id": "qwen3 pp2-ep2-tp2 decode", "family": "qwen3", "kind": "decode", "overrides": LAYOUTS["pp2-ep2-tp2"]},
         {"id": "olmoe pp2-ep2-tp2 decode", "family": "olmoe", "kind": "decode", "overrides": LAYOUTS["pp2-ep2-tp2"]},
-        {
-            "id": "qwen1.5-moe dense-first pp2-ep2-tp2 decode",
-            "family": "qwen1.5-moe",
-            "kind": "decode",
-            "overrides": [*LAYOUTS["pp2-ep2-tp2"], *DENSE_FIRST],
-        },
+        {"id": "qwen1.5-moe dense-first pp2-ep2-tp2 decode", "family": "qwen1.5-moe", "kind": "decode",
+         "overrides": [*LAYOUTS["pp2-ep2-tp2"], *DENSE_FIRST]},
         {"id": "deepseek uneven pp4-tp2 fp32", "family": "deepseek", "kind": "train", "overrides": UNEVEN},
-        {
-            "id": "deepseek pp2-ep2-tp2 bf16",
-            "family": "deepseek",
-            "kind": "train",
-            "overrides": [*LAYOUTS["pp2-ep2-tp2"], "run.dtype=bf16"],
-        },
-        {
-            "id": "deepseek pp2-circular decode",
-            "family": "deepseek",
-            "kind": "decode",
-            "overrides": LAYOUTS["pp2-circular"],
-        },
+        {"id": "deepseek pp2-ep2-tp2 bf16", "family": "deepseek", "kind": "train",
+         "overrides": [*LAYOUTS["pp2-ep2-tp2"], "run.dtype=bf16"]},
+        {"id": "deepseek pp2-circular decode", "family": "deepseek", "kind": "decode",
+         "overrides": LAYOUTS["pp2-circular"]},
         {"id": "deepseek uneven pp4-tp2 decode", "family": "deepseek", "kind": "decode", "overrides": UNEVEN},
-    ]
+    ]  # fmt: skip
     return out
 
 
@@ -146,19 +99,9 @@ CAPACITY = "model.dispatch=capacity"
 
 
 def _pipelined(pp, dp, ep, tp, mb, v, layers, *extra) -> list[str]:
-    return [
-        f"layout.pp={pp}",
-        f"layout.dp={dp}",
-        f"layout.ep={ep}",
-        f"layout.tp={tp}",
-        f"layout.microbatches={mb}",
-        f"layout.repeats={v}",
-        f"model.layers={layers}",
-        "model.dispatch=dropless",
-        "run.dtype=fp32",
-        ONE_F_ONE_B,
-        *extra,
-    ]
+    return [f"layout.pp={pp}", f"layout.dp={dp}", f"layout.ep={ep}", f"layout.tp={tp}", f"layout.microbatches={mb}",
+            f"layout.repeats={v}", f"model.layers={layers}", "model.dispatch=dropless", "run.dtype=fp32", ONE_F_ONE_B,
+            *extra]  # fmt: skip
 
 
 def pipeline_cases() -> list[dict[str, Any]]:
@@ -189,13 +132,9 @@ def pipeline_cases() -> list[dict[str, Any]]:
         family("deepseek uneven pp4-tp2", "deepseek", UNEVEN),
         family("qwen1.5-moe dense-first pp2-ep2-tp2", "qwen1.5-moe", [*LAYOUTS["pp2-ep2-tp2"], *DENSE_FIRST]),
         family("mixtral moe-every-2 tied pp2-circular", "mixtral", [*LAYOUTS["pp2-circular"], *INTERLEAVED]),
-        {
-            "id": "1f1b pp2-ep2-tp2 m4 v2 fp16 training against gpipe",
-            "config": "configs/tiny.yaml",
-            "kind": "train-fp16",
-            "overrides": [*_pipelined(2, 1, 2, 2, 4, 2, 8)[:-2], "run.dtype=fp16"],
-        },
-    ]
+        {"id": "1f1b pp2-ep2-tp2 m4 v2 fp16 training against gpipe", "config": "configs/tiny.yaml",
+         "kind": "train-fp16", "overrides": [*_pipelined(2, 1, 2, 2, 4, 2, 8)[:-2], "run.dtype=fp16"]},
+    ]  # fmt: skip
 
 
 def layout_cases() -> list[dict[str, Any]]:
@@ -210,84 +149,45 @@ def layout_cases() -> list[dict[str, Any]]:
         {"id": "vocab_tp ep4-tp2", **vocab, "overrides": LAYOUTS["ep4-tp2"] + [VOCAB]},
         {"id": "vocab_tp pp2-ep2-tp2", **vocab, "overrides": LAYOUTS["pp2-ep2-tp2"] + [VOCAB]},
         {"id": "vocab_tp pp4-tp2", **vocab, "overrides": LAYOUTS["pp4-tp2"] + [VOCAB]},
-        {
-            "id": "vocab_tp pp2-ep2-tp2 1f1b zero1",
-            **vocab,
-            "overrides": LAYOUTS["pp2-ep2-tp2"] + [VOCAB, ONE_F_ONE_B, "layout.zero=1"],
-        },
-        {
-            "id": "vocab_tp ep2-tp4 tied",
-            **vocab,
-            "overrides": ["layout.ep=2", "layout.tp=4", M4, VOCAB, "model.tie_embeddings=true"],
-        },
+        {"id": "vocab_tp pp2-ep2-tp2 1f1b zero1", **vocab,
+         "overrides": LAYOUTS["pp2-ep2-tp2"] + [VOCAB, ONE_F_ONE_B, "layout.zero=1"]},
+        {"id": "vocab_tp ep2-tp4 tied", **vocab,
+         "overrides": ["layout.ep=2", "layout.tp=4", M4, VOCAB, "model.tie_embeddings=true"]},
         {"id": "vocab_tp ep4-tp2 bf16", **vocab, "overrides": LAYOUTS["ep4-tp2"] + [VOCAB, "run.dtype=bf16"]},
-        {
-            "id": "vocab_tp pp2-ep2-tp2 decode",
-            "config": "configs/tiny.yaml",
-            "kind": "decode",
-            "overrides": LAYOUTS["pp2-ep2-tp2"] + [VOCAB],
-        },
+        {"id": "vocab_tp pp2-ep2-tp2 decode", "config": "configs/tiny.yaml", "kind": "decode",
+         "overrides": LAYOUTS["pp2-ep2-tp2"] + [VOCAB]},
         # over tp and pp: every stage computes its share of the head (97 over 4 and over 8: 100, 104 stored)
         {"id": "vocab_tp_pp pp2-ep2-tp2", **vocab, "overrides": LAYOUTS["pp2-ep2-tp2"] + [VOCAB_PP]},
         {"id": "vocab_tp_pp pp4-tp2 1f1b", **vocab, "overrides": LAYOUTS["pp4-tp2"] + [VOCAB_PP, ONE_F_ONE_B]},
-        {
-            "id": "vocab_tp_pp pp2-circular 1f1b tied",
-            **vocab,
-            "overrides": LAYOUTS["pp2-circular"] + [VOCAB_PP, ONE_F_ONE_B, "model.tie_embeddings=true"],
-        },
-        {
-            "id": "vocab_tp_pp pp2-ep4 zero1",
-            **vocab,
-            "overrides": ["layout.pp=2", "layout.ep=4", M4, VOCAB_PP, "layout.zero=1"],
-        },
-        {
-            "id": "vocab_tp_pp pp2-ep2-tp2 decode",
-            "config": "configs/tiny.yaml",
-            "kind": "decode",
-            "overrides": LAYOUTS["pp2-ep2-tp2"] + [VOCAB_PP],
-        },
+        {"id": "vocab_tp_pp pp2-circular 1f1b tied", **vocab,
+         "overrides": LAYOUTS["pp2-circular"] + [VOCAB_PP, ONE_F_ONE_B, "model.tie_embeddings=true"]},
+        {"id": "vocab_tp_pp pp2-ep4 zero1", **vocab, "overrides": ["layout.pp=2", "layout.ep=4", M4, VOCAB_PP,
+                                                                  "layout.zero=1"]},
+        {"id": "vocab_tp_pp pp2-ep2-tp2 decode", "config": "configs/tiny.yaml", "kind": "decode",
+         "overrides": LAYOUTS["pp2-ep2-tp2"] + [VOCAB_PP]},
         {"id": "zero1 dp2-ep2-tp2", **tiny, "overrides": LAYOUTS["dp2-ep2-tp2"] + ["layout.zero=1"]},
         {"id": "zero1 ep4-tp2", **tiny, "overrides": LAYOUTS["ep4-tp2"] + ["layout.zero=1"]},
         {"id": "zero1 pp2-ep2-tp2", **tiny, "overrides": LAYOUTS["pp2-ep2-tp2"] + ["layout.zero=1"]},
         {"id": "zero1 pp2-ep2-tp2 1f1b", **tiny, "overrides": LAYOUTS["pp2-ep2-tp2"] + ["layout.zero=1", ONE_F_ONE_B]},
-        {
-            "id": "zero1 dp2-ep2-tp2 bf16",
-            **tiny,
-            "overrides": LAYOUTS["dp2-ep2-tp2"] + ["layout.zero=1", "run.dtype=bf16"],
-        },
+        {"id": "zero1 dp2-ep2-tp2 bf16", **tiny, "overrides": LAYOUTS["dp2-ep2-tp2"] + ["layout.zero=1", "run.dtype=bf16"]},
         {"id": "expert_tp1 dp2-ep2-tp2", **fold, "overrides": LAYOUTS["dp2-ep2-tp2"] + [FOLD]},
         {"id": "expert_tp1 ep4-tp2", **fold, "overrides": LAYOUTS["ep4-tp2"] + [FOLD]},
         {"id": "expert_tp1 pp2-ep2-tp2", **fold, "overrides": LAYOUTS["pp2-ep2-tp2"] + [FOLD]},
         {"id": "expert_tp1 ep4-tp2 capacity", **fold, "overrides": LAYOUTS["ep4-tp2"] + [FOLD, CAPACITY]},
         {"id": "expert_tp1 ep4-tp2 ragged", **fold, "overrides": LAYOUTS["ep4-tp2"] + [FOLD, "model.dispatch=ragged"]},
-        {
-            "id": "expert_tp1 pp2-ep2-tp2 1f1b zero1",
-            **fold,
-            "overrides": LAYOUTS["pp2-ep2-tp2"] + [FOLD, ONE_F_ONE_B, "layout.zero=1"],
-        },
+        {"id": "expert_tp1 pp2-ep2-tp2 1f1b zero1", **fold,
+         "overrides": LAYOUTS["pp2-ep2-tp2"] + [FOLD, ONE_F_ONE_B, "layout.zero=1"]},
         {"id": "expert_tp1 pp4-tp2 swiglu", **fold, "overrides": LAYOUTS["pp4-tp2"] + [FOLD, "model.ffn=swiglu"]},
         {"id": "expert_tp1 ep4-tp2 bf16", **fold, "overrides": LAYOUTS["ep4-tp2"] + [FOLD, "run.dtype=bf16"]},
         # ragged dispatch's own exchange (each shard gets exactly its routed rows), ragged_all_to_all emulated
-        {
-            "id": "ragged_exchange emulated ep4-tp2",
-            "config": "configs/tiny.yaml",
-            "kind": "train",
-            "overrides": LAYOUTS["ep4-tp2"] + ["model.dispatch=ragged", "layout.ragged_exchange=emulated"],
-        },
-        {
-            "id": "ragged_exchange emulated ep4-tp2 expert_tp1",
-            "config": "configs/tiny.yaml",
-            "kind": "train",
-            "overrides": LAYOUTS["ep4-tp2"] + ["model.dispatch=ragged", "layout.ragged_exchange=emulated", FOLD],
-        },
+        {"id": "ragged_exchange emulated ep4-tp2", "config": "configs/tiny.yaml", "kind": "train",
+         "overrides": LAYOUTS["ep4-tp2"] + ["model.dispatch=ragged", "layout.ragged_exchange=emulated"]},
+        {"id": "ragged_exchange emulated ep4-tp2 expert_tp1", "config": "configs/tiny.yaml", "kind": "train",
+         "overrides": LAYOUTS["ep4-tp2"] + ["model.dispatch=ragged", "layout.ragged_exchange=emulated", FOLD]},
         # serving on a folded layout: each tp rank's copy of a token goes to the whole expert and comes back
-        {
-            "id": "expert_tp1 pp2-ep2-tp2 decode",
-            "config": "configs/tiny.yaml",
-            "kind": "decode",
-            "overrides": LAYOUTS["pp2-ep2-tp2"] + [FOLD],
-        },
-    ]
+        {"id": "expert_tp1 pp2-ep2-tp2 decode", "config": "configs/tiny.yaml", "kind": "decode",
+         "overrides": LAYOUTS["pp2-ep2-tp2"] + [FOLD]},
+    ]  # fmt: skip
 
 
 FOLD = "layout.expert_tp=1"
@@ -308,14 +208,8 @@ def run(c: dict[str, Any]) -> dict[str, Any]:
     """One case on this process's 8 fake devices: {id, ok, tolerance, errors, audit_ok or caches, seconds}."""
     t0 = time.perf_counter()
     cfg = config(c)
-    kinds = {
-        "train": run_train,
-        "decode": run_decode,
-        "train-fp16": run_schedules_fp16,
-        "zero": run_zero,
-        "fold": run_fold,
-        "vocab": run_vocab,
-    }
+    kinds = {"train": run_train, "decode": run_decode, "train-fp16": run_schedules_fp16, "zero": run_zero,
+             "fold": run_fold, "vocab": run_vocab}  # fmt: skip
     out = kinds[c["kind"]](cfg)
     return {"id": c["id"], **out, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -373,16 +267,9 @@ def run_against(cfg, field: str, baseline, steps: int = 5) -> dict[str, Any]:
         reported[f"{steps} steps: parameters"] = params
     failed = [k for k, v in errors.items() if not v <= tol]
     collectives = sorted({(c["kind"], tuple(c["axes"])) for c in report["collectives"]})
-    return {
-        "ok": not failed and report["audit_ok"],
-        "tolerance": tol,
-        "errors": errors,
-        "reported": reported,
-        "failed": failed,
-        "audit_ok": report["audit_ok"],
-        "unexpected": report["unexpected"],
-        "collectives": [[k, list(a)] for k, a in collectives],
-    }
+    return {"ok": not failed and report["audit_ok"], "tolerance": tol, "errors": errors, "reported": reported,
+            "failed": failed, "audit_ok": report["audit_ok"], "unexpected": report["unexpected"],
+            "collectives": [[k, list(a)] for k, a in collectives]}  # fmt: skip
 
 
 def run_schedules_fp16(cfg, steps: int = 3) -> dict[str, Any]:
@@ -436,18 +323,8 @@ def decode_against_forward(cfg, prompt: int = 5, n: int = 4) -> dict[str, Any]:
     model = nnx.merge(srv.sm.global_graphdef, srv.sm.to_global(to_host(params)), srv.sm.to_global(to_host(rest)))
     ref, _ = jax.jit(lambda m, t: m(t))(model, jnp.asarray(full))
     want = np.asarray(ref)[:, prompt - 1 : prompt + n - 1]
-    return {
-        "got": np.stack(outs, 1),
-        "want": want,
-        "srv": srv,
-        "mesh": mesh,
-        "step": step,
-        "params": params,
-        "rest": rest,
-        "ck": ck,
-        "cv": cv,
-        "tokens": full,
-    }
+    return {"got": np.stack(outs, 1), "want": want, "srv": srv, "mesh": mesh, "step": step, "params": params,
+            "rest": rest, "ck": ck, "cv": cv, "tokens": full}  # fmt: skip
 
 
 def run_decode(cfg) -> dict[str, Any]:
@@ -456,10 +333,5 @@ def run_decode(cfg) -> dict[str, Any]:
     d = decode_against_forward(cfg)
     err = float(np.max(np.abs(d["got"] - d["want"])) / np.max(np.abs(d["want"])))
     caches = {k: {"shape": list(v.shape), "local": list(v.sharding.shard_shape(v.shape))} for k, v in d["ck"].items()}
-    return {
-        "ok": err <= 1e-5,
-        "tolerance": 1e-5,
-        "errors": {"logits": err},
-        "failed": [] if err <= 1e-5 else ["logits"],
-        "caches": caches,
-    }
+    return {"ok": err <= 1e-5, "tolerance": 1e-5, "errors": {"logits": err}, "failed": [] if err <= 1e-5 else ["logits"],
+            "caches": caches}  # fmt: skip

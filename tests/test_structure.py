@@ -80,20 +80,24 @@ def imports(mods: dict[str, str]) -> dict[str, list[tuple[str, int, bool]]]:
     return out
 
 
-def violations(graph: dict[str, list[tuple[str, int, bool]]], rank: dict[str, tuple[int, int]]) -> list[str]:
+def violations(graph: dict[str, list[tuple[str, int, bool]]], rank: dict[str, tuple[int, int]],
+               paths: dict[str, str]) -> list[str]:  # fmt: skip
     """Upward imports (to a higher layer, or to a module listed after this one in its own layer, outside its
     package), function-local imports of moe_jax modules, and cycles."""
     out = []
     for m, edges in sorted(graph.items()):
+        where = os.path.relpath(paths[m], ROOT)
         for t, line, at_top in edges:
             if not at_top:
-                out.append(f"moe_jax/{m}:{line} imports {t} inside a function (imports of moe_jax go at the top)")
+                out.append(f"{where}:{line} imports {t} inside a function (imports of moe_jax go at the top)")
             if m not in rank or t not in rank:
                 continue
             same_package = m.split(".")[0] == t.split(".")[0]
             if rank[t][0] > rank[m][0] or (rank[t][0] == rank[m][0] and rank[t][1] > rank[m][1] and not same_package):
-                out.append(f"moe_jax/{m}:{line} imports {t}, which is above it (layer {rank[t]} > {rank[m]})")
-    out += [f"import cycle: {' -> '.join(c)}" for c in cycles({m: [t for t, _, _ in e] for m, e in graph.items()})]
+                out.append(
+                    f"{where}:{line} imports {t}, which is above it (layer {rank[t][0]}, not {rank[m][0]} or lower)"
+                )
+    out += [f"import cycle among {', '.join(c)}" for c in cycles({m: [t for t, _, _ in e] for m, e in graph.items()})]
     return out
 
 
@@ -144,22 +148,24 @@ def test_architecture_md_names_every_module_and_nothing_else(code):
 
 
 def test_imports_go_down_the_layers_without_cycles(code):
-    _, rank, _, graph = code
-    found = violations(graph, rank)
+    mods, rank, _, graph = code
+    found = violations(graph, rank, mods)
     assert not found, "\n".join(found)
 
 
 def test_the_check_fails_on_a_cycle_an_upward_import_and_a_local_import(code):
     """The same check on the real graph with one edge added: model.layers importing parallel.step (upward, and a
     cycle through parallel.step's imports of the model), and config importing sharding inside a function."""
-    _, rank, _, graph = code
+    mods, rank, _, graph = code
     broken = {m: list(e) for m, e in graph.items()}
     broken["model.layers"].append(("parallel.step", 1, True))
     broken["config"].append(("sharding", 2, False))
-    found = violations(broken, rank)
-    assert any(f.startswith("moe_jax/model.layers:1 imports parallel.step, which is above it") for f in found), found
-    assert any(f.startswith("import cycle:") and "model.layers" in f and "parallel.step" in f for f in found), found
-    assert any(f.startswith("moe_jax/config:2 imports sharding inside a function") for f in found), found
+    found = violations(broken, rank, mods)
+    assert any(f.startswith("moe_jax/model/layers.py:1 imports parallel.step, which is above it") for f in found), found
+    assert any(f.startswith("import cycle among") and "model.layers" in f and "parallel.step" in f for f in found), (
+        found
+    )
+    assert any(f.startswith("moe_jax/config.py:2 imports sharding inside a function") for f in found), found
 
 
 def test_functions_in_parallel_serve_train_are_at_most_80_lines_and_cli_under_450(code):

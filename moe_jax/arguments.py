@@ -1,10 +1,13 @@
-"""`moe-jax`'s arguments: one parser, a subcommand per command of cli.py (which maps each name to its function)."""
+"""`moe-jax`'s arguments: one parser, a subcommand per command (commands.py maps each name to its function), and the
+check of every output path before any work. Light on purpose: nothing here imports JAX."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 
-from moe_jax.layouts import DEMO_LAYOUT
+from moe_jax.config import ConfigError
 from moe_jax.plan.hardware import PROFILES
 
 
@@ -92,8 +95,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
     p = _command(sub, "demo", "the main job: assignment, a check against one device, training, generation, pictures",
                  {"out": True})  # fmt: skip
-    _config_args(p, "default: the tiny config", "a layout name from meshes/")
-    p.set_defaults(layout=DEMO_LAYOUT)
+    _config_args(p, "default: the tiny config", "a layout name from meshes/ (default: cpu8-pp2-ep2-tp2, 8 devices)")
     _device_args(p)
     _args(p, ("--steps", {"type": int, "default": 150, "help": "training steps (150 learn the task to about 94%%)"}),
           ("--out", {"default": "out/demo", "help": "pictures and metrics go here"}))  # fmt: skip
@@ -168,3 +170,26 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     _args(p, ("--out", "write before/after_optimizations.hlo.txt here"),
           ("--json", "write the collective table and the audit here"))  # fmt: skip
     return parser
+
+
+def check_output(path: str, field: str, directory: bool) -> None:
+    """Refuses an output path that cannot be written, before any work is done and without creating anything: the
+    deepest part of the path that exists must be a directory in which a probe file can be made (and is removed)."""
+    full = os.path.abspath(path)
+    if directory and os.path.exists(full) and not os.path.isdir(full):
+        raise ConfigError(f"{field}={path!r}: is a file, not a directory")
+    if not directory and os.path.isdir(full):
+        raise ConfigError(f"{field}={path!r}: is a directory; give a file path")
+    existing = full if directory else os.path.dirname(full)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{field}={path!r}: cannot write there: {existing} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".moe-jax-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"{field}={path!r}: cannot write there: making a file in {existing} fails ({e.strerror or e})"
+        ) from None

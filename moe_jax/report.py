@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from moe_jax.config import ConfigError
 from moe_jax.mesh import ranges_text
 
 
@@ -143,29 +141,6 @@ def rows_text(ranges: list[list[int]]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- files the commands write
-
-
-def check_output(path: str, field: str, directory: bool) -> None:
-    """Refuses an output path that cannot be written, before any work is done and without creating anything: the
-    deepest part of the path that exists must be a directory in which a probe file can be made (and is removed)."""
-    full = os.path.abspath(path)
-    if directory and os.path.exists(full) and not os.path.isdir(full):
-        raise ConfigError(f"{field}={path!r}: is a file, not a directory")
-    if not directory and os.path.isdir(full):
-        raise ConfigError(f"{field}={path!r}: is a directory; give a file path")
-    existing = full if directory else os.path.dirname(full)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ConfigError(f"{field}={path!r}: cannot write there: {existing} is a file, not a directory")
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".moe-jax-probe-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(
-            f"{field}={path!r}: cannot write there: making a file in {existing} fails ({e.strerror or e})"
-        ) from None
 
 
 def write_json(path: str, data: Any) -> None:

@@ -293,9 +293,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    inputs.check_one_prompt(args.prompt, args.prompt_tokens)
     if args.hf and args.checkpoint:
         raise ConfigError("--hf and --checkpoint: give one source of weights")
+    inputs.check_one_prompt(args.prompt, args.prompt_tokens)  # before any config is read, as prompt_ids checks later
     src = inputs.weights_source(args.hf, args.checkpoint, args.config, args.layout, args.overrides)
     prompt, tokenizer = inputs.prompt_ids(src, args.prompt, args.prompt_tokens)
     cfg = inputs.with_batch(src.cfg, args.batch)

@@ -31,6 +31,13 @@ def _device_args(p) -> None:
           ("--real", {"action": "store_true", "help": "use this machine's accelerators instead of fake CPU devices"}))  # fmt: skip
 
 
+def _target_args(p) -> None:
+    _args(p, ("--target", {"default": "cpu", "help": "what to compile for: cpu (XLA:CPU's fake devices, at most 2048), "
+                           "or a TPU topology compiled by libtpu here without a TPU: v5p:AxBxC, v4:AxBxC, v5e:AxB, "
+                           "v6e:AxB (pip install -e '.[tpu]')"}),
+          ("--slices", {"type": int, "default": 1, "help": "TPU slices of --target's topology (multi-slice over DCN)"}))  # fmt: skip
+
+
 def _distributed_args(p) -> None:
     g = p.add_argument_group("several processes (one per host; see docs/launch.md)")
     _args(g, ("--coordinator", "HOST:PORT of process 0's coordinator"), ("--num-processes", {"type": int}),
@@ -59,7 +66,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
     p = _command(sub, "mesh", "the exact device assignment of a layout: table, JSON and picture",
                  {"json": False, "png": False})  # fmt: skip
-    _config_args(p), _device_args(p), _distributed_args(p)
+    _config_args(p), _device_args(p), _target_args(p), _distributed_args(p)
     _args(p, ("--json", "write the assignment JSON here"), ("--png", "draw the mesh picture here"),
           ("--full", _flag("list every group instead of the first and last few")),
           ("--no-check", _flag("skip the check against JAX's placement of every parameter")),
@@ -134,9 +141,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     _config_args(p, argparse.SUPPRESS, "the layout to restore onto (default: the checkpoint's own)")
     _device_args(p)
 
-    p = _command(sub, "compile", "compile a step for the layout on fake devices: memory, FLOPs, collectives",
-                 {"dump": True, "json": False})  # fmt: skip
-    _config_args(p), _device_args(p)
+    p = _command(sub, "compile", "compile a step for the layout on fake devices or a TPU topology: memory, FLOPs, "
+                 "collectives", {"dump": True, "json": False})  # fmt: skip
+    _config_args(p), _device_args(p), _target_args(p)
     _args(p, ("--step", {"default": "train", "choices": steps}), json_out,
           ("--dump", "write the HLO before and after optimisation and XLA's buffer assignment here"))  # fmt: skip
 
@@ -150,6 +157,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
           ("--check", _flag("compile the layout on fake devices and print plan and compiler side by side, part by "
                             "part; exit 1 when a part, the total or the FLOPs differ by more than --tolerance")),
           ("--tolerance", {"type": float, "default": 5.0, "help": "percent, for --check (default 5)"}), json_out)  # fmt: skip
+    _target_args(p)
 
     p = _command(sub, "audit", "check every claim of the design seed; writes docs/seed-audit.md",
                  {"out": False})  # fmt: skip
@@ -166,7 +174,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
     p = _command(sub, "hlo", "the train step's HLO and the audit of its collectives against the expected set",
                  {"out": True, "json": False})  # fmt: skip
-    _config_args(p), _device_args(p)
+    _config_args(p), _device_args(p), _target_args(p)
     _args(p, ("--out", "write before/after_optimizations.hlo.txt here"),
           ("--json", "write the collective table and the audit here"))  # fmt: skip
     return parser

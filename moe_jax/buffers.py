@@ -36,10 +36,11 @@ class Buffer:
     operands: tuple[str, ...]
 
 
-def compile_with_dump(lowered):
-    """Compile `lowered` asking XLA for its buffer assignment; returns (compiled, the module's dump texts)."""
+def compile_with_dump(lowered, options: dict | None = None):
+    """Compile `lowered` (with XLA `options`) asking XLA for its buffer assignment; returns (compiled, the module's
+    dump texts)."""
     with tempfile.TemporaryDirectory(prefix="moe_jax_buffers_") as dump_dir:
-        compiled = lowered.compile({"xla_dump_to": dump_dir, "xla_dump_hlo_as_text": True})
+        compiled = lowered.compile({**(options or {}), "xla_dump_to": dump_dir, "xla_dump_hlo_as_text": True})
         texts = {}
         for suffix, key in (("after_optimizations.txt", "hlo"), ("after_optimizations-live-range.txt", "live"),
                             ("after_optimizations-buffer-assignment.txt", "assignment")):  # fmt: skip

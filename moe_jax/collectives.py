@@ -67,14 +67,17 @@ def _local_sizes(cfg: Config) -> dict[str, int]:
     }
 
 
-def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False) -> list[dict[str, Any]]:
+def expected_collectives(
+    cfg: Config, step: str = "grad", lowered: bool = False, platform: str | None = None
+) -> list[dict[str, Any]]:
     """Rows {kind, axes, bytes_per_device, count_per_step, what}, axes of size 1 left out (no collective runs there).
     step 'grad' is the loss and gradients (verify, hlo); 'train' adds the optimizer's gradient norm and overflow check:
     one all-reduce of 1 fp32 per set of axes the parameters are split over (the update itself is elementwise);
     'prefill' and 'decode' are serving's (`expected_serving_collectives`). `lowered`: the program as JAX emits it,
     before XLA removes what no result needs; it differs for 1F1B only, whose backward slot computes (under jax.vjp)
     each segment's output, which nothing reads: XLA drops that output's last collectives, JAX's remat never emits
-    them."""
+    them. `platform`: what the step is compiled for ('cpu', 'tpu'; default JAX's backend), which decides how ragged
+    dispatch exchanges its rows (`sharding.resolve_exchange`)."""
     if step in ("prefill", "decode"):
         return expected_serving_collectives(cfg, step)
     m, lay, run = cfg.model, cfg.layout, cfg.run
@@ -137,7 +140,8 @@ def expected_collectives(cfg: Config, step: str = "grad", lowered: bool = False)
         add("reduce-scatter", ("tp",), attn_in * tp * 4, fwd * runs - skipped, "shared expert output partial sums")
     # Folded experts (whole on their device): the all-to-all spans (ep, tp) and no tp collective surrounds them.
     ex = expert_axes(lay)
-    exchange = resolve_exchange(lay.ragged_exchange) if m.dispatch == "ragged" and active_axes(ex, sizes) else "padded"
+    ragged = m.dispatch == "ragged" and active_axes(ex, sizes)
+    exchange = resolve_exchange(lay.ragged_exchange, platform) if ragged else "padded"
     if exchange != "padded":
         # The ragged exchange (model/moe.py, ragged_exchange_ffn): each source's k T pairs sorted by expert; counts
         # [E] and block offsets [n] exchanged first (forward only); the rows out and back, as ragged all-to-alls

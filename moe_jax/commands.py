@@ -44,6 +44,7 @@ from moe_jax.report import (
 from moe_jax.serve import inputs
 from moe_jax.serve.generate import check_lengths, generate
 from moe_jax.serve.step import ServeModel
+from moe_jax.target import Target, compiler_options, parse_target
 from moe_jax.train.checkpoint import Checkpoints, read_meta
 from moe_jax.train.data import make_source
 from moe_jax.train.loop import train
@@ -54,6 +55,10 @@ from moe_jax.viz import draw_mesh, draw_schedule
 
 def _config(args) -> Config:
     return load_config(args.config, args.layout, args.overrides)
+
+
+def _target(args) -> Target | None:
+    return parse_target(getattr(args, "target", None), getattr(args, "slices", 1))
 
 
 def _devices(args, cfg: Config, compile_only: bool = False):
@@ -69,7 +74,7 @@ def _devices(args, cfg: Config, compile_only: bool = False):
             "heartbeat": args.heartbeat_timeout,
             "auto": args.distributed,
         }
-    return setup_devices(cfg, args.real, args.devices, compile_only, dist)
+    return setup_devices(cfg, args.real, args.devices, compile_only, dist, _target(args))
 
 
 def _json(args, data) -> None:
@@ -127,13 +132,14 @@ def cmd_hlo(args) -> int:
     cfg = _config(args)
     mesh = _devices(args, cfg, compile_only=True)
     lowered = lower_step(ShardedModel.build(cfg, mesh))
-    before, after = lowered.as_text(dialect="hlo"), lowered.compile().as_text()
+    platform = mesh.devices.flat[0].platform
+    before, after = lowered.as_text(dialect="hlo"), lowered.compile(compiler_options(platform)).as_text()
     console = Console()
     if args.out:
         console.print(
             write_texts(args.out, {"before_optimizations.hlo.txt": before, "after_optimizations.hlo.txt": after})
         )
-    result = audit(before, after, cfg, assignment(cfg, mesh))
+    result = audit(before, after, cfg, assignment(cfg, mesh), platform=platform)
     print_hlo_audit(console, result)
     _json(args, result)
     return 0 if result["ok"] else 1
@@ -153,7 +159,7 @@ def cmd_schedule(args) -> int:
 def cmd_compile(args) -> int:
     cfg = _config(args)
     mesh = _devices(args, cfg, compile_only=True)
-    report, lowered, compiled = compile_report(cfg, mesh, args.step, dump_buffers=bool(args.dump))
+    report, lowered, compiled = compile_report(cfg, mesh, args.step, bool(args.dump), _target(args))
     console = Console()
     if args.dump:
         console.print(
@@ -202,12 +208,12 @@ def _plan_check(args, cfg: Config, console: Console) -> int:
     if not 0 < args.tolerance < 100:
         raise ConfigError(f"--tolerance={args.tolerance}: a percentage between 0 and 100")
     mesh = _devices(args, cfg, compile_only=True)
-    lay = cfg.layout
-    console.print(
-        f"compiling the train step of {lay.name or 'the layout'} ({lay.summary(remat=True)}) on "
-        f"{lay.devices} fake CPU devices ..."
-    )
-    result = compare(cfg, compiled_figures(cfg, mesh), args.tolerance / 100)
+    lay, target = cfg.layout, _target(args)
+    on = f"TPU {target.name} (the TPU compiler)" if target else f"{lay.devices} fake CPU devices"
+    console.print(f"compiling the train step of {lay.name or 'the layout'} ({lay.summary(remat=True)}) on {on} ...")
+    # XLA:CPU keeps bf16 intermediates in fp32 (plan.model.compiled_dtype_bytes); a TPU keeps them as they are
+    backend = "accelerator" if target else "cpu"
+    result = compare(cfg, compiled_figures(cfg, mesh), args.tolerance / 100, backend)
     print_plan_check(console, result)
     _json(args, result)
     for f in result["failures"]:

@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation of a step on fake devices from abstract inputs (nothing allocated), and its report."""
+"""Ahead-of-time compilation of a step from abstract inputs (nothing allocated, nothing run), and its report: on
+XLA:CPU's fake devices, or on a TPU topology's compile-only devices with the TPU compiler (target.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from moe_jax.mesh import assignment
 from moe_jax.model.layers import compute_dtype
 from moe_jax.parallel.sharded import ShardedModel, abstract_inputs
 from moe_jax.serve.step import ServeModel, cache_shapes, cache_specs, tokens_spec
+from moe_jax.target import Target, compiler_options
 from moe_jax.train.step import abstract_train_inputs, make_optimizer, train_step
 
 
@@ -56,31 +58,48 @@ def _lower_serve(cfg: Config, mesh, step: str):
         return srv.step_fn().lower(params, rest, cache("k"), cache("v"), tokens, pos)
 
 
+def memory_figures(compiled, platform: str) -> tuple[dict[str, int], dict[str, int]]:
+    """(device memory, host memory) per device from the compiler's memory analysis. total = argument + output +
+    temp - alias, both; the device's also has the compiler's own `peak` where it is one (not XLA:CPU's, which leaves
+    temp out) and its generated code. Host memory is what the program offloads (zero unless it does)."""
+    ma = compiled.memory_analysis()
+
+    def part(prefix: str) -> dict[str, int]:
+        mem = {k: int(getattr(ma, f"{prefix}{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "temp",
+                                                                                    "alias")}  # fmt: skip
+        mem["total"] = mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
+        return mem
+
+    device, host = part(""), part("host_")
+    if platform != "cpu":
+        device["peak"] = int(ma.peak_memory_in_bytes)
+        device["generated_code"] = int(ma.generated_code_size_in_bytes)
+    return device, host
+
+
 def compile_report(
-    cfg: Config, mesh, step: str = "train", dump_buffers: bool = False
+    cfg: Config, mesh, step: str = "train", dump_buffers: bool = False, target: Target | None = None
 ) -> tuple[dict[str, Any], Any, Any]:
     """Returns (report, lowered, compiled). Memory is per device: total = argument + output + temp - alias.
-    `dump_buffers`: XLA's buffer assignment texts too, under report["xla_dump"] (`buffers.py`)."""
+    `dump_buffers`: XLA's buffer assignment texts too, under report["xla_dump"] (`buffers.py`). `target`: the TPU
+    topology `mesh` is on (its chips' HBM is reported against the memory); None, XLA:CPU's fake devices."""
+    platform = mesh.devices.flat[0].platform
     t0 = time.perf_counter()
     lowered = lower(cfg, mesh, step)
     t1 = time.perf_counter()
-    compiled, texts = compile_with_dump(lowered) if dump_buffers else (lowered.compile(), None)
+    options = compiler_options(platform)
+    compiled, texts = compile_with_dump(lowered, options) if dump_buffers else (lowered.compile(options), None)
     t2 = time.perf_counter()
-    ma = compiled.memory_analysis()
-    mem = {
-        "argument": ma.argument_size_in_bytes,
-        "output": ma.output_size_in_bytes,
-        "temp": ma.temp_size_in_bytes,
-        "alias": ma.alias_size_in_bytes,
-    }
-    mem["total"] = mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
+    mem, host = memory_figures(compiled, platform)
     before, after = lowered.as_text(dialect="hlo"), compiled.as_text()
-    result = audit(before, after, cfg, assignment(cfg, mesh), step=step)
+    result = audit(before, after, cfg, assignment(cfg, mesh), step=step, platform=platform)
     cost = compiled.cost_analysis() or {}
     report = {
         "step": step,
         "devices": cfg.layout.devices,
+        "target": target.describe() if target else {"target": "cpu", "devices": cfg.layout.devices},
         "memory_per_device_bytes": mem,
+        "host_memory_per_device_bytes": host,
         "flops": dot_flops(before),
         "flops_xla_cost_analysis_loops_once": float(cost.get("flops", 0.0)),
         "collectives": result["collectives"],
@@ -90,6 +109,8 @@ def compile_report(
         "lower_seconds": t1 - t0,
         "compile_seconds": t2 - t1,
     }
+    if target:  # what the TPU compiler checks against its HBM: its peak (less than the total: see docs/tpu.md)
+        report["fits"] = mem["peak"] <= target.chip.hbm_bytes
     if dump_buffers:
         report["xla_dump"] = texts
     return report, lowered, compiled

@@ -23,6 +23,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from moe_jax.config import Config, ConfigError, LayoutConfig, check_devices, padded_vocab, uneven_units
 from moe_jax.distributed import initialize
 from moe_jax.sharding import MESH_AXES, expert_axes, logical_to_mesh, rules_for
+from moe_jax.target import Target, check_cpu_devices, target_devices
 
 # ------------------------------------------------------------------------------------------------------- devices
 
@@ -47,12 +48,26 @@ def setup_devices(
     devices: int | None = None,
     compile_only: bool = False,
     distributed: dict[str, Any] | None = None,
+    target: Target | None = None,
 ):
     """The mesh of cfg's layout on the devices a command asked for: fake CPU devices (`devices` of them, default the
-    layout's count), this machine's accelerators (`real`), or every process's (`distributed`: the keyword arguments
-    of `distributed.initialize`). `compile_only` (the program is compiled, never run, on fake devices) asks XLA:CPU
-    for LLVM -O0 code: the HLO, memory and collectives are the same (tests/test_plan.py checks the compiled text on a
-    pipelined tiny layout), and compiling takes about a third less time."""
+    layout's count), this machine's accelerators (`real`), every process's (`distributed`: the keyword arguments
+    of `distributed.initialize`), or a TPU topology's compile-only devices (`target`, see target.py). `compile_only`
+    (the program is compiled, never run, on fake devices) asks XLA:CPU for LLVM -O0 code: the HLO, memory and
+    collectives are the same (tests/test_plan.py checks the compiled text on a pipelined tiny layout), and compiling
+    takes about a third less time."""
+    if target is not None:
+        if real or distributed:
+            raise ConfigError(f"--target={target.name}: compiles only; leave out --real and the distributed options")
+        if devices is not None and devices != target.devices:
+            raise ConfigError(f"--devices={devices}: --target={target.name} has {target.devices} devices")
+        if cfg.layout.devices != target.devices:
+            raise ConfigError(
+                f"--target={target.name}: {target.devices} devices, but layout pp x dp x ep x tp = "
+                f"{' x '.join(map(str, cfg.layout.shape))} = {cfg.layout.devices}; pick a topology of "
+                f"{cfg.layout.devices} chips or a layout of {target.devices} devices"
+            )
+        return make_mesh(cfg.layout, target_devices(target))
     flags = os.environ.get("XLA_FLAGS", "")
     if compile_only and not real and "xla_backend_optimization_level" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()  # read when JAX starts XLA
@@ -64,6 +79,7 @@ def setup_devices(
             if devices < 1:
                 raise ConfigError(f"--devices={devices}: must be a positive integer")
             check_devices(cfg.layout, devices)  # before JAX makes them: 100000 fake devices take minutes
+        check_cpu_devices(devices if devices is not None else cfg.layout.devices)
         use_fake_devices(devices if devices is not None else cfg.layout.devices)
     return make_mesh(cfg.layout)
 
@@ -79,23 +95,47 @@ def make_mesh(layout: LayoutConfig, devices: Sequence[Any] | None = None, explic
     check_devices(layout, len(devices))
     shape = layout.shape
     processes = sorted({d.process_index for d in devices})
+    slices = sorted({getattr(d, "slice_index", 0) for d in devices})
     if devices[0].platform == "cpu":
         grid = _row_major(devices, shape)  # fake devices: process by process, ids in order
+    elif len(slices) > 1:  # multi-slice TPU: tp, ep, dp, pp fill a slice (its torus), the rest crosses slices
+        grid = _hybrid(devices, shape, len(devices) // len(slices), process_is_granule=False)
     elif len(processes) > 1:
-        per_host = len(devices) // len(processes)
-        ici = _in_host_shape(shape, per_host)
-        if ici is not None:
-            dcn = tuple(a // i for a, i in zip(shape, ici, strict=True))
-            try:
-                grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=True)
-            except (ValueError, AssertionError, NotImplementedError):
-                grid = _row_major(devices, shape)
-        else:
-            grid = _row_major(devices, shape)
+        grid = _hybrid(devices, shape, len(devices) // len(processes), process_is_granule=True)
     else:
-        grid = mesh_utils.create_device_mesh(shape, devices)
+        grid = _physical(devices, shape)
     kind = AxisType.Explicit if explicit else AxisType.Auto
     return Mesh(grid, MESH_AXES, axis_types=(kind,) * len(MESH_AXES))
+
+
+def _physical(devices, shape):
+    """One host or one TPU slice: `create_device_mesh`'s order, which follows the physical torus of a TPU (its
+    rings along the fastest axes); where it finds none for this shape, it may split a physical axis; else row-major."""
+    for split in (False, True):
+        try:
+            return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=split)
+        except (ValueError, AssertionError, NotImplementedError):
+            continue
+    return _row_major(devices, shape)
+
+
+def _hybrid(devices, shape, per_granule: int, process_is_granule: bool):
+    """Several hosts or slices: the in-granule part (ICI) takes tp, then ep, dp, pp; the data-center network (DCN)
+    part what is left; row-major where the axes do not tile a granule."""
+    ici = _in_host_shape(shape, per_granule)
+    if ici is None:
+        return _row_major(devices, shape)
+    dcn = tuple(a // i for a, i in zip(shape, ici, strict=True))
+    try:
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=process_is_granule)
+    except (ValueError, AssertionError, NotImplementedError):
+        return _row_major(devices, shape)
+
+
+def _chip(device) -> dict[str, Any]:
+    """A TPU device's place: its chip's coordinates on the torus, its core on the chip, its slice."""
+    return {"coords": [int(c) for c in device.coords], "core": int(getattr(device, "core_on_chip", 0)),
+            "slice": int(getattr(device, "slice_index", 0) or 0), "kind": device.device_kind}  # fmt: skip
 
 
 def _row_major(devices, shape):
@@ -209,10 +249,13 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
         ids = np.array([d.id for d in flat]).reshape(shape)
         procs = np.array([d.process_index for d in flat]).reshape(shape)
         multi = len(set(procs.flat)) > 1
+        # TPU devices (real or a compile-only topology's): where each sits on the torus
+        chips = [_chip(d) for d in flat] if hasattr(flat[0], "coords") else None
     else:
         ids = np.arange(n).reshape(shape)
         procs = np.zeros(shape, dtype=int)
         multi = False
+        chips = None
 
     # Folded experts (layout.expert_tp=1): device (ep, tp) holds the ep * tp + tp-th block of E / (ep tp) whole experts.
     fold = lay.tp if lay.folded else 1
@@ -266,6 +309,8 @@ def assignment(cfg: Config, mesh=None) -> dict[str, Any]:
                 "seq": [tp * s_local, (tp + 1) * s_local],
             }
         )
+        if chips is not None:
+            devices[-1]["chip"] = chips[pos]
 
     groups = {axis: _groups(ids, (axis,)) for axis in MESH_AXES}
     groups["grad_reduce"] = _groups(ids, GRAD_REDUCE_AXES["attention"])

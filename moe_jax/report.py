@@ -74,7 +74,8 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
             pad_edge=False,
         )
         kv = model.get("kv_heads", model["heads"]) != model["heads"]
-        cols = ("host", "dev", "proc", "dp,ep,tp", "experts", "heads", *(("K/V heads",) if kv else ()), "F slice",
+        chip = "chip" in devs[0]  # a TPU target: the chip's torus coordinates (and slice, core where there are more)
+        cols = ("host", "dev", *(("chip x,y,z",) if chip else ()), "proc", "dp,ep,tp", "experts", "heads", *(("K/V heads",) if kv else ()), "F slice",
                 *(("vocab",) if split_vocab else ()), "batch rows", "seq")  # fmt: skip
         for col in cols:
             t.add_column(col, no_wrap=True)
@@ -86,6 +87,7 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
             t.add_row(
                 str(d["host"]) if d["host"] != host else "",
                 str(d["id"]),
+                *((_chip_text(d["chip"]),) if chip else ()),
                 str(d["process"]),
                 f"{c['dp']},{c['ep']},{c['tp']}",
                 ranges_text(d["experts"]),
@@ -128,6 +130,12 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
             f"  grad sum of {kind} weights over ({', '.join(entry['axes'])}) ({len(groups)} x {len(groups[0])}): "
             f"{_groups_line(groups, full)}"
         )
+
+
+def _chip_text(chip: dict[str, Any]) -> str:
+    """'1,2,3', with 's1/' before it on slice 1 and '/c1' after it for core 1 of a chip."""
+    text = ",".join(map(str, chip["coords"]))
+    return (f"s{chip['slice']}/" if chip["slice"] else "") + text + (f"/c{chip['core']}" if chip["core"] else "")
 
 
 def rows_text(ranges: list[list[int]]) -> str:
@@ -253,15 +261,29 @@ def print_schedule(console: Console, sched) -> None:
 def print_compile(console: Console, cfg, step: str, report: dict[str, Any]) -> None:
     mem = report["memory_per_device_bytes"]
     lay = cfg.layout
+    target = report.get("target", {"target": "cpu"})
+    on = (f"{lay.devices} fake devices (XLA:CPU)" if target["target"] == "cpu" else
+          f"TPU {target['target']} ({target['chips']} chips, the TPU compiler)")  # fmt: skip
     console.print(
-        f"{step} step, {lay.name or 'layout'} ({lay.summary()}) on {lay.devices} fake devices: lowered in "
+        f"{step} step, {lay.name or 'layout'} ({lay.summary()}) on {on}: lowered in "
         f"{report['lower_seconds']:.1f} s, compiled in {report['compile_seconds']:.1f} s"
     )
+    parts = ("argument", "output", "temp", "alias")
     console.print(
         "memory per device: "
-        + ", ".join(f"{k} {v / 2**30:.3f} GiB" for k, v in mem.items() if k != "total")
+        + ", ".join(f"{k} {mem[k] / 2**30:.3f} GiB" for k in parts)
         + f"; total (argument + output + temp - alias) [bold]{mem['total'] / 2**30:.3f} GiB[/bold]"
-    )
+        + (f"; the compiler's peak {mem['peak'] / 2**30:.3f} GiB, code {mem['generated_code'] / 2**30:.3f} GiB"
+           if "peak" in mem else "")
+    )  # fmt: skip
+    host = report.get("host_memory_per_device_bytes", {})
+    if host.get("total"):
+        console.print("host (offloaded) memory per device: "
+                      + ", ".join(f"{k} {host[k] / 2**30:.3f} GiB" for k in (*parts, "total")))  # fmt: skip
+    if "fits" in report:
+        hbm = target["hbm_bytes_per_device"]
+        console.print(f"the TPU compiler's HBM per device {hbm / 2**30:.2f} GiB: the peak "
+                      + ("fits" if report["fits"] else f"[red]does not fit[/red] ({mem['peak'] / hbm:.0%} of it)"))  # fmt: skip
     console.print(
         f"matmul FLOPs per device per step (loops counted): {report['flops'] / 1e12:.3f} TFLOP "
         f"(XLA's cost_analysis, loop bodies once: {report['flops_xla_cost_analysis_loops_once'] / 1e12:.3f})"

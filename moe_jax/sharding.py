@@ -73,12 +73,12 @@ def expert_axes(layout) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def resolve_exchange(exchange: str) -> str:
-    """layout.ragged_exchange resolved: 'auto' is the ragged all-to-all where the backend compiles it (not XLA:CPU),
-    else 'padded'."""
+def resolve_exchange(exchange: str, platform: str | None = None) -> str:
+    """layout.ragged_exchange resolved: 'auto' is the ragged all-to-all where the platform compiles it (not XLA:CPU),
+    else 'padded'. `platform`: the mesh's devices' (a TPU target's are 'tpu'); default, JAX's default backend."""
     if exchange != "auto":
         return exchange
-    return "padded" if jax.default_backend() == "cpu" else "ragged"
+    return "padded" if (platform or jax.default_backend()) == "cpu" else "ragged"
 
 
 # Names whose dimension is split only where the mesh axis divides it, and otherwise kept whole (replicated): K/V
@@ -222,9 +222,10 @@ class Axes:
     vocab_size: int = 0
 
     @classmethod
-    def sharded(cls, sizes: Mapping[str, int], rules=RULES, exchange: str = "auto", vocab_size: int = 0) -> Axes:
+    def sharded(cls, sizes: Mapping[str, int], rules=RULES, exchange: str = "auto", vocab_size: int = 0,
+                platform: str | None = None) -> Axes:  # fmt: skip
         """Inside shard_map over a mesh with these axis sizes; one-device axes get no collective. `exchange`:
-        layout.ragged_exchange, 'auto' resolved by the backend (XLA:CPU cannot compile ragged_all_to_all).
+        layout.ragged_exchange, 'auto' resolved by the mesh's `platform` (XLA:CPU cannot compile ragged_all_to_all).
         `vocab_size`: model.vocab (the stored vocabulary may be padded)."""
         tokens = active_axes(TOKEN_AXES, sizes)
         return cls(
@@ -233,7 +234,7 @@ class Axes:
             token_shards=math.prod(sizes[a] for a in tokens),
             experts=_active(rules["experts"], sizes),
             folded=rules["expert_mlp"] is None,
-            exchange=resolve_exchange(exchange),
+            exchange=resolve_exchange(exchange, platform),
             vocab=_active(rules["vocab"], sizes),
             vocab_size=vocab_size,
         )

@@ -12,6 +12,7 @@ import pytest
 from moe_jax.hlo import _iota_groups, audit, group_axes, replica_groups
 from moe_jax.load import load_config
 from moe_jax.mesh import assignment, make_mesh
+from moe_jax.parallel import sharded
 from moe_jax.parallel.sharded import ShardedModel
 from moe_jax.verify import verify
 
@@ -143,8 +144,8 @@ def test_ragged_dispatch_equals_one_device_and_says_its_exchange_once(layout, ex
 
 def test_ragged_exchange_lowers_for_cuda_and_its_audit_is_clean(monkeypatch):
     """Where the backend compiles it (a GPU), ragged dispatch exchanges rows with jax.lax.ragged_all_to_all. No GPU
-    here: the gradient step is traced as on one (the backend reported as 'gpu') and lowered for CUDA, which XLA:CPU
-    can do without compiling. The lowered program's collectives equal the expected set exactly: two ragged
+    here: the gradient step is traced as on one (the mesh's platform and the backend reported as 'gpu') and lowered
+    for CUDA, which XLA:CPU can do without compiling (tests/test_tpu.py compiles it for a TPU topology). The lowered program's collectives equal the expected set exactly: two ragged
     all-to-alls per forward pass and two more in the backward (their transposes), over the ep groups, sized by their
     output buffers (n blocks of min(k, E_loc) T rows, and k T rows); the counts' and offsets' all-to-alls; no padded
     all-to-all of rows."""
@@ -157,6 +158,7 @@ def test_ragged_exchange_lowers_for_cuda_and_its_audit_is_clean(monkeypatch):
                       ["model.dispatch=ragged", "run.dtype=bf16", "model.attention_impl=blockwise"])  # fmt: skip
     mesh = make_mesh(cfg.layout)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(sharded, "mesh_platform", lambda mesh: "gpu")
     sm = ShardedModel.build(cfg, mesh)
     with jax.set_mesh(mesh):
         text = grad_step(sm).trace(*abstract_inputs(sm)).lower(lowering_platforms=("cuda",)).as_text(dialect="hlo")

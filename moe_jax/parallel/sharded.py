@@ -262,7 +262,12 @@ def _build_sharded_model(cls, cfg: Config, mesh) -> ShardedModel:
 def sharded_axes(sm: ShardedModel) -> Axes:
     """The train step's `Axes` (inside its shard_map), from the layout's rules."""
     cfg = sm.cfg
-    return Axes.sharded(sm.sizes, sm.rules, cfg.layout.ragged_exchange, masked_vocab(cfg))
+    return Axes.sharded(sm.sizes, sm.rules, cfg.layout.ragged_exchange, masked_vocab(cfg), mesh_platform(sm.mesh))
+
+
+def mesh_platform(mesh) -> str:
+    """What the mesh's devices are: 'cpu', 'gpu', 'tpu' (a TPU target's compile-only devices too)."""
+    return mesh.devices.flat[0].platform
 
 
 def abstract_inputs(sm: ShardedModel):

@@ -87,10 +87,19 @@ def opt_specs(sm: ShardedModel, tx: optax.GradientTransformation):
     """The optimizer state's specs: moments like their gradients (their parameters', or ZeRO-1's split over the batch
     axes), counters replicated."""
     abstract = jax.eval_shape(tx.init, sm.abstract_params)
-    return optax.tree_map_params(
-        tx, lambda _, s: s, abstract, sm.grad_specs, transform_non_params=lambda _: P(),
-        is_leaf=lambda x: isinstance(x, P),
-    )  # fmt: skip
+    # tree_map_params calls tx.init on placeholders, which makes the step counter eagerly: traced here instead, so
+    # nothing runs on the mesh's devices (a compile-only TPU topology, or XLA:CPU past 2048 devices, runs nothing).
+    specs = []
+
+    def trace():
+        specs.append(optax.tree_map_params(
+            tx, lambda _, s: s, abstract, sm.grad_specs, transform_non_params=lambda _: P(),
+            is_leaf=lambda x: isinstance(x, P),
+        ))  # fmt: skip
+        return ()
+
+    jax.eval_shape(trace)
+    return specs[0]
 
 
 def opt_shardings(sm: ShardedModel, tx: optax.GradientTransformation):
@@ -207,5 +216,7 @@ def abstract_train_inputs(sm: ShardedModel, tx: optax.GradientTransformation):
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), jax.eval_shape(tx.init, params), shardings
     )
     rep = NamedSharding(sm.mesh, P())
-    ls = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), init_loss_scale("fp32"))
+    ls = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), jax.eval_shape(lambda: init_loss_scale("fp32"))
+    )
     return params, rest, opt, ls, tokens, targets

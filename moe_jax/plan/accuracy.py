@@ -62,17 +62,32 @@ def point(layout: str, seq: int, remat: str, dispatch: str, dtype: str, model: l
     }
 
 
+# The TPU grid (scripts/planner_accuracy_tpu.py): each layout on the v5p torus of its device count, bf16 (real sizes:
+# the TPU keeps bf16 intermediates as bf16), capacity dispatch; at 2048 positions every remat policy, at 128 and 10240
+# per-layer remat.
+V5P_TOPOLOGIES = {32: "v5p:2x4x4", 128: "v5p:4x4x8", 512: "v5p:8x8x8"}
+
+
+def tpu_grid() -> list[dict[str, Any]]:
+    points = []
+    for lay in LAYOUTS:
+        for seq, remat in ((2048, "none"), (2048, "tick"), (2048, "layer"), (128, "layer"), (10240, "layer")):
+            points.append(point(lay, seq, remat, "capacity", "bf16"))
+    return points
+
+
 def point_config(p: dict[str, Any]) -> Config:
     return load_config("configs/seed.yaml", p["file"], p["overrides"])
 
 
-def evaluate(p: dict[str, Any], mesh, tolerance: float = 0.05) -> dict[str, Any]:
-    """Compile the point's train step on `mesh` and compare it with the plan (CPU-compiled dtype sizes)."""
+def evaluate(p: dict[str, Any], mesh, tolerance: float = 0.05, backend: str = "cpu") -> dict[str, Any]:
+    """Compile the point's train step on `mesh` and compare it with the plan (`backend`: 'cpu', CPU-compiled dtype
+    sizes; 'accelerator', a TPU target's)."""
     cfg = point_config(p)
     t0 = time.perf_counter()
     compiled = compiled_figures(cfg, mesh)
     seconds = time.perf_counter() - t0
-    result = compare(cfg, compiled, tolerance, backend="cpu")
+    result = compare(cfg, compiled, tolerance, backend=backend)
     return {"point": p, "seconds": seconds, **result}
 
 
@@ -109,6 +124,11 @@ def why(row: dict[str, Any]) -> str:
         if parts.get("logits", {}).get("compiled", 0) > parts.get("layer_working_set", {}).get("compiled", 0)
         else "a layer's backward"
     )
+    if row.get("topology"):  # the TPU grid
+        if compiled_phase != row["memory"]["peak_phase"]:
+            return (f"the TPU compiler's peak is in {compiled_phase}, the plan's in {row['memory']['peak_phase']}: "
+                    "the plan's constants for that phase were measured on XLA:CPU")  # fmt: skip
+        return "the TPU compiler keeps a different set of temporaries than the plan's XLA:CPU-measured formula"
     if row["point"]["dtype"] == "bf16":
         return ("bf16 on XLA:CPU: its float normalisation keeps some bf16 intermediates in bf16, some as fp32 copies "
                 "and some both; the plan counts all in fp32 (on an accelerator they are all bf16)")  # fmt: skip

@@ -34,8 +34,11 @@ CASES = {
     "seed_v5p_4096": (*SEED, "v5p:16x16x16", ["layout.pp=4", "layout.dp=8", "layout.ep=64", "run.batch=1024",
                                                "layout.microbatches=2"]),
     "deepseek_v3_v5p_4096": (*DSV3, "v5p:16x16x16", ["layout.dp=4", "layout.microbatches=30"]),
-    "seed_v5p_8960": (*SEED, "v5p:16x20x28", ["layout.pp=2", "layout.dp=35", "layout.ep=64", "run.batch=4480",
-                                               "layout.microbatches=2"]),
+    # 8960 = 2^8 x 35: pp 7 (16 layers: 3, 3, 2, 2, 2, 2, 2) x dp 20 x ep 64, no tp. With tp 2 (pp 2 x dp 35, or
+    # pp 7 x dp 10) libtpu 0.0.42.1 dies compiling it: SIGFPE in its all-reduce emitter (RotatedPincerEmitter).
+    "seed_v5p_8960": (*SEED, "v5p:16x20x28", ["layout.pp=7", "layout.dp=20", "layout.ep=64", "layout.tp=1",
+                                               "run.batch=10240", "layout.microbatches=8",
+                                               "layout.stage_layers=[3,3,2,2,2,2,2]"]),
     # 58 MoE layers over 14 stages: 2 of 5, 12 of 4; dp 10 x ep 64 = 640 rows of each of the 24 microbatches
     "deepseek_v3_v5p_8960": (*DSV3, "v5p:16x20x28", ["layout.pp=14", "layout.dp=10", "layout.microbatches=24",
                                                       "layout.stage_layers=[5,5,4,4,4,4,4,4,4,4,4,4,4,4]"]),

@@ -97,7 +97,7 @@ def compile_report(
     report = {
         "step": step,
         "devices": cfg.layout.devices,
-        "target": target.describe() if target else {"target": "cpu", "devices": cfg.layout.devices},
+        "target": target.describe() if target else {"target": platform, "devices": cfg.layout.devices},
         "memory_per_device_bytes": mem,
         "host_memory_per_device_bytes": host,
         "flops": dot_flops(before),

@@ -82,13 +82,14 @@ PROFILES: dict[str, Hardware] = {
         "tpu-v5p",
         459e12,
         0.50,
-        95e9,
+        95.74 * 2**30,
         2.76e12,
         0.80,
         270e9,
         25e9,
         4,
-        "TPU v5p: 459 TFLOP/s bf16, 95 GB HBM at 2.76 TB/s; ICI taken as 270 GB/s per chip for a collective "
+        "TPU v5p: 459 TFLOP/s bf16, 95 GB HBM at 2.76 TB/s (95.74 GiB of it allowed per chip by the TPU compiler, "
+        "libtpu 0.0.42.1: the fit is against that, docs/tpu.md); ICI taken as 270 GB/s per chip for a collective "
         "inside the slice (host of 4 chips here), DCN 25 GB/s per chip across slices; 50% MFU assumed",
     ),
 }

@@ -162,7 +162,7 @@ def _serve_step(srv: ServeModel, every_position: bool = False) -> Callable:
         else:
             logits = model.logits(out, dtype, axes)
             if stage.pp_axes:
-                logits = lax.psum(jnp.where(stage.index == stage.pp - 1, logits, 0.0), stage.pp_axes)
+                logits = lax.psum(jnp.where(stage.last, logits, 0.0), stage.pp_axes)
         return logits, ck, cv
 
     cspec = cache_specs(cfg, sizes)

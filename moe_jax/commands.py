@@ -23,7 +23,7 @@ from moe_jax.load import load_config
 from moe_jax.mesh import assignment, check_placement, setup_devices
 from moe_jax.model.transformer import param_table
 from moe_jax.parallel.schedule import Schedule
-from moe_jax.parallel.sharded import ShardedModel
+from moe_jax.parallel.sharded import ShardedModel, mesh_platform
 from moe_jax.parallel.step import lower_step
 from moe_jax.plan.audit import claims, markdown
 from moe_jax.plan.check import compare, compiled_figures
@@ -132,7 +132,7 @@ def cmd_hlo(args) -> int:
     cfg = _config(args)
     mesh = _devices(args, cfg, compile_only=True)
     lowered = lower_step(ShardedModel.build(cfg, mesh))
-    platform = mesh.devices.flat[0].platform
+    platform = mesh_platform(mesh)
     before, after = lowered.as_text(dialect="hlo"), lowered.compile(compiler_options(platform)).as_text()
     console = Console()
     if args.out:

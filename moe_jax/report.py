@@ -75,8 +75,8 @@ def print_assignment(console: Console, table: dict[str, Any], full: bool = False
         )
         kv = model.get("kv_heads", model["heads"]) != model["heads"]
         chip = "chip" in devs[0]  # a TPU target: the chip's torus coordinates (and slice, core where there are more)
-        cols = ("host", "dev", *(("chip x,y,z",) if chip else ()), "proc", "dp,ep,tp", "experts", "heads", *(("K/V heads",) if kv else ()), "F slice",
-                *(("vocab",) if split_vocab else ()), "batch rows", "seq")  # fmt: skip
+        cols = ("host", "dev", *(("chip x,y,z",) if chip else ()), "proc", "dp,ep,tp", "experts", "heads",
+                *(("K/V heads",) if kv else ()), "F slice", *(("vocab",) if split_vocab else ()), "batch rows", "seq")  # fmt: skip
         for col in cols:
             t.add_column(col, no_wrap=True)
         host = None

@@ -72,7 +72,8 @@ def expected_collectives(
 ) -> list[dict[str, Any]]:
     """Rows {kind, axes, bytes_per_device, count_per_step, what}, axes of size 1 left out (no collective runs there).
     step 'grad' is the loss and gradients (verify, hlo); 'train' adds the optimizer's gradient norm and overflow check:
-    one all-reduce of 1 fp32 per set of axes the parameters are split over (the update itself is elementwise);
+    one all-reduce of 1 fp32 per weight per set of axes the parameters are split over (the update itself is
+    elementwise);
     'prefill' and 'decode' are serving's (`expected_serving_collectives`). `lowered`: the program as JAX emits it,
     before XLA removes what no result needs; it differs for 1F1B only, whose backward slot computes (under jax.vjp)
     each segment's output, which nothing reads: XLA drops that output's last collectives, JAX's remat never emits
@@ -262,7 +263,13 @@ def _gradient_rows(
             add("all-gather", p["zero"], p["zero_local"] * 4, 1, f"ZeRO-1 updated slice: {p['path']}")
     if step == "train":
         for split in dict.fromkeys(p["zero_split"] for p in shards):  # first-seen order: a set's varies by process
-            add("all-reduce", split, 4, 1, "gradient norm (its finiteness is the overflow check)")
+            add(
+                "all-reduce",
+                split,
+                4 * len(shards),
+                1,
+                "gradient norm, per weight (its finiteness is the overflow check, and names the weight)",
+            )
     return tuple(rows)
 
 

@@ -47,7 +47,7 @@ from moe_jax.serve.step import ServeModel
 from moe_jax.target import Target, compiler_options, parse_target
 from moe_jax.train.checkpoint import Checkpoints, read_meta
 from moe_jax.train.data import make_source
-from moe_jax.train.loop import train
+from moe_jax.train.loop import Stopped, train
 from moe_jax.train.step import init_train_state, make_optimizer
 from moe_jax.verify import perturb_one_gradient, verify
 from moe_jax.viz import draw_mesh, draw_schedule
@@ -266,17 +266,24 @@ def cmd_train(args) -> int:
                 stop_at=args.stop_at,
                 allow_config_change=args.allow_config_change,
                 init_params=init_params,
+                on_note=lambda line: console.print(f"[yellow]{line}[/]", soft_wrap=True),
             )
+    except Stopped as e:
+        if e.records:
+            console.print(_train_summary(e.records), soft_wrap=True)
+        if e.status:
+            if jax.process_index() == 0:
+                print(f"moe-jax train: error: {e}", file=sys.stderr)
+        else:  # every process says it (each one's log shows why it ended)
+            print(e, flush=True)
+        return e.status
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
             raise
         print(f"moe-jax train: error: process {jax.process_index()}: {lost_peer_message(e)}", file=sys.stderr)
         return 1
     if records:
-        console.print(
-            f"step {records[-1]['step']}: loss {records[-1]['loss']:.4f} (cross-entropy "
-            f"{records[-1]['ce']:.4f}); {sum(r['skipped'] for r in records)} steps skipped for overflow"
-        )
+        console.print(_train_summary(records))
     else:
         console.print(
             f"nothing to do: the checkpoint is at step {state.step}, at or past step {args.stop_at or cfg.run.steps}"
@@ -284,6 +291,11 @@ def cmd_train(args) -> int:
     if args.profile:
         console.print(f"wrote a jax.profiler trace to {args.profile}")
     return 0
+
+
+def _train_summary(records: list[dict]) -> str:
+    return (f"step {records[-1]['step']}: loss {records[-1]['loss']:.4f} (cross-entropy {records[-1]['ce']:.4f}); "
+            f"{sum(r['skipped'] for r in records)} steps skipped for non-finite gradients")  # fmt: skip
 
 
 def cmd_demo(args) -> int:

@@ -17,6 +17,9 @@ from typing import Any, get_type_hints
 import yaml
 
 DTYPES = ("fp32", "bf16", "fp16")
+# What a step with a non-finite loss or gradients does (train/loop.py): stop the run there, or skip the update (fp16's
+# loss scaling always skips an overflowing step; past run.max_skips skipped steps in a row the run stops either way).
+NONFINITE = ("stop", "skip")
 FFN_KINDS = ("gelu", "swiglu")
 DISPATCH_MODES = ("capacity", "dropless", "ragged")
 REMAT_POLICIES = ("none", "tick", "layer")
@@ -226,7 +229,9 @@ class LayoutConfig:
 @_config_section
 class RunConfig:
     """What one step sees: the global batch, the sequence, the compute dtype, and the optimizer's settings (AdamW,
-    warmup then cosine decay over run.steps, gradients clipped by their global norm: train/step.py)."""
+    warmup then cosine decay over run.steps, gradients clipped by their global norm: train/step.py), and what a step
+    with a non-finite loss or gradients does (`nonfinite`: stop the run, or skip the update; `max_skips` skipped steps
+    in a row stop it either way: train/loop.py)."""
 
     batch: int = 128
     seq_len: int = 2048
@@ -237,6 +242,8 @@ class RunConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    nonfinite: str = "stop"
+    max_skips: int = 10
 
 
 @_config_section
@@ -264,7 +271,7 @@ _POSITIVE_INTS = {
         "group_top_k",
     ),
     "layout": ("pp", "dp", "ep", "tp", "repeats", "microbatches", "devices_per_host"),
-    "run": ("batch", "seq_len", "steps"),
+    "run": ("batch", "seq_len", "steps", "max_skips"),
 }
 _POSITIVE_FLOATS = {"model": ("rope_theta", "norm_eps", "init_std", "routed_scale"), "run": ("lr",)}
 _NON_NEGATIVE = {
@@ -297,6 +304,7 @@ _CHOICES = {
     ("layout", "ragged_exchange"): RAGGED_EXCHANGES,
     ("layout", "vocab_split"): VOCAB_SPLITS,
     ("run", "dtype"): DTYPES,
+    ("run", "nonfinite"): NONFINITE,
 }
 
 
@@ -634,6 +642,16 @@ def load_layout(path: str | os.PathLike) -> LayoutConfig:
     data = read_yaml(path, "--layout")
     if "layout" in data and isinstance(data["layout"], dict) and len(data) == 1:
         data = data["layout"]
+    elif "devices" in data and "layout" in data:
+        raise ConfigError(
+            f"--layout={os.fspath(path)!r}: an assignment file (what `moe-jax mesh --json` writes), "
+            "not a layout; give the layout's YAML (its keys pp, dp, ep, tp, ...), e.g. meshes/NAME.yaml"
+        )
+    elif set(data) & {"model", "run"}:
+        raise ConfigError(
+            f"--layout={os.fspath(path)!r}: a model config (sections {', '.join(sorted(data))}), not "
+            "a layout; pass it as --config, and a layout (pp, dp, ep, tp, ...) as --layout"
+        )
     return _replace(LayoutConfig(), "layout", data)
 
 

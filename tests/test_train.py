@@ -151,6 +151,7 @@ KILL_DURING_SAVE = textwrap.dedent(
     state = init_train_state(sm, make_optimizer(cfg.run))._replace(step=1)  # what is saved, not how it was trained
     ck = Checkpoints(sys.argv[1], every=1, keep=100)
     ck.save(sm, cfg, state)
+    ck.finish()  # the save is asynchronous: wait for it (and its manifest)
     print("saved", flush=True)
     step = 1
     while True:  # keep saving until killed

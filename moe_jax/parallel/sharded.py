@@ -141,16 +141,13 @@ class ShardedModel:
         if not self.cfg.layout.stage_layers and (order == np.arange(len(order))).all():
             return state
 
-        def take(a):  # the same sharding out as in (on an Explicit mesh the gather must be told)
-            return a.at[order].get(out_sharding=jax.typeof(a).sharding)
-
         def permute(path, x):
             if not any(getattr(k, "key", None) in ("blocks", "dense_blocks") for k in path):
                 return x
             if isinstance(x, jax.core.Tracer):
-                return take(x)
-            if isinstance(x, jax.Array):  # happens once, at restore or save
-                return jax.jit(take)(x)
+                return _take(x, order)
+            if isinstance(x, jax.Array):  # at restore and at every save: compiled once per order
+                return _jitted_take(tuple(int(i) for i in order))(x)
             return x[order]
 
         return jax.tree_util.tree_map_with_path(permute, state)
@@ -191,10 +188,7 @@ class ShardedModel:
                     specs = self._vocab_specs[1 if moments else 0]
                     sharding = NamedSharding(self.mesh, specs["embed" if dim == 0 else "head"])
 
-                def resize(a):
-                    return jax.reshard(_resize(jax.reshard(a, whole), dim, size), sharding)
-
-                return jax.jit(resize, out_shardings=sharding)(x)
+                return _jitted_resize(whole, dim, size, sharding)(x)  # compiled once per shape, not per save
             return _resize(x, dim, size)
 
         return jax.tree_util.tree_map_with_path(fix, state)
@@ -306,6 +300,23 @@ def one_device_params(cfg: Config, seed: int = 0):
 
 def to_host(tree):
     return jax.tree.map(np.array, tree)  # writable host copies
+
+
+def _take(a, order):  # the same sharding out as in (on an Explicit mesh the gather must be told)
+    return a.at[np.asarray(order)].get(out_sharding=jax.typeof(a).sharding)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_take(order: tuple[int, ...]) -> Callable:
+    return jax.jit(functools.partial(_take, order=order))
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_resize(whole: NamedSharding, dim: int, size: int, sharding: NamedSharding) -> Callable:
+    def resize(a):
+        return jax.reshard(_resize(jax.reshard(a, whole), dim, size), sharding)
+
+    return jax.jit(resize, out_shardings=sharding)
 
 
 def _resize(x, dim: int, size: int):

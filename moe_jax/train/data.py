@@ -28,6 +28,10 @@ class SyntheticTask:
         self.a = rng.integers(1, vocab, RULES)
         self.b = rng.integers(0, vocab, RULES)
 
+    def identity(self) -> dict:
+        """What a checkpoint records of the data (train/loop.py): a batch is a function of this and the step."""
+        return {"kind": "synthetic", "vocab": self.vocab, "seq_len": self.seq_len, "seed": self.seed}
+
     def describe(self) -> str:
         return f"synthetic: x[t+1] = (a x[t] + b) mod {self.vocab}, one of {RULES} rules per sequence, told by x[0]"
 
@@ -53,10 +57,13 @@ class TokenFile:
     def __init__(self, path: str, vocab: int, seq_len: int, seed: int = 0, dtype: str = "uint16"):
         if not os.path.isfile(path):
             raise ConfigError(f"--data={path!r}: no such file")
+        if os.path.getsize(path) == 0:
+            raise ConfigError(f"--data={path!r}: the file is empty (0 bytes); it needs at least run.seq_len + 1 = "
+                              f"{seq_len + 1} token ids")  # fmt: skip
         if path.endswith(".npy"):
             try:
                 self.tokens = np.load(path, mmap_mode="r")
-            except ValueError as e:
+            except (ValueError, EOFError, OSError) as e:
                 raise ConfigError(f"--data={path!r}: not a readable .npy file ({e})") from None
             if not np.issubdtype(self.tokens.dtype, np.integer):
                 raise ConfigError(f"--data={path!r}: dtype {self.tokens.dtype} is not an integer type; token ids "
@@ -75,11 +82,18 @@ class TokenFile:
             raise ConfigError(f"--data={path!r}: unknown format; valid: .npy, or .bin of uint16 / uint32")
         if len(self.tokens) < seq_len + 1:
             raise ConfigError(f"--data={path!r}: {len(self.tokens)} tokens, fewer than run.seq_len + 1 = {seq_len + 1}")
-        hi = int(np.max(self.tokens))
+        hi, lo = int(np.max(self.tokens)), int(np.min(self.tokens))
+        if lo < 0:
+            raise ConfigError(f"--data={path!r}: token id {lo} is negative; valid ids: 0..{vocab - 1} "
+                              f"(model.vocab={vocab})")  # fmt: skip
         if hi >= vocab:
             raise ConfigError(f"--data={path!r}: token id {hi} is outside the vocabulary; valid ids: "
                               f"0..{vocab - 1} (model.vocab={vocab})")  # fmt: skip
         self.path, self.vocab, self.seq_len, self.seed = path, vocab, seq_len, seed
+
+    def identity(self) -> dict:
+        return {"kind": "file", "path": os.path.abspath(self.path), "tokens": len(self.tokens),
+                "dtype": str(self.tokens.dtype), "seq_len": self.seq_len, "seed": self.seed}  # fmt: skip
 
     def describe(self) -> str:
         return f"{self.path}: {len(self.tokens):,} tokens ({self.tokens.dtype})"

@@ -1,5 +1,7 @@
 """The train step: the sharded gradient step, then optax AdamW on fp32 master parameters, with dynamic loss scaling
-for fp16 (a step whose gradients overflow is skipped, the scale halves, the skip is counted)."""
+for fp16 (a step whose gradients overflow is skipped, the scale halves, the skip is counted). A step with non-finite
+gradients leaves the state as it was in every dtype, and says which weights' gradients were not finite (what the loop
+stops on, run.nonfinite)."""
 
 from __future__ import annotations
 
@@ -49,32 +51,41 @@ def _used_axes(spec) -> tuple[str, ...]:
     return tuple(a for part in spec if part is not None for a in ((part,) if isinstance(part, str) else part))
 
 
-def grad_stats(sm: ShardedModel) -> Callable:
-    """grads -> (global norm, whether every element is finite) over the whole model, every shard counted once: each
-    leaf's local sum of squares is summed over the axes it is split over (not the ones it is replicated over), one
-    psum per set of axes. An inf or nan anywhere makes the sum non-finite, so the sum is the overflow check too (as
-    DeepSpeed's is): a per-element `isfinite` count made XLA materialise an int32 copy of the gradients (4 bytes per
-    parameter at the step's peak on short sequences)."""
-    groups: dict[tuple[str, ...], None] = {}
-    for spec in jax.tree.leaves(sm.grad_specs, is_leaf=lambda x: isinstance(x, P)):
-        groups[tuple(sorted(_used_axes(spec)))] = None
+def grad_names(sm: ShardedModel) -> list[str]:
+    """The gradients' names, in `grad_stats`'s order: each weight's path ("blocks.moe.w_in")."""
+    names = []
+    for path, _ in jax.tree_util.tree_leaves_with_path(sm.grad_specs, is_leaf=lambda x: isinstance(x, P)):
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        names.append(".".join(k for k in keys if k != "value"))
+    return names
 
-    def body(grads, specs):
-        sums = {axes: jnp.zeros((), jnp.float32) for axes in groups}
-        for g, spec in zip(jax.tree.leaves(grads), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)),
-                           strict=True):  # fmt: skip
-            key = tuple(sorted(_used_axes(spec)))
-            sums[key] = sums[key] + jnp.sum(jnp.square(g))
-        total = jnp.zeros((), jnp.float32)
-        for axes, s in sums.items():
-            total = total + (lax.psum(s, axes) if axes else s)
-        return total
+
+def grad_stats(sm: ShardedModel) -> Callable:
+    """grads -> (global norm, whether every element is finite, whether each weight's gradient is finite) over the
+    whole model, every shard counted once: each leaf's local sum of squares is summed over the axes it is split over
+    (not the ones it is replicated over), one psum (of a vector: one entry per weight) per set of axes. An inf or nan
+    anywhere makes the sum non-finite, so the sum is the overflow check too (as DeepSpeed's is), and the weight whose
+    sum is not finite is named when a run stops on it (train/loop.py): a per-element `isfinite` count made XLA
+    materialise an int32 copy of the gradients (4 bytes per parameter at the step's peak on short sequences)."""
+    spec_leaves = jax.tree.leaves(sm.grad_specs, is_leaf=lambda x: isinstance(x, P))
+    keys = [tuple(sorted(_used_axes(spec))) for spec in spec_leaves]
+    groups = list(dict.fromkeys(keys))
+
+    def body(grads):
+        sums = {axes: [jnp.zeros((), jnp.float32)] * len(keys) for axes in groups}
+        for i, (g, key) in enumerate(zip(jax.tree.leaves(grads), keys, strict=True)):
+            sums[key][i] = jnp.sum(jnp.square(g))
+        per_weight = jnp.zeros((len(keys),), jnp.float32)
+        for axes, parts in sums.items():
+            v = jnp.stack(parts)
+            per_weight = per_weight + (lax.psum(v, axes) if axes else v)
+        return per_weight
 
     def stats(grads):
-        specs = sm.grad_specs
-        f = jax.shard_map(lambda g: body(g, specs), mesh=sm.mesh, in_specs=(specs,), out_specs=P(), check_vma=True)
-        total = f(grads)
-        return jnp.sqrt(total), jnp.isfinite(total)
+        f = jax.shard_map(body, mesh=sm.mesh, in_specs=(sm.grad_specs,), out_specs=P(), check_vma=True)
+        per_weight = f(grads)
+        total = jnp.sum(per_weight)
+        return jnp.sqrt(total), jnp.isfinite(total), jnp.isfinite(per_weight)
 
     return stats
 
@@ -151,7 +162,7 @@ def train_step(sm: ShardedModel, tx: optax.GradientTransformation, inject_overfl
         grads = jax.tree.map(lambda g: g / ls.scale, grads)
         if inject_overflow:
             grads = jax.tree.map(lambda g: g * jnp.inf, grads)  # elementwise: every shard overflows
-        grad_norm, finite = norm_and_overflow(grads)
+        grad_norm, finite, finite_grads = norm_and_overflow(grads)
         if clip > 0:
             factor = jnp.minimum(1.0, clip / jnp.maximum(grad_norm, 1e-30))
             grads = jax.tree.map(lambda g: g * factor, grads)
@@ -173,7 +184,8 @@ def train_step(sm: ShardedModel, tx: optax.GradientTransformation, inject_overfl
             ls = LossScale(scale, good.astype(jnp.int32), ls.skipped + (~finite).astype(jnp.int32))
         else:
             ls = LossScale(ls.scale, ls.good_steps, ls.skipped + (~finite).astype(jnp.int32))
-        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=~finite, loss_scale=ls.scale)
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=~finite, loss_scale=ls.scale,
+                       finite_grads=finite_grads)  # fmt: skip
         return params, opt_state, ls, metrics
 
     return jax.jit(step, donate_argnums=(0, 2))

@@ -4,11 +4,54 @@ check of every output path before any work. Light on purpose: nothing here impor
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 
 from moe_jax.config import ConfigError
 from moe_jax.plan.hardware import PROFILES
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake reported in one line (argparse prints its usage first, a screen of it for some
+    commands): `moe-jax train: error: argument --steps: 'x' is not an integer; valid: an integer >= 1`, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def at_least(lo: int):
+    """An argparse type: an integer >= lo, or one line naming the value and what is valid."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; valid: an integer >= {lo}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value}: valid: an integer >= {lo}")
+        return value
+
+    return parse
+
+
+def number(lo: float, inclusive: bool = True):
+    """An argparse type: a finite number >= lo (> lo unless `inclusive`)."""
+    valid = f"a finite number {'>=' if inclusive else '>'} {lo:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; valid: {valid}") from None
+        if not math.isfinite(value) or value < lo or (value == lo and not inclusive):
+            raise argparse.ArgumentTypeError(f"{text}: valid: {valid}")
+        return value
+
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = at_least(1), at_least(0)
 
 
 def _args(p: argparse.ArgumentParser, *specs) -> None:
@@ -26,7 +69,7 @@ def _config_args(p, config_help="model/run YAML (default: the seed's model, embe
 
 
 def _device_args(p) -> None:
-    _args(p, ("--devices", {"type": int, "help": "number of fake CPU devices (default: the layout's device count); "
+    _args(p, ("--devices", {"type": POSITIVE, "help": "number of fake CPU devices (default: the layout's device count); "
                                                  "ignored with --real"}),
           ("--real", {"action": "store_true", "help": "use this machine's accelerators instead of fake CPU devices"}))  # fmt: skip
 
@@ -35,17 +78,17 @@ def _target_args(p) -> None:
     _args(p, ("--target", {"default": "cpu", "help": "what to compile for: cpu (XLA:CPU's fake devices, at most 2048), "
                            "or a TPU topology compiled by libtpu here without a TPU: v5p:AxBxC, v4:AxBxC, v5e:AxB, "
                            "v6e:AxB (pip install -e '.[tpu]')"}),
-          ("--slices", {"type": int, "default": 1, "help": "TPU slices of --target's topology (multi-slice over DCN)"}))  # fmt: skip
+          ("--slices", {"type": POSITIVE, "default": 1, "help": "TPU slices of --target's topology (multi-slice over DCN)"}))  # fmt: skip
 
 
 def _distributed_args(p) -> None:
     g = p.add_argument_group("several processes (one per host; see docs/launch.md)")
-    _args(g, ("--coordinator", "HOST:PORT of process 0's coordinator"), ("--num-processes", {"type": int}),
-          ("--process-id", {"type": int}),
+    _args(g, ("--coordinator", "HOST:PORT of process 0's coordinator"), ("--num-processes", {"type": POSITIVE}),
+          ("--process-id", {"type": NON_NEGATIVE}),
           ("--distributed", {"action": "store_true", "help": "let jax.distributed detect the cluster (Slurm, TPU)"}),
-          ("--local-devices", {"type": int, "help": "fake CPU devices in this process (local multi-process runs)"}),
-          ("--init-timeout", {"type": int, "default": 60, "help": "seconds to wait for every process to join"}),
-          ("--heartbeat-timeout", {"type": int, "default": 20, "help": "seconds of silence before a peer is lost"}))  # fmt: skip
+          ("--local-devices", {"type": POSITIVE, "help": "fake CPU devices in this process (local multi-process runs)"}),
+          ("--init-timeout", {"type": POSITIVE, "default": 60, "help": "seconds to wait for every process to join"}),
+          ("--heartbeat-timeout", {"type": POSITIVE, "default": 20, "help": "seconds of silence before a peer is lost"}))  # fmt: skip
 
 
 def _flag(text: str) -> dict:
@@ -60,7 +103,7 @@ def _command(sub, name: str, text: str, outputs: dict[str, bool] | None = None, 
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-jax", description=description)
+    parser = Parser(prog="moe-jax", description=description)
     sub = parser.add_subparsers(dest="command", required=True)
     json_out, steps = ("--json", "write the result here as JSON"), ("train", "prefill", "decode")
 
@@ -70,7 +113,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     _args(p, ("--json", "write the assignment JSON here"), ("--png", "draw the mesh picture here"),
           ("--full", _flag("list every group instead of the first and last few")),
           ("--no-check", _flag("skip the check against JAX's placement of every parameter")),
-          ("--width", {"type": int, "help": "terminal width for the table"}))  # fmt: skip
+          ("--width", {"type": at_least(40), "help": "terminal width for the table"}))  # fmt: skip
 
     p = _command(sub, "verify", "one train step sharded and on one device: loss, router terms, gradients",
                  {"json": False})  # fmt: skip
@@ -78,23 +121,23 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     _args(
         p,
         ("--json", "write the errors here"),
-        ("--seed", {"type": int, "default": 0}),
+        ("--seed", {"type": NON_NEGATIVE, "default": 0}),
         ("--perturb", {"type": float, "help": argparse.SUPPRESS}),
     )  # self-test: shows the check can fail
 
     p = _command(sub, "train", "train on the mesh: synthetic task by default, or --data token files",
                  {"metrics": False, "checkpoint_dir": True, "profile": True})  # fmt: skip
     _config_args(p), _device_args(p), _distributed_args(p)
-    _args(p, ("--steps", {"type": int, "help": "the run's length, run.steps: it also sets the learning-rate schedule"}),
-          ("--stop-at", {"type": int, "metavar": "STEP", "help": "end this invocation at STEP (checkpointed) without "
+    _args(p, ("--steps", {"type": POSITIVE, "help": "the run's length, run.steps: it also sets the learning-rate schedule"}),
+          ("--stop-at", {"type": POSITIVE, "metavar": "STEP", "help": "end this invocation at STEP (checkpointed) without "
                          "changing the run; --resume continues it"}),
           ("--allow-config-change", _flag("with --resume: accept a model or run config that differs from the "
                                           "checkpoint's")),
           ("--data", "token file: .npy, or .bin of uint16 / uint32 (default: the synthetic task)"),
           ("--data-dtype", {"default": "uint16", "help": "token dtype of a .bin file: uint16 or uint32"}),
           ("--metrics", "write one JSON line per step here"), "--checkpoint-dir",
-          ("--checkpoint-every", {"type": int, "default": 50}),
-          ("--keep", {"type": int, "default": 3, "help": "checkpoints to keep"}),
+          ("--checkpoint-every", {"type": POSITIVE, "default": 50}),
+          ("--keep", {"type": POSITIVE, "default": 3, "help": "checkpoints to keep"}),
           ("--resume", _flag("continue from the latest checkpoint in --checkpoint-dir")),
           ("--init-from-hf", {"metavar": "DIR", "help": "start from a Hugging Face checkpoint's weights (its "
                               "config.json is the model)"}),
@@ -104,7 +147,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                  {"out": True})  # fmt: skip
     _config_args(p, "default: the tiny config", "a layout name from meshes/ (default: cpu8-pp2-ep2-tp2, 8 devices)")
     _device_args(p)
-    _args(p, ("--steps", {"type": int, "default": 150, "help": "training steps (150 learn the task to about 94%%)"}),
+    _args(p, ("--steps", {"type": POSITIVE, "default": 150, "help": "training steps (150 learn the task to about 94%%)"}),
           ("--out", {"default": "out/demo", "help": "pictures and metrics go here"}))  # fmt: skip
 
     p = _command(sub, "generate", "prefill a prompt and decode on the mesh, greedy or sampled")
@@ -114,11 +157,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     _args(p, ("--checkpoint", "a checkpoint directory of `moe-jax train` or `import-hf` (default: the demo's, if any)"),
           ("--hf", {"metavar": "DIR", "help": "a Hugging Face checkpoint directory, read straight into the shards"}),
           ("--prompt", "text, tokenized with the checkpoint's tokenizer.json; the output is text"),
-          ("--prompt-tokens", "token ids, e.g. 3,14,15"), ("--max-new", {"type": int, "default": 16}),
-          ("--temperature", {"type": float, "default": 0.0, "help": "0: greedy"}),
-          ("--top-k", {"type": int, "default": 0}),
-          ("--batch", {"type": int, "help": "sequences (copies of the prompt); default: the layout's minimum"}),
-          ("--show", {"type": int, "default": 4, "help": "rows to print"}), ("--seed", {"type": int, "default": 0}))  # fmt: skip
+          ("--prompt-tokens", "token ids, e.g. 3,14,15"), ("--max-new", {"type": POSITIVE, "default": 16}),
+          ("--temperature", {"type": number(0), "default": 0.0, "help": "0: greedy"}),
+          ("--top-k", {"type": NON_NEGATIVE, "default": 0}),
+          ("--batch", {"type": POSITIVE, "help": "sequences (copies of the prompt); default: the layout's minimum"}),
+          ("--show", {"type": NON_NEGATIVE, "default": 4, "help": "rows to print"}), ("--seed", {"type": NON_NEGATIVE, "default": 0}))  # fmt: skip
 
     p = _command(sub, "import-hf", "a Hugging Face checkpoint (Mixtral, Qwen3-MoE, OLMoE, Qwen1.5/2-MoE) -> a "
                  "moe_jax checkpoint, each device reading only its own slices", {"out": True})  # fmt: skip
@@ -152,11 +195,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     _config_args(p)
     _args(p, ("--hardware", {"default": "seed", "help": ", ".join(PROFILES)}),
           ("--step", {"default": "train", "choices": steps}),
-          ("--devices", {"type": int, "help": "the device count (checked against the layout; needed by --search)"}),
-          ("--search", {"action": "store_true"}), ("--top", {"type": int, "default": 15}),
+          ("--devices", {"type": POSITIVE, "help": "the device count (checked against the layout; needed by --search)"}),
+          ("--search", {"action": "store_true"}), ("--top", {"type": POSITIVE, "default": 15}),
           ("--check", _flag("compile the layout on fake devices and print plan and compiler side by side, part by "
                             "part; exit 1 when a part, the total or the FLOPs differ by more than --tolerance")),
-          ("--tolerance", {"type": float, "default": 5.0, "help": "percent, for --check (default 5)"}), json_out)  # fmt: skip
+          ("--tolerance", {"type": number(0, inclusive=False), "default": 5.0, "help": "percent, for --check (default 5)"}), json_out)  # fmt: skip
     _target_args(p)
 
     p = _command(sub, "audit", "check every claim of the design seed; writes docs/seed-audit.md",
@@ -165,9 +208,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
     p = _command(sub, "schedule", "a pipeline schedule: ticks, utilisation, memory, and its chart",
                  {"json": False, "png": False})  # fmt: skip
-    _args(p, ("--pp", {"type": int, "required": True}), ("--microbatches", {"type": int, "required": True}),
-          ("--repeats", {"type": int, "default": 1, "help": "circular repeats v (default 1: contiguous stages)"}),
-          ("--layers", {"type": int, "help": "layers, for the per-tick memory figures"}),
+    _args(p, ("--pp", {"type": POSITIVE, "required": True}), ("--microbatches", {"type": POSITIVE, "required": True}),
+          ("--repeats", {"type": POSITIVE, "default": 1, "help": "circular repeats v (default 1: contiguous stages)"}),
+          ("--layers", {"type": POSITIVE, "help": "layers, for the per-tick memory figures"}),
           ("--remat", {"default": "layer", "choices": ("none", "tick", "layer")}),
           ("--schedule", {"default": "gpipe", "choices": ("gpipe", "1f1b"), "help": "gpipe, or 1f1b (interleaved "
                           "with --repeats > 1)"}), json_out, ("--png", "draw the chart here"))  # fmt: skip
@@ -178,6 +221,18 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     _args(p, ("--out", "write before/after_optimizations.hlo.txt here"),
           ("--json", "write the collective table and the audit here"))  # fmt: skip
     return parser
+
+
+POSITIONALS = {("import-hf", "dir"): "DIR", ("export-hf", "checkpoint"): "CHECKPOINT"}
+
+
+def check_not_empty(args: argparse.Namespace) -> None:
+    """Refuses a path or name given as '' (a shell variable that was not set): taken as absent it would run the
+    default job, and as a path it would be the current directory."""
+    for dest, value in vars(args).items():
+        if value == "":
+            name = POSITIONALS.get((args.command, dest), "--" + dest.replace("_", "-"))
+            raise ConfigError(f"{name}='': empty; give a value (see moe-jax {args.command} --help)")
 
 
 def check_output(path: str, field: str, directory: bool) -> None:

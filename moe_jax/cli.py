@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from moe_jax.arguments import build_parser, check_output
+from moe_jax.arguments import build_parser, check_not_empty, check_output
 from moe_jax.config import ConfigError
 
 
@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        check_not_empty(args)
         for dest, directory in getattr(args, "outputs", {}).items():
             if getattr(args, dest, None):
                 check_output(getattr(args, dest), "--" + dest.replace("_", "-"), directory)

@@ -16,7 +16,7 @@ from moe_jax.config import Config, ConfigError, check_devices, storage_model
 from moe_jax.distributed import lost_peer_message
 from moe_jax.hf import config_from_hf, import_checkpoint
 from moe_jax.hf.checkpoint import export, import_state, parse_size, prepare_out
-from moe_jax.hf.families import FAMILIES, family_for_model
+from moe_jax.hf.families import FAMILIES, family_for_model, supported_by
 from moe_jax.hlo import audit
 from moe_jax.layouts import DEMO_LAYOUT, MESHES, config_for
 from moe_jax.load import load_config
@@ -32,6 +32,7 @@ from moe_jax.plan.model import plan, serve_plan
 from moe_jax.plan.report import print_plan, print_plan_check, print_search, print_serve_plan
 from moe_jax.plan.search import search
 from moe_jax.report import (
+    make_console,
     print_assignment,
     print_compile,
     print_hlo_audit,
@@ -101,7 +102,7 @@ def cmd_mesh(args) -> int:
     if jax.process_count() > 1:  # every process states what JAX placed on it, for the record (and the tests)
         local = sorted(d.id for d in jax.local_devices())
         print(f"process {jax.process_index()} of {jax.process_count()} holds devices {local}", flush=True)
-    console = Console(width=args.width or max(Console().width, 100), quiet=jax.process_index() != 0)
+    console = make_console(100, args.width, quiet=jax.process_index() != 0)
     print_assignment(console, table, full=args.full)
     if not args.no_check:
         names, shapes = param_table(storage_model(cfg))  # as stored: uneven stages' padding included
@@ -123,7 +124,7 @@ def cmd_verify(args) -> int:
     mesh = _devices(args, cfg)
     perturb = perturb_one_gradient(args.perturb) if args.perturb else None
     result = verify(cfg, mesh, seed=args.seed, perturb=perturb)
-    print_verify(Console(), cfg, result)
+    print_verify(make_console(), cfg, result)
     _json(args, result)
     return 0 if result["ok"] else 1
 
@@ -134,7 +135,7 @@ def cmd_hlo(args) -> int:
     lowered = lower_step(ShardedModel.build(cfg, mesh))
     platform = mesh_platform(mesh)
     before, after = lowered.as_text(dialect="hlo"), lowered.compile(compiler_options(platform)).as_text()
-    console = Console()
+    console = make_console()
     if args.out:
         console.print(
             write_texts(args.out, {"before_optimizations.hlo.txt": before, "after_optimizations.hlo.txt": after})
@@ -147,7 +148,7 @@ def cmd_hlo(args) -> int:
 
 def cmd_schedule(args) -> int:
     sched = Schedule(args.pp, args.microbatches, args.repeats, args.layers, args.remat, args.schedule)
-    console = Console()
+    console = make_console()
     print_schedule(console, sched)
     _json(args, sched.to_json())
     if args.png:
@@ -160,7 +161,7 @@ def cmd_compile(args) -> int:
     cfg = _config(args)
     mesh = _devices(args, cfg, compile_only=True)
     report, lowered, compiled = compile_report(cfg, mesh, args.step, bool(args.dump), _target(args))
-    console = Console()
+    console = make_console()
     if args.dump:
         console.print(
             write_texts(
@@ -179,7 +180,8 @@ def cmd_compile(args) -> int:
 
 def cmd_plan(args) -> int:
     hw = get_hardware(args.hardware)
-    console = Console(width=max(Console().width, 140 if args.search else 120))  # the ranked table's 18 columns
+    _target(args)  # a misspelt --target is refused even where only --check would use it
+    console = make_console(140 if args.search else 120)  # the ranked table's 18 columns
     if args.check and (args.step != "train" or args.search):
         raise ConfigError("--check: checks the train step of one layout; leave out --search and --step")
     if args.search:
@@ -243,10 +245,11 @@ def cmd_train(args) -> int:
         cfg = load_config(args.config, args.layout, overrides)
     mesh = _devices(args, cfg)
     source = make_source(args.data, cfg.model.vocab, cfg.run.seq_len, cfg.run.seed, args.data_dtype)
-    console = Console(quiet=jax.process_index() != 0)
+    console = make_console(quiet=jax.process_index() != 0)
     console.print(
         f"train: {cfg.layout.name or 'layout'} ({cfg.layout.summary()}) on {cfg.layout.devices} devices; "
-        f"data: {source.describe()}"
+        f"data: {source.describe()}",
+        markup=False,  # the task's description has brackets: x[t+1]
     )
     progress, on_step = train_progress(console, cfg.run.steps)
     try:
@@ -303,7 +306,7 @@ def cmd_demo(args) -> int:
     layout = os.path.join(MESHES, f"{name}.yaml")
     cfg = load_config(args.config or config_for(name), layout, [*args.overrides, f"run.steps={args.steps}"])
     mesh = _devices(args, cfg)
-    console = Console(width=max(Console().width, 110))
+    console = make_console(110)
     ok, result = demo.run_demo(cfg, mesh, args.out, args.steps, console)
     command = demo.generate_command(result, args.config, name, layout, args.overrides)
     demo.print_summary(console, args.out, result, command)
@@ -319,7 +322,7 @@ def cmd_generate(args) -> int:
     cfg = inputs.with_batch(src.cfg, args.batch)
     check_lengths(len(prompt), args.max_new, cfg.model.max_seq_len)
     srv = ServeModel.build(cfg, _devices(args, cfg), max_len=len(prompt) + args.max_new)
-    console = Console(quiet=jax.process_index() != 0)
+    console = make_console(quiet=jax.process_index() != 0)
     params, rest, where = inputs.load_weights(src, srv.sm)
     console.print(where)
     prompts = np.tile(np.asarray(prompt, np.int32), (cfg.run.batch, 1))
@@ -338,11 +341,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_import_hf(args) -> int:
+    prepare_out(args.out, args.force, args.dir, "the Hugging Face directory")
     cfg, hf = config_from_hf(args.dir, args.config, args.layout, args.overrides)
-    prepare_out(args.out, args.force)
     done = import_checkpoint(cfg, hf, args.dir, args.out, _devices(args, cfg))
     lay = cfg.layout
-    console = Console(quiet=jax.process_index() != 0)
+    console = make_console(quiet=jax.process_index() != 0)
     console.print(
         f"import-hf: {hf['model_type']} from {args.dir}: {done['tensors']} tensors, {done['parameters']:,} "
         f"parameters, read into the shards of pp {lay.pp}, dp {lay.dp}, ep {lay.ep}, tp {lay.tp} "
@@ -355,13 +358,17 @@ def cmd_import_hf(args) -> int:
 
 def cmd_export_hf(args) -> int:
     max_bytes = parse_size(args.max_shard_size)
-    prepare_out(args.out, args.force)
+    prepare_out(args.out, args.force, args.checkpoint, "the checkpoint")
     saved = read_meta(args.checkpoint)  # before JAX starts: the saved layout sets the device count
     if saved is None:
         raise ConfigError(f"{args.checkpoint}: no such checkpoint directory, or no complete checkpoint in it")
     cfg = load_config(None, args.layout, args.overrides, base=saved["config"])
     base = saved.get("hf_config")
     family = FAMILIES[args.model_type or base["model_type"]] if args.model_type or base else family_for_model(cfg.model)
+    why = supported_by(cfg.model, family)
+    if why:
+        raise ConfigError(f"--model-type={family.model_type}: {why}; the checkpoint lacks those tensors (it exports "
+                          f"as {family_for_model(cfg.model).model_type})")  # fmt: skip
     sm = ShardedModel.build(cfg, _devices(args, cfg))
     state = Checkpoints(args.checkpoint).restore(sm, init_train_state(sm, make_optimizer(cfg.run), cfg.run.seed))
     summary = export(
@@ -376,7 +383,7 @@ def cmd_export_hf(args) -> int:
         args.force,
         rest=state.rest,
     )
-    Console().print(
+    make_console().print(
         f"export-hf: {family.model_type} ({family.architecture}) from {args.checkpoint} step "
         f"{state.step}: {summary['tensors']} tensors, {summary['bytes'] / 1e6:,.1f} MB of {args.dtype} "
         f"in {len(summary['files'])} file(s) -> {args.out}"

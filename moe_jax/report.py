@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -12,6 +13,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from moe_jax.mesh import ranges_text
+
+# Wide enough that no table is cut and no line wrapped: what a file or a pipe gets.
+UNCUT = 100_000
+
+
+def make_console(least: int = 0, width: int | None = None, quiet: bool = False) -> Console:
+    """The console a command prints with: on a terminal its width (at least `least`, or `width` when given); to a
+    file or a pipe plain text with no width limit, so a saved table keeps every character (rich would cut cells to
+    80 columns with an ellipsis)."""
+    if width is None and not sys.stdout.isatty():
+        return Console(width=UNCUT, quiet=quiet)
+    return Console(width=width or max(Console().width, least), quiet=quiet)
 
 
 def _groups_line(groups: list[list[int]], full: bool, show: int = 4) -> str:

@@ -13,9 +13,9 @@ import jax
 from jax.experimental import multihost_utils
 from tokenizers import Tokenizer
 
-from moe_jax.config import Config, ConfigError
+from moe_jax.config import Config, ConfigError, read_yaml
 from moe_jax.hf.checkpoint import TOKENIZER_FILES, import_state, read_hf_config, replace_dir, rest_shapes
-from moe_jax.hf.families import family_of, model_fields
+from moe_jax.hf.families import family_of, hf_key, model_fields
 from moe_jax.load import load_config
 from moe_jax.model.params import total_params
 from moe_jax.parallel.sharded import ShardedModel
@@ -29,7 +29,19 @@ def config_from_hf(directory: str, config: str | None = None, layout: str | None
     """(Config, config.json): the model from config.json; the compute dtype from its dtype and the sequence length
     capped at its context unless --config gives a run; then --config, --layout and the overrides as everywhere."""
     hf = read_hf_config(directory)
-    fields = model_fields(hf, os.path.join(directory, "config.json"))
+    where = os.path.join(directory, "config.json")
+    fields = model_fields(hf, where)
+    if config is not None and "model" in read_yaml(config, "--config"):
+        raise ConfigError(f"--config={config!r}: has a model section, but the model is {where}; give a config with "
+                          "run and layout sections only, or change one model field with model.KEY=VALUE")  # fmt: skip
+    try:  # the file's own values first, so that a bad one is named by its key in the file
+        load_config(None, None, [f"run.seq_len={max(1, min(2048, fields['max_seq_len']))}"], base={"model": fields})
+    except ConfigError as e:
+        head, _, why = str(e).partition(": ")
+        key = hf_key(hf, head.split("=", 1)[0].removeprefix("model.")) if head.startswith("model.") else None
+        if key is None:
+            raise
+        raise ConfigError(f"{where}: {key}={hf[key]!r}: {why} (moe_jax's {head.split('=', 1)[0]})") from None
     run = []
     if config is None:
         dtype = RUN_DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype")), "bf16")

@@ -245,6 +245,10 @@ def check_tensors(tensors: HFTensors, expected: dict[str, tuple], beyond_layers:
     for name, (shape, path) in expected.items():
         if name not in tensors.shapes:
             raise ConfigError(f"{tensors.directory}: tensor {name} missing (needed for {path}, shape {shape})")
+        dtype = str(tensors.dtypes[name]).lower()
+        if not dtype.startswith(("f", "bf")):  # F32, BF16, F16, F8_*: a weight; an integer or bool tensor is not
+            raise ConfigError(f"{tensors.directory}: tensor {name} is {tensors.dtypes[name]}; a weight must be "
+                              "floating point (F32, BF16 or F16), and moe_jax does not cast it silently")  # fmt: skip
         if tensors.shapes[name] != shape:
             raise ConfigError(f"{tensors.directory}: tensor {name} has shape {tensors.shapes[name]}, the config "
                               f"needs {shape} (for {path})")  # fmt: skip
@@ -391,7 +395,15 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def prepare_out(out: str, force: bool) -> None:
+def prepare_out(out: str, force: bool, source: str | None = None, source_flag: str = "the input") -> None:
+    """Refuses an --out that exists and is not an empty directory (unless `force`), or that is, holds or lies inside
+    `source` (what the command reads: replacing it would delete the input), `--force` or not."""
+    if source is not None:
+        o, s = os.path.realpath(out), os.path.realpath(source)
+        if o == s or o.startswith(s + os.sep) or s.startswith(o + os.sep):
+            how = "is" if o == s else "lies inside" if o.startswith(s + os.sep) else "contains"
+            raise ConfigError(f"--out={out!r}: {how} {source_flag} {source!r}; writing there would replace what is "
+                              "read; choose another directory")  # fmt: skip
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out={out!r}: exists and is not a directory")
     if os.path.isdir(out) and os.listdir(out) and not force:

@@ -109,6 +109,17 @@ def _get(hf: dict[str, Any], key: str, where: str, default: Any = ...) -> Any:
     return default
 
 
+def _int(hf: dict[str, Any], key: str, where: str, default: Any = ...) -> int:
+    """`_get`, an integer: a whole number in the file (7, or 7.0), or one line naming the key and its value."""
+    value = _get(hf, key, where, default)
+    if value is default and default is not ...:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        name = next((k for k in key.split("|") if k in hf), key.split("|")[0])
+        raise ConfigError(f"{where}: {name}={value!r}: expected an integer")
+    return int(value)
+
+
 def _refuse(hf: dict[str, Any], key: str, where: str, allowed: tuple, why: str) -> None:
     value = hf.get(key)
     if value not in allowed:
@@ -129,20 +140,20 @@ def _rope_theta(hf: dict[str, Any], where: str) -> float:
 def _common(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """The fields every family spells the same way."""
     _refuse(hf, "hidden_act", where, ("silu",), "only SwiGLU (silu) FFNs are supported")
-    heads = int(_get(hf, "num_attention_heads", where))
-    d = int(_get(hf, "hidden_size", where))
+    heads = _int(hf, "num_attention_heads", where)
+    d = _int(hf, "hidden_size", where)
     out = {
-        "vocab": int(_get(hf, "vocab_size", where)),
+        "vocab": _int(hf, "vocab_size", where),
         "d_model": d,
-        "layers": int(_get(hf, "num_hidden_layers", where)),
+        "layers": _int(hf, "num_hidden_layers", where),
         "heads": heads,
-        "kv_heads": int(_get(hf, "num_key_value_heads", where, heads)),
-        "head_dim": int(_get(hf, "head_dim", where, d // heads)),
+        "kv_heads": _int(hf, "num_key_value_heads", where, heads),
+        "head_dim": _int(hf, "head_dim", where, d // heads),
         "ffn": "swiglu",
         "rope_theta": _rope_theta(hf, where),
         "norm_eps": float(_get(hf, "rms_norm_eps", where)),
         "init_std": float(_get(hf, "initializer_range", where, 0.02)),
-        "max_seq_len": int(_get(hf, "max_position_embeddings", where)),
+        "max_seq_len": _int(hf, "max_position_embeddings", where),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "expert_bias": False,
         "router_score": "softmax",
@@ -184,7 +195,7 @@ def _hf_common(m: ModelConfig) -> dict[str, Any]:
 
 def _qwen_dense_layers(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """Qwen's layer kinds: layer i is dense when i is in mlp_only_layers or (i + 1) % decoder_sparse_step != 0."""
-    step = int(hf.get("decoder_sparse_step") or 1)
+    step = _int(hf, "decoder_sparse_step", where, 1) or 1
     only = sorted(int(i) for i in hf.get("mlp_only_layers") or [])
     if step == 1 and only == list(range(len(only))):
         out = {"dense_layers": len(only)}
@@ -196,7 +207,7 @@ def _qwen_dense_layers(hf: dict[str, Any], where: str) -> dict[str, Any]:
             "(mlp_only_layers = 0..k-1 with decoder_sparse_step 1) or every n-th layer MoE (no mlp_only_layers)"
         )
     if len(only) or step > 1:
-        out["dense_hidden"] = int(_get(hf, "intermediate_size", where))
+        out["dense_hidden"] = _int(hf, "intermediate_size", where)
     return out
 
 
@@ -215,8 +226,8 @@ def _no_sliding_window(hf: dict[str, Any], where: str) -> None:
 
 def _mixtral(hf: dict[str, Any], where: str) -> dict[str, Any]:
     _no_sliding_window(hf, where)
-    return dict(_common(hf, where), experts=int(_get(hf, "num_local_experts", where)),
-                top_k=int(_get(hf, "num_experts_per_tok", where)), expert_hidden=int(_get(hf, "intermediate_size", where)),
+    return dict(_common(hf, where), experts=_int(hf, "num_local_experts", where),
+                top_k=_int(hf, "num_experts_per_tok", where), expert_hidden=_int(hf, "intermediate_size", where),
                 norm_topk=True)  # fmt: skip
 
 
@@ -228,9 +239,9 @@ def _hf_mixtral(m: ModelConfig) -> dict[str, Any]:
 def _qwen3_moe(hf: dict[str, Any], where: str) -> dict[str, Any]:
     _no_sliding_window(hf, where)
     _refuse(hf, "attention_bias", where, (False, None), "a bias on the attention projections is not supported")
-    out = dict(_common(hf, where), experts=int(_get(hf, "num_experts|num_local_experts", where)),
-               top_k=int(_get(hf, "num_experts_per_tok", where)),
-               expert_hidden=int(_get(hf, "moe_intermediate_size", where)),
+    out = dict(_common(hf, where), experts=_int(hf, "num_experts|num_local_experts", where),
+               top_k=_int(hf, "num_experts_per_tok", where),
+               expert_hidden=_int(hf, "moe_intermediate_size", where),
                norm_topk=bool(_get(hf, "norm_topk_prob", where, False)), qk_norm="head")  # fmt: skip
     return dict(out, **_qwen_dense_layers(hf, where))
 
@@ -244,9 +255,9 @@ def _hf_qwen3_moe(m: ModelConfig) -> dict[str, Any]:
 def _olmoe(hf: dict[str, Any], where: str) -> dict[str, Any]:
     _refuse(hf, "clip_qkv", where, (None,), "clipping q, k and v is not supported")
     _refuse(hf, "attention_bias", where, (False, None), "a bias on the attention projections is not supported")
-    out = dict(_common(hf, where), experts=int(_get(hf, "num_experts|num_local_experts", where)),
-               top_k=int(_get(hf, "num_experts_per_tok", where)),
-               expert_hidden=int(_get(hf, "intermediate_size", where)),
+    out = dict(_common(hf, where), experts=_int(hf, "num_experts|num_local_experts", where),
+               top_k=_int(hf, "num_experts_per_tok", where),
+               expert_hidden=_int(hf, "intermediate_size", where),
                norm_topk=bool(_get(hf, "norm_topk_prob", where, False)), qk_norm="projection")  # fmt: skip
     if "router_z_loss_coef" in hf:
         out["z_loss_weight"] = float(hf["router_z_loss_coef"])
@@ -260,10 +271,10 @@ def _hf_olmoe(m: ModelConfig) -> dict[str, Any]:
 
 def _qwen2_moe(hf: dict[str, Any], where: str) -> dict[str, Any]:
     _no_sliding_window(hf, where)
-    shared = int(hf.get("shared_expert_intermediate_size") or 0)
-    out = dict(_common(hf, where), experts=int(_get(hf, "num_experts|num_local_experts", where)),
-               top_k=int(_get(hf, "num_experts_per_tok", where)),
-               expert_hidden=int(_get(hf, "moe_intermediate_size", where)),
+    shared = _int(hf, "shared_expert_intermediate_size", where, 0) or 0
+    out = dict(_common(hf, where), experts=_int(hf, "num_experts|num_local_experts", where),
+               top_k=_int(hf, "num_experts_per_tok", where),
+               expert_hidden=_int(hf, "moe_intermediate_size", where),
                norm_topk=bool(_get(hf, "norm_topk_prob", where, False)), qkv_bias=True, shared_hidden=shared,
                shared_gate=bool(shared))  # fmt: skip
     return dict(out, **_qwen_dense_layers(hf, where))
@@ -282,41 +293,41 @@ def _deepseek(hf: dict[str, Any], where: str, v3: bool) -> dict[str, Any]:
     _refuse(hf, "mlp_bias", where, (False, None), "biases in the FFNs are not supported")
     if v3:
         _refuse(hf, "rope_interleave", where, (True, None), "only DeepSeek's interleaved RoPE layout is built")
-    heads = int(_get(hf, "num_attention_heads", where))
-    kv = int(_get(hf, "num_key_value_heads", where, heads))
+    heads = _int(hf, "num_attention_heads", where)
+    kv = _int(hf, "num_key_value_heads", where, heads)
     if kv != heads:
         raise ConfigError(f"{where}: num_key_value_heads={kv}: latent attention has one K/V head per query head "
                           f"(num_attention_heads={heads})")  # fmt: skip
-    if int(hf.get("moe_layer_freq") or 1) != 1:
+    if (_int(hf, "moe_layer_freq", where, 1) or 1) != 1:
         raise ConfigError(f"{where}: moe_layer_freq={hf['moe_layer_freq']!r}: only every layer after "
                           "first_k_dense_replace MoE (1) is supported")  # fmt: skip
     common = _common(hf, where)
     for key in ("head_dim", "kv_heads"):
         common.pop(key)
-    groups = int(hf.get("n_group") or 1)
+    groups = _int(hf, "n_group", where, 1) or 1
     out = dict(
         common,
         attention="mla",
-        q_lora_rank=int(hf.get("q_lora_rank") or 0),
-        kv_lora_rank=int(_get(hf, "kv_lora_rank", where)),
-        qk_nope_head_dim=int(_get(hf, "qk_nope_head_dim", where)),
-        qk_rope_head_dim=int(_get(hf, "qk_rope_head_dim", where)),
-        v_head_dim=int(_get(hf, "v_head_dim", where)),
-        experts=int(_get(hf, "n_routed_experts|num_local_experts|num_experts", where)),
-        top_k=int(_get(hf, "num_experts_per_tok", where)),
-        expert_hidden=int(_get(hf, "moe_intermediate_size", where)),
-        shared_hidden=int(hf.get("n_shared_experts") or 0) * int(_get(hf, "moe_intermediate_size", where)),
-        dense_layers=int(hf.get("first_k_dense_replace") or 0),
+        q_lora_rank=(_int(hf, "q_lora_rank", where, 0) or 0),
+        kv_lora_rank=_int(hf, "kv_lora_rank", where),
+        qk_nope_head_dim=_int(hf, "qk_nope_head_dim", where),
+        qk_rope_head_dim=_int(hf, "qk_rope_head_dim", where),
+        v_head_dim=_int(hf, "v_head_dim", where),
+        experts=_int(hf, "n_routed_experts|num_local_experts|num_experts", where),
+        top_k=_int(hf, "num_experts_per_tok", where),
+        expert_hidden=_int(hf, "moe_intermediate_size", where),
+        shared_hidden=(_int(hf, "n_shared_experts", where, 0) or 0) * _int(hf, "moe_intermediate_size", where),
+        dense_layers=(_int(hf, "first_k_dense_replace", where, 0) or 0),
         routed_scale=float(hf.get("routed_scaling_factor") or 1.0),
     )
     if out["dense_layers"]:
-        out["dense_hidden"] = int(_get(hf, "intermediate_size", where))
+        out["dense_hidden"] = _int(hf, "intermediate_size", where)
     if v3:  # sigmoid scores, the best topk_group of n_group groups (scored by their two best), the aux-free bias
-        out.update(router_score="sigmoid", expert_groups=groups, group_top_k=int(hf.get("topk_group") or 1),
+        out.update(router_score="sigmoid", expert_groups=groups, group_top_k=(_int(hf, "topk_group", where, 1) or 1),
                    norm_topk=bool(hf.get("norm_topk_prob", True)), expert_bias=True)  # fmt: skip
     else:  # softmax scores, never renormalised; grouped top-k is V2's other rule, not V3's: refused unless trivial
         method = hf.get("topk_method") or "greedy"
-        top_group = int(hf.get("topk_group") or groups)
+        top_group = _int(hf, "topk_group", where, groups) or groups
         if method not in ("greedy", "group_limited_greedy") or (method != "greedy" and top_group < groups):
             raise ConfigError(f"{where}: topk_method={method!r} (n_group={groups}, topk_group={top_group}): only "
                               "'greedy' routing is built for DeepSeek-V2 (group-limited greedy with topk_group < "
@@ -413,7 +424,48 @@ def family_of(hf: dict[str, Any], where: str) -> Family:
 
 def model_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """config.json -> the ModelConfig fields it fixes (the others keep their defaults)."""
-    return family_of(hf, where).model_fields(hf, where)
+    try:
+        return family_of(hf, where).model_fields(hf, where)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type the checks above did not name
+        raise ConfigError(f"{where}: a value of the wrong type ({e})") from None
+
+
+# Where a config.json spells a model field (the checks of config.py name the model's field; the user wrote these).
+HF_KEYS = {
+    "vocab": "vocab_size", "d_model": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads", "head_dim": "head_dim", "top_k": "num_experts_per_tok",
+    "experts": "num_local_experts|num_experts|n_routed_experts", "max_seq_len": "max_position_embeddings",
+    "expert_hidden": "moe_intermediate_size|intermediate_size", "dense_layers": "first_k_dense_replace",
+    "expert_groups": "n_group", "group_top_k": "topk_group", "kv_lora_rank": "kv_lora_rank",
+    "q_lora_rank": "q_lora_rank", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps",
+}  # fmt: skip
+
+
+def hf_key(hf: dict[str, Any], field: str) -> str | None:
+    """The config.json key that set ModelConfig `field`, where the file has it."""
+    return next((k for k in HF_KEYS.get(field, "").split("|") if k and k in hf), None)
+
+
+def supported_by(m: ModelConfig, family: Family) -> str | None:
+    """Why `m` lacks tensors `family` has (a Mixtral model written as OLMoE would lack its q/k norms), or None. The
+    other direction (tensors the family has no row for) is refused while writing."""
+    needs = {
+        "olmoe": (("qk_norm", "projection", "q/k norms over the projection"),),
+        "qwen3_moe": (("qk_norm", "head", "per-head q/k norms"),),
+        "qwen2_moe": (("qkv_bias", True, "q/k/v biases"),),
+        "deepseek_v2": (("attention", "mla", "multi-head latent attention"),),
+        "deepseek_v3": (("attention", "mla", "multi-head latent attention"), ("router_score", "sigmoid",
+                                                                             "sigmoid routing with its bias")),
+    }  # fmt: skip
+    for field, value, what in needs.get(family.model_type, ()):
+        if getattr(m, field) != value:
+            return (f"{family.model_type} models have {what} (model.{field}={value!r}), this one has "
+                    f"model.{field}={getattr(m, field)!r}")  # fmt: skip
+    if family.model_type == "qwen2_moe" and not m.shared_hidden:
+        return "qwen2_moe models have a shared expert, this one has none (model.shared_hidden=0)"
+    return None
 
 
 def family_for_model(m: ModelConfig) -> Family:

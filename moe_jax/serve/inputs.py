@@ -37,6 +37,14 @@ def weights_source(hf: str | None, checkpoint: str | None, config: str | None, l
     if directory is None and not hf and os.path.isdir(DEMO_CHECKPOINT) and config is None:
         directory = DEMO_CHECKPOINT  # the demo's tiny model; it restores onto any layout
     saved = read_meta(directory) if directory else None
+    if checkpoint is not None and saved is None:
+        if not os.path.isdir(checkpoint):
+            raise ConfigError(f"--checkpoint={checkpoint!r}: no such directory")
+        if os.path.isfile(os.path.join(checkpoint, "config.json")):
+            raise ConfigError(f"--checkpoint={checkpoint!r}: a Hugging Face checkpoint (it has a config.json), not a "
+                              f"moe_jax one; read it with --hf {checkpoint}")  # fmt: skip
+        raise ConfigError(f"--checkpoint={checkpoint!r}: no complete moe_jax checkpoint in it (the numbered step "
+                          "folders `train` and `import-hf` write)")  # fmt: skip
     if hf:
         cfg, _ = config_from_hf(hf, config, layout, overrides)
         return Source(cfg, hf, None, read_tokenizer_files(hf).get("tokenizer.json"), hf)

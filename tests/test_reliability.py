@@ -100,7 +100,7 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_is_the_straight_run(tmp_p
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     """Only process 1 is signalled; both stop after the same step (an all-gather of the flag at every boundary),
     both exit 0, and resuming with two processes (scripts/launch_local.sh) gives the uninterrupted two-process run
-    exactly."""
+    exactly: its losses, and its final parameters and optimizer state."""
     import socket
 
     s = socket.socket()
@@ -131,13 +131,19 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     assert Checkpoints(str(ck)).latest() == k
 
     launch = os.path.join(ROOT, "scripts", "launch_local.sh")
-    for args in (["--checkpoint-dir", str(ck), "--resume", "--metrics", str(m2)], ["--metrics", str(m3)]):
+    ck3 = tmp_path / "ck3"
+    for args in (["--checkpoint-dir", str(ck), "--resume", "--metrics", str(m2)],
+                 ["--checkpoint-dir", str(ck3), "--checkpoint-every", "1000", "--metrics", str(m3)]):  # fmt: skip
         proc = subprocess.run([launch, "2", "4", "--", *CLI, *TRAIN, *args], cwd=ROOT, capture_output=True, text=True,
                               timeout=600)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
     resumed, whole = _metrics(m1) + _metrics(m2), _metrics(m3)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]  # exactly
+    a, b = _params(str(ck)), _params(str(ck3))
+    assert a.step == b.step == STEPS
+    for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state)), strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -12,12 +12,16 @@ from moe_jax.config import ConfigError
 from moe_jax.plan.hardware import PROFILES
 
 
+class UsageError(Exception):
+    """A mistake in the command line, as one line: cli.main prints it and returns 2."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with a mistake reported in one line (argparse prints its usage first, a screen of it for some
-    commands): `moe-jax train: error: argument --steps: 'x' is not an integer; valid: an integer >= 1`, exit 2."""
+    commands): `moe-jax train: error: argument --steps: 'x' is not an integer; valid: an integer >= 1`."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
 def at_least(lo: int):

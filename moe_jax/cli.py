@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import sys
 
-from moe_jax.arguments import build_parser, check_not_empty, check_output
+from moe_jax.arguments import UsageError, build_parser, check_not_empty, check_output
 from moe_jax.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__)
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # key=value overrides after an option that follows a positional (import-hf DIR --out X key=value)
-        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-            args.overrides = [*args.overrides, *extra]
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # key=value overrides after an option that follows a positional (import-hf DIR --out X key=value)
+            if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+                args.overrides = [*args.overrides, *extra]
+            else:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
     try:
         check_not_empty(args)
         for dest, directory in getattr(args, "outputs", {}).items():

@@ -61,7 +61,7 @@ def test_a_device_count_far_from_the_layouts_is_refused_at_once(capsys):
     # Before this check, JAX was asked for 100000 fake devices first (minutes, then killed).
     err = one_line_error(["compile", "--devices", "100000"], capsys)
     assert "devices=100000: layout pp x dp x ep x tp = 4 x 1 x 16 x 2 = 128 devices" in err
-    assert "--devices=0: must be a positive integer" in one_line_error(["compile", "--devices", "0"], capsys)
+    assert "argument --devices: 0: valid: an integer >= 1" in one_line_error(["compile", "--devices", "0"], capsys)
 
 
 def test_search_without_any_layout_says_why_and_which_counts_have_one(capsys):
@@ -73,7 +73,8 @@ def test_search_without_any_layout_says_why_and_which_counts_have_one(capsys):
         in err
     )
     assert "the nearest device counts with layouts: 16 and 18 (at most 2048)" in err
-    assert "--devices=0: must be a positive integer" in one_line_error(["plan", "--devices", "0", "--search"], capsys)
+    assert "argument --devices: 0: valid: an integer >= 1" in one_line_error(["plan", "--devices", "0", "--search"],
+                                                                              capsys)  # fmt: skip
     err = one_line_error(["plan", "--devices", "4096", "--search"], capsys)
     assert "nearest device counts with layouts: 2048 (at most 2048)" in err
 

@@ -27,13 +27,19 @@ RUN_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 def config_from_hf(directory: str, config: str | None = None, layout: str | None = None,
                    overrides: Iterable[str] = ()) -> tuple[Config, dict[str, Any]]:  # fmt: skip
     """(Config, config.json): the model from config.json; the compute dtype from its dtype and the sequence length
-    capped at its context unless --config gives a run; then --config, --layout and the overrides as everywhere."""
+    capped at its context unless --config gives a run; then --config, --layout and the overrides as everywhere.
+    --config's model section may set what config.json does not (the dispatch, the router's loss weights); a value
+    that contradicts config.json is refused in one line, and a bad value in config.json is named by its key there."""
     hf = read_hf_config(directory)
     where = os.path.join(directory, "config.json")
     fields = model_fields(hf, where)
-    if config is not None and "model" in read_yaml(config, "--config"):
-        raise ConfigError(f"--config={config!r}: has a model section, but the model is {where}; give a config with "
-                          "run and layout sections only, or change one model field with model.KEY=VALUE")  # fmt: skip
+    section = read_yaml(config, "--config").get("model") if config is not None else None
+    if isinstance(section, dict):  # config.json fixes the architecture: a model section may set what it does not
+        for key, value in section.items():  # (dispatch, the router's loss weights, ...), never change what it does
+            if key in fields and fields[key] != value:
+                raise ConfigError(f"--config={config!r}: model.{key}={value!r}, but the model is {where}, which gives "
+                                  f"{fields[key]!r}; leave that field out of the model section (config.json fixes "
+                                  "it), or change it with model.KEY=VALUE")  # fmt: skip
     try:  # the file's own values first, so that a bad one is named by its key in the file
         load_config(None, None, [f"run.seq_len={max(1, min(2048, fields['max_seq_len']))}"], base={"model": fields})
     except ConfigError as e:

@@ -72,6 +72,12 @@ def _config_args(p, config_help="model/run YAML (default: the seed's model, embe
           ("overrides", {"nargs": "*", "metavar": "key=value", "help": "e.g. model.top_k=1 layout.ep=4 run.batch=64"}))  # fmt: skip
 
 
+def _hf_args(p) -> None:
+    _args(p, ("--hf", {"metavar": "DIR", "help": "a Hugging Face model's directory (or its config.json): the model "
+                       "from config.json, no weights read; --config then gives run and layout only (so does a "
+                       "config.json given as --config)"}))  # fmt: skip
+
+
 def _device_args(p) -> None:
     _args(p, ("--devices", {"type": POSITIVE, "help": "number of fake CPU devices (default: the layout's device count); "
                                                  "ignored with --real"}),
@@ -113,7 +119,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
     p = _command(sub, "mesh", "the exact device assignment of a layout: table, JSON and picture",
                  {"json": False, "png": False})  # fmt: skip
-    _config_args(p), _device_args(p), _target_args(p), _distributed_args(p)
+    _config_args(p), _hf_args(p), _device_args(p), _target_args(p), _distributed_args(p)
     _args(p, ("--json", "write the assignment JSON here"), ("--png", "draw the mesh picture here"),
           ("--full", _flag("list every group instead of the first and last few")),
           ("--no-check", _flag("skip the check against JAX's placement of every parameter")),
@@ -121,7 +127,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
     p = _command(sub, "verify", "one train step sharded and on one device: loss, router terms, gradients",
                  {"json": False})  # fmt: skip
-    _config_args(p), _device_args(p)
+    _config_args(p), _hf_args(p), _device_args(p)
     _args(
         p,
         ("--json", "write the errors here"),
@@ -190,13 +196,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
     p = _command(sub, "compile", "compile a step for the layout on fake devices or a TPU topology: memory, FLOPs, "
                  "collectives", {"dump": True, "json": False})  # fmt: skip
-    _config_args(p), _device_args(p), _target_args(p)
+    _config_args(p), _hf_args(p), _device_args(p), _target_args(p)
     _args(p, ("--step", {"default": "train", "choices": steps}), json_out,
           ("--dump", "write the HLO before and after optimisation and XLA's buffer assignment here"))  # fmt: skip
 
     p = _command(sub, "plan", "the analytic plan of a layout, or --search every layout of --devices N",
                  {"json": False}, real=False)  # fmt: skip
-    _config_args(p)
+    _config_args(p), _hf_args(p)
     _args(p, ("--hardware", {"default": "seed", "help": ", ".join(PROFILES)}),
           ("--step", {"default": "train", "choices": steps}),
           ("--devices", {"type": POSITIVE, "help": "the device count (checked against the layout; needed by --search)"}),
@@ -221,7 +227,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
     p = _command(sub, "hlo", "the train step's HLO and the audit of its collectives against the expected set",
                  {"out": True, "json": False})  # fmt: skip
-    _config_args(p), _device_args(p), _target_args(p)
+    _config_args(p), _hf_args(p), _device_args(p), _target_args(p)
     _args(p, ("--out", "write before/after_optimizations.hlo.txt here"),
           ("--json", "write the collective table and the audit here"))  # fmt: skip
     return parser

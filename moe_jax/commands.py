@@ -3,6 +3,7 @@ what it returns (report.py, plan/report.py). cli.py parses and dispatches here."
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -14,7 +15,7 @@ from moe_jax import demo
 from moe_jax.compile import compile_report
 from moe_jax.config import Config, ConfigError, check_devices, storage_model
 from moe_jax.distributed import lost_peer_message
-from moe_jax.hf import config_from_hf, import_checkpoint
+from moe_jax.hf import config_from_hf, import_checkpoint, is_hf_config
 from moe_jax.hf.checkpoint import export, import_state, parse_size, prepare_out
 from moe_jax.hf.families import FAMILIES, family_for_model, supported_by
 from moe_jax.hlo import audit
@@ -54,8 +55,15 @@ from moe_jax.verify import perturb_one_gradient, verify
 from moe_jax.viz import draw_mesh, draw_schedule
 
 
-def _config(args) -> Config:
-    return load_config(args.config, args.layout, args.overrides)
+def _config(args, check: bool = True) -> Config:
+    """The command's config: --hf DIR (or a config.json given as --config) is the model, with --config's run and
+    layout; else --config and --layout as YAML files."""
+    hf, config = getattr(args, "hf", None), args.config
+    if hf is None and config is not None and is_hf_config(config):
+        hf, config = config, None
+    if hf is not None:
+        return config_from_hf(hf, config, args.layout, args.overrides, check=check)[0]
+    return load_config(config, args.layout, args.overrides, check=check)
 
 
 def _target(args) -> Target | None:
@@ -79,7 +87,9 @@ def _devices(args, cfg: Config, compile_only: bool = False):
 
 
 def _json(args, data) -> None:
-    if args.json and jax.process_index() == 0:
+    """Writes --json from process 0. A command that set up no devices (plan, schedule) is one process, and asking
+    JAX which one it is would start its backends (libtpu, where installed, prints its warnings doing so)."""
+    if args.json and (jax.config.jax_platforms is None or jax.process_index() == 0):
         write_json(args.json, data)
 
 
@@ -187,7 +197,7 @@ def cmd_plan(args) -> int:
     if args.search:
         if args.devices is None:
             raise ConfigError("--search needs --devices N: the device count to lay out")
-        result = search(load_config(args.config, None, args.overrides, check=False), args.devices, hw)
+        result = search(_config(argparse.Namespace(**{**vars(args), "layout": None}), check=False), args.devices, hw)
         print_search(console, result, hw, args.devices, args.top)
         _json(args, result)
         return 0

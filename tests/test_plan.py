@@ -241,3 +241,30 @@ def test_planned_figures_are_the_golden_ones():
     live = plan_golden.cases()
     differ = sorted(k for k in golden.keys() | live.keys() if golden.get(k) != live.get(k))
     assert not differ, f"{len(differ)} planned cases changed (rerun scripts/plan_golden.py if meant): {differ[:8]}"
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3"])
+def test_a_config_json_is_planned_as_its_yaml_config(family, tmp_path, cli):
+    """`plan --hf DIR` and `plan --config DIR/config.json` (no weights read) give the plan of the YAML config with the
+    same model, the run config.json implies (its dtype; the sequence capped at its context) and the same layout."""
+    import yaml
+
+    from moe_jax.hf.families import model_fields
+
+    d = os.path.join(ROOT, "tests", "fixtures", "hf", family)
+    with open(os.path.join(d, "config.json")) as f:
+        hf = json.load(f)
+    fields = model_fields(hf, d)
+    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(hf.get("dtype") or hf.get("torch_dtype"),
+                                                                         "bf16")  # fmt: skip
+    yaml_path = tmp_path / "model.yaml"
+    yaml_path.write_text(yaml.safe_dump({"model": fields, "run": {"dtype": dtype,
+                                                                 "seq_len": min(2048, fields["max_seq_len"])}}))  # fmt: skip
+    plans = []
+    for source in (["--hf", d], ["--config", os.path.join(d, "config.json")], ["--config", str(yaml_path)]):
+        out = tmp_path / "p.json"
+        proc = cli("plan", *source, "--hardware", "h100", "run.batch=8", "--json", str(out))
+        assert proc.returncode == 0, proc.stderr
+        plans.append(json.loads(out.read_text()))
+    assert plans[0] == plans[1] == plans[2]
+    assert plans[0]["memory_per_device_bytes"]["total"] > 0

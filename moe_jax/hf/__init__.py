@@ -3,6 +3,7 @@ per family), read into and written from the shards of any layout (`checkpoint.py
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -24,14 +25,26 @@ from moe_jax.train.checkpoint import Checkpoints
 RUN_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
+def is_hf_config(path: str) -> bool:
+    """Whether `path` is a Hugging Face config.json (a JSON file naming a model_type), not a moe_jax YAML config."""
+    if not path.endswith(".json") or not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model_type" in data
+
+
 def config_from_hf(directory: str, config: str | None = None, layout: str | None = None,
-                   overrides: Iterable[str] = ()) -> tuple[Config, dict[str, Any]]:  # fmt: skip
+                   overrides: Iterable[str] = (), check: bool = True) -> tuple[Config, dict[str, Any]]:  # fmt: skip
     """(Config, config.json): the model from config.json; the compute dtype from its dtype and the sequence length
     capped at its context unless --config gives a run; then --config, --layout and the overrides as everywhere.
     --config's model section may set what config.json does not (the dispatch, the router's loss weights); a value
     that contradicts config.json is refused in one line, and a bad value in config.json is named by its key there."""
     hf = read_hf_config(directory)
-    where = os.path.join(directory, "config.json")
+    where = directory if os.path.isfile(directory) else os.path.join(directory, "config.json")
     fields = model_fields(hf, where)
     section = read_yaml(config, "--config").get("model") if config is not None else None
     if isinstance(section, dict):  # config.json fixes the architecture: a model section may set what it does not
@@ -52,7 +65,7 @@ def config_from_hf(directory: str, config: str | None = None, layout: str | None
     if config is None:
         dtype = RUN_DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype")), "bf16")
         run = [f"run.dtype={dtype}", f"run.seq_len={min(2048, fields['max_seq_len'])}"]
-    return load_config(config, layout, [*run, *overrides], base={"model": fields}), hf
+    return load_config(config, layout, [*run, *overrides], check=check, base={"model": fields}), hf
 
 
 def read_tokenizer_files(directory: str) -> dict[str, str]:

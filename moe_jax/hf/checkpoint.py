@@ -39,8 +39,11 @@ DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
 
 
 def read_hf_config(directory: str) -> dict[str, Any]:
+    """A checkpoint directory's config.json (or `directory` itself where it is that file: planning needs no weights)."""
     path = os.path.join(directory, "config.json")
-    if not os.path.isdir(directory):
+    if os.path.isfile(directory):
+        path = directory
+    elif not os.path.isdir(directory):
         raise ConfigError(f"{directory}: no such directory (expected a Hugging Face checkpoint directory)")
     if not os.path.isfile(path):
         raise ConfigError(f"{directory}: no config.json (expected a Hugging Face checkpoint directory)")

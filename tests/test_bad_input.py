@@ -256,3 +256,10 @@ def test_every_command_refuses_generated_bad_input_in_one_line(capsys):
             failures.append((argv, rc, err[-300:]))
     assert not os.path.exists("/tmp/moe-jax-fuzz-never-written")
     assert not failures, f"{len(failures)} of {len(cases)} cases: " + "\n".join(map(str, failures[:20]))
+
+
+def test_an_unsupported_config_json_names_the_supported_families(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama4", "hidden_size": 5120}))
+    for argv in (["plan", "--hf", str(tmp_path)], ["plan", "--config", str(tmp_path / "config.json")]):
+        err = one_line(argv, capsys)
+        assert "model_type='llama4': not supported; supported: mixtral, qwen3_moe, olmoe, qwen2_moe" in err

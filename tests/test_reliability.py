@@ -213,6 +213,10 @@ def test_a_damaged_checkpoint_is_named_and_resume_takes_the_one_before(tmp_path)
     with pytest.raises(ConfigError) as e:
         Checkpoints(str(d)).restore(sm, init_train_state(sm, make_optimizer(cfg.run)), step=6)
     assert str(e.value) == f"checkpoint {d} step 6 is damaged: {rel} is {size // 2:,} bytes, {size:,} were written"
+    reader = Checkpoints(str(d))  # a reader (generate, export-hf) takes step 3 and leaves step 6 as it is
+    assert reader.restore(sm, init_train_state(sm, make_optimizer(cfg.run))).step == 3
+    assert reader.fallbacks == [f"checkpoint step 6 in {d} is damaged ({rel} is {size // 2:,} bytes, {size:,} were "
+                                "written): passed over"] and (d / "6").is_dir()  # fmt: skip
     notes = []
     _, resumed = run(cfg, 6, checkpoint_dir=str(d), resume=True, on_note=notes.append)
     assert notes == [f"checkpoint step 6 in {d} is damaged ({rel} is {size // 2:,} bytes, {size:,} were written): "

@@ -102,6 +102,8 @@ def load_weights(src: Source, sm: ShardedModel) -> tuple[Any, Any, str]:
         return params, rest, f"weights: Hugging Face checkpoint {src.hf}"
     template = init_train_state(sm, make_optimizer(cfg.run), cfg.run.seed)
     if src.checkpoint:
-        state = Checkpoints(src.checkpoint).restore(sm, template)
-        return state.params, state.rest, f"weights: checkpoint {src.checkpoint} at step {state.step}"
+        ckpt = Checkpoints(src.checkpoint)
+        state = ckpt.restore(sm, template)  # the latest complete step; a damaged later one is named, left as it is
+        notes = "".join(f"; {line}" for line in ckpt.fallbacks)
+        return state.params, state.rest, f"weights: checkpoint {src.checkpoint} at step {state.step}{notes}"
     return template.params, template.rest, f"weights: fresh ({src.why_fresh})"

@@ -178,30 +178,32 @@ class Checkpoints:
             raise _Unreadable(f"checkpoint step {step} in {self.directory}: its metadata is unreadable "
                               f"({_first_line(e)})") from None  # fmt: skip
 
-    def restore(self, sm: ShardedModel, template: TrainState, step: int | None = None) -> TrainState:
+    def restore(self, sm: ShardedModel, template: TrainState, step: int | None = None,
+                set_aside: bool = False) -> TrainState:  # fmt: skip
         """Restores onto `template`'s layout (its shardings); raises ConfigError if the checkpoint is missing, damaged
         or was written for another model. Without `step`, the latest complete one: a damaged checkpoint after it, or
-        one that fails to restore, is passed over, each with a line in `fallbacks`."""
+        one that fails to restore, is passed over, each with a line in `fallbacks`; `set_aside` (a run that resumes,
+        and will write those steps again) renames each to STEP.damaged, where reading leaves them as they are."""
         if step is not None:
             problem = damage(self.directory, step) if step in saved_steps(self.directory) else "it does not exist"
             if problem:
                 raise ConfigError(f"checkpoint {self.directory} step {step} is damaged: {problem}")
             return self._restore(sm, template, step)
         whole, damaged = complete_steps(self.directory)
-        self.fallbacks = []
-        for s, why in damaged:
-            if not whole or s > whole[-1]:
-                self.fallbacks.append(f"checkpoint step {s} in {self.directory} is damaged ({why}): passed over, "
-                                      f"kept as {self._set_aside(s)}")  # fmt: skip
         if not whole:
             more = f" (damaged: {'; '.join(f'step {s}: {why}' for s, why in damaged)})" if damaged else ""
             raise ConfigError(f"--resume: no {'complete ' if damaged else ''}checkpoint in {self.directory}{more}; "
                               "train without --resume to start one")  # fmt: skip
+        self.fallbacks = []
+        for s, why in damaged:
+            if s > whole[-1]:
+                self.fallbacks.append(f"checkpoint step {s} in {self.directory} is damaged ({why}): passed over"
+                                      + (f", kept as {self._set_aside(s)}" if set_aside else ""))  # fmt: skip
         for s in reversed(whole):
             try:
                 return self._restore(sm, template, s)
             except _Unreadable as e:
-                self.fallbacks.append(f"{e}: passed over, kept as {self._set_aside(s)}")
+                self.fallbacks.append(f"{e}: passed over" + (f", kept as {self._set_aside(s)}" if set_aside else ""))
         raise ConfigError(f"--resume: no checkpoint in {self.directory} could be restored: {'; '.join(self.fallbacks)}")
 
     def _set_aside(self, step: int) -> str:

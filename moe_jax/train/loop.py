@@ -179,7 +179,7 @@ def _run(cfg, mesh, source, steps, ckpt, checkpoint_every, metrics_path, resume,
     else:
         state = init_train_state(sm, tx, cfg.run.seed)
     if resume:
-        state = ckpt.restore(sm, state)  # the latest complete step (or the one-line error when there is none)
+        state = ckpt.restore(sm, state, set_aside=True)  # the latest complete step (or the one-line error)
         for line in ckpt.fallbacks:
             if on_note:
                 on_note(line)

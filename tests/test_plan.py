@@ -97,7 +97,8 @@ def test_seed_audit_document_regenerates():
          "devices=64: layout pp x dp x ep x tp = 4 x 1 x 16 x 2 = 128 devices"),
         (["plan", "--layout", "meshes/seed-32.yaml", "run.seq_len=10240", "model.dispatch=dropless", "layout.remat=none"],
          "does not fit: needs {planned:.1f} GB per device, has 64"),  # the planner's total for that config
-        (["plan", "--check", "--tolerance", "0"], "--tolerance=0.0: a percentage between 0 and 100"),
+        (["plan", "--check", "--tolerance", "0"], "argument --tolerance: 0: valid: a finite number > 0"),
+        (["plan", "--check", "--tolerance", "100"], "--tolerance=100.0: a percentage between 0 and 100"),
         (["plan", "--check", "--step", "decode"], "--check: checks the train step of one layout"),
     ],
 )  # fmt: skip

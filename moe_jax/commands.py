@@ -3,7 +3,6 @@ what it returns (report.py, plan/report.py). cli.py parses and dispatches here."
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -55,15 +54,16 @@ from moe_jax.verify import perturb_one_gradient, verify
 from moe_jax.viz import draw_mesh, draw_schedule
 
 
-def _config(args, check: bool = True) -> Config:
+def _config(args, check: bool = True, with_layout: bool = True) -> Config:
     """The command's config: --hf DIR (or a config.json given as --config) is the model, with --config's run and
-    layout; else --config and --layout as YAML files."""
+    layout; else --config and --layout as YAML files. `with_layout=False`: --layout left out (the search's)."""
     hf, config = getattr(args, "hf", None), args.config
+    layout = args.layout if with_layout else None
     if hf is None and config is not None and is_hf_config(config):
         hf, config = config, None
     if hf is not None:
-        return config_from_hf(hf, config, args.layout, args.overrides, check=check)[0]
-    return load_config(config, args.layout, args.overrides, check=check)
+        return config_from_hf(hf, config, layout, args.overrides, check=check)[0]
+    return load_config(config, layout, args.overrides, check=check)
 
 
 def _target(args) -> Target | None:
@@ -197,7 +197,7 @@ def cmd_plan(args) -> int:
     if args.search:
         if args.devices is None:
             raise ConfigError("--search needs --devices N: the device count to lay out")
-        result = search(_config(argparse.Namespace(**{**vars(args), "layout": None}), check=False), args.devices, hw)
+        result = search(_config(args, check=False, with_layout=False), args.devices, hw)
         print_search(console, result, hw, args.devices, args.top)
         _json(args, result)
         return 0

@@ -17,7 +17,7 @@ from moe_jax.config import Config, ConfigError
 from moe_jax.hlo import audit, dot_flops
 from moe_jax.mesh import assignment
 from moe_jax.model.layers import compute_dtype
-from moe_jax.parallel.sharded import ShardedModel, abstract_inputs
+from moe_jax.parallel.sharded import ShardedModel, abstract_inputs, mesh_platform
 from moe_jax.serve.step import ServeModel, cache_shapes, cache_specs, tokens_spec
 from moe_jax.target import Target, compiler_options
 from moe_jax.train.step import abstract_train_inputs, make_optimizer, train_step
@@ -83,7 +83,7 @@ def compile_report(
     """Returns (report, lowered, compiled). Memory is per device: total = argument + output + temp - alias.
     `dump_buffers`: XLA's buffer assignment texts too, under report["xla_dump"] (`buffers.py`). `target`: the TPU
     topology `mesh` is on (its chips' HBM is reported against the memory); None, XLA:CPU's fake devices."""
-    platform = mesh.devices.flat[0].platform
+    platform = mesh_platform(mesh)
     t0 = time.perf_counter()
     lowered = lower(cfg, mesh, step)
     t1 = time.perf_counter()

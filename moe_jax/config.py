@@ -20,6 +20,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 # What a step with a non-finite loss or gradients does (train/loop.py): stop the run there, or skip the update (fp16's
 # loss scaling always skips an overflowing step; past run.max_skips skipped steps in a row the run stops either way).
 NONFINITE = ("stop", "skip")
+MOMENT_DTYPES = ("fp32", "bf16")  # what AdamW's moments may be stored in (run.exp_avg_dtype, run.exp_avg_sq_dtype)
 FFN_KINDS = ("gelu", "swiglu")
 DISPATCH_MODES = ("capacity", "dropless", "ragged")
 REMAT_POLICIES = ("none", "tick", "layer")
@@ -39,7 +40,7 @@ RAGGED_EXCHANGES = ("auto", "padded", "emulated")
 # last stage's outputs, GPipe); 'none' keeps both whole on every device.
 VOCAB_SPLITS = ("tp", "tp_pp", "none")
 ATTENTION_KINDS = ("mha", "mla")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blockwise")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blockwise", "flash")
 # DeepSeek's latent RMSNorms (q_a_layernorm, kv_a_layernorm) use their class default, not the model's norm_eps.
 LATENT_NORM_EPS = 1e-6
 
@@ -86,10 +87,13 @@ class ModelConfig:
     qk_nope_head_dim: int = 0  # MLA: the per-head query/key part without RoPE
     qk_rope_head_dim: int = 0  # MLA: the RoPE part, its key shared by all heads (cached beside the latent)
     v_head_dim: int = 0  # MLA: the value heads' width (the output projection reads heads x v_head_dim)
-    # training attention: blockwise (query blocks of 512, each rematerialised: long sequences fit), or
-    # jax.nn.dot_product_attention's xla (scores materialised whole) or cudnn (fused, GPU only); auto: cudnn on GPU,
-    # blockwise elsewhere. Serving attends blockwise (its queries start at the cache position).
+    # training attention: blockwise (query blocks, each rematerialised: long sequences fit, the causal mask of every
+    # block kept), flash (query and key blocks, only the causal pairs, an online softmax and its own backward: memory
+    # linear in the sequence; what published runs use), or jax.nn.dot_product_attention's xla (scores materialised
+    # whole) or cudnn (fused, GPU only); auto: cudnn on GPU, blockwise elsewhere. Serving attends blockwise (its
+    # queries start at the cache position).
     attention_impl: str = "auto"
+    attention_block: int = 512  # rows of a query (and, flash, key) block; flash needs the sequence to be a multiple
     kv_heads: int = 0  # K/V heads (grouped-query attention): 1 = MQA; 0 means `heads` (MHA, the seed's).
     qk_norm: str = "none"  # RMSNorm on q and k before RoPE: per head (Qwen3) or over the whole projection (OLMoE).
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen1.5-MoE / Qwen2-MoE).
@@ -231,7 +235,7 @@ class RunConfig:
     """What one step sees: the global batch, the sequence, the compute dtype, and the optimizer's settings (AdamW,
     warmup then cosine decay over run.steps, gradients clipped by their global norm: train/step.py), and what a step
     with a non-finite loss or gradients does (`nonfinite`: stop the run, or skip the update; `max_skips` skipped steps
-    in a row stop it either way: train/loop.py)."""
+    in a row stop it either way: train/loop.py), and the dtypes AdamW's two moments are stored in."""
 
     batch: int = 128
     seq_len: int = 2048
@@ -244,6 +248,10 @@ class RunConfig:
     grad_clip: float = 1.0
     nonfinite: str = "stop"
     max_skips: int = 10
+    # AdamW's moments as stored (updated in fp32 either way): Megatron-Core's --exp-avg-dtype / --exp-avg-sq-dtype of
+    # its precision-aware optimizer; DeepSeek-V3 kept both in bf16
+    exp_avg_dtype: str = "fp32"
+    exp_avg_sq_dtype: str = "fp32"
 
 
 @_config_section
@@ -269,6 +277,7 @@ _POSITIVE_INTS = {
         "moe_every",
         "expert_groups",
         "group_top_k",
+        "attention_block",
     ),
     "layout": ("pp", "dp", "ep", "tp", "repeats", "microbatches", "devices_per_host"),
     "run": ("batch", "seq_len", "steps", "max_skips"),
@@ -305,6 +314,8 @@ _CHOICES = {
     ("layout", "vocab_split"): VOCAB_SPLITS,
     ("run", "dtype"): DTYPES,
     ("run", "nonfinite"): NONFINITE,
+    ("run", "exp_avg_dtype"): MOMENT_DTYPES,
+    ("run", "exp_avg_sq_dtype"): MOMENT_DTYPES,
 }
 
 
@@ -390,6 +401,9 @@ def check_config(cfg: Config) -> Config:
         _fail("run.seq_len", run.seq_len, f"must be divisible by layout.tp={lay.tp} (sequence parallelism)")
     if run.seq_len > m.max_seq_len:
         _fail("run.seq_len", run.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
+    if m.attention_impl == "flash" and run.seq_len > m.attention_block and run.seq_len % m.attention_block:
+        _fail("run.seq_len", run.seq_len, f"must be a multiple of model.attention_block={m.attention_block} with "
+              f"model.attention_impl='flash' (or at most one block); valid block sizes: {_divisors(run.seq_len)}")  # fmt: skip
     shards = lay.dp * lay.ep * lay.microbatches
     if run.batch % shards:
         _fail(

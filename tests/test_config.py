@@ -107,6 +107,14 @@ BAD_OVERRIDES = [
     (["layout.repeats=2", "layout.stage_layers=[4,4,4,4]"], "layout.stage_layers", "need layout.repeats=1, not 2"),
     (["layout.stage_layers=[a]"], "layout.stage_layers=['a']", "expected a list of integers, e.g. [2, 2, 2, 1]"),
     (["layout.pp=3"], "layout.pp=3", "(or uneven stages: layout.stage_layers)"),
+    # Flash attention (issue 30): the sequence in whole blocks.
+    (
+        ["model.attention_impl=flash", "run.seq_len=1000"],
+        "run.seq_len=1000",
+        "must be a multiple of model.attention_block=512 with model.attention_impl='flash'",
+    ),  # fmt: skip
+    (["model.attention_block=0"], "model.attention_block=0", "must be"),
+    (["model.attention_impl=flashy"], "model.attention_impl='flashy'", "valid: auto, xla, cudnn, blockwise, flash"),
 ]
 
 

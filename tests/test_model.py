@@ -100,19 +100,20 @@ def test_dropless_moe_equals_naive_loop_outputs_and_gradients(ffn, groups, dispa
     assert float(jnp.max(jnp.abs(g_model[0]["router"][...]))) > 0
 
 
-@pytest.mark.parametrize("kv,vk", [(4, 12), (2, 7)])  # MHA; GQA with values narrower than keys (MLA's)
-def test_attention_implementations_equal_the_blockwise_reference(kv, vk):
-    """jax.nn.dot_product_attention (xla: the one implementation this CPU runs besides ours) and block skipping (key
-    blocks the causal mask hides are not scored) equal the blockwise reference at a sequence of 4 blocks (of 8 rows here: the
-    code path of 512-row blocks at 2048, at a cost a test can pay), outputs and gradients in fp32; cudnn is refused in
-    one line where there is no GPU."""
-    from moe_jax.model.layers import attend, causal_attention
+@pytest.mark.parametrize("kv,vk,scale", [(4, 12, None), (2, 7, 0.3)])  # MHA; GQA with values narrower than keys
+def test_attention_implementations_equal_the_blockwise_reference(kv, vk, scale):  # and a scale of their own (MLA's)
+    """jax.nn.dot_product_attention (xla: the one implementation this CPU runs besides ours), block skipping (key
+    blocks the causal mask hides are not scored) and flash (key blocks too, an online softmax and its own VJP) equal
+    the blockwise reference at a sequence of 4 blocks (of 8 rows here: the code path of 512-row blocks at 2048, at a
+    cost a test can pay), outputs and gradients in fp32 (1e-5 of each leaf's largest; flash measured 5e-7); cudnn is
+    refused in one line where there is no GPU."""
+    from moe_jax.model.layers import attend, causal_attention, flash_attention
 
     r = np.random.default_rng(0)
     q, k = (jnp.asarray(r.normal(size=(2, 32, n, 12)), jnp.float32) for n in (4, kv))
     v = jnp.asarray(r.normal(size=(2, 32, kv, vk)), jnp.float32)
     cot = jnp.asarray(r.normal(size=(2, 32, 4, vk)), jnp.float32)
-    blockwise = functools.partial(causal_attention, block=8)
+    blockwise = functools.partial(causal_attention, block=8, scale=scale)
 
     def out_and_grads(f):  # one program per implementation: the output and its vjp
         @jax.jit
@@ -123,13 +124,34 @@ def test_attention_implementations_equal_the_blockwise_reference(kv, vk):
         return run(q, k, v)
 
     want = out_and_grads(blockwise)
-    for name, f in (("xla", lambda q, k, v: attend(q, k, v, "xla")),
-                    ("skip", lambda q, k, v: blockwise(q, k, v, skip=True))):  # fmt: skip
+    for name, f in (("xla", lambda q, k, v: attend(q, k, v, "xla", scale=scale)),
+                    ("skip", lambda q, k, v: blockwise(q, k, v, skip=True)),
+                    ("flash", lambda q, k, v: flash_attention(q, k, v, block=8, scale=scale)),
+                    ("flash in one block", lambda q, k, v: attend(q, k, v, "flash", scale=scale, block=64))):  # fmt: skip
         assert_tree_close(out_and_grads(f), want, FP32_RTOL, name)
     with pytest.raises(ConfigError) as e:
         attend(q, k, v, "cudnn")
     assert str(e.value) == ("model.attention_impl='cudnn': cuDNN fused attention needs a GPU; this process runs on cpu; "
-                            "valid here: auto, xla, blockwise")  # fmt: skip
+                            "valid here: auto, xla, blockwise, flash")  # fmt: skip
+
+
+def test_flash_attention_memory_is_linear_in_the_sequence():
+    """Flash's gradient compiled alone at seed-128's per-device shapes (one sequence, 8 heads of 64, fp16): its
+    temporaries grow no faster than the sequence from 8192 to 16384 positions (a score-sized term would quadruple them;
+    at 16384 the causal mask alone would be 2 GiB), and the scan runs exactly the n(n+1)/2 causal block pairs."""
+    from moe_jax.hlo import while_trip_counts
+    from moe_jax.model.layers import flash_attention
+
+    temps, trips = {}, {}
+    for s in (8192, 16384):
+        x = jax.ShapeDtypeStruct((1, s, 8, 64), jnp.float16)
+        grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(flash_attention(q, k, v).astype(jnp.float32)), (0, 1, 2)))
+        lowered = grad.lower(x, x, x)
+        temps[s] = lowered.compile().memory_analysis().temp_size_in_bytes
+        trips[s] = sorted(set(while_trip_counts(lowered.as_text(dialect="hlo"))))
+    assert temps[16384] <= 2.1 * temps[8192], temps
+    assert temps[16384] < 8 * 16384 * 16384 / 8, temps  # an eighth of the mask's bytes
+    assert trips == {8192: [16 * 17 // 2], 16384: [32 * 33 // 2]}, trips
 
 
 def test_capacity_mode_drops_exactly_the_overflow_and_matches_reference():

@@ -171,6 +171,37 @@ def test_ragged_exchange_lowers_for_cuda_and_its_audit_is_clean(monkeypatch):
     assert not [c for c in audited["collectives"] if c["kind"] == "all-to-all" and c["bytes_per_device"] > 4 * 8 * 4]
 
 
+@pytest.mark.parametrize("config,layout", [("tiny-mixtral", "cpu8-ep4-tp2"), ("tiny-deepseek", "cpu8-pp2-ep2-tp2")])
+def test_flash_attention_sharded_equals_one_device_and_blockwise(config, layout):
+    """model.attention_impl=flash (blocks of 4 of the 12 positions: 6 causal block pairs) on a grouped-query family
+    over ep x tp and on MLA with a dense first layer over pp x ep x tp: the sharded step equals one device (fp32 1e-5),
+    its audit is clean (flash adds no collective), and the one-device step equals the blockwise one's (the same loss
+    and gradients by another algorithm)."""
+    import numpy as np
+
+    from moe_jax.parallel.sharded import one_device_params, to_host
+    from moe_jax.parallel.step import reference_grad_step
+    from moe_jax.verify import compare, synthetic_batch
+
+    flash = ["model.attention_impl=flash", "model.attention_block=4", "run.dtype=fp32"]
+    cfg = load_config(f"configs/{config}.yaml", f"meshes/{layout}.yaml", flash)
+    mesh = make_mesh(cfg.layout)
+    result = verify(cfg, mesh, programs=True)
+    assert result["ok"] and result["tolerance"] == 1e-5, result
+    lowered, compiled = result["programs"]
+    audited = audit(lowered.as_text(dialect="hlo"), compiled.as_text(), cfg, assignment(cfg, mesh))
+    assert audited["ok"], audited["unexpected"]
+    blockwise = load_config(f"configs/{config}.yaml", f"meshes/{layout}.yaml",
+                            [*flash, "model.attention_impl=blockwise"])  # fmt: skip
+    graphdef = ShardedModel.build(cfg, mesh).global_graphdef
+    params, rest = one_device_params(cfg, 0)
+    batch = synthetic_batch(cfg, 0)
+    runs = [to_host(reference_grad_step(c, graphdef)(params, rest, *batch)) for c in (cfg, blockwise)]
+    errors = compare(*runs)
+    assert max(errors.values()) < 1e-5, errors
+    assert float(np.asarray(runs[0][0][0])) == pytest.approx(result["reference_loss"])
+
+
 def test_verify_cli_fails_on_a_perturbed_gradient(tmp_path, cli):
     j = tmp_path / "v.json"
     args = ["verify", "--config", "configs/tiny.yaml", "--layout", "meshes/cpu8-ep4-tp2.yaml", "--json", str(j)]

@@ -154,7 +154,7 @@ def test_a_nonfinite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
         run(cfg, 6, checkpoint_dir=d, checkpoint_every=1, inject_overflow_at=3)  # the 4th step's gradients: inf
     message = str(e.value)
     assert e.value.status == 1 and "\n" not in message
-    assert message.startswith("step 4: the gradients of blocks.attn.wk and 11 more are not finite: stopped "
+    assert message.startswith("step 4: the gradients of blocks/attn/wk and 11 more are not finite: stopped "
                               f"(run.nonfinite=stop in {dtype}") and message.endswith(
         f"the last good checkpoint is step 3 in {d}, left as it was")  # fmt: skip
     assert [r["skipped"] for r in e.value.records] == [False, False, False, True]
@@ -174,7 +174,7 @@ def test_skipped_steps_go_on_until_max_skips_in_a_row(dtype):
     skipped steps in a row stop the run."""
     _, records = run(cfg_for(f"run.dtype={dtype}", "run.steps=6", "run.nonfinite=skip"), 6, inject_overflow_at=3)
     assert [r["skipped"] for r in records] == [False, False, False, True, False, False]
-    assert records[3]["nonfinite_grads"][0] == "blocks.attn.wk"
+    assert records[3]["nonfinite_grads"][0] == "blocks/attn/wk"
     with pytest.raises(Stopped, match=r"^step 4: .*stopped \(1 steps in a row skipped, run.max_skips=1\); no "
                                       r"checkpoint was written \(no --checkpoint-dir\)$"):  # fmt: skip
         run(cfg_for(f"run.dtype={dtype}", "run.steps=6", "run.nonfinite=skip", "run.max_skips=1"), 6,

@@ -307,3 +307,49 @@ def test_resume_with_another_schedule_or_model_is_refused_in_one_line(tmp_path, 
     assert Checkpoints("ck").latest() == 3
     assert cli.main([*base, "--steps", "4", "--stop-at", "9", "--resume", "--checkpoint-dir", "ck"]) == 2
     assert "--stop-at=9: must be in 1..4" in capsys.readouterr().err
+
+
+def test_adam_moments_stored_in_bf16_stay_within_their_rounding():
+    """run.exp_avg_dtype / run.exp_avg_sq_dtype (the precision-aware optimizer). With both fp32, the optimizer is
+    optax.adamw bit for bit. With both bf16, on the same five fixed gradients (no feedback through the parameters;
+    weight decay 0, so every difference comes from the moments): each moment is rounded once per step when stored,
+    a relative error of at most u = 2^-8 (bf16 keeps 8 significant bits), so after k stores at most k u; the update
+    m / sqrt(v) then errs by at most k u + k u / 2 = 1.5 k u relative. Over the steps, each parameter stays within
+    sum_k 1.5 k u |update_k| of the fp32 run, |update_k| the fp32 run's own step-k change of it (plus 1e-9 for fp32's
+    own rounding of the sums)."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import optax
+
+    run = dataclasses.replace(load_config("configs/tiny.yaml").run, weight_decay=0.0, warmup_steps=1, steps=5)
+    r = np.random.default_rng(0)
+    params = {
+        "w": jnp.asarray(r.normal(size=(64, 48)), jnp.float32),
+        "b": jnp.asarray(r.normal(size=(48,)), jnp.float32),
+    }
+    grads = [jax.tree.map(lambda p: jnp.asarray(r.normal(size=p.shape) * 10.0 ** r.uniform(-3, 1), jnp.float32), params)
+             for _ in range(5)]  # fmt: skip
+
+    def steps(tx):
+        p, state, history = params, tx.init(params), []
+        for g in grads:
+            updates, state = tx.update(g, state, p)
+            new = optax.apply_updates(p, updates)
+            history.append(jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)), new, p))
+            p = new
+        return p, state, history
+
+    fp32 = steps(make_optimizer(run))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, run.lr, 1, 5, run.lr * 0.1)
+    plain = steps(optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0))
+    for a, b in zip(jax.tree.leaves(fp32[:2]), jax.tree.leaves(plain[:2]), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    bf16 = steps(make_optimizer(dataclasses.replace(run, exp_avg_dtype="bf16", exp_avg_sq_dtype="bf16")))
+    assert {x.dtype for x in jax.tree.leaves((bf16[1][0].mu, bf16[1][0].nu))} == {jnp.dtype(jnp.bfloat16)}
+    u = 2.0**-8
+    for name in params:
+        bound = sum(1.5 * k * u * step[name] for k, step in enumerate(fp32[2], start=1)) + 1e-9
+        err = np.abs(np.asarray(bf16[0][name]) - np.asarray(fp32[0][name]))
+        assert np.all(err <= bound), (name, float(np.max(err / bound)))
+        assert np.max(err) > 0  # the moments were rounded: the test can tell bf16 from fp32

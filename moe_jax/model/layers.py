@@ -7,8 +7,11 @@ and reduce-scatters the output projection's partial sums back to S / tp.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moe_jax.config import LATENT_NORM_EPS, ConfigError, ModelConfig
@@ -133,6 +136,123 @@ def causal_attention(
     return out_NBQHK.swapaxes(0, 1).reshape(b, q_len, h, vk).astype(q_BQHK.dtype)
 
 
+def _block_pairs(n: int) -> tuple[jax.Array, jax.Array]:
+    """The (query block, key block) pairs the causal mask does not hide entirely: j <= i, row by row; n(n+1)/2."""
+    i, j = np.tril_indices(n)
+    return jnp.asarray(i, jnp.int32), jnp.asarray(j, jnp.int32)
+
+
+def _varying_zeros(shape, *like) -> jax.Array:
+    """fp32 zeros varying over every mesh axis any of `like` varies over (inside shard_map): a scan's carry must keep
+    its type through the body."""
+    axes = set().union(*(jax.typeof(x).manual_axis_type.varying for x in like))
+    z = jnp.zeros(shape, jnp.float32)
+    return jax.lax.pcast(z, tuple(sorted(axes)), to="varying") if axes else z
+
+
+def _pair_scores(q_blk, k_blk, diagonal, scale):
+    """One pair's fp32 scores [B, G, g, Q, S] (queries grouped by the K/V head they read), the causal mask applied.
+    The mask hides keys only on the diagonal (j == i), where it is the same lower triangle for every pair: a constant
+    and a scalar per pair, not a mask per pair made from the pair's positions, which JAX's partial evaluation would
+    save for every pair under remat (b h S^2 / 2 bytes: the scores' own memory back)."""
+    s = jnp.einsum("BQGgK,BSGK->BGgQS", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
+    n = s.shape[-1]
+    lower = np.tril(np.ones((n, n), bool))
+    return jnp.where(diagonal, jnp.where(lower, s, -jnp.inf), s)
+
+
+def _flash_forward(q, k, v, block: int, scale):
+    """Online softmax over the causal pairs (a scan of static length n(n+1)/2): fp32 running max, denominator and
+    weighted values per query row, each pair reading and writing its query block's rows. Returns (output in q's dtype,
+    log-sum-exp [B, G, g, Q] fp32)."""
+    b, q_len, kv, g, kd = q.shape
+    vd = v.shape[-1]
+    take = functools.partial(jax.lax.dynamic_slice_in_dim, slice_size=block)
+
+    def pair(carry, ij):
+        m, den, acc = carry
+        i, j = ij
+        s = _pair_scores(take(q, i * block, axis=1), take(k, j * block, axis=1), i == j, scale)
+        m_old, den_old, acc_old = (
+            take(m, i * block, axis=-1),
+            take(den, i * block, axis=-1),
+            take(acc, i * block, axis=1),
+        )
+        m_new = jnp.maximum(m_old, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        alpha = jnp.exp(m_old - m_new)
+        pv = jnp.einsum("BGgQS,BSGV->BQGgV", p.astype(v.dtype), take(v, j * block, axis=1),
+                        preferred_element_type=jnp.float32)  # fmt: skip
+        acc_new = acc_old * jnp.moveaxis(alpha, -1, 1)[..., None] + pv
+        upd = jax.lax.dynamic_update_slice_in_dim
+        return (upd(m, m_new, i * block, axis=-1), upd(den, den_old * alpha + jnp.sum(p, axis=-1), i * block, axis=-1),
+                upd(acc, acc_new, i * block, axis=1)), None  # fmt: skip
+
+    init = (_varying_zeros((b, kv, g, q_len), q, k, v) - jnp.inf, _varying_zeros((b, kv, g, q_len), q, k, v),
+            _varying_zeros((b, q_len, kv, g, vd), q, k, v))  # fmt: skip
+    (m, den, acc), _ = jax.lax.scan(pair, init, _block_pairs(q_len // block))
+    out = acc / jnp.moveaxis(den, -1, 1)[..., None]
+    return out.astype(q.dtype), m + jnp.log(den)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash(q, k, v, block: int, scale: float):
+    return _flash_forward(q, k, v, block, scale)[0]
+
+
+def _flash_fwd(q, k, v, block, scale):
+    out, lse = _flash_forward(q, k, v, block, scale)
+    return out, (q, k, v, out, lse)
+
+
+def _flash_bwd(block, scale, res, d_out):
+    """Scores recomputed pair by pair from the saved log-sum-exp: dV += P^T dO, dS = P (dO V^T - rowsum(dO O)),
+    dQ += dS K, dK += dS^T Q (times the scale), accumulated in fp32 over the same n(n+1)/2 pairs."""
+    q, k, v, out, lse = res
+    take = functools.partial(jax.lax.dynamic_slice_in_dim, slice_size=block)
+    upd = jax.lax.dynamic_update_slice_in_dim
+    rowsum = jnp.einsum("BQGgV,BQGgV->BGgQ", d_out.astype(jnp.float32), out.astype(jnp.float32))
+
+    def pair(carry, ij):
+        dq, dk, dv = carry
+        i, j = ij
+        q_blk, k_blk, v_blk, do_blk = (take(x, n * block, axis=1) for x, n in ((q, i), (k, j), (v, j), (d_out, i)))
+        s = _pair_scores(q_blk, k_blk, i == j, scale)
+        p = jnp.exp(s - take(lse, i * block, axis=-1)[..., None])
+        dv_j = jnp.einsum("BGgQS,BQGgV->BSGV", p.astype(d_out.dtype), do_blk, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("BQGgV,BSGV->BGgQS", do_blk, v_blk, preferred_element_type=jnp.float32)
+        ds = (p * (dp - take(rowsum, i * block, axis=-1)[..., None]) * scale).astype(q.dtype)
+        dq_i = jnp.einsum("BGgQS,BSGK->BQGgK", ds, k_blk, preferred_element_type=jnp.float32)
+        dk_j = jnp.einsum("BGgQS,BQGgK->BSGK", ds, q_blk, preferred_element_type=jnp.float32)
+        return (upd(dq, take(dq, i * block, axis=1) + dq_i, i * block, axis=1),
+                upd(dk, take(dk, j * block, axis=1) + dk_j, j * block, axis=1),
+                upd(dv, take(dv, j * block, axis=1) + dv_j, j * block, axis=1)), None  # fmt: skip
+
+    init = tuple(_varying_zeros(x.shape, *res, d_out) for x in (q, k, v))
+    (dq, dk, dv), _ = jax.lax.scan(pair, init, _block_pairs(q.shape[1] // block))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q_BQHK, k_BSGK, v_BSGV, block: int = ATTENTION_BLOCK, scale=None):
+    """Causal attention of a whole sequence in memory linear in it (FlashAttention's algorithm, in XLA): queries and
+    keys in blocks of `block` rows, only the n(n+1)/2 block pairs the causal mask leaves (a scan of static length, so
+    the HLO's trip counts and FLOPs are exact), an online softmax in fp32, and its own VJP that saves the output and
+    the log-sum-exp per query row (not the scores) and recomputes each pair's scores in the backward. Grouped-query
+    and latent (values narrower than keys, `scale`) as `causal_attention`. The sequence must be `block` or a multiple
+    of it (`model.attention_block`; config.py checks)."""
+    b, q_len, h, kd = q_BQHK.shape
+    kv = k_BSGK.shape[2]
+    block = min(block, q_len)
+    if q_len % block or k_BSGK.shape[1] != q_len:
+        raise ValueError(f"flash attention: sequence {q_len} (keys {k_BSGK.shape[1]}) is not a multiple of {block}")
+    scale = 1.0 / float(kd) ** 0.5 if scale is None else float(scale)
+    out = _flash(q_BQHK.reshape(b, q_len, kv, h // kv, kd), k_BSGK, v_BSGV, block, scale)
+    return out.reshape(b, q_len, h, v_BSGV.shape[-1])
+
+
 def attention_impl(impl: str) -> str:
     """The implementation `model.attention_impl` names on this process's backend: auto is cudnn on GPU, blockwise
     elsewhere; cudnn where there is no GPU is refused in one line."""
@@ -141,16 +261,18 @@ def attention_impl(impl: str) -> str:
         return "cudnn" if backend == "gpu" else "blockwise"
     if impl == "cudnn" and backend != "gpu":
         raise ConfigError(f"model.attention_impl='cudnn': cuDNN fused attention needs a GPU; this process runs on "
-                          f"{backend}; valid here: auto, xla, blockwise")  # fmt: skip
+                          f"{backend}; valid here: auto, xla, blockwise, flash")  # fmt: skip
     return impl
 
 
-def attend(q_BQHK, k_BSGK, v_BSGV, impl: str, scale=None):
+def attend(q_BQHK, k_BSGK, v_BSGV, impl: str, scale=None, block: int = ATTENTION_BLOCK):
     """Causal attention of a whole sequence (training) by the chosen implementation. jax.nn.dot_product_attention
     needs values as wide as keys: latent attention's narrower values are padded with zeros and the output cut back."""
     impl = attention_impl(impl)
     if impl == "blockwise":
-        return causal_attention(q_BQHK, k_BSGK, v_BSGV, scale=scale)
+        return causal_attention(q_BQHK, k_BSGK, v_BSGV, block=block, scale=scale)
+    if impl == "flash":
+        return flash_attention(q_BQHK, k_BSGK, v_BSGV, block=block, scale=scale)
     vk, qk = v_BSGV.shape[-1], q_BQHK.shape[-1]
     v = v_BSGV if vk == qk else jnp.pad(v_BSGV, [(0, 0)] * 3 + [(0, qk - vk)])
     out = jax.nn.dot_product_attention(q_BQHK, k_BSGK, v, scale=scale, is_causal=True, implementation=impl)
@@ -188,6 +310,7 @@ class Attention(nnx.Module):
             self.k_norm = nnx.Param(jnp.ones(k_shape, jnp.float32), out_sharding=k_names)
         self.heads, self.kv_heads, self.theta, self.eps = h, kv, cfg.rope_theta, cfg.norm_eps
         self.qkv_bias, self.qk_norm, self.impl = cfg.qkv_bias, cfg.qk_norm, cfg.attention_impl
+        self.block = cfg.attention_block
 
     def kv_replicated(self) -> bool:
         """This rank holds every K/V head but not every query head: tp > kv_heads, K/V weights whole on each rank."""
@@ -245,7 +368,7 @@ class Attention(nnx.Module):
         x_full = axes.gather_seq(x_BSD.astype(dtype), axis=1)
         positions_S = jnp.arange(x_full.shape[1])
         q, k, v = self.qkv(x_full, positions_S, axes, dtype)
-        o = attend(q, k, v, self.impl)
+        o = attend(q, k, v, self.impl, block=self.block)
         return axes.scatter_seq(self.out(o, dtype), axis=1)  # fp32
 
 
@@ -275,7 +398,7 @@ class LatentAttention(nnx.Module):
         self.wkv_b = param(rngs, (r_kv, h, nope + vd), ("kv_lora", "heads", "head_dim"), std)
         self.wo = param(rngs, (h, vd, d), ("heads", "head_dim", "embed"), out_std)
         self.nope, self.rope_dim, self.rank, self.theta = nope, rope_d, r_kv, cfg.rope_theta
-        self.impl = cfg.attention_impl
+        self.impl, self.block = cfg.attention_impl, cfg.attention_block
         self.scale = 1.0 / float(nope + rope_d) ** 0.5
 
     def queries(self, x_BSD, positions_S, dtype):
@@ -309,7 +432,7 @@ class LatentAttention(nnx.Module):
         k_rope_BSHP = jnp.broadcast_to(k_rope[:, :, None, :], (*k_nope.shape[:3], self.rope_dim))
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, k_rope_BSHP], axis=-1)
-        o = attend(q, k, v, self.impl, scale=self.scale)
+        o = attend(q, k, v, self.impl, scale=self.scale, block=self.block)
         return axes.scatter_seq(self.out(o, dtype), axis=1)
 
     def cached(self, x_BSD, cache_c_BT1R, cache_r_BT1P, pos, axes: Axes, dtype):

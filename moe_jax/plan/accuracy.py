@@ -36,6 +36,27 @@ def grid() -> list[dict[str, Any]]:
     # width's.
     for remat, disp in itertools.product(REMATS, DISPATCH):
         points.append(point("seed-128", 2048, remat, disp, "fp16", ["model.expert_hidden=4096"]))
+    return points + option_points()
+
+
+FLASH = ["model.attention_impl=flash"]
+BF16_MOMENTS = ["run.exp_avg_dtype=bf16", "run.exp_avg_sq_dtype=bf16"]
+
+
+def option_points() -> list[dict[str, Any]]:
+    """The real-run options (issue 30). Flash attention: every layout unrematerialised at 2048 and recomputed per
+    tick at 10240; seed-128 per layer from 2048 to 16384 (the seed's max_seq_len raised), in bf16, and under 1F1B.
+    AdamW's moments in bf16: two layouts, two remat policies, with flash on one."""
+    points = []
+    for lay in LAYOUTS:
+        points.append(point(lay, 2048, "none", "dropless", "fp16", FLASH))
+        points.append(point(lay, 10240, "tick", "capacity", "fp16", FLASH))
+    for seq in (2048, 4096, 8192, 16384):
+        points.append(point("seed-128", seq, "layer", "capacity", "fp16", [*FLASH, "model.max_seq_len=16384"]))
+    points.append(point("seed-128", 10240, "layer", "dropless", "bf16", FLASH))
+    points.append(point("seed-128", 10240, "layer", "capacity", "fp16", [*FLASH, "layout.schedule=1f1b"]))
+    points.append(point("seed-128", 2048, "tick", "capacity", "fp16", BF16_MOMENTS))
+    points.append(point("pp2-dp2-ep16-tp2", 10240, "layer", "dropless", "bf16", [*FLASH, *BF16_MOMENTS]))
     return points
 
 

@@ -18,7 +18,6 @@ import numpy as np
 
 from moe_jax.collectives import DTYPE_BYTES, bytes_by_kind, expected_collectives, local_sizes
 from moe_jax.config import Config, storage_model
-from moe_jax.model.layers import ATTENTION_BLOCK
 from moe_jax.model.params import active_params_per_token, param_kind, param_shards, total_params
 from moe_jax.parallel.schedule import Schedule, schedule_of
 from moe_jax.plan.hardware import Hardware
@@ -49,6 +48,8 @@ MEASURED = {
     # buffer more in fp16) and with the vocabulary split (seed-128 fp16; OLMoE-64 and Qwen1.5-MoE-64 in bf16)
     "logit_buffers_1f1b": 4,
     "split_logit_buffers_1f1b": 3,
+    # flash attention's backward: fp32 [B, H, block, block] buffers of one block pair (seed-128, 2048-16384)
+    "flash_pair_buffers": 4,
 }
 
 
@@ -121,13 +122,28 @@ def _attention_residuals(cfg: Config, backend: str) -> dict[str, int]:
     loc = local_sizes(cfg)
     db = compiled_dtype_bytes(run.dtype, backend)
     b, big_s, d = loc["batch"], run.seq_len, m.d_model
-    single_block = big_s <= ATTENTION_BLOCK or big_s % ATTENTION_BLOCK
+    flash = is_flash(cfg)
+    single_block = not flash and attention_block(cfg) == big_s
     return {
         "residual_stream": 5 * b * loc["seq"] * d * 4,
         "q_k_v_o": b * big_s * attention_dims(cfg)["acts"] * db,
         "gathered_sequence": b * big_s * d * db,
+        # blockwise in one block: the scores and probabilities; flash: the log-sum-exp of each query row (fp32)
         "scores": b * loc["heads"] * big_s * big_s * (4 + db) if single_block else 0,
+        "log_sum_exp": b * loc["heads"] * big_s * 4 if flash else 0,
     }
+
+
+def is_flash(cfg: Config) -> bool:
+    return cfg.model.attention_impl == "flash"
+
+
+def attention_block(cfg: Config) -> int:
+    """The rows of one attention block the training step runs: model.attention_block where the sequence is a longer
+    multiple of it, else the whole sequence (blockwise then scores it in one block; flash's config check refuses a
+    longer sequence that the block does not divide)."""
+    s, blk = cfg.run.seq_len, cfg.model.attention_block
+    return blk if s > blk and s % blk == 0 else s
 
 
 def layer_residuals(cfg: Config, backend: str = "accelerator") -> dict[str, int]:
@@ -209,10 +225,15 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
     layer = _layer_working_set(cfg, sched, res, backend)
     base, expert_bwd, attn_bwd, mask = layer["base"], layer["expert_bwd"], layer["attn_bwd"], layer["mask"]
     layer_ws = base + max(expert_bwd, attn_bwd)
-    if lay.schedule == "1f1b":
+    if is_flash(cfg):
+        # XLA starts flash's backward (its zeroed fp32 accumulators, its inputs) while the expert FFN's backward still
+        # holds its buffers: both are alive at the peak (seed-512 and seed-128, remat tick, 10240 positions)
+        layer_ws = base + expert_bwd + attn_bwd
+    elif lay.schedule == "1f1b":
         # 1F1B makes the causal mask of every score block once, outside the tick loop: it is alive beside the expert
         # FFN's backward too (OLMoE-64, whose peak is a layer's backward once the vocabulary is split)
         layer_ws = base + max(expert_bwd + mask, attn_bwd)
+    if lay.schedule == "1f1b":
         return _memory_1f1b(cfg, sched, p_loc, bsd, head, p_layers, layer_ws, layer["expert_rows"], mask, backend)
     # One tick (no pipeline, one microbatch): XLA drops the one-trip tick loop, and with it the second copy of the
     # stacked gradients and the pipeline's buffers.
@@ -221,7 +242,7 @@ def memory(cfg: Config, step: str = "train", backend: str = "accelerator") -> di
     head_peak = head_ws + head_grads >= layer_ws + layer_grads
     out: dict[str, Any] = {
         "parameters": 4 * p_loc,
-        "optimizer_state": 8 * optimizer_params(cfg),
+        "optimizer_state": moment_bytes(cfg) * optimizer_params(cfg),
         "batch": 2 * lay.microbatches * loc["batch"] * loc["seq"] * 4,
         # With pp > 1 XLA copies the head and the final norm (the loss scan reads them; the update writes the
         # donated buffers in place) and keeps their gradients in the freed argument buffers; with pp = 1 it makes no
@@ -274,16 +295,28 @@ def _layer_working_set(cfg: Config, sched: Schedule, res: int, backend: str) -> 
     if lay.remat == "layer":  # one more fp32 row buffer; with one local expert (2-D buffers, fused differently) XLA
         # also keeps the recomputed activation's tanh in the compute dtype
         expert_bwd += e_loc * rows * (d * 4 + (f_loc * db if e_loc == 1 else 0))
-    s = run.seq_len
-    blk = min(ATTENTION_BLOCK, s) if s % ATTENTION_BLOCK == 0 else s
-    mask = loc["batch"] * loc["heads"] * s * s if blk < s else 0
+    s, b, h = run.seq_len, loc["batch"], loc["heads"]
+    blk = attention_block(cfg)
     lr = layer_residuals(cfg, backend)
     recomputed = sum(lr[k] for k in ("residual_stream", "q_k_v_o", "gathered_sequence", "shared_expert"))
     chunk = sched.layers_per_chunk * res
+    if is_flash(cfg):
+        # flash's backward: fp32 accumulators of dq, dk and dv over the whole sequence and the rowsum of dO O; its
+        # inputs, q, k and v copied out of the saved residuals, dO in fp32 and the gathered sequence's fp32 gradient;
+        # one block pair's fp32 temporaries (scores, probabilities, their gradient); no mask outlives a pair
+        ad = attention_dims(cfg)
+        g = kv_heads_computed(cfg) if cfg.model.attention == "mha" else h
+        qkv = b * s * (h * ad["qk"] + g * (ad["qk"] + ad["v"]))
+        accumulators = qkv * 4 + b * h * s * 4
+        inputs = qkv * db + b * s * (h * ad["v"] + d) * 4
+        mask, attn_bwd = 0, accumulators + inputs + MEASURED["flash_pair_buffers"] * b * h * blk * blk * 4
+    else:
+        mask = b * h * s * s if blk < s else 0
+        attn_bwd = b * h * s * 4 * blk * 4 + mask
     return {
         "base": {"layer": recomputed, "tick": chunk, "none": chunk}[lay.remat],
         "expert_bwd": expert_bwd,
-        "attn_bwd": loc["batch"] * loc["heads"] * s * 4 * blk * 4 + mask,
+        "attn_bwd": attn_bwd,
         "mask": mask,
         "expert_rows": e_loc * rows * d * 4,
     }
@@ -303,6 +336,12 @@ def split_head_bytes(cfg: Config, copies: int, backend: str) -> int:
     dtype = cfg.run.dtype
     cast = 4 if dtype == "fp32" or (dtype == "fp16" and backend == "cpu") else 2
     return 4 * (copies - 1) + cast
+
+
+def moment_bytes(cfg: Config) -> int:
+    """Bytes of AdamW's two moments per parameter, as stored (run.exp_avg_dtype, run.exp_avg_sq_dtype: fp32 4, bf16
+    2 each; stored arrays keep their dtype on XLA:CPU too)."""
+    return sum(DTYPE_BYTES[d] for d in (cfg.run.exp_avg_dtype, cfg.run.exp_avg_sq_dtype))
 
 
 def optimizer_params(cfg: Config) -> int:
@@ -350,7 +389,7 @@ def _memory_1f1b(
     layer_too = lay.remat == "tick" or not head_peak
     out: dict[str, Any] = {
         "parameters": 4 * p_loc,
-        "optimizer_state": 8 * optimizer_params(cfg),
+        "optimizer_state": moment_bytes(cfg) * optimizer_params(cfg),
         "batch": 2 * lay.microbatches * loc["batch"] * loc["seq"] * 4,
         "head_copy_or_gradient": 0,
         "gradients": 4 * p_loc + (stacked if layer_too else 0),
@@ -395,10 +434,7 @@ def flops(cfg: Config) -> dict[str, float]:
     shared = 2 * mats * rows * d * (m.shared_hidden // lay.tp) + (2 * t * d if m.shared_gate else 0)
     dense_ffn = 2 * mats * rows * d * (m.dense_hidden // lay.tp)
     passes = 4 if lay.remat != "none" else 3  # forward, backward (2x), and the recomputed forward
-    # Blockwise attention checkpoints each query block: its backward recomputes the block's q k^T once more (the
-    # weighted values are not needed there).
-    blockwise = run.seq_len > ATTENTION_BLOCK and run.seq_len % ATTENTION_BLOCK == 0
-    attention = passes * (proj + scores) + (scores // 2 if blockwise else 0)
+    attention = proj * passes + _score_flops(cfg, scores, passes)
     dense_layer = attention + passes * dense_ffn
     # A unit: its MoE layer and its moe_every - 1 dense layers.
     per_run = attention + passes * (router + experts + combine + shared) + (m.moe_every - 1) * dense_layer
@@ -407,7 +443,7 @@ def flops(cfg: Config) -> dict[str, float]:
     first = (
         lay.microbatches
         * m.dense_layers
-        * (first_passes * (proj + scores + dense_ffn) + (scores // 2 if blockwise else 0))
+        * ((proj + dense_ffn) * first_passes + _score_flops(cfg, scores, first_passes))
     )
     runs = sched.ticks * sched.layers_per_chunk
     head_mm = 2 * loc["batch"] * loc["head_seq"] * d * loc["vocab"]  # one microbatch's logits on this device
@@ -438,6 +474,22 @@ def flops(cfg: Config) -> dict[str, float]:
         + 3 * 2 * t * d * m.vocab * lay.microbatches
     )
     return {"total": float(total), "scheduled": float(scheduled), "useful": float(useful), "lockstep": float(lockstep)}
+
+
+def _score_flops(cfg: Config, scores: int, passes: int) -> int:
+    """One attention layer run's score and weighted-value FLOPs (`scores`: both over the whole S x S square, once).
+    Blockwise: `passes` times the square, and each checkpointed query block's backward recomputes its q k^T once
+    more (not the weighted values). Flash: only the n(n+1)/2 causal block pairs of n x n, forward (twice when
+    recomputed) q k^T and P V, backward five products (q k^T again, dO V^T, P^T dO, dS K, dS^T Q)."""
+    blk = attention_block(cfg)
+    if not is_flash(cfg):
+        return passes * scores + (scores // 2 if blk < cfg.run.seq_len else 0)
+    n = cfg.run.seq_len // blk
+    ad = attention_dims(cfg)
+    pair = scores // (n * n) // (ad["qk"] + ad["v"])  # 2 B H block^2: one product of unit width
+    pairs = n * (n + 1) // 2
+    forwards = passes - 2
+    return pairs * pair * (forwards * (ad["qk"] + ad["v"]) + 3 * ad["qk"] + 2 * ad["v"])
 
 
 def collectives(cfg: Config, hw: Hardware | None = None, step: str = "train", latency: bool = False) -> list[dict]:
@@ -506,7 +558,7 @@ def _layout_row(lay) -> dict[str, Any]:
 
 def optimizer_sharding(cfg: Config) -> dict[str, dict[str, int]]:
     """Per device, the weights' bytes as the train step keeps them (`replicated`: fp32 master weights 4, fp32
-    gradients 4 and AdamW's two fp32 moments 8 bytes per parameter held) and as ZeRO-1 over the batch axes would
+    gradients 4 and AdamW's two moments 8 bytes per parameter held in fp32, 4 in bf16: `moment_bytes`) and as ZeRO-1 over the batch axes would
     (`zero1`: each weight's master copy and moments split over the (dp, ep) devices holding a replica of it, the
     experts over dp; a compute-dtype copy of every weight kept whole; the gradients whole, as ZeRO-1 reduce-scatters
     them only once they are made). moe_jax trains the first way with layout.zero=0; with layout.zero=1 it splits the
@@ -519,10 +571,10 @@ def optimizer_sharding(cfg: Config) -> dict[str, dict[str, int]]:
         r = math.prod(sizes[a] for a in ("dp", "ep") if a not in p["split"])
         out["replicated"]["parameters"] += 4 * n
         out["replicated"]["gradients"] += 4 * n
-        out["replicated"]["optimizer_state"] += 8 * n
+        out["replicated"]["optimizer_state"] += moment_bytes(cfg) * n
         out["zero1"]["parameters"] += 4 * n // r + db * n
         out["zero1"]["gradients"] += 4 * n
-        out["zero1"]["optimizer_state"] += 8 * n // r
+        out["zero1"]["optimizer_state"] += moment_bytes(cfg) * n // r
     for v in out.values():
         v["total"] = sum(v.values())
     return out

@@ -121,9 +121,6 @@ class Checkpoints:
         whole, _ = complete_steps(self.directory)
         return whole[-1] if whole else None
 
-    def damaged_after(self, step: int | None) -> list[tuple[int, str]]:
-        return [(s, why) for s, why in complete_steps(self.directory)[1] if step is None or s > step]
-
     def save(self, sm: ShardedModel, cfg: Config, state: TrainState, force: bool = False,
              data: dict[str, Any] | None = None) -> bool:  # fmt: skip
         """Saves `state` at its step (every N steps, or when `force`); `data`: the data source it read and where it

@@ -43,8 +43,39 @@ def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
         end_value=run.lr * 0.1,
     )
     # Clipping by the global norm happens in `train_step`, from the norm `grad_stats` computes with named psums
-    # (optax's own clip would let the partitioner add collectives the code does not name).
-    return optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=run.weight_decay)
+    # (optax's own clip would let the partitioner add collectives the code does not name). optax.adamw's chain, with
+    # its Adam step storing each moment in the run's dtype: with both fp32 it is optax.adamw, bit for bit (tests).
+    return optax.chain(
+        scale_by_adam_stored(0.9, 0.95, 1e-8, MOMENTS[run.exp_avg_dtype], MOMENTS[run.exp_avg_sq_dtype]),
+        optax.add_decayed_weights(run.weight_decay),
+        optax.scale_by_learning_rate(schedule),
+    )
+
+
+MOMENTS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def scale_by_adam_stored(b1: float, b2: float, eps: float, mu_dtype, nu_dtype) -> optax.GradientTransformation:
+    """Adam's scaling with the first and second moments stored in `mu_dtype` and `nu_dtype` and updated in fp32:
+    each moment is read up to fp32, updated and bias-corrected there (optax's own arithmetic), and rounded once when
+    stored, as Megatron-Core's precision-aware optimizer does. (optax.scale_by_adam's mu_dtype would multiply the
+    stored bf16 moment by b1 in bf16, and has no dtype for the second moment.) The state is optax's ScaleByAdamState,
+    so checkpoints and the optimizer-state specs are those of optax.adamw."""
+
+    def init(params):
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+                                      nu=optax.tree.zeros_like(params, dtype=nu_dtype))  # fmt: skip
+
+    def update(updates, state, params=None):
+        del params
+        mu = optax.tree.update_moment(updates, optax.tree.cast(state.mu, jnp.float32), b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, optax.tree.cast(state.nu, jnp.float32), b2, 2)
+        count = optax.safe_increment(state.count)
+        mu_hat, nu_hat = optax.tree.bias_correction(mu, b1, count), optax.tree.bias_correction(nu, b2, count)
+        updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+        return updates, optax.ScaleByAdamState(count, optax.tree.cast(mu, mu_dtype), optax.tree.cast(nu, nu_dtype))
+
+    return optax.GradientTransformation(init, update)
 
 
 def _used_axes(spec) -> tuple[str, ...]:
@@ -52,11 +83,12 @@ def _used_axes(spec) -> tuple[str, ...]:
 
 
 def grad_names(sm: ShardedModel) -> list[str]:
-    """The gradients' names, in `grad_stats`'s order: each weight's path ("blocks.moe.w_in")."""
+    """The gradients' names, in `grad_stats`'s order: each weight's path, spelled as the parameter table and the
+    assignment spell it ("blocks/moe/w_in")."""
     names = []
     for path, _ in jax.tree_util.tree_leaves_with_path(sm.grad_specs, is_leaf=lambda x: isinstance(x, P)):
         keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-        names.append(".".join(k for k in keys if k != "value"))
+        names.append("/".join(k for k in keys if k != "value"))
     return names
 
 

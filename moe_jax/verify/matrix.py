@@ -187,10 +187,16 @@ def layout_cases() -> list[dict[str, Any]]:
         # serving on a folded layout: each tp rank's copy of a token goes to the whole expert and comes back
         {"id": "expert_tp1 pp2-ep2-tp2 decode", "config": "configs/tiny.yaml", "kind": "decode",
          "overrides": LAYOUTS["pp2-ep2-tp2"] + [FOLD]},
+        # AdamW's moments stored in bf16 (the precision-aware optimizer), with ZeRO-1's split moments and on a pipeline
+        {"id": "moments_bf16 dp2-ep2-tp2 zero1", "config": "configs/tiny.yaml", "kind": "moments",
+         "overrides": LAYOUTS["dp2-ep2-tp2"] + [*BF16_MOMENTS, "layout.zero=1"]},
+        {"id": "moments_bf16 pp2-ep2-tp2 1f1b", "config": "configs/tiny.yaml", "kind": "moments",
+         "overrides": LAYOUTS["pp2-ep2-tp2"] + [*BF16_MOMENTS, ONE_F_ONE_B]},
     ]  # fmt: skip
 
 
 FOLD = "layout.expert_tp=1"
+BF16_MOMENTS = ["run.exp_avg_dtype=bf16", "run.exp_avg_sq_dtype=bf16"]
 VOCAB = "layout.vocab_split=tp"
 VOCAB_PP = "layout.vocab_split=tp_pp"
 
@@ -209,7 +215,7 @@ def run(c: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = config(c)
     kinds = {"train": run_train, "decode": run_decode, "train-fp16": run_schedules_fp16, "zero": run_zero,
-             "fold": run_fold, "vocab": run_vocab}  # fmt: skip
+             "fold": run_fold, "vocab": run_vocab, "moments": run_moments}  # fmt: skip
     out = kinds[c["kind"]](cfg)
     return {"id": c["id"], **out, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -235,6 +241,36 @@ def run_fold(cfg, steps: int = 5) -> dict[str, Any]:
     """Expert folding: `run_against(cfg, 'expert_tp', 'tp')`: experts whole on (ep, tp) against experts split over
     tp."""
     return run_against(cfg, "expert_tp", "tp", steps)
+
+
+def run_moments(cfg, steps: int = 5) -> dict[str, Any]:
+    """AdamW's moments stored in bf16 on a layout: the train step's HLO audit (the update is each shard's own: no
+    collective added), every moment stored in bf16, and `steps` AdamW steps against one device with the same moments:
+    losses and every parameter within bf16's tolerance, since the moments are bf16-stored values (the sharded and
+    one-device sums differ in their last fp32 bits, which flips a stored moment's rounding now and then: one bf16 ulp,
+    2^-8 of it). The difference from fp32 moments on this layout is reported; tests/test_train.py bounds it."""
+    mesh = make_mesh(cfg.layout)
+    report, _, _ = compile_report(cfg, mesh, "train")
+    one = dataclasses.replace(cfg, layout=dataclasses.replace(cfg.layout, pp=1, dp=1, ep=1, tp=1, zero=0,
+                                                              schedule="gpipe"))  # fmt: skip
+    fp32 = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, exp_avg_dtype="fp32", exp_avg_sq_dtype="fp32"))
+    runs = {}
+    for name, c, m in (("sharded", cfg, mesh), ("one device", one, make_mesh(one.layout, jax.devices()[:1])),
+                       ("fp32 moments", fp32, mesh)):  # fmt: skip
+        state, records = train(c, m, SyntheticTask(c.model.vocab, c.run.seq_len, c.run.seed), steps)
+        moments = {x.dtype.name for x in jax.tree.leaves(state.opt_state) if x.ndim > 0}
+        runs[name] = (to_host(ShardedModel.build(c, m).to_global(state.params)), [r["loss"] for r in records], moments)
+    tol = TOLERANCE["bf16"]
+    (p1, l1, d1), (p0, l0, _), (pf, lf, df) = runs["sharded"], runs["one device"], runs["fp32 moments"]
+    errors = {f"{steps} steps: loss": float(np.max(np.abs(np.subtract(l1, l0)) / np.abs(l0))),
+              f"{steps} steps: parameters": largest_error(p1, p0)}  # fmt: skip
+    reported = {f"{steps} steps: parameters against fp32 moments": largest_error(p1, pf),
+                f"{steps} steps: loss against fp32 moments": float(np.max(np.abs(np.subtract(l1, lf)) / np.abs(lf))),
+                "moment dtypes": sorted(d1)}  # fmt: skip
+    failed = [k for k, v in errors.items() if not v <= tol] + ([] if d1 == {"bfloat16"} and df == {"float32"} else
+                                                               ["moment dtypes"])  # fmt: skip
+    return {"ok": not failed and report["audit_ok"], "tolerance": tol, "errors": errors, "reported": reported,
+            "failed": failed, "audit_ok": report["audit_ok"], "unexpected": report["unexpected"]}  # fmt: skip
 
 
 def run_against(cfg, field: str, baseline, steps: int = 5) -> dict[str, Any]:

@@ -23,6 +23,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from results import write_json  # noqa: E402  (first: it records the files the run opens)
+
 
 def worker(devices: int, ids: list[str]) -> None:
     """Compile and compare each point of `ids` on `devices` fake devices; one JSON line per point."""
@@ -112,7 +114,7 @@ def main() -> int:
     if args.match is not None:
         return 0
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    write(args, rows, wall / 60, machine, args.workers)
+    write(args, rows, wall / 60, machine, args.workers, compiled_now=True)
     return 0 if ok == len(rows) else 1
 
 
@@ -133,7 +135,9 @@ def recompare(args) -> int:
     return 0
 
 
-def write(args, rows: list[dict], minutes: float, machine: str, workers: int) -> None:
+def write(args, rows: list[dict], minutes: float, machine: str, workers: int, compiled_now: bool = False) -> None:
+    """The table and the JSON. A run that compiled the points records the sources it ran (scripts/results.py); a
+    --recompare, whose compiled figures are an earlier run's, records none, so the file reads as needing a real run."""
     from moe_jax.plan.accuracy import markdown
 
     header = (
@@ -150,10 +154,13 @@ def write(args, rows: list[dict], minutes: float, machine: str, workers: int) ->
     )
     with open(args.out_md, "w") as f:
         f.write(markdown(rows, header))
-    with open(args.out_json, "w") as f:
-        json.dump({"machine": machine, "minutes": minutes, "workers": workers, "tolerance": args.tolerance / 100, "rows": rows}, f,
-                  indent=1)  # fmt: skip
-        f.write("\n")
+    out = {"machine": machine, "minutes": minutes, "workers": workers, "tolerance": args.tolerance / 100, "rows": rows}
+    if compiled_now:
+        write_json(args.out_json, out, "python scripts/planner_accuracy.py")
+    else:
+        with open(args.out_json, "w") as f:
+            json.dump(out, f, indent=1)
+            f.write("\n")
     print(f"wrote {os.path.relpath(args.out_md, ROOT)} and {os.path.relpath(args.out_json, ROOT)}")
 
 

@@ -82,7 +82,8 @@ def main() -> int:
                      "the full forward."),
         "pipeline": ("The 1F1B schedule against one device", "The fp16 case: 3 training steps (loss scale, clipping, "
                      "AdamW) with 1F1B and GPipe on the same layout, losses and parameters compared."),
-        "layouts": ("The vocabulary split, ZeRO-1, expert folding and the ragged exchange against one device", "Each "
+        "layouts": ("The vocabulary split, ZeRO-1, expert folding, the ragged exchange and bf16 moments against one "
+                    "device", "Each "
                     "vocabulary, ZeRO-1 and folding case also runs 5 AdamW steps with the option and without it on the "
                     "same layout (layout.vocab_split=none, layout.zero=0, layout.expert_tp=tp): the losses, and in "
                     "fp32 every parameter, compared. In bf16 the "
@@ -94,7 +95,12 @@ def main() -> int:
                     "the experts' all-to-all over (ep, tp) and no tp collective of expert rows for folding. The "
                     "ragged_exchange cases are ragged dispatch's own exchange (layout.ragged_exchange=emulated: "
                     "ragged_all_to_all's semantics from a padded all-to-all), the gradient step against one device "
-                    "and the audit of its program."),
+                    "and the audit of its program. The moments_bf16 cases (run.exp_avg_dtype=exp_avg_sq_dtype=bf16) "
+                    "run 5 AdamW steps on the layout and on one device with the same bf16 moments, held to bf16's "
+                    "tolerance (the moments are bf16-stored values; the sums' last bits differ between the programs "
+                    "and flip a rounding now and then), check every moment is stored in bf16, audit the train step, "
+                    "and report the difference from fp32 moments on the layout (tests/test_train.py bounds it on "
+                    "fixed gradients)."),
     }[args.set]  # fmt: skip
     cmd = "python scripts/verify_families.py" + ("" if args.set == "families" else f" --set {args.set}")
     lines = [
